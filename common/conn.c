@@ -1,0 +1,1451 @@
+/*
+ * TLS 1.3 transport for framed messages (see conn.h for the contract).
+ *
+ * Each connection is one state machine driven by three libev watchers: a
+ * read watcher, a write watcher that is active only while something waits to
+ * be written, and one timer whose meaning follows the state (connect +
+ * handshake + hello deadline, then idle deadline, then closing deadline).
+ * GnuTLS runs non-blocking on the socket; whenever it says E_AGAIN we go back
+ * to the loop and repeat the very same call when the socket is ready.
+ *
+ * Callbacks into the user may close the connection at any moment, so every
+ * entry point from the loop holds a reference (depth) and the struct is only
+ * freed when the outermost one returns. on_close is never called from inside
+ * conn_close(), conn_send() or any other function the user calls: a close
+ * the user asks for completes from the loop.
+ *
+ * Closing is done with care for the peer: queued frames and close_notify go
+ * out first, then our side of the TCP stream is shut down and whatever the
+ * peer still sends is read and dropped until it closes too ("lingering
+ * close"). Closing a socket with unread data makes the kernel send a reset,
+ * and a reset can destroy an alert or error frame the peer has not read yet;
+ * the peer would then see "connection reset" instead of the reason.
+ */
+#include "conn.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "version.h"
+
+#define TLS_PRIORITY     "NORMAL:-VERS-ALL:+VERS-TLS1.3"
+#define DEF_HANDSHAKE_MS 10000u
+#define DEF_WQUEUE       (1024u * 1024u)
+#define LINGER_MAX_MS    2000u
+#define READ_CHUNK       16384 /* one TLS record's worth of plaintext */
+#define READS_PER_WAKEUP 64    /* then yield to other connections */
+#define ACCEPT_PAUSE_S   0.5   /* back-off when out of file descriptors */
+#define ZERO_TID         "0000000000000000"
+#define COMPONENT        "tls"
+
+struct tls_ctx {
+    gnutls_certificate_credentials_t xcred;
+    gnutls_priority_t prio;
+    struct peer_identity self;
+    char overlay[MSG_OVERLAY_MAX + 1];
+    unsigned hs_ms, idle_ms;
+    size_t max_frame, max_wqueue;
+};
+
+/* A queued frame. The buffer never moves while GnuTLS may retry sending it. */
+struct wchunk {
+    struct wchunk *next;
+    uint8_t *data;
+    size_t len, off;
+};
+
+enum close_mode {
+    CLOSE_GRACEFUL, /* flush, close_notify, then linger */
+    CLOSE_LINGER,   /* something (an alert) was sent: shut down and linger */
+    CLOSE_ABORT,    /* nothing more to say: close the socket now */
+};
+
+struct conn {
+    struct ev_loop *loop;
+    struct tls_ctx *ctx;
+    gnutls_session_t s;
+    int fd;
+    bool outgoing;
+    enum conn_state state;
+    ev_io rio, wio;
+    ev_timer timer;
+    ev_tstamp last_rx;
+
+    struct conn_cbs cbs;
+    void *ud;
+    char addr[64];
+    bool opened; /* reached OPEN: the peer identity is vouched for */
+    struct peer_identity peer;
+
+    uint8_t *rbuf; /* partial frame carried over between records */
+    size_t rlen, rcap;
+
+    struct wchunk *whead, *wtail;
+    size_t wbytes;
+    bool want_drain;
+
+    int depth; /* entry points and callbacks running on this conn */
+    bool graceful, lingering;
+    enum conn_close_reason reason;
+    char detail[256];
+};
+
+struct listener {
+    struct ev_loop *loop;
+    struct tls_ctx *ctx;
+    int fd;
+    int port;
+    ev_io io;
+    ev_timer pause;
+    struct conn_cbs cbs;
+    void *ud;
+    char addr[64];
+};
+
+static const char *const state_names[] = {"CONNECTING", "HANDSHAKING", "HELLO",
+                                          "OPEN",       "CLOSING",     "CLOSED"};
+static const char *const reason_names[] = {
+    "closed locally",           "closed by peer",          "connect failed", "TLS error",
+    "peer certificate refused", "our certificate refused", "timeout",        "idle timeout",
+    "protocol error",           "error from peer",         "I/O error"};
+
+const char *conn_state_str(enum conn_state s)
+{
+    return (unsigned)s < sizeof(state_names) / sizeof(state_names[0]) ? state_names[s] : "?";
+}
+
+const char *conn_close_reason_str(enum conn_close_reason r)
+{
+    return (unsigned)r < sizeof(reason_names) / sizeof(reason_names[0]) ? reason_names[r] : "?";
+}
+
+/* ---- Addresses ---------------------------------------------------------------------------- */
+
+/* "host:port" or "[v6]:port" into its parts; numeric only. */
+static int parse_hostport(const char *hp, bool passive, struct addrinfo **out, char *err,
+                          size_t errlen)
+{
+    char host[INET6_ADDRSTRLEN + 8];
+    const char *port;
+    size_t hlen;
+
+    if (!hp || !*hp) {
+        snprintf(err, errlen, "empty address");
+        return -1;
+    }
+    if (hp[0] == '[') {
+        const char *end = strchr(hp, ']');
+        if (!end || end[1] != ':') {
+            snprintf(err, errlen, "bad address \"%s\": expected [v6-address]:port", hp);
+            return -1;
+        }
+        hlen = (size_t)(end - hp - 1);
+        if (hlen >= sizeof(host))
+            goto bad;
+        memcpy(host, hp + 1, hlen);
+        port = end + 2;
+    } else {
+        const char *colon = strrchr(hp, ':');
+        if (!colon) {
+            snprintf(err, errlen, "bad address \"%s\": expected host:port", hp);
+            return -1;
+        }
+        hlen = (size_t)(colon - hp);
+        if (hlen >= sizeof(host) || memchr(hp, ':', hlen))
+            goto bad;
+        memcpy(host, hp, hlen);
+        port = colon + 1;
+    }
+    host[hlen] = '\0';
+    if (!*port || strspn(port, "0123456789") != strlen(port) || strlen(port) > 5 ||
+        atoi(port) > 65535)
+        goto bad;
+
+    struct addrinfo hints = {.ai_family = AF_UNSPEC,
+                             .ai_socktype = SOCK_STREAM,
+                             .ai_flags =
+                                 AI_NUMERICHOST | AI_NUMERICSERV | (passive ? AI_PASSIVE : 0)};
+    int r = getaddrinfo(host, port, &hints, out);
+    if (r != 0) {
+        snprintf(err, errlen, "bad address \"%s\": %s (numeric addresses only)", hp,
+                 gai_strerror(r));
+        return -1;
+    }
+    return 0;
+bad:
+    snprintf(err, errlen, "bad address \"%s\": expected host:port with a numeric host and port",
+             hp);
+    return -1;
+}
+
+static void format_addr(const struct sockaddr *sa, char *buf, size_t len)
+{
+    char ip[INET6_ADDRSTRLEN];
+    if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+        inet_ntop(AF_INET, &in->sin_addr, ip, sizeof(ip));
+        snprintf(buf, len, "%s:%u", ip, ntohs(in->sin_port));
+    } else if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+        inet_ntop(AF_INET6, &in6->sin6_addr, ip, sizeof(ip));
+        snprintf(buf, len, "[%s]:%u", ip, ntohs(in6->sin6_port));
+    } else {
+        snprintf(buf, len, "?");
+    }
+}
+
+static void set_nodelay(int fd)
+{
+    int one = 1;
+    /* Frames are small and latency matters more than packet count. */
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+}
+
+/* ---- Context ------------------------------------------------------------------------------ */
+
+static int load_file(const char *what, const char *path, gnutls_datum_t *out, char *err,
+                     size_t errlen)
+{
+    errno = 0;
+    if (gnutls_load_file(path, out) < 0) {
+        snprintf(err, errlen, "cannot read %s %s: %s", what, path, strerror(errno ? errno : EIO));
+        return -1;
+    }
+    return 0;
+}
+
+struct tls_ctx *tls_ctx_new(const struct tls_config *cfg, char *err, size_t errlen)
+{
+    struct tls_ctx *ctx = NULL;
+    gnutls_datum_t cert_pem = {NULL, 0}, key_pem = {NULL, 0}, ca_pem = {NULL, 0};
+    gnutls_x509_crt_t crt = NULL;
+    gnutls_x509_privkey_t key = NULL;
+    const char *errpos = NULL;
+    int r;
+
+    if (!cfg || !cfg->ca_file || !cfg->cert_file || !cfg->key_file || !cfg->overlay) {
+        snprintf(err, errlen,
+                 "TLS configuration incomplete: CA, certificate, key and overlay "
+                 "are all required");
+        return NULL;
+    }
+    if (!cfg->overlay[0] || strlen(cfg->overlay) > MSG_OVERLAY_MAX) {
+        snprintf(err, errlen, "overlay name must be 1 to %d characters", MSG_OVERLAY_MAX);
+        return NULL;
+    }
+    if (cfg->max_frame > MSG_MAX_FRAME_LIMIT) {
+        snprintf(err, errlen, "max_frame %zu above the limit %d", cfg->max_frame,
+                 MSG_MAX_FRAME_LIMIT);
+        return NULL;
+    }
+    ctx = calloc(1, sizeof(*ctx));
+    if (!ctx) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    snprintf(ctx->overlay, sizeof(ctx->overlay), "%s", cfg->overlay);
+    ctx->hs_ms = cfg->handshake_timeout_ms ? cfg->handshake_timeout_ms : DEF_HANDSHAKE_MS;
+    ctx->idle_ms = cfg->idle_timeout_ms;
+    ctx->max_frame = cfg->max_frame ? cfg->max_frame : MSG_MAX_FRAME_DEF;
+    ctx->max_wqueue = cfg->max_wqueue ? cfg->max_wqueue : DEF_WQUEUE;
+
+    /* Our certificate: read it ourselves first so that errors name the file. */
+    if (load_file("certificate", cfg->cert_file, &cert_pem, err, errlen) < 0)
+        goto fail;
+    if ((r = gnutls_x509_crt_init(&crt)) < 0 ||
+        (r = gnutls_x509_crt_import(crt, &cert_pem, GNUTLS_X509_FMT_PEM)) < 0) {
+        snprintf(err, errlen, "cannot load certificate %s: %s", cfg->cert_file, gnutls_strerror(r));
+        goto fail;
+    }
+    if ((r = cred_identity(crt, &ctx->self)) < 0) {
+        snprintf(err, errlen, "cannot read the identity in certificate %s: %s", cfg->cert_file,
+                 gnutls_strerror(r));
+        goto fail;
+    }
+    if (load_file("key", cfg->key_file, &key_pem, err, errlen) < 0)
+        goto fail;
+    if ((r = gnutls_x509_privkey_init(&key)) < 0 ||
+        (r = gnutls_x509_privkey_import2(key, &key_pem, GNUTLS_X509_FMT_PEM, NULL,
+                                         GNUTLS_PKCS_PLAIN)) < 0) {
+        snprintf(err, errlen, "cannot load key %s: %s", cfg->key_file, gnutls_strerror(r));
+        goto fail;
+    }
+    /* GnuTLS does not notice an Ed25519 key that belongs to another certificate. */
+    unsigned char id1[64], id2[64];
+    size_t l1 = sizeof(id1), l2 = sizeof(id2);
+    if (gnutls_x509_crt_get_key_id(crt, GNUTLS_KEYID_USE_SHA256, id1, &l1) < 0 ||
+        gnutls_x509_privkey_get_key_id(key, GNUTLS_KEYID_USE_SHA256, id2, &l2) < 0 || l1 != l2 ||
+        memcmp(id1, id2, l1) != 0) {
+        snprintf(err, errlen, "certificate %s does not match key %s", cfg->cert_file,
+                 cfg->key_file);
+        goto fail;
+    }
+    if (load_file("CA file", cfg->ca_file, &ca_pem, err, errlen) < 0)
+        goto fail;
+
+    if ((r = gnutls_certificate_allocate_credentials(&ctx->xcred)) < 0) {
+        snprintf(err, errlen, "cannot allocate TLS credentials: %s", gnutls_strerror(r));
+        goto fail;
+    }
+    r = gnutls_certificate_set_x509_trust_mem(ctx->xcred, &ca_pem, GNUTLS_X509_FMT_PEM);
+    if (r <= 0) {
+        snprintf(err, errlen, "cannot load CA certificates from %s: %s", cfg->ca_file,
+                 r == 0 ? "no certificate in the file" : gnutls_strerror(r));
+        goto fail;
+    }
+    r = gnutls_certificate_set_x509_key_mem2(ctx->xcred, &cert_pem, &key_pem, GNUTLS_X509_FMT_PEM,
+                                             NULL, GNUTLS_PKCS_PLAIN);
+    if (r < 0) {
+        if (r == GNUTLS_E_CERTIFICATE_KEY_MISMATCH)
+            snprintf(err, errlen, "certificate %s does not match key %s", cfg->cert_file,
+                     cfg->key_file);
+        else
+            snprintf(err, errlen, "cannot use certificate %s with key %s: %s", cfg->cert_file,
+                     cfg->key_file, gnutls_strerror(r));
+        goto fail;
+    }
+    if ((r = gnutls_priority_init(&ctx->prio, TLS_PRIORITY, &errpos)) < 0) {
+        snprintf(err, errlen, "TLS priority string rejected at \"%s\": %s", errpos ? errpos : "?",
+                 gnutls_strerror(r));
+        goto fail;
+    }
+
+    /* Not fatal, but an operator wants to know before peers start refusing us. */
+    time_t now = time(NULL);
+    if (ctx->self.not_after < now)
+        log_warn(COMPONENT, "our certificate %s expired; peers will refuse it", cfg->cert_file);
+    else if (ctx->self.not_before > now)
+        log_warn(COMPONENT, "our certificate %s is not valid yet; peers will refuse it",
+                 cfg->cert_file);
+
+    gnutls_x509_crt_deinit(crt);
+    gnutls_x509_privkey_deinit(key);
+    gnutls_memset(key_pem.data, 0, key_pem.size);
+    gnutls_free(key_pem.data);
+    gnutls_free(cert_pem.data);
+    gnutls_free(ca_pem.data);
+    return ctx;
+fail:
+    gnutls_x509_crt_deinit(crt);
+    gnutls_x509_privkey_deinit(key);
+    if (key_pem.data)
+        gnutls_memset(key_pem.data, 0, key_pem.size);
+    gnutls_free(key_pem.data);
+    gnutls_free(cert_pem.data);
+    gnutls_free(ca_pem.data);
+    tls_ctx_free(ctx);
+    return NULL;
+}
+
+void tls_ctx_free(struct tls_ctx *ctx)
+{
+    if (!ctx)
+        return;
+    if (ctx->prio)
+        gnutls_priority_deinit(ctx->prio);
+    if (ctx->xcred)
+        gnutls_certificate_free_credentials(ctx->xcred);
+    free(ctx);
+}
+
+const struct peer_identity *tls_ctx_identity(const struct tls_ctx *ctx)
+{
+    return &ctx->self;
+}
+
+/* ---- Connection basics -------------------------------------------------------------------- */
+
+static void conn_set_state(struct conn *c, enum conn_state st)
+{
+    log_debug(COMPONENT, "%s: %s -> %s", c->addr, conn_state_str(c->state), conn_state_str(st));
+    c->state = st;
+}
+
+static void conn_destroy(struct conn *c)
+{
+    struct wchunk *ch = c->whead;
+    while (ch) {
+        struct wchunk *next = ch->next;
+        free(ch->data);
+        free(ch);
+        ch = next;
+    }
+    if (c->s)
+        gnutls_deinit(c->s);
+    free(c->rbuf);
+    free(c);
+}
+
+static void conn_enter(struct conn *c)
+{
+    c->depth++;
+}
+
+/* The struct may be gone after this returns. */
+static void conn_leave(struct conn *c)
+{
+    if (--c->depth == 0 && c->state == CONN_CLOSED)
+        conn_destroy(c);
+}
+
+static void set_wio(struct conn *c, bool on)
+{
+    if (on && !ev_is_active(&c->wio))
+        ev_io_start(c->loop, &c->wio);
+    else if (!on && ev_is_active(&c->wio))
+        ev_io_stop(c->loop, &c->wio);
+}
+
+static void set_rio(struct conn *c, bool on)
+{
+    if (on && !ev_is_active(&c->rio))
+        ev_io_start(c->loop, &c->rio);
+    else if (!on && ev_is_active(&c->rio))
+        ev_io_stop(c->loop, &c->rio);
+}
+
+static void arm_timer(struct conn *c, double seconds)
+{
+    ev_timer_stop(c->loop, &c->timer);
+    ev_timer_set(&c->timer, seconds, 0.);
+    ev_timer_start(c->loop, &c->timer);
+}
+
+static void log_closed(struct conn *c)
+{
+    const char *d = c->detail[0] ? c->detail : conn_close_reason_str(c->reason);
+    switch (c->reason) {
+    case CONN_CLOSED_LOCAL:
+    case CONN_CLOSED_REMOTE:
+        log_debug(COMPONENT, "%s: connection closed (%s)", c->addr, d);
+        break;
+    case CONN_ERR_PEER_CERT:
+    case CONN_ERR_REJECTED:
+    case CONN_ERR_PROTOCOL:
+    case CONN_ERR_PEER_ERROR:
+        log_warn(COMPONENT, "%s: %s", c->addr, d);
+        break;
+    default:
+        log_info(COMPONENT, "%s: %s", c->addr, d);
+        break;
+    }
+}
+
+/* Closes the socket and makes the one on_close call. Only from loop entry points. */
+static void finish(struct conn *c)
+{
+    if (c->state == CONN_CLOSED)
+        return;
+    ev_io_stop(c->loop, &c->rio);
+    ev_io_stop(c->loop, &c->wio);
+    ev_timer_stop(c->loop, &c->timer);
+    if (c->fd >= 0) {
+        close(c->fd);
+        c->fd = -1;
+    }
+    conn_set_state(c, CONN_CLOSED);
+    log_closed(c);
+    if (c->cbs.on_close) {
+        conn_enter(c);
+        c->cbs.on_close(c, c->reason, c->detail, c->ud);
+        conn_leave(c);
+    }
+}
+
+static void start_linger(struct conn *c)
+{
+    c->lingering = true;
+    shutdown(c->fd, SHUT_WR);
+    set_wio(c, false);
+    set_rio(c, true);
+    unsigned ms = c->ctx->hs_ms < LINGER_MAX_MS ? c->ctx->hs_ms : LINGER_MAX_MS;
+    arm_timer(c, ms / 1000.);
+}
+
+/*
+ * Starts closing. The first reason given is the one reported: whatever goes
+ * wrong while closing (the peer resetting, say) is a consequence of it.
+ */
+static void begin_close(struct conn *c, enum conn_close_reason reason, enum close_mode mode,
+                        const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+
+static void begin_close(struct conn *c, enum conn_close_reason reason, enum close_mode mode,
+                        const char *fmt, ...)
+{
+    if (c->state >= CONN_CLOSING)
+        return;
+    enum conn_state old = c->state;
+    c->reason = reason;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->detail, sizeof(c->detail), fmt, ap);
+    va_end(ap);
+    conn_set_state(c, CONN_CLOSING);
+
+    bool tls_up = old == CONN_HELLO || old == CONN_OPEN;
+    if (mode == CLOSE_GRACEFUL && tls_up) {
+        c->graceful = true;
+        set_rio(c, false);
+        set_wio(c, true); /* the write side drives flush + close_notify */
+        arm_timer(c, c->ctx->hs_ms / 1000.);
+    } else if (mode != CLOSE_ABORT && old >= CONN_HANDSHAKING && c->fd >= 0) {
+        start_linger(c);
+    } else {
+        /* Finish from the loop, never from inside the caller's call. */
+        set_rio(c, false);
+        set_wio(c, false);
+        arm_timer(c, 0.);
+    }
+}
+
+/* ---- Writing ------------------------------------------------------------------------------ */
+
+static int queue_take(struct conn *c, uint8_t *data, size_t len)
+{
+    struct wchunk *ch = malloc(sizeof(*ch));
+    if (!ch) {
+        free(data);
+        return -1;
+    }
+    ch->next = NULL;
+    ch->data = data;
+    ch->len = len;
+    ch->off = 0;
+    if (c->wtail)
+        c->wtail->next = ch;
+    else
+        c->whead = ch;
+    c->wtail = ch;
+    c->wbytes += len;
+    return 0;
+}
+
+/* 0: queue empty; 1: blocked (E_AGAIN); <0: GnuTLS error. */
+static int flush(struct conn *c)
+{
+    while (c->whead) {
+        struct wchunk *ch = c->whead;
+        /* After E_AGAIN this repeats the exact same pointer and length, as GnuTLS requires. */
+        ssize_t n = gnutls_record_send(c->s, ch->data + ch->off, ch->len - ch->off);
+        if (n == GNUTLS_E_AGAIN)
+            return 1;
+        if (n == GNUTLS_E_INTERRUPTED)
+            continue;
+        if (n < 0)
+            return (int)n;
+        ch->off += (size_t)n;
+        c->wbytes -= (size_t)n;
+        if (ch->off == ch->len) {
+            c->whead = ch->next;
+            if (!c->whead)
+                c->wtail = NULL;
+            free(ch->data);
+            free(ch);
+        }
+    }
+    return 0;
+}
+
+static void write_some(struct conn *c)
+{
+    int r = flush(c);
+    if (r < 0) {
+        begin_close(c, CONN_ERR_IO, CLOSE_ABORT, "send failed: %s", gnutls_strerror(r));
+        return;
+    }
+    set_wio(c, r == 1 || c->whead);
+    if (c->want_drain && c->wbytes <= c->ctx->max_wqueue / 2 && c->state == CONN_OPEN) {
+        c->want_drain = false;
+        if (c->cbs.on_drain)
+            c->cbs.on_drain(c, c->ud);
+    }
+}
+
+/* Flush + close_notify + linger, step by step as the socket allows. */
+static void closing_step(struct conn *c)
+{
+    int r = flush(c);
+    if (r == 1) {
+        set_wio(c, true);
+        return;
+    }
+    if (r < 0) {
+        finish(c);
+        return;
+    }
+    r = gnutls_bye(c->s, GNUTLS_SHUT_WR);
+    if (r == GNUTLS_E_AGAIN || r == GNUTLS_E_INTERRUPTED) {
+        set_wio(c, true);
+        return;
+    }
+    if (r < 0) {
+        finish(c);
+        return;
+    }
+    start_linger(c);
+}
+
+static void linger_read(struct conn *c)
+{
+    char buf[4096];
+    for (int i = 0; i < READS_PER_WAKEUP; i++) {
+        ssize_t n = read(c->fd, buf, sizeof(buf));
+        if (n > 0)
+            continue;
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return;
+        finish(c); /* EOF or error: the peer is done */
+        return;
+    }
+}
+
+/* ---- Reading ------------------------------------------------------------------------------ */
+
+static void queue_error_frame(struct conn *c, const char *tid, const char *code, const char *reason)
+{
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    if (msg_encode_error(c->ctx->overlay, tid, code, reason, c->ctx->max_frame, &buf, &len) !=
+        MSG_OK)
+        return;
+    /* Never beyond the bound: a peer that does not read would not get it anyway. */
+    if (c->wbytes + len > c->ctx->max_wqueue) {
+        free(buf);
+        return;
+    }
+    queue_take(c, buf, len);
+}
+
+static void protocol_error(struct conn *c, int status, const char *detail)
+{
+    const char *code = msg_status_code(status);
+    queue_error_frame(c, NULL, code, detail);
+    begin_close(c, CONN_ERR_PROTOCOL, CLOSE_GRACEFUL, "malformed frame from peer: %s: %s", code,
+                detail);
+}
+
+static void peer_error(struct conn *c, const struct msg *m)
+{
+    const char *code = json_string_value(json_object_get(m->body, "code"));
+    const char *reason = json_string_value(json_object_get(m->body, "reason"));
+    begin_close(c, CONN_ERR_PEER_ERROR, CLOSE_GRACEFUL, "%s: %s", code ? code : "unknown",
+                reason ? reason : "");
+}
+
+static void enter_open(struct conn *c)
+{
+    char roles[64], hex[NID_HEX_LEN + 1];
+    conn_set_state(c, CONN_OPEN);
+    c->opened = true;
+    ev_timer_stop(c->loop, &c->timer);
+    if (c->ctx->idle_ms) {
+        c->last_rx = ev_now(c->loop);
+        arm_timer(c, c->ctx->idle_ms / 1000.);
+    }
+    log_info(COMPONENT, "%s: %s connection open to %s (node-id %s, roles %s)", c->addr,
+             c->outgoing ? "outgoing" : "incoming", c->peer.uri[0] ? c->peer.uri : c->peer.cn,
+             c->peer.has_node_id ? nid_to_hex(&c->peer.node_id, hex) : "none",
+             cred_roles_str(c->peer.roles, roles, sizeof(roles)));
+    if (c->cbs.on_open)
+        c->cbs.on_open(c, c->ud);
+}
+
+static void handle_msg(struct conn *c, const struct msg *m)
+{
+    if (c->state == CONN_HELLO) {
+        if (m->kind == MSG_ERR) {
+            peer_error(c, m);
+        } else if (strcmp(m->type, "hello") != 0 || m->kind != MSG_IND) {
+            char why[96];
+            snprintf(why, sizeof(why), "expected a hello indication first, got %s %s", m->type,
+                     msg_kind_name(m->kind));
+            queue_error_frame(c, m->tid, "expected-hello", why);
+            begin_close(c, CONN_ERR_PROTOCOL, CLOSE_GRACEFUL, "protocol error: %s", why);
+        } else {
+            const char *agent = json_string_value(json_object_get(m->body, "agent"));
+            log_debug(COMPONENT, "%s: hello from %s", c->addr, agent ? agent : "?");
+            enter_open(c);
+        }
+        return;
+    }
+    if (m->kind == MSG_ERR && strcmp(m->tid, ZERO_TID) == 0) {
+        peer_error(c, m); /* a complaint about the connection, not an answer */
+        return;
+    }
+    if (strcmp(m->type, "hello") == 0)
+        return; /* a repeated hello changes nothing */
+    if (c->cbs.on_message)
+        c->cbs.on_message(c, m, c->ud);
+}
+
+/* Handles every complete frame in p[0..len); returns the bytes consumed. */
+static size_t process_frames(struct conn *c, const uint8_t *p, size_t len)
+{
+    size_t off = 0;
+    while (c->state == CONN_HELLO || c->state == CONN_OPEN) {
+        size_t flen = 0;
+        int st = msg_frame_peek(p + off, len - off, c->ctx->max_frame, &flen);
+        if (st == MSG_E_INCOMPLETE)
+            break;
+        if (st != MSG_OK) {
+            char detail[96];
+            if (st == MSG_E_OVERSIZE && len - off >= MSG_LEN_PREFIX) {
+                const uint8_t *q = p + off;
+                unsigned long declared = ((unsigned long)q[0] << 24) | ((unsigned long)q[1] << 16) |
+                                         ((unsigned long)q[2] << 8) | q[3];
+                snprintf(detail, sizeof(detail), "declared length %lu above the maximum %zu",
+                         declared, c->ctx->max_frame);
+            } else {
+                snprintf(detail, sizeof(detail), "%s", msg_strerror(st));
+            }
+            protocol_error(c, st, detail);
+            return len; /* nothing after a framing error can be trusted */
+        }
+        struct msg m;
+        struct msg_error merr = {0};
+        st = msg_decode_payload(p + off + MSG_LEN_PREFIX, flen - MSG_LEN_PREFIX, c->ctx->overlay,
+                                &m, &merr);
+        off += flen;
+        if (st != MSG_OK) {
+            protocol_error(c, st, merr.detail[0] ? merr.detail : msg_strerror(st));
+            return len;
+        }
+        handle_msg(c, &m);
+        msg_clear(&m);
+    }
+    return off;
+}
+
+static int consume(struct conn *c, const uint8_t *data, size_t n)
+{
+    if (c->rlen == 0) {
+        /* Common case: whole frames straight from the record, nothing copied. */
+        size_t used = process_frames(c, data, n);
+        if (used == n || c->state >= CONN_CLOSING)
+            return 0;
+        data += used;
+        n -= used;
+    }
+    if (c->rlen + n > c->rcap) {
+        size_t limit = MSG_LEN_PREFIX + c->ctx->max_frame;
+        size_t cap = c->rcap ? c->rcap * 2 : 4096;
+        if (cap < c->rlen + n)
+            cap = c->rlen + n;
+        if (cap > limit)
+            cap = limit;
+        uint8_t *nb = realloc(c->rbuf, cap);
+        if (!nb)
+            return -1;
+        c->rbuf = nb;
+        c->rcap = cap;
+    }
+    memcpy(c->rbuf + c->rlen, data, n);
+    c->rlen += n;
+    if (c->state >= CONN_CLOSING)
+        return 0;
+    size_t used = process_frames(c, c->rbuf, c->rlen);
+    if (c->state >= CONN_CLOSING)
+        return 0;
+    memmove(c->rbuf, c->rbuf + used, c->rlen - used);
+    c->rlen -= used;
+    if (c->rlen == 0) {
+        /* Idle connections keep no read buffer. */
+        free(c->rbuf);
+        c->rbuf = NULL;
+        c->rcap = 0;
+    }
+    return 0;
+}
+
+static bool cert_alert(int alert)
+{
+    switch (alert) {
+    case GNUTLS_A_BAD_CERTIFICATE:
+    case GNUTLS_A_UNSUPPORTED_CERTIFICATE:
+    case GNUTLS_A_CERTIFICATE_REVOKED:
+    case GNUTLS_A_CERTIFICATE_EXPIRED:
+    case GNUTLS_A_CERTIFICATE_UNKNOWN:
+    case GNUTLS_A_UNKNOWN_CA:
+    case GNUTLS_A_CERTIFICATE_REQUIRED:
+    case GNUTLS_A_ACCESS_DENIED:
+        return true;
+    default:
+        return false;
+    }
+}
+
+static void alert_received(struct conn *c)
+{
+    int alert = (int)gnutls_alert_get(c->s);
+    const char *name = gnutls_alert_get_name((gnutls_alert_description_t)alert);
+    if (cert_alert(alert))
+        begin_close(c, CONN_ERR_REJECTED, CLOSE_ABORT, "peer refused our certificate: %s",
+                    name ? name : "unknown alert");
+    else
+        begin_close(c, CONN_ERR_TLS, CLOSE_ABORT, "peer sent TLS alert: %s",
+                    name ? name : "unknown alert");
+}
+
+static void read_records(struct conn *c)
+{
+    uint8_t buf[READ_CHUNK];
+    for (int i = 0; i < READS_PER_WAKEUP; i++) {
+        if (c->state != CONN_HELLO && c->state != CONN_OPEN)
+            return;
+        /* Never hold more than one frame's worth. */
+        size_t room = MSG_LEN_PREFIX + c->ctx->max_frame - c->rlen;
+        ssize_t n = gnutls_record_recv(c->s, buf, room < sizeof(buf) ? room : sizeof(buf));
+        if (n > 0) {
+            c->last_rx = ev_now(c->loop);
+            if (consume(c, buf, (size_t)n) < 0) {
+                begin_close(c, CONN_ERR_IO, CLOSE_ABORT, "out of memory reading a frame");
+                return;
+            }
+            continue;
+        }
+        if (n == 0) {
+            if (c->state == CONN_OPEN)
+                begin_close(c, CONN_CLOSED_REMOTE, CLOSE_GRACEFUL, "peer closed the connection");
+            else
+                begin_close(c, CONN_ERR_TLS, CLOSE_GRACEFUL,
+                            "peer closed the connection before its hello");
+            return;
+        }
+        if (n == GNUTLS_E_AGAIN)
+            return;
+        if (n == GNUTLS_E_INTERRUPTED || !gnutls_error_is_fatal((int)n))
+            continue;
+        if (n == GNUTLS_E_FATAL_ALERT_RECEIVED) {
+            alert_received(c);
+        } else if (n == GNUTLS_E_PREMATURE_TERMINATION && c->state == CONN_OPEN && c->rlen == 0) {
+            /* No frame was cut short, so nothing was lost: as good as a clean close. */
+            begin_close(c, CONN_CLOSED_REMOTE, CLOSE_ABORT,
+                        "peer closed the connection (without close_notify)");
+        } else if (n == GNUTLS_E_PREMATURE_TERMINATION || n == GNUTLS_E_PULL_ERROR) {
+            begin_close(c, CONN_ERR_IO, CLOSE_ABORT, "connection lost: %s",
+                        n == GNUTLS_E_PULL_ERROR ? "reset by peer" : "closed inside a record");
+        } else {
+            gnutls_alert_send_appropriate(c->s, (int)n);
+            begin_close(c, CONN_ERR_TLS, CLOSE_LINGER, "TLS record error: %s",
+                        gnutls_strerror((int)n));
+        }
+        return;
+    }
+    /* Decrypted bytes may wait inside GnuTLS where libev cannot see them. */
+    if (gnutls_record_check_pending(c->s) > 0)
+        ev_feed_event(c->loop, &c->rio, EV_READ);
+}
+
+/* ---- Handshake ---------------------------------------------------------------------------- */
+
+static size_t append(char *buf, size_t len, size_t used, const char *s)
+{
+    int n = snprintf(buf + used, len - used, "%s%s", used ? ", " : "", s);
+    if (n < 0 || (size_t)n >= len - used)
+        return len - 1;
+    return used + (size_t)n;
+}
+
+/* Says in words why verification failed, and picks the alert that tells the peer. */
+static int describe_status(struct conn *c, unsigned status, char *buf, size_t len)
+{
+    size_t used = 0;
+    int alert = GNUTLS_A_BAD_CERTIFICATE;
+    buf[0] = '\0';
+    if (status & GNUTLS_CERT_SIGNER_NOT_FOUND) {
+        used = append(buf, len, used, "not issued by the overlay CA");
+        alert = GNUTLS_A_UNKNOWN_CA;
+    }
+    if (status & GNUTLS_CERT_SIGNER_NOT_CA) {
+        used = append(buf, len, used, "issuer is not a CA");
+        alert = GNUTLS_A_UNKNOWN_CA;
+    }
+    if (status & GNUTLS_CERT_EXPIRED) {
+        used = append(buf, len, used, "expired");
+        alert = GNUTLS_A_CERTIFICATE_EXPIRED;
+    }
+    if (status & GNUTLS_CERT_NOT_ACTIVATED) {
+        used = append(buf, len, used, "not yet valid");
+        alert = GNUTLS_A_CERTIFICATE_EXPIRED;
+    }
+    if (status & GNUTLS_CERT_REVOKED) {
+        used = append(buf, len, used, "revoked");
+        alert = GNUTLS_A_CERTIFICATE_REVOKED;
+    }
+    if (status & GNUTLS_CERT_PURPOSE_MISMATCH) {
+        used = append(buf, len, used,
+                      c->outgoing ? "key purpose serverAuth missing"
+                                  : "key purpose clientAuth missing");
+        alert = GNUTLS_A_UNSUPPORTED_CERTIFICATE;
+    }
+    if (status & GNUTLS_CERT_SIGNATURE_FAILURE)
+        used = append(buf, len, used, "bad signature");
+    if (status & GNUTLS_CERT_INSECURE_ALGORITHM)
+        used = append(buf, len, used, "insecure algorithm");
+    if (status & GNUTLS_CERT_SIGNER_CONSTRAINTS_FAILURE)
+        used = append(buf, len, used, "issuer constraints violated");
+    if (used == 0) {
+        gnutls_datum_t out = {NULL, 0};
+        if (gnutls_certificate_verification_status_print(status, GNUTLS_CRT_X509, &out, 0) == 0) {
+            snprintf(buf, len, "%s", (const char *)out.data);
+            gnutls_free(out.data);
+        } else {
+            snprintf(buf, len, "verification failed (status 0x%x)", status);
+        }
+    }
+    return alert;
+}
+
+static void handshake_failed(struct conn *c, int r)
+{
+    char why[200];
+    int alert = -1;
+    switch (r) {
+    case GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR:
+    case GNUTLS_E_CERTIFICATE_ERROR:
+        alert = describe_status(c, gnutls_session_get_verify_cert_status(c->s), why, sizeof(why));
+        gnutls_alert_send(c->s, GNUTLS_AL_FATAL, (gnutls_alert_description_t)alert);
+        begin_close(c, CONN_ERR_PEER_CERT, CLOSE_LINGER, "peer certificate refused: %s", why);
+        return;
+    case GNUTLS_E_CERTIFICATE_REQUIRED:
+    case GNUTLS_E_NO_CERTIFICATE_FOUND:
+        /* A client with a certificate from another CA sends none at all. */
+        gnutls_alert_send(c->s, GNUTLS_AL_FATAL, GNUTLS_A_CERTIFICATE_REQUIRED);
+        begin_close(c, CONN_ERR_PEER_CERT, CLOSE_LINGER,
+                    "peer certificate refused: peer sent no certificate acceptable for the "
+                    "overlay CA");
+        return;
+    case GNUTLS_E_FATAL_ALERT_RECEIVED:
+        alert_received(c);
+        return;
+    case GNUTLS_E_PREMATURE_TERMINATION:
+    case GNUTLS_E_PULL_ERROR:
+    case GNUTLS_E_PUSH_ERROR:
+        begin_close(c, CONN_ERR_IO, CLOSE_ABORT, "connection lost during the TLS handshake: %s",
+                    gnutls_strerror(r));
+        return;
+    default:
+        gnutls_alert_send_appropriate(c->s, r);
+        begin_close(c, CONN_ERR_TLS, CLOSE_LINGER, "TLS handshake failed: %s", gnutls_strerror(r));
+        return;
+    }
+}
+
+static int queue_hello(struct conn *c)
+{
+    char tid[MSG_TID_LEN + 1];
+    msg_new_tid(tid);
+    json_t *body = json_pack("{s:s}", "agent", "p2psip/" P2P_VERSION);
+    struct msg_hdr hdr = {.overlay = c->ctx->overlay, .type = "hello", .kind = MSG_IND, .tid = tid};
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    int st = body ? msg_encode(&hdr, body, c->ctx->max_frame, &buf, &len) : MSG_E_NOMEM;
+    json_decref(body);
+    if (st != MSG_OK)
+        return -1;
+    return queue_take(c, buf, len);
+}
+
+static void handshake_done(struct conn *c)
+{
+    unsigned n = 0;
+    const gnutls_datum_t *certs = gnutls_certificate_get_peers(c->s, &n);
+    gnutls_x509_crt_t crt = NULL;
+    int r = GNUTLS_E_NO_CERTIFICATE_FOUND;
+    if (certs && n > 0 && (r = gnutls_x509_crt_init(&crt)) >= 0 &&
+        (r = gnutls_x509_crt_import(crt, &certs[0], GNUTLS_X509_FMT_DER)) >= 0)
+        r = cred_identity(crt, &c->peer);
+    gnutls_x509_crt_deinit(crt);
+    if (r < 0) {
+        gnutls_alert_send(c->s, GNUTLS_AL_FATAL, GNUTLS_A_BAD_CERTIFICATE);
+        begin_close(c, CONN_ERR_PEER_CERT, CLOSE_LINGER,
+                    "peer certificate refused: cannot read its identity: %s", gnutls_strerror(r));
+        return;
+    }
+    conn_set_state(c, CONN_HELLO);
+    if (queue_hello(c) < 0) {
+        begin_close(c, CONN_ERR_IO, CLOSE_ABORT, "cannot build our hello");
+        return;
+    }
+    write_some(c);
+    /* The peer's hello may have come in with the end of the handshake. */
+    read_records(c);
+}
+
+static void do_handshake(struct conn *c)
+{
+    for (;;) {
+        int r = gnutls_handshake(c->s);
+        if (r == 0) {
+            handshake_done(c);
+            return;
+        }
+        if (r == GNUTLS_E_AGAIN) {
+            set_wio(c, gnutls_record_get_direction(c->s) == 1);
+            return;
+        }
+        if (r == GNUTLS_E_INTERRUPTED || !gnutls_error_is_fatal(r))
+            continue;
+        handshake_failed(c, r);
+        return;
+    }
+}
+
+static int start_tls(struct conn *c)
+{
+    unsigned flags = (c->outgoing ? GNUTLS_CLIENT : GNUTLS_SERVER) | GNUTLS_NONBLOCK |
+                     GNUTLS_NO_SIGNAL | GNUTLS_NO_TICKETS;
+    int r = gnutls_init(&c->s, flags);
+    if (r < 0) {
+        c->s = NULL;
+        return r;
+    }
+    /*
+     * No hostname: a peer is who its certificate says (URI SAN, Node-ID),
+     * which callers check; GnuTLS checks the chain and the key purpose.
+     */
+    static gnutls_typed_vdata_st want_server = {.type = GNUTLS_DT_KEY_PURPOSE_OID,
+                                                .data = (unsigned char *)GNUTLS_KP_TLS_WWW_SERVER};
+    static gnutls_typed_vdata_st want_client = {.type = GNUTLS_DT_KEY_PURPOSE_OID,
+                                                .data = (unsigned char *)GNUTLS_KP_TLS_WWW_CLIENT};
+    if ((r = gnutls_priority_set(c->s, c->ctx->prio)) < 0 ||
+        (r = gnutls_credentials_set(c->s, GNUTLS_CRD_CERTIFICATE, c->ctx->xcred)) < 0)
+        return r;
+    if (!c->outgoing)
+        gnutls_certificate_server_set_request(c->s, GNUTLS_CERT_REQUIRE);
+    gnutls_session_set_verify_cert2(c->s, c->outgoing ? &want_server : &want_client, 1, 0);
+    gnutls_transport_set_int(c->s, c->fd);
+    gnutls_handshake_set_timeout(c->s, 0); /* our timer bounds it */
+    if (c->state != CONN_HANDSHAKING)
+        conn_set_state(c, CONN_HANDSHAKING);
+    set_rio(c, true);
+    return 0;
+}
+
+/* ---- Loop entry points -------------------------------------------------------------------- */
+
+static void connect_done(struct conn *c)
+{
+    int err = 0;
+    socklen_t len = sizeof(err);
+    if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+        err = errno;
+    if (err) {
+        begin_close(c, CONN_ERR_CONNECT, CLOSE_ABORT, "cannot connect to %s: %s", c->addr,
+                    strerror(err));
+        return;
+    }
+    set_wio(c, false);
+    int r = start_tls(c);
+    if (r < 0) {
+        begin_close(c, CONN_ERR_TLS, CLOSE_ABORT, "cannot start TLS: %s", gnutls_strerror(r));
+        return;
+    }
+    do_handshake(c);
+}
+
+static void on_read(struct ev_loop *loop, ev_io *w, int revents)
+{
+    struct conn *c = w->data;
+    conn_enter(c);
+    switch (c->state) {
+    case CONN_HANDSHAKING:
+        do_handshake(c);
+        break;
+    case CONN_HELLO:
+    case CONN_OPEN:
+        read_records(c);
+        break;
+    case CONN_CLOSING:
+        if (c->lingering)
+            linger_read(c);
+        else
+            set_rio(c, false);
+        break;
+    default:
+        set_rio(c, false);
+        break;
+    }
+    conn_leave(c);
+}
+
+static void on_write(struct ev_loop *loop, ev_io *w, int revents)
+{
+    struct conn *c = w->data;
+    conn_enter(c);
+    switch (c->state) {
+    case CONN_CONNECTING:
+        connect_done(c);
+        break;
+    case CONN_HANDSHAKING:
+        do_handshake(c);
+        break;
+    case CONN_HELLO:
+    case CONN_OPEN:
+        write_some(c);
+        break;
+    case CONN_CLOSING:
+        if (c->graceful && !c->lingering)
+            closing_step(c);
+        else
+            set_wio(c, false);
+        break;
+    default:
+        set_wio(c, false);
+        break;
+    }
+    conn_leave(c);
+}
+
+static void on_timer(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct conn *c = w->data;
+    conn_enter(c);
+    unsigned hs = c->ctx->hs_ms;
+    switch (c->state) {
+    case CONN_CONNECTING:
+        begin_close(c, CONN_ERR_TIMEOUT, CLOSE_ABORT, "connect to %s timed out after %u ms",
+                    c->addr, hs);
+        break;
+    case CONN_HANDSHAKING:
+        begin_close(c, CONN_ERR_TIMEOUT, CLOSE_ABORT, "TLS handshake not done after %u ms", hs);
+        break;
+    case CONN_HELLO:
+        begin_close(c, CONN_ERR_TIMEOUT, CLOSE_ABORT, "no hello from peer after %u ms", hs);
+        break;
+    case CONN_OPEN: {
+        ev_tstamp left = c->last_rx + c->ctx->idle_ms / 1000. - ev_now(loop);
+        if (left > 0.001)
+            arm_timer(c, left);
+        else
+            begin_close(c, CONN_ERR_IDLE, CLOSE_GRACEFUL, "nothing received for %u ms",
+                        c->ctx->idle_ms);
+        break;
+    }
+    case CONN_CLOSING:
+        finish(c); /* done, or the closing deadline passed */
+        break;
+    default:
+        break;
+    }
+    conn_leave(c);
+}
+
+static struct conn *conn_alloc(struct ev_loop *loop, struct tls_ctx *ctx, int fd, bool outgoing,
+                               const struct conn_cbs *cbs, void *ud)
+{
+    struct conn *c = calloc(1, sizeof(*c));
+    if (!c)
+        return NULL;
+    c->loop = loop;
+    c->ctx = ctx;
+    c->fd = fd;
+    c->outgoing = outgoing;
+    c->state = outgoing ? CONN_CONNECTING : CONN_HANDSHAKING;
+    if (cbs)
+        c->cbs = *cbs;
+    c->ud = ud;
+    ev_io_init(&c->rio, on_read, fd, EV_READ);
+    ev_io_init(&c->wio, on_write, fd, EV_WRITE);
+    ev_timer_init(&c->timer, on_timer, ctx->hs_ms / 1000., 0.);
+    c->rio.data = c->wio.data = c->timer.data = c;
+    return c;
+}
+
+/* ---- Listener ----------------------------------------------------------------------------- */
+
+static void accept_one(struct listener *l, int fd, const struct sockaddr *sa)
+{
+    set_nodelay(fd);
+    struct conn *c = conn_alloc(l->loop, l->ctx, fd, false, &l->cbs, l->ud);
+    if (!c) {
+        log_warn(COMPONENT, "%s: out of memory accepting a connection", l->addr);
+        close(fd);
+        return;
+    }
+    format_addr(sa, c->addr, sizeof(c->addr));
+    int r = start_tls(c);
+    if (r < 0) {
+        log_warn(COMPONENT, "%s: cannot start TLS: %s", c->addr, gnutls_strerror(r));
+        close(fd);
+        conn_destroy(c);
+        return;
+    }
+    log_debug(COMPONENT, "%s: accepted on %s", c->addr, l->addr);
+    ev_timer_start(l->loop, &c->timer);
+}
+
+static void on_accept_pause(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct listener *l = w->data;
+    ev_io_start(loop, &l->io);
+}
+
+static void on_accept(struct ev_loop *loop, ev_io *w, int revents)
+{
+    struct listener *l = w->data;
+    for (;;) {
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof(ss);
+        int fd = accept4(l->fd, (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd >= 0) {
+            accept_one(l, fd, (struct sockaddr *)&ss);
+            continue;
+        }
+        switch (errno) {
+        case EINTR:
+        case ECONNABORTED:
+        case EPROTO:
+            continue;
+        case EAGAIN:
+#if EAGAIN != EWOULDBLOCK
+        case EWOULDBLOCK:
+#endif
+            return;
+        case EMFILE:
+        case ENFILE:
+        case ENOBUFS:
+        case ENOMEM:
+            /*
+             * The pending connection stays in the backlog and would wake us
+             * again at once: pause accepting instead of spinning.
+             */
+            log_warn(COMPONENT, "%s: cannot accept: %s; pausing new connections for %.1f s",
+                     l->addr, strerror(errno), ACCEPT_PAUSE_S);
+            ev_io_stop(loop, &l->io);
+            ev_timer_stop(loop, &l->pause);
+            ev_timer_set(&l->pause, ACCEPT_PAUSE_S, 0.);
+            ev_timer_start(loop, &l->pause);
+            return;
+        default:
+            log_warn(COMPONENT, "%s: accept failed: %s", l->addr, strerror(errno));
+            return;
+        }
+    }
+}
+
+struct listener *conn_listen(struct ev_loop *loop, struct tls_ctx *ctx, const char *hostport,
+                             const struct conn_cbs *cbs, void *ud, char *err, size_t errlen)
+{
+    struct addrinfo *ai = NULL;
+    struct listener *l = NULL;
+    int fd = -1, one = 1;
+
+    if (parse_hostport(hostport, true, &ai, err, errlen) < 0)
+        return NULL;
+    fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        snprintf(err, errlen, "cannot create socket for %s: %s", hostport, strerror(errno));
+        goto fail;
+    }
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (ai->ai_family == AF_INET6)
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+    if (bind(fd, ai->ai_addr, ai->ai_addrlen) < 0) {
+        snprintf(err, errlen, "cannot listen on %s: %s", hostport, strerror(errno));
+        goto fail;
+    }
+    if (listen(fd, 512) < 0) {
+        snprintf(err, errlen, "cannot listen on %s: %s", hostport, strerror(errno));
+        goto fail;
+    }
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+    if (getsockname(fd, (struct sockaddr *)&ss, &sl) < 0) {
+        snprintf(err, errlen, "getsockname on %s: %s", hostport, strerror(errno));
+        goto fail;
+    }
+    l = calloc(1, sizeof(*l));
+    if (!l) {
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
+    l->loop = loop;
+    l->ctx = ctx;
+    l->fd = fd;
+    if (cbs)
+        l->cbs = *cbs;
+    l->ud = ud;
+    format_addr((struct sockaddr *)&ss, l->addr, sizeof(l->addr));
+    l->port = ss.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&ss)->sin6_port)
+                                       : ntohs(((struct sockaddr_in *)&ss)->sin_port);
+    ev_io_init(&l->io, on_accept, fd, EV_READ);
+    ev_timer_init(&l->pause, on_accept_pause, ACCEPT_PAUSE_S, 0.);
+    l->io.data = l->pause.data = l;
+    ev_io_start(loop, &l->io);
+    freeaddrinfo(ai);
+    log_info(COMPONENT, "listening on %s", l->addr);
+    return l;
+fail:
+    if (fd >= 0)
+        close(fd);
+    freeaddrinfo(ai);
+    return NULL;
+}
+
+int listener_port(const struct listener *l)
+{
+    return l->port;
+}
+
+void listener_free(struct listener *l)
+{
+    if (!l)
+        return;
+    ev_io_stop(l->loop, &l->io);
+    ev_timer_stop(l->loop, &l->pause);
+    close(l->fd);
+    free(l);
+}
+
+/* ---- Public connection API ---------------------------------------------------------------- */
+
+struct conn *conn_connect(struct ev_loop *loop, struct tls_ctx *ctx, const char *hostport,
+                          const struct conn_cbs *cbs, void *ud, char *err, size_t errlen)
+{
+    struct addrinfo *ai = NULL;
+    if (parse_hostport(hostport, false, &ai, err, errlen) < 0)
+        return NULL;
+    int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        snprintf(err, errlen, "cannot create socket for %s: %s", hostport, strerror(errno));
+        freeaddrinfo(ai);
+        return NULL;
+    }
+    set_nodelay(fd);
+    struct conn *c = conn_alloc(loop, ctx, fd, true, cbs, ud);
+    if (!c) {
+        snprintf(err, errlen, "out of memory");
+        close(fd);
+        freeaddrinfo(ai);
+        return NULL;
+    }
+    format_addr(ai->ai_addr, c->addr, sizeof(c->addr));
+    int r = connect(fd, ai->ai_addr, ai->ai_addrlen);
+    int saved = errno;
+    freeaddrinfo(ai);
+    log_debug(COMPONENT, "%s: connecting", c->addr);
+    ev_timer_start(loop, &c->timer);
+    if (r == 0 || saved == EINPROGRESS) {
+        set_wio(c, true); /* writable = connected (or failed: SO_ERROR says) */
+    } else {
+        /* Reported through on_close like any later failure. */
+        begin_close(c, CONN_ERR_CONNECT, CLOSE_ABORT, "cannot connect to %s: %s", c->addr,
+                    strerror(saved));
+    }
+    return c;
+}
+
+static int queue_checked(struct conn *c, uint8_t *buf, size_t len)
+{
+    if (c->wbytes + len > c->ctx->max_wqueue) {
+        free(buf);
+        c->want_drain = true;
+        return CONN_ERR_QUEUE_FULL;
+    }
+    if (queue_take(c, buf, len) < 0)
+        return CONN_ERR_QUEUE_FULL;
+    /* Written from the loop: a send failure then closes the conn outside the caller's call. */
+    set_wio(c, true);
+    return 0;
+}
+
+int conn_send(struct conn *c, const char *type, enum msg_kind kind, const char *tid, json_t *body)
+{
+    if (c->state != CONN_OPEN)
+        return CONN_ERR_NOT_OPEN;
+    char fresh[MSG_TID_LEN + 1];
+    if (!tid) {
+        msg_new_tid(fresh);
+        tid = fresh;
+    }
+    struct msg_hdr hdr = {.overlay = c->ctx->overlay, .type = type, .kind = kind, .tid = tid};
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    if (msg_encode(&hdr, body, c->ctx->max_frame, &buf, &len) != MSG_OK)
+        return CONN_ERR_ENCODE;
+    return queue_checked(c, buf, len);
+}
+
+int conn_send_frame(struct conn *c, const uint8_t *frame, size_t len)
+{
+    if (c->state != CONN_OPEN)
+        return CONN_ERR_NOT_OPEN;
+    if (len == 0)
+        return CONN_ERR_ENCODE;
+    if (c->wbytes + len > c->ctx->max_wqueue) {
+        c->want_drain = true;
+        return CONN_ERR_QUEUE_FULL;
+    }
+    uint8_t *copy = malloc(len);
+    if (!copy)
+        return CONN_ERR_QUEUE_FULL;
+    memcpy(copy, frame, len);
+    return queue_checked(c, copy, len);
+}
+
+void conn_close(struct conn *c)
+{
+    if (c && c->state < CONN_CLOSING)
+        begin_close(c, CONN_CLOSED_LOCAL, CLOSE_GRACEFUL, "closed locally");
+}
+
+void conn_close_with_error(struct conn *c, const char *tid, const char *code, const char *reason)
+{
+    if (!c || c->state >= CONN_CLOSING)
+        return;
+    if (c->state == CONN_HELLO || c->state == CONN_OPEN)
+        queue_error_frame(c, tid, code, reason);
+    begin_close(c, CONN_CLOSED_LOCAL, CLOSE_GRACEFUL, "sent error %s: %s", code,
+                reason ? reason : "");
+}
+
+enum conn_state conn_get_state(const struct conn *c)
+{
+    return c->state;
+}
+
+bool conn_is_outgoing(const struct conn *c)
+{
+    return c->outgoing;
+}
+
+const struct peer_identity *conn_peer(const struct conn *c)
+{
+    /* Read at the end of the handshake, but only vouched for once the peer's hello came. */
+    return c->opened ? &c->peer : NULL;
+}
+
+const char *conn_peer_addr(const struct conn *c)
+{
+    return c->addr;
+}
+
+size_t conn_queued_bytes(const struct conn *c)
+{
+    return c->wbytes;
+}
+
+void conn_set_userdata(struct conn *c, void *ud)
+{
+    c->ud = ud;
+}
+
+void *conn_get_userdata(const struct conn *c)
+{
+    return c->ud;
+}

@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# A local p2psip overlay on 127.0.0.1, narrated. Installs missing Debian
+# packages, builds, starts the daemons in a temporary state directory, shows
+# what they do, and stops every process it started when it ends or when
+# interrupted (Ctrl-C).
+#   scripts/demo.sh           run the demonstration
+#   scripts/demo.sh --keep    keep the state directory (configs, certificates, logs)
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+
+keep=0
+case "${1:-}" in
+  "") ;;
+  --keep) keep=1 ;;
+  -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "demo.sh: unknown option '$1' (try --help)" >&2; exit 2 ;;
+esac
+
+say()  { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+note() { printf '    %s\n' "$*"; }
+
+pids=()
+state=""
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  if [ ${#pids[@]} -gt 0 ]; then
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do
+      for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+      kill -KILL "$p" 2>/dev/null || true
+    done
+  fi
+  if [ -n "$state" ] && [ -d "$state" ]; then
+    if [ $keep -eq 1 ]; then echo "state kept in $state"; else rm -rf "$state"; fi
+  fi
+  exit $rc
+}
+trap cleanup EXIT
+trap 'echo; echo "interrupted: stopping everything"; exit 130' INT TERM
+
+say "1. Dependencies and build"
+"$top/scripts/deps.sh"
+build=$("$top/scripts/build.sh" normal)
+for d in loginserver bootstrap supernode ordinarynode; do
+  note "$("$build/$d/$d" --version)"
+done
+
+state=$(mktemp -d /tmp/p2psip-demo-XXXXXX)
+overlay=demo.p2psip
+note "state directory: $state"
+
+say "2. A throw-away overlay CA and node certificates"
+note "(made with certtool for now; 'loginserver init' and enrollment take this over)"
+ca_tmpl="$state/ca.tmpl"
+printf 'cn = "p2psip demo CA"\nca\ncert_signing_key\nexpiration_days = 2\n' > "$ca_tmpl"
+certtool --generate-privkey --key-type ed25519 --outfile "$state/ca.key" 2>/dev/null
+certtool --generate-self-signed --load-privkey "$state/ca.key" --template "$ca_tmpl" \
+  --outfile "$state/ca.pem" >/dev/null 2>&1
+oid=1.3.6.1.4.1.32473.2026
+node_cert() { # name roles-byte ca-key ca-cert
+  local name=$1 roles=$2 cakey=$3 cacert=$4 nid
+  nid=$(head -c 20 /dev/urandom | od -An -tx1 | tr -d ' \n')
+  printf 'cn = "%s"\nuri = "sip:%s@%s"\ntls_www_server\ntls_www_client\nsigning_key\nexpiration_days = 2\nadd_extension = "%s.1 0x0414%s"\nadd_extension = "%s.2 0x0401%s"\n' \
+    "$name" "$name" "$overlay" "$oid" "$nid" "$oid" "$roles" > "$state/$name.tmpl"
+  certtool --generate-privkey --key-type ed25519 --outfile "$state/$name.key" 2>/dev/null
+  certtool --generate-certificate --load-privkey "$state/$name.key" --load-ca-privkey "$cakey" \
+    --load-ca-certificate "$cacert" --template "$state/$name.tmpl" --outfile "$state/$name.pem" >/dev/null 2>&1
+  note "$name: sip:$name@$overlay, Node-ID $nid"
+}
+for sn in sn1 sn2 sn3; do node_cert "$sn" 03 "$state/ca.key" "$state/ca.pem"; done
+# A second, unrelated CA: its certificates must be refused by the overlay.
+printf 'cn = "rogue CA"\nca\ncert_signing_key\nexpiration_days = 2\n' > "$state/rogue-ca.tmpl"
+certtool --generate-privkey --key-type ed25519 --outfile "$state/rogue-ca.key" 2>/dev/null
+certtool --generate-self-signed --load-privkey "$state/rogue-ca.key" \
+  --template "$state/rogue-ca.tmpl" --outfile "$state/rogue-ca.pem" >/dev/null 2>&1
+node_cert mallory 03 "$state/rogue-ca.key" "$state/rogue-ca.pem"
+
+say "3. Configuration files, each checked with --check-config"
+port=7001
+for sn in sn1 sn2 sn3; do
+  cat > "$state/$sn.json" <<JSON
+{ "overlay": "$overlay", "listen": "127.0.0.1:$port", "state_dir": "$state/$sn",
+  "ca_file": "$state/ca.pem", "cert_file": "$state/$sn.pem", "key_file": "$state/$sn.key" }
+JSON
+  port=$((port + 1))
+done
+cat > "$state/mallory.json" <<JSON
+{ "overlay": "$overlay", "listen": "127.0.0.1:7099", "state_dir": "$state/mallory",
+  "ca_file": "$state/ca.pem", "cert_file": "$state/mallory.pem", "key_file": "$state/mallory.key" }
+JSON
+cat > "$state/loginserver.json" <<JSON
+{ "overlay": "$overlay", "listen": "127.0.0.1:8440", "state_dir": "$state/loginserver" }
+JSON
+cat > "$state/bootstrap.json" <<JSON
+{ "overlay": "$overlay", "listen": "127.0.0.1:8443", "state_dir": "$state/bootstrap" }
+JSON
+for on in alice bob; do
+  sip=$([ $on = alice ] && echo 5061 || echo 5062)
+  cat > "$state/$on.json" <<JSON
+{ "overlay": "$overlay", "state_dir": "$state/$on", "sip_listen": "127.0.0.1:$sip",
+  "supernodes": ["127.0.0.1:7001", "127.0.0.1:7002"] }
+JSON
+done
+for f in loginserver bootstrap sn1 sn2 sn3 alice bob; do
+  case $f in sn*) bin=supernode ;; alice|bob) bin=ordinarynode ;; *) bin=$f ;; esac
+  note "$bin -n -c $f.json: $("$build/$bin/$bin" -n -c "$state/$f.json")"
+done
+note "a typo is caught before anything starts:"
+echo '{ "overlay": "x", "lsiten": "127.0.0.1:7000" }' > "$state/typo.json"
+note "  $("$build/supernode/supernode" -n -c "$state/typo.json" 2>&1 || true)"
+
+say "4. Starting the daemons (foreground, logs in the state directory)"
+start() { # name binary
+  local name=$1 bin=$2
+  "$build/$bin/$bin" -d -c "$state/$name.json" > "$state/$name.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 100); do
+    grep -q "started" "$state/$name.log" && break
+    kill -0 "${pids[-1]}" 2>/dev/null || { cat "$state/$name.log"; echo "$name failed to start"; exit 1; }
+    sleep 0.05
+  done
+  note "$name (pid ${pids[-1]}): $(grep -m1 -E 'listening|state in|announce|SIP' "$state/$name.log" | sed 's/^.*info  //')"
+}
+start loginserver loginserver
+start bootstrap bootstrap
+start sn1 supernode
+start sn2 supernode
+start sn3 supernode
+start alice ordinarynode
+start bob ordinarynode
+
+say "5. Mutual TLS 1.3 between super nodes, identities from the certificates"
+"$build/supernode/supernode" -c "$state/sn2.json" ping 127.0.0.1:7001 | sed 's/^/    sn2 -> sn1: /'
+"$build/supernode/supernode" -c "$state/sn3.json" ping 127.0.0.1:7002 | sed 's/^/    sn3 -> sn2: /'
+"$build/supernode/supernode" -c "$state/sn1.json" ping '[::1]:7001' 2>&1 | sed 's/^/    sn1 -> [::1]:7001 (nothing listens there): /' || true
+sleep 0.2
+note "what sn1 logged about its peer:"
+grep -m1 "peer sip:sn2" "$state/sn1.log" | sed 's/^.*info  /      /'
+
+say "6. A node whose certificate comes from another CA is refused, with a reason on both sides"
+"$build/supernode/supernode" -c "$state/mallory.json" ping 127.0.0.1:7001 2>&1 | sed 's/^/    mallory: /' || true
+sleep 0.2
+grep -m1 -iE "refused|certificate" "$state/sn1.log" | sed 's/^.*  tls: /    sn1: /;s/^.*warn  /    sn1: /'
+
+say "7. Stopping everything with SIGTERM"
+for p in "${pids[@]}"; do kill -TERM "$p"; done
+for p in "${pids[@]}"; do wait "$p" || { echo "a daemon exited with status $?"; exit 1; }; done
+for f in loginserver bootstrap sn1 sn2 sn3 alice bob; do
+  note "$f: $(grep -m1 'stopped' "$state/$f.log" | sed 's/^.*info  //')"
+done
+pids=()
+
+say "Done. Everything this demo started has exited."

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The whole test suite: installs missing dependencies, then builds and runs
+# every test through ctest twice, in a normal build and in an
+# AddressSanitizer+UndefinedBehaviorSanitizer build. Exits non-zero on any
+# failure.
+#   scripts/test.sh            both builds
+#   scripts/test.sh --normal   normal build only (faster, for development)
+#   scripts/test.sh --asan     sanitizer build only
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+
+flavours=(normal asan)
+case "${1:-}" in
+  "") ;;
+  --normal) flavours=(normal) ;;
+  --asan) flavours=(asan) ;;
+  -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "test.sh: unknown option '$1' (try --help)" >&2; exit 2 ;;
+esac
+
+"$top/scripts/deps.sh"
+
+status=0
+for f in "${flavours[@]}"; do
+  echo "== $f build =="
+  dir=$("$top/scripts/build.sh" "$f")
+  if [ "$f" = asan ]; then
+    export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:strict_string_checks=1
+    export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+  fi
+  if ! (cd "$dir" && ctest --output-on-failure --timeout 600 -j 2); then
+    status=1
+  fi
+done
+exit $status

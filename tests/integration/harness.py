@@ -1,0 +1,99 @@
+"""Shared helpers for integration scenarios: start real daemons, watch their
+logs, and make sure every process a test started is gone when it ends, even
+when the test fails."""
+
+import atexit
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+
+_started = []
+
+# P2P_TEST_WRAPPER (e.g. "valgrind --error-exitcode=99 ...") prefixes every
+# command a test runs, so the same scenarios check memory errors too.
+WRAPPER = os.environ.get("P2P_TEST_WRAPPER", "").split()
+
+
+def _reap_all():
+    for p in _started:
+        if p.poll() is None:
+            p.kill()
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+atexit.register(_reap_all)
+for _sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(_sig, lambda s, f: (_reap_all(), os._exit(128 + s)))
+
+
+class Daemon:
+    """A daemon started in the foreground (-d) whose stderr is collected."""
+
+    def __init__(self, argv, env=None):
+        self.argv = argv
+        self.proc = subprocess.Popen(WRAPPER + argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, env=env, text=True)
+        _started.append(self.proc)
+        self.lines = []
+        self._cv = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            with self._cv:
+                self.lines.append(line.rstrip("\n"))
+                self._cv.notify_all()
+        with self._cv:
+            self._cv.notify_all()
+
+    def wait_for(self, text, timeout=10.0):
+        """Waits until a log line contains `text`; returns that line."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while True:
+                for line in self.lines:
+                    if text in line:
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError("%s: no log line with %r within %.1fs; log:\n%s"
+                                         % (self.argv[0], text, timeout, self.log()))
+                self._cv.wait(min(left, 0.2))
+
+    def log(self):
+        with self._cv:
+            return "\n".join(self.lines)
+
+    def stop(self, sig=signal.SIGTERM, timeout=10.0):
+        """Sends `sig` and returns the exit status; fails if it does not end in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError("%s did not exit within %.1fs of signal %d"
+                                 % (self.argv[0], timeout, sig))
+        self._reader.join(timeout=5)
+        if rc == 99 and WRAPPER:
+            raise AssertionError("%s: memory errors reported under %s (see its --log-file)"
+                                 % (self.argv[0], WRAPPER[0]))
+        return rc
+
+
+def run(argv, timeout=30):
+    """Runs a command to completion: (status, stdout, stderr)."""
+    p = subprocess.run(WRAPPER + argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       timeout=timeout)
+    return p.returncode, p.stdout, p.stderr
+
+
+def tempdir(prefix="p2psip-test-"):
+    return tempfile.TemporaryDirectory(prefix=prefix)
