@@ -648,7 +648,7 @@ static void peer_error(struct conn *c, const struct msg *m)
 
 static void enter_open(struct conn *c)
 {
-    char roles[64], hex[NID_HEX_LEN + 1];
+    char who[512];
     conn_set_state(c, CONN_OPEN);
     c->opened = true;
     ev_timer_stop(c->loop, &c->timer);
@@ -656,10 +656,8 @@ static void enter_open(struct conn *c)
         c->last_rx = ev_now(c->loop);
         arm_timer(c, c->ctx->idle_ms / 1000.);
     }
-    log_info(COMPONENT, "%s: %s connection open to %s (node-id %s, roles %s)", c->addr,
-             c->outgoing ? "outgoing" : "incoming", c->peer.uri[0] ? c->peer.uri : c->peer.cn,
-             c->peer.has_node_id ? nid_to_hex(&c->peer.node_id, hex) : "none",
-             cred_roles_str(c->peer.roles, roles, sizeof(roles)));
+    log_info(COMPONENT, "%s: %s connection open to %s", c->addr,
+             c->outgoing ? "outgoing" : "incoming", cred_identity_str(&c->peer, who, sizeof(who)));
     if (c->cbs.on_open)
         c->cbs.on_open(c, c->ud);
 }

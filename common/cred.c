@@ -47,6 +47,19 @@ const char *cred_roles_str(unsigned roles, char *buf, size_t len)
     return buf;
 }
 
+const char *cred_identity_str(const struct peer_identity *id, char *buf, size_t len)
+{
+    char hex[NID_HEX_LEN + 1], roles[64];
+    const char *who = id->uri[0]   ? id->uri
+                      : id->dns[0] ? id->dns
+                      : id->cn[0]  ? id->cn
+                                   : "(unnamed)";
+    snprintf(buf, len, "%s (node-id %s, roles %s)", who,
+             id->has_node_id ? nid_to_hex(&id->node_id, hex) : "none",
+             cred_roles_str(id->roles, roles, sizeof(roles)));
+    return buf;
+}
+
 /* Files */
 
 static int read_file(const char *path, gnutls_datum_t *out)

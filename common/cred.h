@@ -53,6 +53,11 @@ struct peer_identity {
 
 /* Renders roles as "node,supernode" (or "none") into buf; returns buf. */
 const char *cred_roles_str(unsigned roles, char *buf, size_t len);
+/*
+ * Renders an identity for logs and people:
+ * "sip:alice@example.org (node-id 3f2a..., roles node,supernode)"; returns buf.
+ */
+const char *cred_identity_str(const struct peer_identity *id, char *buf, size_t len);
 
 /* Key pairs */
 int cred_keygen(gnutls_x509_privkey_t *key);                    /* Ed25519 */

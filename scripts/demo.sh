@@ -40,8 +40,12 @@ trap cleanup EXIT
 trap 'echo; echo "interrupted: stopping everything"; exit 130' INT TERM
 
 say "1. Dependencies and build"
-"$top/scripts/deps.sh"
-build=$("$top/scripts/build.sh" normal)
+if [ -n "${P2P_BUILD_DIR:-}" ]; then
+  build=$P2P_BUILD_DIR # the test suite runs the demo against the build it is testing
+else
+  "$top/scripts/deps.sh"
+  build=$("$top/scripts/build.sh" normal)
+fi
 for d in loginserver bootstrap supernode ordinarynode; do
   note "$("$build/$d/$d" --version)"
 done
@@ -77,13 +81,12 @@ certtool --generate-self-signed --load-privkey "$state/rogue-ca.key" \
 node_cert mallory 03 "$state/rogue-ca.key" "$state/rogue-ca.pem"
 
 say "3. Configuration files, each checked with --check-config"
-port=7001
 for sn in sn1 sn2 sn3; do
+  case $sn in sn1) listen=127.0.0.1:7001 ;; sn2) listen=127.0.0.1:7002 ;; sn3) listen='[::1]:7003' ;; esac
   cat > "$state/$sn.json" <<JSON
-{ "overlay": "$overlay", "listen": "127.0.0.1:$port", "state_dir": "$state/$sn",
+{ "overlay": "$overlay", "listen": "$listen", "state_dir": "$state/$sn",
   "ca_file": "$state/ca.pem", "cert_file": "$state/$sn.pem", "key_file": "$state/$sn.key" }
 JSON
-  port=$((port + 1))
 done
 cat > "$state/mallory.json" <<JSON
 { "overlay": "$overlay", "listen": "127.0.0.1:7099", "state_dir": "$state/mallory",
@@ -132,11 +135,11 @@ start bob ordinarynode
 
 say "5. Mutual TLS 1.3 between super nodes, identities from the certificates"
 "$build/supernode/supernode" -c "$state/sn2.json" ping 127.0.0.1:7001 | sed 's/^/    sn2 -> sn1: /'
-"$build/supernode/supernode" -c "$state/sn3.json" ping 127.0.0.1:7002 | sed 's/^/    sn3 -> sn2: /'
-"$build/supernode/supernode" -c "$state/sn1.json" ping '[::1]:7001' 2>&1 | sed 's/^/    sn1 -> [::1]:7001 (nothing listens there): /' || true
+"$build/supernode/supernode" -c "$state/sn2.json" ping '[::1]:7003' | sed 's/^/    sn2 -> sn3 (IPv6): /'
+"$build/supernode/supernode" -c "$state/sn1.json" ping 127.0.0.1:7009 2>&1 | sed 's/^/    sn1 -> 127.0.0.1:7009 (nothing listens there): /' || true
 sleep 0.2
 note "what sn1 logged about its peer:"
-grep -m1 "peer sip:sn2" "$state/sn1.log" | sed 's/^.*info  /      /'
+grep -m1 "connection open to sip:sn2" "$state/sn1.log" | sed 's/^.*info  /      /'
 
 say "6. A node whose certificate comes from another CA is refused, with a reason on both sides"
 "$build/supernode/supernode" -c "$state/mallory.json" ping 127.0.0.1:7001 2>&1 | sed 's/^/    mallory: /' || true

@@ -28,6 +28,20 @@ struct sn_config {
     long long max_frame;
 };
 
+/* The transport settings of this node, from its configuration. */
+static struct tls_config sn_tls_config(const struct sn_config *cfg)
+{
+    return (struct tls_config){
+        .ca_file = cfg->ca_file,
+        .cert_file = cfg->cert_file,
+        .key_file = cfg->key_file,
+        .overlay = cfg->overlay,
+        .handshake_timeout_ms = (unsigned)cfg->handshake_timeout_ms,
+        .idle_timeout_ms = (unsigned)cfg->idle_timeout_ms,
+        .max_frame = (size_t)cfg->max_frame,
+    };
+}
+
 static int sn_validate(const void *p, char *err, size_t len)
 {
     const struct sn_config *c = p;
@@ -98,19 +112,12 @@ struct sn_state {
     size_t n_links;
 };
 
+/* The transport has logged who the peer is; here only admission is decided. */
 static void on_open(struct conn *c, void *ud)
 {
     struct sn_state *st = ud;
-    const struct peer_identity *id = conn_peer(c);
-    char hex[NID_HEX_LEN + 1] = "-", roles[64];
-    if (id->has_node_id)
-        nid_to_hex(&id->node_id, hex);
-    log_info("link", "%s: peer %s node %s roles %s", conn_peer_addr(c), id->uri[0] ? id->uri : "-",
-             hex, cred_roles_str(id->roles, roles, sizeof(roles)));
-    if (st->n_links > (size_t)st->cfg->max_connections) {
+    if (st->n_links > (size_t)st->cfg->max_connections)
         conn_close_with_error(c, NULL, "overloaded", "too many connections");
-        return;
-    }
 }
 
 static void on_message(struct conn *c, const struct msg *m, void *ud)
@@ -194,15 +201,7 @@ static int sn_start(struct ev_loop *loop, const void *p, void **state)
         return 0;
     }
     char err[256];
-    struct tls_config tc = {
-        .ca_file = cfg->ca_file,
-        .cert_file = cfg->cert_file,
-        .key_file = cfg->key_file,
-        .overlay = cfg->overlay,
-        .handshake_timeout_ms = (unsigned)cfg->handshake_timeout_ms,
-        .idle_timeout_ms = (unsigned)cfg->idle_timeout_ms,
-        .max_frame = (size_t)cfg->max_frame,
-    };
+    struct tls_config tc = sn_tls_config(cfg);
     st->tls = tls_ctx_new(&tc, err, sizeof(err));
     if (!st->tls) {
         log_error("main", "%s", err);
@@ -262,12 +261,8 @@ struct ping_state {
 static void ping_open(struct conn *c, void *ud)
 {
     struct ping_state *ps = ud;
-    const struct peer_identity *id = conn_peer(c);
-    char hex[NID_HEX_LEN + 1] = "-", roles[64];
-    if (id->has_node_id)
-        nid_to_hex(&id->node_id, hex);
-    printf("connected to %s: %s, node %s, roles %s\n", ps->target,
-           id->uri[0] ? id->uri : "(no URI)", hex, cred_roles_str(id->roles, roles, sizeof(roles)));
+    char who[512];
+    printf("connected to %s: %s\n", ps->target, cred_identity_str(conn_peer(c), who, sizeof(who)));
     msg_new_tid(ps->tid);
     ps->sent_at = ev_time();
     if (conn_send(c, "ping", MSG_REQ, ps->tid, NULL) != 0) {
@@ -299,8 +294,9 @@ static void ping_close(struct conn *c, enum conn_close_reason r, const char *det
 {
     struct ping_state *ps = ud;
     if (r != CONN_CLOSED_LOCAL || ps->status < 0) {
-        fprintf(stderr, "supernode: ping %s: %s%s%s\n", ps->target, conn_close_reason_str(r),
-                detail && *detail ? ": " : "", detail ? detail : "");
+        /* The detail says it all when there is one ("peer refused our certificate: ..."). */
+        fprintf(stderr, "supernode: ping %s: %s\n", ps->target,
+                detail && *detail ? detail : conn_close_reason_str(r));
         ps->status = 1;
     }
     ps->done = true;
@@ -321,17 +317,10 @@ static int sn_ping(const struct cli_opts *o, const struct sn_config *cfg)
         cli_error(&sn_prog, "ping needs credentials: set ca_file, cert_file and key_file");
         return 2;
     }
-    if (!o->verbose) /* the answer is printed; the transport's info lines would be noise */
-        log_set_level(LL_WARN);
+    if (!o->verbose) /* the outcome is printed; the transport's own lines would repeat it */
+        log_set_level(LL_ERROR);
     char err[256];
-    struct tls_config tc = {
-        .ca_file = cfg->ca_file,
-        .cert_file = cfg->cert_file,
-        .key_file = cfg->key_file,
-        .overlay = cfg->overlay,
-        .handshake_timeout_ms = (unsigned)cfg->handshake_timeout_ms,
-        .max_frame = (size_t)cfg->max_frame,
-    };
+    struct tls_config tc = sn_tls_config(cfg);
     struct tls_ctx *tls = tls_ctx_new(&tc, err, sizeof(err));
     if (!tls) {
         fprintf(stderr, "supernode: %s\n", err);

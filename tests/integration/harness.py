@@ -2,13 +2,16 @@
 logs, and make sure every process a test started is gone when it ends, even
 when the test fails."""
 
+import argparse
 import atexit
 import os
 import signal
 import subprocess
 import tempfile
+import sys
 import threading
 import time
+import unittest
 
 _started = []
 
@@ -95,5 +98,40 @@ def run(argv, timeout=30):
     return p.returncode, p.stdout, p.stderr
 
 
+def wait_gone(pid, timeout):
+    """True once process `pid` no longer exists (it is not our child: poll)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def kill_from_pid_file(path):
+    """Stops a detached daemon we started, found by its pid file, whatever state the test is in."""
+    try:
+        with open(path) as f:
+            pid = int(f.read())
+    except (OSError, ValueError):
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def tempdir(prefix="p2psip-test-"):
     return tempfile.TemporaryDirectory(prefix=prefix)
+
+
+def main(module):
+    """Entry point of a scenario file: takes --bindir (the build directory),
+    stores it as the module's BINDIR, and runs the module's tests."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bindir", required=True)
+    args, rest = ap.parse_known_args()
+    module.BINDIR = os.path.abspath(args.bindir)
+    unittest.main(module=module, argv=[sys.argv[0]] + rest, verbosity=2)

@@ -3,7 +3,6 @@
 configuration (one line naming the problem, exit status 2), --check-config,
 running in the foreground and detached, and a clean stop on SIGINT/SIGTERM."""
 
-import argparse
 import json
 import os
 import signal
@@ -149,33 +148,21 @@ class Lifecycle(unittest.TestCase):
         with harness.tempdir() as tmp:
             pid_file = os.path.join(tmp, "ls.pid")
             log_file = os.path.join(tmp, "ls.log")
-            rc, out, err = harness.run([binary("loginserver"), "-o", "pid_file=" + pid_file,
-                                        "-o", "log_file=" + log_file, "-o",
-                                        "listen=127.0.0.1:0"])
-            self.assertEqual((rc, out, err), (0, "", ""))
-            with open(pid_file) as f:
-                pid = int(f.read())
             try:
-                os.kill(pid, 0)  # alive
+                rc, out, err = harness.run([binary("loginserver"), "-o", "pid_file=" + pid_file,
+                                            "-o", "log_file=" + log_file, "-o",
+                                            "listen=127.0.0.1:0"])
+                self.assertEqual((rc, out, err), (0, "", ""))
+                with open(pid_file) as f:
+                    pid = int(f.read())
+                os.kill(pid, 0)  # alive after the parent returned
                 os.kill(pid, signal.SIGTERM)
-                deadline = time.monotonic() + 5
-                while time.monotonic() < deadline:
-                    try:
-                        os.kill(pid, 0)
-                    except ProcessLookupError:
-                        break
-                    time.sleep(0.05)
-                else:
-                    self.fail("detached loginserver did not stop on SIGTERM")
+                self.assertTrue(harness.wait_gone(pid, 10), "detached loginserver did not stop")
+                self.assertFalse(os.path.exists(pid_file), "pid file left behind")
+                with open(log_file) as f:
+                    self.assertIn("loginserver stopped", f.read())
             finally:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            self.assertFalse(os.path.exists(pid_file), "pid file left behind")
-            with open(log_file) as f:
-                log = f.read()
-            self.assertIn("loginserver stopped", log)
+                harness.kill_from_pid_file(pid_file)
 
     def test_detached_start_failure_reported(self):
         # The parent must exit non-zero when the detached child cannot start.
@@ -189,8 +176,4 @@ class Lifecycle(unittest.TestCase):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--bindir", required=True)
-    args, rest = ap.parse_known_args()
-    BINDIR = os.path.abspath(args.bindir)
-    unittest.main(argv=[sys.argv[0]] + rest, verbosity=2)
+    harness.main(sys.modules[__name__])

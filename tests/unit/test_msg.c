@@ -36,7 +36,7 @@ static int decode_text(const char *json, struct msg_error *e)
 
 #define GOOD_HDR                                                                                   \
     "\"v\":1,\"overlay\":\"" OV "\",\"type\":\"ping\",\"kind\":\"req\",\"tid\":"                   \
-                                "\"0123456789abcdef\""
+    "\"0123456789abcdef\""
 
 static void test_round_trip(void **state)
 {
