@@ -159,8 +159,6 @@ static void on_close(struct conn *c, enum conn_close_reason r, const char *detai
         st->n_links--;
         free(l);
     }
-    log_info("link", "%s: closed (%s)%s%s", conn_peer_addr(c), conn_close_reason_str(r),
-             detail && *detail ? ": " : "", detail ? detail : "");
 }
 
 static void on_accept_open(struct conn *c, void *ud)
