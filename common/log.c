@@ -7,6 +7,7 @@
 #include "log.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,6 +16,8 @@
 #include <syslog.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "utf8.h"
 
 static struct {
     const char *ident;
@@ -97,6 +100,35 @@ bool log_enabled(enum log_level level)
     return level <= L.level;
 }
 
+/*
+ * Messages often quote what a peer sent. A control character could forge a
+ * log line (a newline) or a terminal sequence, and invalid UTF-8 breaks JSON
+ * output: each such byte is written as "\xNN" instead, so the line stays one
+ * line of valid text and still shows what arrived.
+ */
+static void sanitize(char *out, size_t cap, const char *in)
+{
+    static const char hex[] = "0123456789abcdef";
+    const uint8_t *s = (const uint8_t *)in;
+    size_t len = strlen(in), o = 0;
+    for (size_t i = 0; i < len && o + 1 < cap;) {
+        size_t n = utf8_sequence_len(s + i, len - i);
+        bool control = n == 1 && (s[i] < 0x20 || s[i] == 0x7f) && s[i] != '\t';
+        if (n == 0 || control) {
+            if (o + 5 > cap)
+                break;
+            out[o++] = '\\', out[o++] = 'x', out[o++] = hex[s[i] >> 4], out[o++] = hex[s[i] & 15];
+            i++;
+            continue;
+        }
+        if (o + n + 1 > cap)
+            break;
+        memcpy(out + o, s + i, n);
+        o += n, i += n;
+    }
+    out[o] = '\0';
+}
+
 static void timestamp(char *buf, size_t len)
 {
     struct timeval tv;
@@ -112,8 +144,9 @@ void log_vmsg(enum log_level level, const char *component, const char *fmt, va_l
     if (!log_enabled(level))
         return;
     int saved_errno = errno; /* callers often log before reading errno again */
-    char text[2048];
-    vsnprintf(text, sizeof(text), fmt, ap);
+    char raw[2048], text[2048];
+    vsnprintf(raw, sizeof(raw), fmt, ap);
+    sanitize(text, sizeof(text), raw);
     if (!component)
         component = "main";
 
@@ -131,7 +164,6 @@ void log_vmsg(enum log_level level, const char *component, const char *fmt, va_l
         json_t *o = json_pack("{s:s, s:s, s:i, s:s, s:s, s:s}", "ts", ts, "proc", L.ident, "pid",
                               (int)getpid(), "level", log_level_name(level), "comp", component,
                               "msg", text);
-        /* vsnprintf may have cut a multi-byte character: fall back to text then. */
         char *line = o ? json_dumps(o, JSON_COMPACT | JSON_ENSURE_ASCII) : NULL;
         if (line) {
             fprintf(out, "%s\n", line);

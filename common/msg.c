@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "utf8.h"
 #include "version.h"
 
 static const char *const kind_names[] = {"req", "res", "err", "ind"};
@@ -102,43 +103,6 @@ int msg_frame_peek(const uint8_t *buf, size_t len, size_t max_frame, size_t *fra
     return MSG_OK;
 }
 
-/*
- * Strict UTF-8 (RFC 3629): no overlong forms, no surrogates, nothing above
- * U+10FFFF. Returns the offset of the first bad byte, or len when all is well.
- */
-static size_t utf8_check(const uint8_t *s, size_t len)
-{
-    size_t i = 0;
-    while (i < len) {
-        uint8_t c = s[i];
-        size_t need;
-        uint32_t cp, min;
-        if (c < 0x80) {
-            i++;
-            continue;
-        } else if ((c & 0xe0) == 0xc0) {
-            need = 1, cp = c & 0x1f, min = 0x80;
-        } else if ((c & 0xf0) == 0xe0) {
-            need = 2, cp = c & 0x0f, min = 0x800;
-        } else if ((c & 0xf8) == 0xf0) {
-            need = 3, cp = c & 0x07, min = 0x10000;
-        } else {
-            return i;
-        }
-        if (len - i <= need)
-            return i;
-        for (size_t k = 1; k <= need; k++) {
-            if ((s[i + k] & 0xc0) != 0x80)
-                return i;
-            cp = cp << 6 | (s[i + k] & 0x3f);
-        }
-        if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-            return i;
-        i += need + 1;
-    }
-    return len;
-}
-
 static bool type_valid(const char *s)
 {
     size_t n = strlen(s);
@@ -208,7 +172,7 @@ int msg_decode_payload(const uint8_t *payload, size_t len, const char *expect_ov
     if (len == 0)
         return fail(err, MSG_E_EMPTY, "", "frame length is zero");
 
-    size_t bad = utf8_check(payload, len);
+    size_t bad = utf8_valid_prefix(payload, len);
     if (bad != len)
         return fail(err, MSG_E_UTF8, "", "invalid UTF-8 at byte %zu", bad);
 
