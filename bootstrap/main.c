@@ -47,8 +47,8 @@ static const struct cfg_schema bs_schema = {bs_fields, sizeof(bs_fields) / sizeo
                                             NULL};
 
 static const struct cli_command bs_commands[] = {
-    {"run", "run the bootstrap server"},
-    {NULL, NULL},
+    {"run", "run the bootstrap server", NULL},
+    {NULL, NULL, NULL},
 };
 
 static const struct cli_prog bs_prog = {

@@ -4,11 +4,14 @@
  */
 #include "cli.h"
 
+#include <errno.h>
 #include <getopt.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <termios.h>
+#include <unistd.h>
 
 #include "version.h"
 
@@ -39,8 +42,15 @@ void cli_error(const struct cli_prog *prog, const char *fmt, ...)
 static void print_help(const struct cli_prog *prog)
 {
     printf("Usage: %s [OPTIONS] [COMMAND]\n%s\n\nCommands:\n", prog->name, prog->summary);
-    for (const struct cli_command *c = prog->commands; c && c->name; c++)
+    for (const struct cli_command *c = prog->commands; c && c->name; c++) {
         printf("  %-14s %s%s\n", c->name, c->help, c == prog->commands ? " (default)" : "");
+        for (const struct cli_option *co = c->options; co && co->name; co++) {
+            char spec[64];
+            snprintf(spec, sizeof(spec), "--%s%s%s", co->name, co->arg ? " " : "",
+                     co->arg ? co->arg : "");
+            printf("      %-22s %s\n", spec, co->help);
+        }
+    }
     printf("\nOptions:\n"
            "  -c, --config FILE    read settings from FILE (JSON); default: built-in defaults\n"
            "  -o, --set KEY=VALUE  override one setting after the file (repeatable)\n"
@@ -70,13 +80,68 @@ static const char *typed_opt(char **argv, int optind_now)
     return s ? s : "?";
 }
 
+const char *cli_opt(const struct cli_opts *o, const char *name)
+{
+    for (size_t i = 0; i < o->n_opts; i++)
+        if (strcmp(o->opt_names[i], name) == 0)
+            return o->opt_values[i];
+    return NULL;
+}
+
+/*
+ * The command word: the first operand, skipping the values of global options
+ * that take one. Needed before parsing, because the command's own options
+ * join the table getopt works from.
+ */
+static const struct cli_command *find_command(const struct cli_prog *prog, int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--") == 0)
+            a = i + 1 < argc ? argv[i + 1] : NULL;
+        else if (a[0] == '-') {
+            if (!strcmp(a, "-c") || !strcmp(a, "-o") || !strcmp(a, "--config") ||
+                !strcmp(a, "--set"))
+                i++;
+            continue;
+        }
+        for (const struct cli_command *c = prog->commands; a && c && c->name; c++)
+            if (strcmp(c->name, a) == 0)
+                return c;
+        return NULL;
+    }
+    return NULL;
+}
+
 enum cli_result cli_parse(const struct cli_prog *prog, int argc, char **argv, struct cli_opts *o)
 {
     memset(o, 0, sizeof(*o));
     opterr = 0; /* we print our own messages */
     optind = 1;
+
+    /* Global options, then the command's own (getopt values 512 + index). */
+    enum { N_GLOBAL = sizeof(long_opts) / sizeof(long_opts[0]) - 1 };
+    struct option table[N_GLOBAL + CLI_MAX_CMD_OPTIONS + 1];
+    memcpy(table, long_opts, sizeof(struct option) * N_GLOBAL);
+    size_t n = N_GLOBAL;
+    const struct cli_command *cmd = find_command(prog, argc, argv);
+    for (const struct cli_option *co = cmd ? cmd->options : NULL;
+         co && co->name && n < N_GLOBAL + CLI_MAX_CMD_OPTIONS; co++, n++)
+        table[n] = (struct option){co->name, co->arg ? required_argument : no_argument, NULL,
+                                   512 + (int)(co - cmd->options)};
+    table[n] = (struct option){NULL, 0, NULL, 0};
+
     int c;
-    while ((c = getopt_long(argc, argv, ":hVc:vndo:", long_opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":hVc:vndo:", table, NULL)) != -1) {
+        if (c >= 512 && cmd) {
+            if (o->n_opts == CLI_MAX_CMD_OPTIONS) {
+                cli_error(prog, "too many command options");
+                return CLI_EXIT_USAGE;
+            }
+            o->opt_names[o->n_opts] = cmd->options[c - 512].name;
+            o->opt_values[o->n_opts++] = optarg ? optarg : "";
+            continue;
+        }
         switch (c) {
         case 'h':
             print_help(prog);
@@ -140,9 +205,9 @@ enum cli_result cli_parse(const struct cli_prog *prog, int argc, char **argv, st
     if (optind < argc) {
         const char *want = argv[optind];
         const struct cli_command *found = NULL;
-        for (const struct cli_command *cmd = prog->commands; cmd && cmd->name; cmd++)
-            if (strcmp(cmd->name, want) == 0)
-                found = cmd;
+        for (const struct cli_command *k = prog->commands; k && k->name; k++)
+            if (strcmp(k->name, want) == 0)
+                found = k;
         if (!found) {
             cli_error(prog, "unknown command '%s' (try --help)", want);
             return CLI_EXIT_USAGE;
@@ -153,4 +218,66 @@ enum cli_result cli_parse(const struct cli_prog *prog, int argc, char **argv, st
     o->argc = argc - optind;
     o->argv = argv + optind;
     return CLI_CONTINUE;
+}
+
+/* Reads one line into buf without its line end; false at end of input. */
+static bool read_line(FILE *f, char *buf, size_t len)
+{
+    if (!fgets(buf, (int)len, f))
+        return false;
+    buf[strcspn(buf, "\r\n")] = '\0';
+    return true;
+}
+
+static bool prompt_line(const char *prompt, char *buf, size_t len)
+{
+    struct termios old, quiet;
+    fputs(prompt, stderr);
+    bool echo_off = tcgetattr(STDIN_FILENO, &old) == 0;
+    if (echo_off) {
+        quiet = old;
+        quiet.c_lflag &= ~(tcflag_t)ECHO;
+        tcsetattr(STDIN_FILENO, TCSANOW, &quiet);
+    }
+    bool ok = read_line(stdin, buf, len);
+    if (echo_off)
+        tcsetattr(STDIN_FILENO, TCSANOW, &old);
+    fputc('\n', stderr);
+    return ok;
+}
+
+int cli_read_secret(const char *file, bool confirm, char *buf, size_t len, char *err, size_t errlen)
+{
+    if (file) {
+        FILE *f = fopen(file, "re");
+        if (!f) {
+            snprintf(err, errlen, "cannot read %s: %s", file, strerror(errno));
+            return -1;
+        }
+        bool ok = read_line(f, buf, len);
+        fclose(f);
+        if (!ok)
+            snprintf(err, errlen, "%s is empty", file);
+        return ok ? 0 : -1;
+    }
+    if (!isatty(STDIN_FILENO)) {
+        if (read_line(stdin, buf, len))
+            return 0;
+        snprintf(err, errlen, "no password on standard input");
+        return -1;
+    }
+    if (!prompt_line("Password: ", buf, len)) {
+        snprintf(err, errlen, "no password given");
+        return -1;
+    }
+    if (confirm) {
+        char again[1024];
+        bool same = prompt_line("Again: ", again, sizeof(again)) && strcmp(again, buf) == 0;
+        explicit_bzero(again, sizeof(again));
+        if (!same) {
+            snprintf(err, errlen, "the passwords differ");
+            return -1;
+        }
+    }
+    return 0;
 }

@@ -8,6 +8,7 @@
  */
 #include "cred.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <gnutls/crypto.h>
@@ -463,6 +464,20 @@ int cred_issue(gnutls_pubkey_t subject, gnutls_x509_privkey_t ca_key, gnutls_x50
         (r = gnutls_x509_crt_set_subject_alt_name(
              crt, GNUTLS_SAN_DNSNAME, p->dns, (unsigned)strlen(p->dns), GNUTLS_FSAN_APPEND)) < 0)
         goto fail;
+    for (const char *const *h = p->hosts; h && *h; h++) {
+        unsigned char ip[16];
+        if (inet_pton(AF_INET, *h, ip) == 1)
+            r = gnutls_x509_crt_set_subject_alt_name(crt, GNUTLS_SAN_IPADDRESS, ip, 4,
+                                                     GNUTLS_FSAN_APPEND);
+        else if (inet_pton(AF_INET6, *h, ip) == 1)
+            r = gnutls_x509_crt_set_subject_alt_name(crt, GNUTLS_SAN_IPADDRESS, ip, 16,
+                                                     GNUTLS_FSAN_APPEND);
+        else
+            r = gnutls_x509_crt_set_subject_alt_name(crt, GNUTLS_SAN_DNSNAME, *h,
+                                                     (unsigned)strlen(*h), GNUTLS_FSAN_APPEND);
+        if (r < 0)
+            goto fail;
+    }
     if (p->node_id && (r = set_octet_ext(crt, P2P_OID_NODE_ID, p->node_id->b, NID_LEN)) < 0)
         goto fail;
     if (p->roles) {

@@ -81,9 +81,12 @@ int cred_verify(gnutls_x509_crt_t crt, const void *data, size_t len, const gnutl
 
 /* What a CA puts into a certificate it issues: only these, nothing else. */
 struct cred_issue_params {
-    const char *cn;       /* subject common name, required */
-    const char *uri;      /* URI subjectAltName, or NULL */
-    const char *dns;      /* DNS subjectAltName, or NULL */
+    const char *cn;  /* subject common name, required */
+    const char *uri; /* URI subjectAltName, or NULL */
+    const char *dns; /* DNS subjectAltName, or NULL */
+    /* More subjectAltNames, NULL-terminated: IP addresses become iPAddress
+     * entries, anything else a dNSName. NULL for none. */
+    const char *const *hosts;
     const nid_t *node_id; /* Node-ID extension, or NULL */
     unsigned roles;       /* roles extension; omitted when 0 */
     bool server_auth;     /* EKU id-kp-serverAuth */

@@ -211,6 +211,9 @@ int daemon_main(const struct daemon_spec *spec, int argc, char **argv)
         goto out_loop;
     }
     if (spec->start(loop, cfg, &rt.state) != 0) {
+        /* start may have built part of its state before failing: cleanup takes it apart. */
+        if (spec->cleanup)
+            spec->cleanup(rt.state);
         notify_parent(notify_fd, 1);
         status = 1;
         goto out_pid;

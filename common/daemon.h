@@ -79,7 +79,8 @@ struct daemon_spec {
      * watchers; the loop ends when none is left, or after shutdown_timeout_ms.
      */
     void (*stop)(struct ev_loop *loop, void *state);
-    /* Frees everything after the loop has ended. */
+    /* Frees everything after the loop has ended, or after start failed (whatever start
+     * had set in *state: it must cope with a partly built state). */
     void (*cleanup)(void *state);
 };
 

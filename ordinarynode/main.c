@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "daemon.h"
+#include "enroll.h"
 #include "log.h"
 
 struct on_config {
@@ -65,8 +66,10 @@ static const struct cfg_schema on_schema = {on_fields, sizeof(on_fields) / sizeo
                                             on_validate};
 
 static const struct cli_command on_commands[] = {
-    {"run", "run the ordinary node"},
-    {NULL, NULL},
+    {"run", "run the ordinary node", NULL},
+    {"enroll", "get this node's certificate from the login server (once)", enroll_options},
+    {"renew", "renew this node's certificate (same Node-ID, new key)", renew_options},
+    {NULL, NULL, NULL},
 };
 
 static const struct cli_prog on_prog = {
@@ -86,10 +89,21 @@ static int on_start(struct ev_loop *loop, const void *p, void **state)
     return 0;
 }
 
+static int on_command(const struct cli_opts *o, void *p)
+{
+    const struct on_config *cfg = p;
+    if (strcmp(o->command, "enroll") == 0)
+        return enroll_command(&on_prog, o, cfg->state_dir);
+    if (strcmp(o->command, "renew") == 0)
+        return renew_command(&on_prog, o, cfg->state_dir);
+    return 2;
+}
+
 static const struct daemon_spec on_spec = {
     .prog = &on_prog,
     .schema = &on_schema,
     .cfg_size = sizeof(struct on_config),
+    .command = on_command,
     .start = on_start,
 };
 

@@ -54,50 +54,32 @@ state=$(mktemp -d /tmp/p2psip-demo-XXXXXX)
 overlay=demo.p2psip
 note "state directory: $state"
 
-say "2. A throw-away overlay CA and node certificates"
-note "(made with certtool for now; 'loginserver init' and enrollment take this over)"
-ca_tmpl="$state/ca.tmpl"
-printf 'cn = "p2psip demo CA"\nca\ncert_signing_key\nexpiration_days = 2\n' > "$ca_tmpl"
-certtool --generate-privkey --key-type ed25519 --outfile "$state/ca.key" 2>/dev/null
-certtool --generate-self-signed --load-privkey "$state/ca.key" --template "$ca_tmpl" \
-  --outfile "$state/ca.pem" >/dev/null 2>&1
-oid=1.3.6.1.4.1.32473.2026
-node_cert() { # name roles-byte ca-key ca-cert
-  local name=$1 roles=$2 cakey=$3 cacert=$4 nid
-  nid=$(head -c 20 /dev/urandom | od -An -tx1 | tr -d ' \n')
-  printf 'cn = "%s"\nuri = "sip:%s@%s"\ntls_www_server\ntls_www_client\nsigning_key\nexpiration_days = 2\nadd_extension = "%s.1 0x0414%s"\nadd_extension = "%s.2 0x0401%s"\n' \
-    "$name" "$name" "$overlay" "$oid" "$nid" "$oid" "$roles" > "$state/$name.tmpl"
-  certtool --generate-privkey --key-type ed25519 --outfile "$state/$name.key" 2>/dev/null
-  certtool --generate-certificate --load-privkey "$state/$name.key" --load-ca-privkey "$cakey" \
-    --load-ca-certificate "$cacert" --template "$state/$name.tmpl" --outfile "$state/$name.pem" >/dev/null 2>&1
-  note "$name: sip:$name@$overlay, Node-ID $nid"
-}
-for sn in sn1 sn2 sn3; do node_cert "$sn" 03 "$state/ca.key" "$state/ca.pem"; done
-# A second, unrelated CA: its certificates must be refused by the overlay.
-printf 'cn = "rogue CA"\nca\ncert_signing_key\nexpiration_days = 2\n' > "$state/rogue-ca.tmpl"
-certtool --generate-privkey --key-type ed25519 --outfile "$state/rogue-ca.key" 2>/dev/null
-certtool --generate-self-signed --load-privkey "$state/rogue-ca.key" \
-  --template "$state/rogue-ca.tmpl" --outfile "$state/rogue-ca.pem" >/dev/null 2>&1
-node_cert mallory 03 "$state/rogue-ca.key" "$state/rogue-ca.pem"
+say "2. The login server: a new overlay CA, accounts, and the signed configuration document"
+cat > "$state/loginserver.json" <<JSON
+{ "overlay": "$overlay", "listen": "127.0.0.1:8440", "state_dir": "$state/loginserver",
+  "bootstrap_urls": ["https://127.0.0.1:8443"] }
+JSON
+ls_cmd() { "$build/loginserver/loginserver" -c "$state/loginserver.json" "$@"; }
+init_out=$(ls_cmd init)
+pin=$(printf '%s\n' "$init_out" | sed -n 's/^CA pin: //p')
+note "loginserver init: CA pin $pin"
+for u in sn1 sn2 sn3 alice bob; do
+  echo "$u-demo-password" | ls_cmd user add "$u" >/dev/null
+done
+note "accounts: $(ls_cmd user list | awk '{print $1}' | tr '\n' ' ')"
+"$build/loginserver/loginserver" -d -c "$state/loginserver.json" > "$state/loginserver.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do grep -q "started" "$state/loginserver.log" && break; sleep 0.05; done
+note "loginserver (pid ${pids[-1]}): $(grep -m1 'serving on' "$state/loginserver.log" | sed 's/^.*info  //')"
 
-say "3. Configuration files, each checked with --check-config"
+say "3. Every node enrolls: document checked against the pin, key made locally, certificate issued"
 for sn in sn1 sn2 sn3; do
   case $sn in sn1) listen=127.0.0.1:7001 ;; sn2) listen=127.0.0.1:7002 ;; sn3) listen='[::1]:7003' ;; esac
   cat > "$state/$sn.json" <<JSON
 { "overlay": "$overlay", "listen": "$listen", "state_dir": "$state/$sn",
-  "ca_file": "$state/ca.pem", "cert_file": "$state/$sn.pem", "key_file": "$state/$sn.key" }
+  "ca_file": "$state/$sn/ca.pem", "cert_file": "$state/$sn/cert.pem", "key_file": "$state/$sn/key.pem" }
 JSON
 done
-cat > "$state/mallory.json" <<JSON
-{ "overlay": "$overlay", "listen": "127.0.0.1:7099", "state_dir": "$state/mallory",
-  "ca_file": "$state/ca.pem", "cert_file": "$state/mallory.pem", "key_file": "$state/mallory.key" }
-JSON
-cat > "$state/loginserver.json" <<JSON
-{ "overlay": "$overlay", "listen": "127.0.0.1:8440", "state_dir": "$state/loginserver" }
-JSON
-cat > "$state/bootstrap.json" <<JSON
-{ "overlay": "$overlay", "listen": "127.0.0.1:8443", "state_dir": "$state/bootstrap" }
-JSON
 for on in alice bob; do
   sip=$([ $on = alice ] && echo 5061 || echo 5062)
   cat > "$state/$on.json" <<JSON
@@ -105,15 +87,44 @@ for on in alice bob; do
   "supernodes": ["127.0.0.1:7001", "127.0.0.1:7002"] }
 JSON
 done
-for f in loginserver bootstrap sn1 sn2 sn3 alice bob; do
-  case $f in sn*) bin=supernode ;; alice|bob) bin=ordinarynode ;; *) bin=$f ;; esac
-  note "$bin -n -c $f.json: $("$build/$bin/$bin" -n -c "$state/$f.json")"
+for n in sn1 sn2 sn3 alice bob; do
+  case $n in sn*) bin=supernode ;; *) bin=ordinarynode ;; esac
+  echo "$n-demo-password" | "$build/$bin/$bin" -c "$state/$n.json" enroll \
+    --login https://127.0.0.1:8440 --pin "$pin" --user "$n" | head -1 | sed "s/^/    $n: /"
 done
-note "a typo is caught before anything starts:"
+note "alice's state directory: $(ls "$state/alice" | tr '\n' ' ')($(stat -c %a "$state/alice/key.pem") on the key)"
+note "a wrong password:"
+echo "not-her-password" | "$build/ordinarynode/ordinarynode" -c "$state/alice.json" enroll \
+  --login https://127.0.0.1:8440 --pin "$pin" --user alice 2>&1 | sed 's/^/      /' || true
+note "a wrong pin (someone else's login server):"
+echo "alice-demo-password" | "$build/ordinarynode/ordinarynode" -o "state_dir=$state/nobody" enroll \
+  --login https://127.0.0.1:8440 --pin "sha256:$(printf '0%.0s' $(seq 64))" --user alice 2>&1 | sed 's/^/      /' || true
+note "renewal (new key, same Node-ID):"
+"$build/ordinarynode/ordinarynode" -c "$state/alice.json" renew | head -1 | sed 's/^/      /'
+
+# A second, unrelated CA: its certificates must be refused by the overlay.
+printf 'cn = "rogue CA"\nca\ncert_signing_key\nexpiration_days = 2\n' > "$state/rogue-ca.tmpl"
+certtool --generate-privkey --key-type ed25519 --outfile "$state/rogue-ca.key" 2>/dev/null
+certtool --generate-self-signed --load-privkey "$state/rogue-ca.key" \
+  --template "$state/rogue-ca.tmpl" --outfile "$state/rogue-ca.pem" >/dev/null 2>&1
+oid=1.3.6.1.4.1.32473.2026
+printf 'cn = "mallory"\nuri = "sip:mallory@%s"\ntls_www_server\ntls_www_client\nsigning_key\nexpiration_days = 2\nadd_extension = "%s.1 0x0414%s"\nadd_extension = "%s.2 0x040103"\n' \
+  "$overlay" "$oid" "$(head -c 20 /dev/urandom | od -An -tx1 | tr -d ' \n')" "$oid" > "$state/mallory.tmpl"
+certtool --generate-privkey --key-type ed25519 --outfile "$state/mallory.key" 2>/dev/null
+certtool --generate-certificate --load-privkey "$state/mallory.key" --load-ca-privkey "$state/rogue-ca.key" \
+  --load-ca-certificate "$state/rogue-ca.pem" --template "$state/mallory.tmpl" --outfile "$state/mallory.pem" >/dev/null 2>&1
+cat > "$state/mallory.json" <<JSON
+{ "overlay": "$overlay", "listen": "127.0.0.1:7099", "state_dir": "$state/mallory",
+  "ca_file": "$state/loginserver/ca.pem", "cert_file": "$state/mallory.pem", "key_file": "$state/mallory.key" }
+JSON
+cat > "$state/bootstrap.json" <<JSON
+{ "overlay": "$overlay", "listen": "127.0.0.1:8443", "state_dir": "$state/bootstrap" }
+JSON
+note "a typo in a configuration is caught before anything starts:"
 echo '{ "overlay": "x", "lsiten": "127.0.0.1:7000" }' > "$state/typo.json"
 note "  $("$build/supernode/supernode" -n -c "$state/typo.json" 2>&1 || true)"
 
-say "4. Starting the daemons (foreground, logs in the state directory)"
+say "4. Starting the other daemons (foreground, logs in the state directory)"
 start() { # name binary
   local name=$1 bin=$2
   "$build/$bin/$bin" -d -c "$state/$name.json" > "$state/$name.log" 2>&1 &
@@ -125,7 +136,6 @@ start() { # name binary
   done
   note "$name (pid ${pids[-1]}): $(grep -m1 -E 'listening|state in|announce|SIP' "$state/$name.log" | sed 's/^.*info  //')"
 }
-start loginserver loginserver
 start bootstrap bootstrap
 start sn1 supernode
 start sn2 supernode

@@ -12,6 +12,7 @@
 
 #include "conn.h"
 #include "daemon.h"
+#include "enroll.h"
 #include "log.h"
 
 struct sn_config {
@@ -83,10 +84,14 @@ static const struct cfg_schema sn_schema = {sn_fields, sizeof(sn_fields) / sizeo
                                             sn_validate};
 
 static const struct cli_command sn_commands[] = {
-    {"run", "run the super node"},
-    {"ping", "ping ADDR: connect to the node at host:port with this node's credentials, "
-             "print its verified identity and the round-trip time"},
-    {NULL, NULL},
+    {"run", "run the super node", NULL},
+    {"enroll", "get this node's certificate from the login server (once)", enroll_options},
+    {"renew", "renew this node's certificate (same Node-ID, new key)", renew_options},
+    {"ping",
+     "ping ADDR: connect to the node at host:port with this node's credentials, "
+     "print its verified identity and the round-trip time",
+     NULL},
+    {NULL, NULL, NULL},
 };
 
 static const struct cli_prog sn_prog = {
@@ -352,8 +357,13 @@ static int sn_ping(const struct cli_opts *o, const struct sn_config *cfg)
 
 static int sn_command(const struct cli_opts *o, void *cfg)
 {
+    const struct sn_config *c = cfg;
     if (strcmp(o->command, "ping") == 0)
         return sn_ping(o, cfg);
+    if (strcmp(o->command, "enroll") == 0)
+        return enroll_command(&sn_prog, o, c->state_dir);
+    if (strcmp(o->command, "renew") == 0)
+        return renew_command(&sn_prog, o, c->state_dir);
     return 2;
 }
 

@@ -74,6 +74,17 @@ class Daemon:
         with self._cv:
             return "\n".join(self.lines)
 
+    def wait_exit(self, timeout=10.0):
+        """Waits for the daemon to end by itself and returns its exit status."""
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError("%s did not exit by itself within %.1fs; log:\n%s"
+                                 % (self.argv[0], timeout, self.log()))
+        self._reader.join(timeout=5)
+        return rc
+
     def stop(self, sig=signal.SIGTERM, timeout=10.0):
         """Sends `sig` and returns the exit status; fails if it does not end in time."""
         if self.proc.poll() is None:

@@ -119,12 +119,30 @@ class CommandLine(unittest.TestCase):
 
 
 class Lifecycle(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        # The login server serves an initialised state directory only.
+        cls.tmp = harness.tempdir()
+        cls.ls_state = os.path.join(cls.tmp.name, "ls")
+        rc, out, err = harness.run([binary("loginserver"), "-o", "state_dir=" + cls.ls_state,
+                                    "-o", "listen=127.0.0.1:0", "init"])
+        assert rc == 0, err
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def argv(self, d):
+        if d == "loginserver":
+            return [binary(d), "-d", "-o", "listen=127.0.0.1:0", "-o", "state_dir=" + self.ls_state]
+        if d in ("supernode", "bootstrap"):
+            return [binary(d), "-d", "-o", "listen=127.0.0.1:0"]
+        return [binary(d), "-d"]
+
     def test_foreground_stop_on_signals(self):
         for d in DAEMONS:
             for sig in (signal.SIGTERM, signal.SIGINT):
-                dm = harness.Daemon([binary(d), "-d", "-o", "listen=127.0.0.1:0"]
-                                    if d in ("supernode", "bootstrap", "loginserver")
-                                    else [binary(d), "-d"])
+                dm = harness.Daemon(self.argv(d))
                 dm.wait_for("started")
                 t0 = time.monotonic()
                 rc = dm.stop(sig)
@@ -151,7 +169,8 @@ class Lifecycle(unittest.TestCase):
             try:
                 rc, out, err = harness.run([binary("loginserver"), "-o", "pid_file=" + pid_file,
                                             "-o", "log_file=" + log_file, "-o",
-                                            "listen=127.0.0.1:0"])
+                                            "listen=127.0.0.1:0", "-o",
+                                            "state_dir=" + self.ls_state])
                 self.assertEqual((rc, out, err), (0, "", ""))
                 with open(pid_file) as f:
                     pid = int(f.read())
@@ -163,6 +182,13 @@ class Lifecycle(unittest.TestCase):
                     self.assertIn("loginserver stopped", f.read())
             finally:
                 harness.kill_from_pid_file(pid_file)
+
+    def test_uninitialised_loginserver_refuses_to_start(self):
+        with harness.tempdir() as tmp:
+            dm = harness.Daemon([binary("loginserver"), "-d", "-o",
+                                 "state_dir=" + os.path.join(tmp, "none")])
+            self.assertEqual(dm.wait_exit(), 1)
+            self.assertIn("run 'loginserver init' first", dm.log())
 
     def test_detached_start_failure_reported(self):
         # The parent must exit non-zero when the detached child cannot start.

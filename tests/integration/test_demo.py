@@ -81,6 +81,13 @@ class Demo(unittest.TestCase):
         self.assertRegex(out, r"sn2 -> sn1: reply from 127\.0\.0\.1:7001: node [0-9a-f]{40}")
         self.assertRegex(out, r"sn2 -> sn3 \(IPv6\): reply from \[::1\]:7003")
         self.assertIn("unknown key \"lsiten\" (did you mean \"listen\"?)", out)
+        self.assertRegex(out, r"CA pin sha256:[0-9a-f]{64}")
+        for n in ("sn1", "sn2", "sn3", "alice", "bob"):
+            self.assertRegex(out, n + r": enrolled: sip:" + n + r"@demo\.p2psip \(node-id [0-9a-f]{40}")
+        self.assertIn("401 unauthorized: unknown user or wrong password", out)
+        self.assertIn("does not match the pin", out)
+        alice_id = re.search(r"alice: enrolled: \S+ \(node-id ([0-9a-f]{40})", out).group(1)
+        self.assertIn("renewed: sip:alice@demo.p2psip (node-id %s" % alice_id, out)
         self.assertIn("peer refused our certificate", out)
         self.assertIn("peer sent no certificate acceptable for the overlay CA", out)
         self.assertEqual(out.count("stopped"), 7, out)

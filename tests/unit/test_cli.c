@@ -8,7 +8,17 @@
 
 #include "cli.h"
 
-static const struct cli_command cmds[] = {{"run", "run it"}, {"init", "set up"}, {NULL, NULL}};
+static const struct cli_option issue_opts[] = {
+    {"service", "NAME", "the service"},
+    {"force", NULL, "a flag"},
+    {NULL, NULL, NULL},
+};
+static const struct cli_command cmds[] = {
+    {"run", "run it", NULL},
+    {"init", "set up", NULL},
+    {"issue", "issue one", issue_opts},
+    {NULL, NULL, NULL},
+};
 static const struct cli_prog prog = {.name = "testd", .summary = "a test daemon", .commands = cmds};
 
 /*
@@ -89,13 +99,30 @@ static void test_usage_errors(void **state)
     assert_int_equal(PARSE(&o, "--help=yes"), CLI_EXIT_USAGE);
 }
 
+static void test_command_options(void **state)
+{
+    struct cli_opts o;
+    /* Command options may come before or after the command, mixed with global ones. */
+    assert_int_equal(PARSE(&o, "-c", "x.json", "issue", "--service", "bs1", "-v", "--force"),
+                     CLI_CONTINUE);
+    assert_string_equal(o.command, "issue");
+    assert_string_equal(cli_opt(&o, "service"), "bs1");
+    assert_string_equal(cli_opt(&o, "force"), "");
+    assert_null(cli_opt(&o, "out"));
+    assert_int_equal(o.verbose, 1);
+    assert_int_equal(PARSE(&o, "--service=bs2", "issue"), CLI_CONTINUE);
+    assert_string_equal(cli_opt(&o, "service"), "bs2");
+    /* Another command's options are unknown. */
+    assert_int_equal(PARSE(&o, "init", "--service", "x"), CLI_EXIT_USAGE);
+    assert_int_equal(PARSE(&o, "issue", "--service"), CLI_EXIT_USAGE);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_defaults),
-        cmocka_unit_test(test_all_flags),
-        cmocka_unit_test(test_help_version),
-        cmocka_unit_test(test_usage_errors),
+        cmocka_unit_test(test_defaults),        cmocka_unit_test(test_all_flags),
+        cmocka_unit_test(test_help_version),    cmocka_unit_test(test_usage_errors),
+        cmocka_unit_test(test_command_options),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -822,7 +822,9 @@ static void on_keepalive(struct ev_loop *loop, ev_timer *w, int revents)
 static void start_keepalive(struct side *s)
 {
     keepalive_left = 6;
-    ev_timer_init(&keepalive, on_keepalive, 0.1, 0.1);
+    /* Intervals well inside the idle limit, so that a loaded machine (valgrind, parallel
+     * tests) cannot stretch a gap past it. */
+    ev_timer_init(&keepalive, on_keepalive, 0.25, 0.25);
     keepalive.data = s;
     ev_timer_start(s->env->loop, &keepalive);
 }
@@ -832,9 +834,9 @@ static void test_idle_timeout(void **state)
     struct fixture *fx = *state;
     struct env e;
     env_init(&e, fx);
-    e.sctx = make_ctx(fx->ca.ca_file, &fx->srv, 0, 300, 0);
+    e.sctx = make_ctx(fx->ca.ca_file, &fx->srv, 0, 1000, 0);
     e.cctx = make_ctx(fx->ca.ca_file, &fx->cli, 0, 0, 0);
-    e.cli.open_hook = start_keepalive; /* traffic for ~0.5 s keeps the server from closing */
+    e.cli.open_hook = start_keepalive; /* traffic for ~1.25 s keeps the server from closing */
     env_start(&e, "127.0.0.1");
     run_until(&e, both_closed, SAFETY);
     ev_timer_stop(e.loop, &keepalive);
@@ -843,8 +845,9 @@ static void test_idle_timeout(void **state)
     assert_int_equal(e.srv.reason, CONN_ERR_IDLE);
     assert_int_equal(e.cli.reason, CONN_CLOSED_REMOTE);
     assert_int_equal(e.srv.msgs, 5);
-    assert_true(e.srv.close_at - e.srv.open_at >= 0.75);
-    assert_true(e.srv.close_at - e.srv.open_at < 3.0);
+    /* Five keepalives (1.25 s) and then a full idle period (1 s) before the close. */
+    assert_true(e.srv.close_at - e.srv.open_at >= 2.2);
+    assert_true(e.srv.close_at - e.srv.open_at < 6.0);
     env_free(&e);
 }
 

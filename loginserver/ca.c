@@ -1,0 +1,361 @@
+/*
+ * The login server's CA and state directory (see ca.h).
+ */
+#include "ca.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "fsutil.h"
+#include "log.h"
+#include "overlay_doc.h"
+
+#define CA_VALIDITY_DAYS     3650
+#define SERVER_VALIDITY_DAYS 825
+#define MAX_PEM              (64 * 1024)
+
+static int errf(char *err, size_t len, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int errf(char *err, size_t len, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, len, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+static int pubkey_of(gnutls_x509_privkey_t key, gnutls_pubkey_t *pub)
+{
+    gnutls_privkey_t pk = NULL;
+    int r;
+    if ((r = gnutls_pubkey_init(pub)) < 0)
+        return r;
+    if ((r = gnutls_privkey_init(&pk)) < 0 || (r = gnutls_privkey_import_x509(pk, key, 0)) < 0 ||
+        (r = gnutls_pubkey_import_privkey(*pub, pk, 0, 0)) < 0) {
+        gnutls_pubkey_deinit(*pub);
+        *pub = NULL;
+    }
+    gnutls_privkey_deinit(pk);
+    return r;
+}
+
+static void random_serial_hex(gnutls_x509_crt_t crt, char out[41])
+{
+    unsigned char serial[20];
+    size_t n = sizeof(serial);
+    out[0] = '\0';
+    if (gnutls_x509_crt_get_serial(crt, serial, &n) < 0)
+        return;
+    for (size_t i = 0; i < n && i < 20; i++)
+        sprintf(out + 2 * i, "%02x", serial[i]);
+}
+
+/* Issues for `key` and writes <dir>/<base>.key and .pem. */
+static int issue_with_new_key(gnutls_x509_privkey_t ca_key, gnutls_x509_crt_t ca_crt,
+                              const struct cred_issue_params *p, const char *key_path,
+                              const char *cert_path, gnutls_x509_crt_t *crt_out, char *err,
+                              size_t errlen)
+{
+    gnutls_x509_privkey_t key = NULL;
+    gnutls_pubkey_t pub = NULL;
+    gnutls_x509_crt_t crt = NULL;
+    int r;
+    if ((r = cred_keygen(&key)) < 0 || (r = pubkey_of(key, &pub)) < 0) {
+        errf(err, errlen, "cannot make a key: %s", gnutls_strerror(r));
+        goto out;
+    }
+    if ((r = cred_issue(pub, ca_crt ? ca_key : key, ca_crt, p, &crt)) < 0) {
+        errf(err, errlen, "cannot issue certificate %s: %s", cert_path, gnutls_strerror(r));
+        goto out;
+    }
+    if ((r = cred_key_save(key, key_path)) < 0 || (r = cred_cert_save(crt, cert_path)) < 0) {
+        errf(err, errlen, "cannot write %s / %s: %s", key_path, cert_path, gnutls_strerror(r));
+        goto out;
+    }
+    if (crt_out) {
+        *crt_out = crt;
+        crt = NULL;
+    }
+out:
+    gnutls_x509_crt_deinit(crt);
+    gnutls_pubkey_deinit(pub);
+    gnutls_x509_privkey_deinit(key);
+    return r < 0 ? -1 : 0;
+}
+
+static int load_ca(struct ls_ca *ca, bool need_document, char *err, size_t errlen);
+
+int ls_ca_create(const char *dir, const char *overlay, const char *const *hosts, struct ls_ca **out,
+                 char *err, size_t errlen)
+{
+    *out = NULL;
+    char ca_key[4096], ca_pem[4096], srv_key[4096], srv_pem[4096];
+    if (fs_join(ca_key, sizeof(ca_key), dir, "ca.key") ||
+        fs_join(ca_pem, sizeof(ca_pem), dir, "ca.pem") ||
+        fs_join(srv_key, sizeof(srv_key), dir, "server.key") ||
+        fs_join(srv_pem, sizeof(srv_pem), dir, "server.pem"))
+        return errf(err, errlen, "state directory path too long");
+    int r = fs_mkdir(dir, 0700);
+    if (r < 0)
+        return errf(err, errlen, "cannot create %s: %s", dir, strerror(-r));
+    if (access(ca_key, F_OK) == 0 || access(ca_pem, F_OK) == 0)
+        return errf(err, errlen, "%s already holds an overlay CA: refusing to replace it", dir);
+
+    time_t now = time(NULL);
+    char cn[300];
+    snprintf(cn, sizeof(cn), "p2psip overlay CA for %s", overlay);
+    struct cred_issue_params cap = {
+        .cn = cn,
+        .is_ca = true,
+        .not_before = now - 300,
+        .not_after = now + (time_t)CA_VALIDITY_DAYS * 86400,
+    };
+    gnutls_x509_privkey_t key = NULL;
+    gnutls_x509_crt_t crt = NULL;
+    int rc = -1;
+    if (issue_with_new_key(NULL, NULL, &cap, ca_key, ca_pem, NULL, err, errlen) != 0)
+        return -1;
+    if (cred_key_load(&key, ca_key) < 0 || cred_cert_load(&crt, ca_pem) < 0) {
+        errf(err, errlen, "cannot read back the new CA from %s", dir);
+        goto out;
+    }
+    struct cred_issue_params sp = {
+        .cn = hosts && hosts[0] ? hosts[0] : "localhost",
+        .hosts = hosts,
+        .roles = ROLE_SERVICE,
+        .server_auth = true,
+        .client_auth = true,
+        .not_before = now - 300,
+        .not_after = now + (time_t)SERVER_VALIDITY_DAYS * 86400,
+    };
+    rc = issue_with_new_key(key, crt, &sp, srv_key, srv_pem, NULL, err, errlen);
+    if (rc == 0) {
+        struct ls_ca *ca = calloc(1, sizeof(*ca));
+        if (!ca || !(ca->dir = strdup(dir)) || !(ca->overlay = strdup(overlay)) ||
+            load_ca(ca, false, err, errlen) != 0) {
+            ls_ca_free(ca);
+            rc = -1;
+        } else {
+            *out = ca;
+        }
+    }
+out:
+    gnutls_x509_crt_deinit(crt);
+    gnutls_x509_privkey_deinit(key);
+    return rc;
+}
+
+void ls_ca_free(struct ls_ca *ca)
+{
+    if (!ca)
+        return;
+    gnutls_x509_privkey_deinit(ca->key);
+    gnutls_x509_crt_deinit(ca->crt);
+    free(ca->dir);
+    free(ca->overlay);
+    free(ca->ca_pem);
+    free(ca->pin);
+    free(ca->server_cert_pem);
+    free(ca->server_key_pem);
+    free(ca->envelope);
+    free(ca);
+}
+
+/* Reads "overlay" and "sequence" out of a signed envelope we wrote ourselves. */
+static int envelope_facts(const char *envelope, char **overlay, long long *sequence)
+{
+    json_t *env = json_loads(envelope, 0, NULL);
+    json_t *doc =
+        env ? json_loads(json_string_value(json_object_get(env, "document")) ?: "", 0, NULL) : NULL;
+    int rc = -1;
+    const char *ov = json_string_value(json_object_get(doc, "overlay"));
+    json_t *seq = json_object_get(doc, "sequence");
+    if (ov && json_is_integer(seq)) {
+        *overlay = strdup(ov);
+        *sequence = json_integer_value(seq);
+        rc = *overlay ? 0 : -1;
+    }
+    json_decref(doc);
+    json_decref(env);
+    return rc;
+}
+
+/* Loads keys, certificates and (when asked) the document of an opened ca->dir. */
+static int load_ca(struct ls_ca *ca, bool need_document, char *err, size_t errlen)
+{
+    char path[4096];
+    int r = 0;
+    if (fs_join(path, sizeof(path), ca->dir, "ca.key") || cred_key_load(&ca->key, path) < 0)
+        return errf(err, errlen, "cannot load the CA key %s (run 'loginserver init' first?)", path);
+    if (fs_join(path, sizeof(path), ca->dir, "ca.pem") || cred_cert_load(&ca->crt, path) < 0 ||
+        fs_read_file(path, MAX_PEM, &ca->ca_pem, NULL) < 0)
+        return errf(err, errlen, "cannot load the CA certificate %s", path);
+    char pin[80];
+    if (overlay_doc_pin(ca->crt, pin) != 0 || !(ca->pin = strdup(pin)))
+        return errf(err, errlen, "cannot compute the CA pin");
+    if (fs_join(path, sizeof(path), ca->dir, "server.pem") ||
+        (r = fs_read_file(path, MAX_PEM, &ca->server_cert_pem, NULL)) < 0 ||
+        fs_join(path, sizeof(path), ca->dir, "server.key") ||
+        (r = fs_read_file(path, MAX_PEM, &ca->server_key_pem, NULL)) < 0)
+        return errf(err, errlen, "cannot read %s: %s", path, strerror(-r));
+    if (!need_document)
+        return 0;
+    if (fs_join(path, sizeof(path), ca->dir, "overlay.json") ||
+        (r = fs_read_file(path, 1024 * 1024, &ca->envelope, NULL)) < 0)
+        return errf(err, errlen, "cannot read %s: %s", path, strerror(-r));
+    free(ca->overlay);
+    ca->overlay = NULL;
+    if (envelope_facts(ca->envelope, &ca->overlay, &ca->sequence) != 0)
+        return errf(err, errlen, "%s: not a signed configuration document", path);
+    return 0;
+}
+
+int ls_ca_open(const char *dir, struct ls_ca **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    struct ls_ca *ca = calloc(1, sizeof(*ca));
+    if (!ca || !(ca->dir = strdup(dir))) {
+        ls_ca_free(ca);
+        return errf(err, errlen, "out of memory");
+    }
+    if (load_ca(ca, true, err, errlen) != 0) {
+        ls_ca_free(ca);
+        return -1;
+    }
+    *out = ca;
+    return 0;
+}
+
+int ls_ca_publish(struct ls_ca *ca, const char *document_text, long long sequence, char *err,
+                  size_t errlen)
+{
+    char *envelope = NULL;
+    if (overlay_doc_sign(ca->key, document_text, &envelope) != 0)
+        return errf(err, errlen, "cannot sign the configuration document");
+    char path[4096];
+    int r = fs_join(path, sizeof(path), ca->dir, "overlay.json");
+    if (r == 0)
+        r = fs_write_atomic(path, envelope, strlen(envelope), 0644);
+    if (r < 0) {
+        free(envelope);
+        return errf(err, errlen, "cannot write %s: %s", path, strerror(-r));
+    }
+    free(ca->envelope);
+    ca->envelope = envelope;
+    ca->sequence = sequence;
+    return 0;
+}
+
+int ls_ca_issue_node(struct ls_ca *ca, const char *csr_pem, size_t csr_len, const char *user,
+                     unsigned roles, const nid_t *keep_id, long long validity_days,
+                     struct ls_issued *out, char *err, size_t errlen)
+{
+    memset(out, 0, sizeof(*out));
+    gnutls_x509_crq_t crq = NULL;
+    gnutls_pubkey_t pub = NULL;
+    gnutls_x509_crt_t crt = NULL;
+    int rc = -1, r;
+    gnutls_datum_t in = {(unsigned char *)(uintptr_t)csr_pem, (unsigned)csr_len};
+    if (gnutls_x509_crq_init(&crq) < 0)
+        return errf(err, errlen, "out of memory"), -2;
+    if ((r = gnutls_x509_crq_import(crq, &in, GNUTLS_X509_FMT_PEM)) < 0) {
+        errf(err, errlen, "not a PEM PKCS#10 request: %s", gnutls_strerror(r));
+        goto out;
+    }
+    /* Proof of possession: the request is signed by the key it carries. */
+    if ((r = gnutls_x509_crq_verify(crq, 0)) < 0) {
+        errf(err, errlen, "request signature does not verify: %s", gnutls_strerror(r));
+        goto out;
+    }
+    int pk = gnutls_x509_crq_get_pk_algorithm(crq, NULL);
+    if (pk != GNUTLS_PK_EDDSA_ED25519 && pk != GNUTLS_PK_ECDSA) {
+        errf(err, errlen, "key type %s not allowed (Ed25519 or ECDSA P-256)",
+             gnutls_pk_algorithm_get_name((gnutls_pk_algorithm_t)(pk < 0 ? 0 : pk)) ?: "?");
+        goto out;
+    }
+    if (gnutls_pubkey_init(&pub) < 0 || gnutls_pubkey_import_x509_crq(pub, crq, 0) < 0) {
+        errf(err, errlen, "request's public key unusable");
+        goto out;
+    }
+    if (keep_id)
+        out->node_id = *keep_id;
+    else if (nid_random(&out->node_id) != 0) {
+        rc = -2;
+        errf(err, errlen, "no randomness for a Node-ID");
+        goto out;
+    }
+    snprintf(out->uri, sizeof(out->uri), "sip:%s@%s", user, ca->overlay);
+    time_t now = time(NULL);
+    struct cred_issue_params p = {
+        .cn = user,
+        .uri = out->uri,
+        .node_id = &out->node_id,
+        .roles = roles,
+        .server_auth = true,
+        .client_auth = true,
+        .not_before = now - 300, /* tolerate clocks a little behind ours */
+        .not_after = now + (time_t)validity_days * 86400,
+    };
+    if ((r = cred_issue(pub, ca->key, ca->crt, &p, &crt)) < 0) {
+        rc = -2;
+        errf(err, errlen, "cannot issue: %s", gnutls_strerror(r));
+        goto out;
+    }
+    gnutls_datum_t pem = {NULL, 0};
+    if ((r = cred_cert_export_pem(crt, &pem)) < 0) {
+        rc = -2;
+        errf(err, errlen, "cannot export: %s", gnutls_strerror(r));
+        goto out;
+    }
+    out->cert_pem = strndup((const char *)pem.data, pem.size);
+    gnutls_free(pem.data);
+    if (!out->cert_pem) {
+        rc = -2;
+        errf(err, errlen, "out of memory");
+        goto out;
+    }
+    out->roles = roles;
+    out->not_after = p.not_after;
+    random_serial_hex(crt, out->serial);
+    rc = 0;
+out:
+    gnutls_x509_crt_deinit(crt);
+    gnutls_pubkey_deinit(pub);
+    gnutls_x509_crq_deinit(crq);
+    return rc;
+}
+
+int ls_ca_issue_service(struct ls_ca *ca, const char *const *hosts, const char *outdir,
+                        long long validity_days, char *key_path, char *cert_path, size_t pathlen,
+                        char *err, size_t errlen)
+{
+    char base[300];
+    if (!hosts || !hosts[0])
+        return errf(err, errlen, "no service name");
+    int r = fs_mkdir(outdir, 0700);
+    if (r < 0)
+        return errf(err, errlen, "cannot create %s: %s", outdir, strerror(-r));
+    snprintf(base, sizeof(base), "%s.key", hosts[0]);
+    if (fs_join(key_path, pathlen, outdir, base))
+        return errf(err, errlen, "path too long");
+    snprintf(base, sizeof(base), "%s.pem", hosts[0]);
+    if (fs_join(cert_path, pathlen, outdir, base))
+        return errf(err, errlen, "path too long");
+    time_t now = time(NULL);
+    struct cred_issue_params p = {
+        .cn = hosts[0],
+        .hosts = hosts,
+        .roles = ROLE_SERVICE,
+        .server_auth = true,
+        .client_auth = true,
+        .not_before = now - 300,
+        .not_after = now + (time_t)validity_days * 86400,
+    };
+    return issue_with_new_key(ca->key, ca->crt, &p, key_path, cert_path, NULL, err, errlen);
+}

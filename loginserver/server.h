@@ -1,0 +1,32 @@
+/*
+ * The login server's HTTPS front (docs/protocol.md section 2): the signed
+ * overlay document, enrollment and renewal. Runs on the caller's loop.
+ */
+#ifndef P2P_LS_SERVER_H
+#define P2P_LS_SERVER_H
+
+#include <ev.h>
+#include <stddef.h>
+
+#include "ca.h"
+#include "userstore.h"
+
+struct ls_server_config {
+    const char *listen;
+    size_t max_body;
+    unsigned max_failures; /* failed logins per user, and per client address, per window */
+    double failure_window_s;
+    long long validity_days;    /* of node certificates */
+    unsigned pbkdf2_iterations; /* hashes weaker than this are upgraded at the next login */
+    unsigned max_connections;
+};
+
+struct ls_server;
+
+/* The server uses `ca` and `users` (not owned; they must outlive it). NULL + err on failure. */
+struct ls_server *ls_server_start(struct ev_loop *loop, struct ls_ca *ca, struct userstore *users,
+                                  const struct ls_server_config *cfg, char *err, size_t errlen);
+int ls_server_port(const struct ls_server *s);
+void ls_server_stop(struct ls_server *s);
+
+#endif
