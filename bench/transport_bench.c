@@ -62,17 +62,6 @@ static double cpu_s(void)
 
 /* ---- Throw-away CA ------------------------------------------------------------------------ */
 
-static gnutls_pubkey_t pubkey_of(gnutls_x509_privkey_t key)
-{
-    gnutls_privkey_t pk = NULL;
-    gnutls_pubkey_t pub = NULL;
-    if (gnutls_privkey_init(&pk) < 0 || gnutls_privkey_import_x509(pk, key, 0) < 0 ||
-        gnutls_pubkey_init(&pub) < 0 || gnutls_pubkey_import_privkey(pub, pk, 0, 0) < 0)
-        die("cannot derive a public key");
-    gnutls_privkey_deinit(pk);
-    return pub;
-}
-
 static void issue_leaf(gnutls_x509_privkey_t ca_key, gnutls_x509_crt_t ca_crt, const char *name,
                        const char *crt_path, const char *key_path)
 {
@@ -80,7 +69,9 @@ static void issue_leaf(gnutls_x509_privkey_t ca_key, gnutls_x509_crt_t ca_crt, c
     gnutls_x509_crt_t crt = NULL;
     if (cred_keygen(&key) < 0)
         die("keygen failed");
-    gnutls_pubkey_t pub = pubkey_of(key);
+    gnutls_pubkey_t pub;
+    if (cred_pubkey(key, &pub) < 0)
+        die("cannot derive a public key");
     char uri[64];
     nid_t id;
     snprintf(uri, sizeof(uri), "sip:%s@" OVERLAY, name);
@@ -118,7 +109,9 @@ static void make_ca(struct files *f)
     gnutls_x509_crt_t ca_crt = NULL;
     if (cred_keygen(&ca_key) < 0)
         die("keygen failed");
-    gnutls_pubkey_t pub = pubkey_of(ca_key);
+    gnutls_pubkey_t pub;
+    if (cred_pubkey(ca_key, &pub) < 0)
+        die("cannot derive a public key");
     time_t now = time(NULL);
     struct cred_issue_params p = {
         .cn = "bench CA", .is_ca = true, .not_before = now - 60, .not_after = now + 86400};

@@ -185,6 +185,22 @@ fail:
     return r;
 }
 
+int cred_pubkey(gnutls_x509_privkey_t key, gnutls_pubkey_t *pub)
+{
+    gnutls_privkey_t pk = NULL;
+    int r;
+    *pub = NULL;
+    if ((r = gnutls_pubkey_init(pub)) < 0)
+        return r;
+    if ((r = gnutls_privkey_init(&pk)) < 0 || (r = gnutls_privkey_import_x509(pk, key, 0)) < 0 ||
+        (r = gnutls_pubkey_import_privkey(*pub, pk, 0, 0)) < 0) {
+        gnutls_pubkey_deinit(*pub);
+        *pub = NULL;
+    }
+    gnutls_privkey_deinit(pk);
+    return r < 0 ? r : 0;
+}
+
 /* Ed25519 signs the message itself; other key types sign a SHA-256 digest. */
 static gnutls_digest_algorithm_t digest_for(gnutls_pk_algorithm_t pk)
 {

@@ -63,6 +63,8 @@ const char *cred_identity_str(const struct peer_identity *id, char *buf, size_t 
 int cred_keygen(gnutls_x509_privkey_t *key);                    /* Ed25519 */
 int cred_key_save(gnutls_x509_privkey_t key, const char *path); /* PKCS#8 PEM, mode 0600 */
 int cred_key_load(gnutls_x509_privkey_t *key, const char *path);
+/* The public half of `key`, in a new *pub the caller frees (gnutls_pubkey_deinit). */
+int cred_pubkey(gnutls_x509_privkey_t key, gnutls_pubkey_t *pub);
 
 /* Certificate signing request (PEM) for `key`, with the given common name. */
 int cred_csr_make(gnutls_x509_privkey_t key, const char *common_name, gnutls_datum_t *pem);

@@ -30,21 +30,6 @@ static int errf(char *err, size_t len, const char *fmt, ...)
     return -1;
 }
 
-static int pubkey_of(gnutls_x509_privkey_t key, gnutls_pubkey_t *pub)
-{
-    gnutls_privkey_t pk = NULL;
-    int r;
-    if ((r = gnutls_pubkey_init(pub)) < 0)
-        return r;
-    if ((r = gnutls_privkey_init(&pk)) < 0 || (r = gnutls_privkey_import_x509(pk, key, 0)) < 0 ||
-        (r = gnutls_pubkey_import_privkey(*pub, pk, 0, 0)) < 0) {
-        gnutls_pubkey_deinit(*pub);
-        *pub = NULL;
-    }
-    gnutls_privkey_deinit(pk);
-    return r;
-}
-
 static void random_serial_hex(gnutls_x509_crt_t crt, char out[41])
 {
     unsigned char serial[20];
@@ -66,7 +51,7 @@ static int issue_with_new_key(gnutls_x509_privkey_t ca_key, gnutls_x509_crt_t ca
     gnutls_pubkey_t pub = NULL;
     gnutls_x509_crt_t crt = NULL;
     int r;
-    if ((r = cred_keygen(&key)) < 0 || (r = pubkey_of(key, &pub)) < 0) {
+    if ((r = cred_keygen(&key)) < 0 || (r = cred_pubkey(key, &pub)) < 0) {
         errf(err, errlen, "cannot make a key: %s", gnutls_strerror(r));
         goto out;
     }
@@ -252,33 +237,44 @@ int ls_ca_publish(struct ls_ca *ca, const char *document_text, long long sequenc
     return 0;
 }
 
-int ls_ca_issue_node(struct ls_ca *ca, const char *csr_pem, size_t csr_len, const char *user,
-                     unsigned roles, const nid_t *keep_id, long long validity_days,
-                     struct ls_issued *out, char *err, size_t errlen)
+int ls_ca_check_csr(const char *pem, size_t len, gnutls_x509_crq_t *out, char *err, size_t errlen)
 {
-    memset(out, 0, sizeof(*out));
     gnutls_x509_crq_t crq = NULL;
-    gnutls_pubkey_t pub = NULL;
-    gnutls_x509_crt_t crt = NULL;
-    int rc = -1, r;
-    gnutls_datum_t in = {(unsigned char *)(uintptr_t)csr_pem, (unsigned)csr_len};
-    if (gnutls_x509_crq_init(&crq) < 0)
-        return errf(err, errlen, "out of memory"), -2;
+    gnutls_datum_t in = {(unsigned char *)(uintptr_t)pem, (unsigned)len};
+    int r;
+    *out = NULL;
+    if ((r = gnutls_x509_crq_init(&crq)) < 0)
+        return errf(err, errlen, "out of memory");
     if ((r = gnutls_x509_crq_import(crq, &in, GNUTLS_X509_FMT_PEM)) < 0) {
         errf(err, errlen, "not a PEM PKCS#10 request: %s", gnutls_strerror(r));
-        goto out;
+        goto fail;
     }
     /* Proof of possession: the request is signed by the key it carries. */
     if ((r = gnutls_x509_crq_verify(crq, 0)) < 0) {
         errf(err, errlen, "request signature does not verify: %s", gnutls_strerror(r));
-        goto out;
+        goto fail;
     }
     int pk = gnutls_x509_crq_get_pk_algorithm(crq, NULL);
     if (pk != GNUTLS_PK_EDDSA_ED25519 && pk != GNUTLS_PK_ECDSA) {
         errf(err, errlen, "key type %s not allowed (Ed25519 or ECDSA P-256)",
-             gnutls_pk_algorithm_get_name((gnutls_pk_algorithm_t)(pk < 0 ? 0 : pk)) ?: "?");
-        goto out;
+             pk > 0 ? gnutls_pk_algorithm_get_name((gnutls_pk_algorithm_t)pk) : "unknown");
+        goto fail;
     }
+    *out = crq;
+    return 0;
+fail:
+    gnutls_x509_crq_deinit(crq);
+    return -1;
+}
+
+int ls_ca_issue_node(struct ls_ca *ca, gnutls_x509_crq_t crq, const char *user, unsigned roles,
+                     const nid_t *keep_id, long long validity_days, struct ls_issued *out,
+                     char *err, size_t errlen)
+{
+    memset(out, 0, sizeof(*out));
+    gnutls_pubkey_t pub = NULL;
+    gnutls_x509_crt_t crt = NULL;
+    int rc = -1, r;
     if (gnutls_pubkey_init(&pub) < 0 || gnutls_pubkey_import_x509_crq(pub, crq, 0) < 0) {
         errf(err, errlen, "request's public key unusable");
         goto out;
@@ -286,7 +282,6 @@ int ls_ca_issue_node(struct ls_ca *ca, const char *csr_pem, size_t csr_len, cons
     if (keep_id)
         out->node_id = *keep_id;
     else if (nid_random(&out->node_id) != 0) {
-        rc = -2;
         errf(err, errlen, "no randomness for a Node-ID");
         goto out;
     }
@@ -303,20 +298,17 @@ int ls_ca_issue_node(struct ls_ca *ca, const char *csr_pem, size_t csr_len, cons
         .not_after = now + (time_t)validity_days * 86400,
     };
     if ((r = cred_issue(pub, ca->key, ca->crt, &p, &crt)) < 0) {
-        rc = -2;
         errf(err, errlen, "cannot issue: %s", gnutls_strerror(r));
         goto out;
     }
     gnutls_datum_t pem = {NULL, 0};
     if ((r = cred_cert_export_pem(crt, &pem)) < 0) {
-        rc = -2;
         errf(err, errlen, "cannot export: %s", gnutls_strerror(r));
         goto out;
     }
     out->cert_pem = strndup((const char *)pem.data, pem.size);
     gnutls_free(pem.data);
     if (!out->cert_pem) {
-        rc = -2;
         errf(err, errlen, "out of memory");
         goto out;
     }
@@ -327,7 +319,6 @@ int ls_ca_issue_node(struct ls_ca *ca, const char *csr_pem, size_t csr_len, cons
 out:
     gnutls_x509_crt_deinit(crt);
     gnutls_pubkey_deinit(pub);
-    gnutls_x509_crq_deinit(crq);
     return rc;
 }
 

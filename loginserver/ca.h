@@ -58,15 +58,22 @@ int ls_ca_open(const char *dir, struct ls_ca **out, char *err, size_t errlen);
 void ls_ca_free(struct ls_ca *ca);
 
 /*
- * Issues a node certificate for the key in `csr_pem` (PKCS#10, signature
- * checked): CN=user, URI sip:<user>@<overlay>, the Node-ID `keep_id` (renewal)
- * or a fresh random one, `roles`, serverAuth+clientAuth, `validity_days`.
- * Errors are the requester's (bad CSR: returns -1 with the reason) or ours
- * (-2). out->cert_pem is the caller's to free.
+ * Parses and checks a certificate request (PEM PKCS#10): its signature
+ * verifies (the requester holds the key) and the key is Ed25519 or ECDSA.
+ * Returns 0 and the request in *out (gnutls_x509_crq_deinit), or -1 with the
+ * reason in err.
  */
-int ls_ca_issue_node(struct ls_ca *ca, const char *csr_pem, size_t csr_len, const char *user,
-                     unsigned roles, const nid_t *keep_id, long long validity_days,
-                     struct ls_issued *out, char *err, size_t errlen);
+int ls_ca_check_csr(const char *pem, size_t len, gnutls_x509_crq_t *out, char *err, size_t errlen);
+
+/*
+ * Issues a node certificate for the key of a checked request: CN=user, URI
+ * sip:<user>@<overlay>, the Node-ID `keep_id` (renewal) or a fresh random one,
+ * `roles`, serverAuth+clientAuth, `validity_days`. Nothing else of the request
+ * is used. Returns 0, or -1 with err. out->cert_pem is the caller's to free.
+ */
+int ls_ca_issue_node(struct ls_ca *ca, gnutls_x509_crq_t crq, const char *user, unsigned roles,
+                     const nid_t *keep_id, long long validity_days, struct ls_issued *out,
+                     char *err, size_t errlen);
 
 /*
  * Issues a service certificate (role "service", serverAuth+clientAuth) for the

@@ -174,10 +174,10 @@ static char *build_document(const struct ls_config *c, const struct ls_ca *ca, l
         bool any = !strcmp(host, "0.0.0.0") || !strcmp(host, "::");
         snprintf(url, sizeof(url), strchr(host, ':') ? "https://[%s]:%u" : "https://%s:%u",
                  any ? "127.0.0.1" : host, port);
-        if (any)
+        if (any || port == 0)
             log_warn("main",
-                     "login_urls not set: the document names %s; set login_urls to the "
-                     "address nodes use",
+                     "login_urls not set: the document names %s; nodes elsewhere cannot "
+                     "use; set login_urls to the address nodes reach this server at",
                      url);
     }
     d.overlay = ca->overlay;

@@ -98,21 +98,16 @@ static void respond_issued(struct httpd_req *r, struct ls_server *s, const struc
     json_decref(o);
 }
 
-/* Issues for `user` and records it; answers either way. */
+/* Issues for `user` from a checked request and records it; answers either way. */
 static void issue_and_answer(struct ls_server *s, struct httpd_req *r, const char *user,
-                             const char *csr, bool may_supernode, const nid_t *keep_id,
+                             gnutls_x509_crq_t crq, bool may_supernode, const nid_t *keep_id,
                              const char *kind)
 {
     struct ls_issued is;
     char err[256];
     unsigned roles = ROLE_NODE | (may_supernode ? ROLE_SUPERNODE : 0);
-    int rc = ls_ca_issue_node(s->ca, csr, strlen(csr), user, roles, keep_id, s->cfg.validity_days,
-                              &is, err, sizeof(err));
-    if (rc == -1) {
-        httpd_respond_error(r, 400, "bad-csr", err);
-        return;
-    }
-    if (rc != 0) {
+    if (ls_ca_issue_node(s->ca, crq, user, roles, keep_id, s->cfg.validity_days, &is, err,
+                         sizeof(err)) != 0) {
         log_error("login", "cannot issue for %s: %s", user, err);
         httpd_respond_error(r, 500, "internal", "cannot issue a certificate");
         return;
@@ -136,6 +131,7 @@ static void issue_and_answer(struct ls_server *s, struct httpd_req *r, const cha
 
 static void handle_enroll(struct ls_server *s, struct httpd_req *r)
 {
+    gnutls_x509_crq_t crq = NULL;
     json_t *o = body_object(r);
     if (!o)
         return;
@@ -156,18 +152,8 @@ static void handle_enroll(struct ls_server *s, struct httpd_req *r)
         goto out;
 
     /* The request must be sound before the (costly) password check. */
-    gnutls_x509_crq_t crq;
-    gnutls_datum_t in = {(unsigned char *)(uintptr_t)csr, (unsigned)strlen(csr)};
-    int cr = gnutls_x509_crq_init(&crq);
-    if (cr >= 0) {
-        cr = gnutls_x509_crq_import(crq, &in, GNUTLS_X509_FMT_PEM);
-        if (cr >= 0)
-            cr = gnutls_x509_crq_verify(crq, 0);
-        gnutls_x509_crq_deinit(crq);
-    }
-    if (cr < 0) {
-        char why[160];
-        snprintf(why, sizeof(why), "certificate request unusable: %s", gnutls_strerror(cr));
+    char why[256];
+    if (ls_ca_check_csr(csr, strlen(csr), &crq, why, sizeof(why)) != 0) {
         httpd_respond_error(r, 400, "bad-csr", why);
         goto out;
     }
@@ -198,8 +184,9 @@ static void handle_enroll(struct ls_server *s, struct httpd_req *r)
             log_warn("login", "cannot upgrade the password hash of %s: %s", user,
                      userstore_errmsg(s->users));
     }
-    issue_and_answer(s, r, user, csr, info.may_supernode, NULL, "enroll");
+    issue_and_answer(s, r, user, crq, info.may_supernode, NULL, "enroll");
 out:
+    gnutls_x509_crq_deinit(crq);
     json_decref(o);
 }
 
@@ -235,17 +222,20 @@ static void handle_renew(struct ls_server *s, struct httpd_req *r)
     if (!o)
         return;
     const char *csr = member(r, o, "csr");
-    if (csr) {
-        struct user_info info;
-        int us = userstore_get(s->users, user, &info);
-        if (us == US_NOT_FOUND)
-            httpd_respond_error(r, 403, "account-gone",
-                                "the account of this certificate was deleted");
-        else if (us != US_OK)
-            httpd_respond_error(r, 500, "internal", "user store unavailable");
-        else
-            issue_and_answer(s, r, user, csr, info.may_supernode, &id.node_id, "renew");
-    }
+    gnutls_x509_crq_t crq = NULL;
+    struct user_info info;
+    int us;
+    if (!csr)
+        ;
+    else if (ls_ca_check_csr(csr, strlen(csr), &crq, err, sizeof(err)) != 0)
+        httpd_respond_error(r, 400, "bad-csr", err);
+    else if ((us = userstore_get(s->users, user, &info)) == US_NOT_FOUND)
+        httpd_respond_error(r, 403, "account-gone", "the account of this certificate was deleted");
+    else if (us != US_OK)
+        httpd_respond_error(r, 500, "internal", "user store unavailable");
+    else
+        issue_and_answer(s, r, user, crq, info.may_supernode, &id.node_id, "renew");
+    gnutls_x509_crq_deinit(crq);
     json_decref(o);
 }
 

@@ -12,6 +12,7 @@
 
 #include "daemon.h"
 #include "enroll.h"
+#include "renewer.h"
 #include "log.h"
 
 struct on_config {
@@ -22,6 +23,8 @@ struct on_config {
     char *control_socket;
     struct cfg_strlist supernodes;
     struct cfg_strlist bootstrap_urls;
+    long long cert_renew_margin_s;
+    long long cert_check_interval_s;
 };
 
 static const struct cfg_field on_fields[] = {
@@ -36,6 +39,12 @@ static const struct cfg_field on_fields[] = {
      "UNIX socket for the command-line client (default: <state_dir>/control.sock)"},
     {"supernodes", CFG_STRLIST, offsetof(struct on_config, supernodes), 0, 0, NULL, NULL,
      "super node addresses (host:port) to try first"},
+    {"cert_renew_margin_s", CFG_INT, offsetof(struct on_config, cert_renew_margin_s), 0, 315360000,
+     NULL, "0",
+     "renew the certificate once less than this remains (0 = a third of "
+     "its validity)"},
+    {"cert_check_interval_s", CFG_INT, offsetof(struct on_config, cert_check_interval_s), 1, 86400,
+     NULL, "3600", "how often the certificate's expiry is checked"},
     {"bootstrap_urls", CFG_STRLIST, offsetof(struct on_config, bootstrap_urls), 0, 0, NULL, NULL,
      "bootstrap server URLs (https://...)"},
 };
@@ -85,8 +94,18 @@ static int on_start(struct ev_loop *loop, const void *p, void **state)
     const struct on_config *cfg = p;
     log_info("main", "overlay %s: state in %s, SIP front end to be on %s", cfg->overlay,
              cfg->state_dir, cfg->sip_listen);
-    *state = NULL;
+    struct renewer_config rc = {
+        .state_dir = cfg->state_dir,
+        .margin_s = (double)cfg->cert_renew_margin_s,
+        .check_interval_s = (double)cfg->cert_check_interval_s,
+    };
+    *state = renewer_start(loop, &rc); /* NULL until the node is enrolled */
     return 0;
+}
+
+static void on_stop(struct ev_loop *loop, void *state)
+{
+    renewer_stop(state);
 }
 
 static int on_command(const struct cli_opts *o, void *p)
@@ -105,6 +124,7 @@ static const struct daemon_spec on_spec = {
     .cfg_size = sizeof(struct on_config),
     .command = on_command,
     .start = on_start,
+    .stop = on_stop,
 };
 
 int main(int argc, char **argv)

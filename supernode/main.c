@@ -13,6 +13,7 @@
 #include "conn.h"
 #include "daemon.h"
 #include "enroll.h"
+#include "renewer.h"
 #include "log.h"
 
 struct sn_config {
@@ -27,6 +28,8 @@ struct sn_config {
     long long handshake_timeout_ms;
     long long idle_timeout_ms;
     long long max_frame;
+    long long cert_renew_margin_s;
+    long long cert_check_interval_s;
 };
 
 /* The transport settings of this node, from its configuration. */
@@ -76,6 +79,10 @@ static const struct cfg_field sn_fields[] = {
      NULL, "10000", "time allowed for connect + TLS handshake + hello"},
     {"idle_timeout_ms", CFG_INT, offsetof(struct sn_config, idle_timeout_ms), 0, 86400000, NULL,
      "120000", "close a link after this long without traffic (0 = never)"},
+    {"cert_renew_margin_s", CFG_INT, offsetof(struct sn_config, cert_renew_margin_s), 0, 315360000,
+     NULL, "0", "renew the certificate once less than this remains (0 = a third of its validity)"},
+    {"cert_check_interval_s", CFG_INT, offsetof(struct sn_config, cert_check_interval_s), 1, 86400,
+     NULL, "3600", "how often the certificate's expiry is checked"},
     {"max_frame", CFG_INT, offsetof(struct sn_config, max_frame), 1024, MSG_MAX_FRAME_LIMIT, NULL,
      "65536", "largest accepted message, in bytes"},
 };
@@ -115,6 +122,7 @@ struct sn_state {
     struct listener *listener;
     struct sn_link links; /* list head */
     size_t n_links;
+    struct renewer *renewer;
 };
 
 /* The transport has logged who the peer is; here only admission is decided. */
@@ -189,6 +197,12 @@ static const struct conn_cbs sn_cbs = {
     .on_close = on_close,
 };
 
+static void sn_renewed(void *ud)
+{
+    /* Links already open keep their session; the listener reads credentials at start. */
+    log_info("main", "the renewed certificate is used for links after the next restart");
+}
+
 static int sn_start(struct ev_loop *loop, const void *p, void **state)
 {
     const struct sn_config *cfg = p;
@@ -198,6 +212,14 @@ static int sn_start(struct ev_loop *loop, const void *p, void **state)
     st->cfg = cfg;
     st->links.next = st->links.prev = &st->links;
     *state = st;
+    struct renewer_config rc = {
+        .state_dir = cfg->state_dir,
+        .margin_s = (double)cfg->cert_renew_margin_s,
+        .check_interval_s = (double)cfg->cert_check_interval_s,
+        .on_renewed = sn_renewed,
+        .ud = st,
+    };
+    st->renewer = renewer_start(loop, &rc); /* NULL until enrolled into state_dir */
     if (!cfg->cert_file) {
         log_warn("main", "no credentials configured (ca_file, cert_file, key_file): "
                          "not listening for peers");
@@ -226,6 +248,8 @@ static int sn_start(struct ev_loop *loop, const void *p, void **state)
 static void sn_stop(struct ev_loop *loop, void *p)
 {
     struct sn_state *st = p;
+    renewer_stop(st->renewer);
+    st->renewer = NULL;
     listener_free(st->listener);
     st->listener = NULL;
     /* conn_close may call on_close (which unlinks) right away: walk from a saved next. */
@@ -240,6 +264,7 @@ static void sn_cleanup(void *p)
     struct sn_state *st = p;
     if (!st)
         return;
+    renewer_stop(st->renewer);
     listener_free(st->listener);
     while (st->links.next != &st->links) {
         struct sn_link *l = st->links.next;

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -47,8 +48,13 @@ class LoginServer(unittest.TestCase):
         cls.tmp = tempfile.mkdtemp(prefix="p2psip-ls-")
         cls.state = os.path.join(cls.tmp, "state")
         cls.cfg = os.path.join(cls.tmp, "ls.json")
+        # A fixed port (free now), so that the document's login URL is one nodes can use.
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            cls.fixed_port = probe.getsockname()[1]
         with open(cls.cfg, "w") as f:
-            json.dump({"overlay": OVERLAY, "listen": "127.0.0.1:0", "state_dir": cls.state,
+            json.dump({"overlay": OVERLAY, "listen": "127.0.0.1:%d" % cls.fixed_port,
+                       "state_dir": cls.state,
                        "pbkdf2_iterations": 20000, "max_failures": 5, "failure_window_s": 3,
                        "bootstrap_urls": ["https://127.0.0.1:8443"]}, f)
         rc, out, err = cls.ls("init")
@@ -384,6 +390,78 @@ class LoginServer(unittest.TestCase):
         self.assertEqual([r[0] for r in results], [200] * 12)
         self.assertEqual(len({r[1] for r in results}), 12)
         self.assertRegex(self.stored_state(), r"carol +supernode +certificates \d+")
+
+    def node(self, *args, password=None, state=None):
+        argv = harness.WRAPPER + [os.path.join(BINDIR, "ordinarynode", "ordinarynode"),
+                                  "-o", "state_dir=" + state] + list(args)
+        p = subprocess.run(argv, input=password, capture_output=True, text=True, timeout=60)
+        return p.returncode, p.stdout, p.stderr
+
+    def test_our_client_enroll_and_renew(self):
+        state = os.path.join(self.tmp, "node-carol")
+        url = "https://127.0.0.1:%d" % self.port
+        rc, out, err = self.node("enroll", "--login", url, "--pin", self.pin, "--user", "carol",
+                                 password="carol-password\n", state=state)
+        self.assertEqual(rc, 0, err)
+        m = re.search(r"enrolled: sip:carol@%s \(node-id ([0-9a-f]{40}), roles node,supernode\)"
+                      % re.escape(OVERLAY), out)
+        self.assertIsNotNone(m, out)
+        node_id = m.group(1)
+        for f in ("key.pem", "cert.pem", "ca.pem", "overlay.json", "pin"):
+            self.assertEqual(os.stat(os.path.join(state, f)).st_mode & 0o777, 0o600, f)
+        self.assertEqual(os.stat(state).st_mode & 0o777, 0o700)
+        rc, out_v = certtool("--verify", "--load-ca-certificate",
+                             os.path.join(self.state, "ca.pem"), "--infile",
+                             os.path.join(state, "cert.pem"))
+        self.assertEqual(rc, 0, out_v)
+        with open(os.path.join(state, "pin")) as f:
+            self.assertEqual(f.read().strip(), self.pin)
+        rc, out, err = self.node("renew", state=state)  # the login URL from the document
+        self.assertEqual(rc, 0, err)
+        self.assertIn("renewed: sip:carol@%s (node-id %s" % (OVERLAY, node_id), out)
+        # Wrong password, wrong pin: clear one-line errors, nothing stored.
+        other = os.path.join(self.tmp, "node-x")
+        rc, _, err = self.node("enroll", "--login", url, "--pin", self.pin, "--user", "carol",
+                               password="not-the-password\n", state=other)
+        self.assertEqual(rc, 1)
+        self.assertIn("401 unauthorized", err)
+        self.assertFalse(os.path.exists(os.path.join(other, "cert.pem")))
+        rc, _, err = self.node("enroll", "--login", url, "--pin", "sha256:" + "0" * 64,
+                               "--user", "carol", password="carol-password\n", state=other)
+        self.assertEqual(rc, 1)
+        self.assertIn("does not match the pin", err)
+        rc, _, err = self.node("enroll", "--login", url, "--user", "carol", state=other)
+        self.assertEqual(rc, 2)
+        self.assertIn("--pin", err)
+
+    def test_running_node_renews_before_expiry(self):
+        state = os.path.join(self.tmp, "node-renewer")
+        url = "https://127.0.0.1:%d" % self.port
+        rc, out, err = self.node("enroll", "--login", url, "--pin", self.pin, "--user", "alice",
+                                 password="alice-password\n", state=state)
+        self.assertEqual(rc, 0, err)
+        node_id = re.search(r"node-id ([0-9a-f]{40})", out).group(1)
+        with open(os.path.join(state, "cert.pem")) as f:
+            old_cert = f.read()
+        # A margin longer than the validity: the certificate is due at once.
+        dm = harness.Daemon([os.path.join(BINDIR, "ordinarynode", "ordinarynode"), "-d",
+                             "-o", "state_dir=" + state, "-o", "cert_renew_margin_s=40000000",
+                             "-o", "sip_listen=127.0.0.1:0"])
+        line = dm.wait_for("certificate renewed", timeout=30)
+        self.assertIn("sip:alice@%s (node-id %s" % (OVERLAY, node_id), line)
+        self.assertEqual(dm.stop(), 0)
+        with open(os.path.join(state, "cert.pem")) as f:
+            self.assertNotEqual(f.read(), old_cert)
+        rc, out_v = certtool("--verify", "--load-ca-certificate",
+                             os.path.join(self.state, "ca.pem"), "--infile",
+                             os.path.join(state, "cert.pem"))
+        self.assertEqual(rc, 0, out_v)
+        # With the default margin nothing is due: no renewal, no error.
+        dm = harness.Daemon([os.path.join(BINDIR, "ordinarynode", "ordinarynode"), "-d", "-v",
+                             "-o", "state_dir=" + state, "-o", "sip_listen=127.0.0.1:0"])
+        dm.wait_for("certificate good for", timeout=30)
+        self.assertEqual(dm.stop(), 0)
+        self.assertNotIn("renewed", dm.log())
 
     def test_zz_restart_keeps_accounts_and_ca(self):
         # Named to run last in this class: it restarts the shared server.

@@ -88,20 +88,6 @@ static char *crt_pem(gnutls_x509_crt_t crt)
     return s;
 }
 
-static int pubkey_of_key(gnutls_x509_privkey_t key, gnutls_pubkey_t *out)
-{
-    gnutls_privkey_t pk = NULL;
-    int r = gnutls_privkey_init(&pk);
-    if (r >= 0)
-        r = gnutls_privkey_import_x509(pk, key, 0);
-    if (r >= 0)
-        r = gnutls_pubkey_init(out);
-    if (r >= 0)
-        r = gnutls_pubkey_import_privkey(*out, pk, 0, 0);
-    gnutls_privkey_deinit(pk);
-    return r;
-}
-
 /* A certificate as the login server would issue it (server thread: no cmocka asserts here). */
 static char *issue(struct testca *ca, gnutls_pubkey_t pub, const char *cn, const char *uri,
                    const nid_t *nid, bool expired)
@@ -187,7 +173,7 @@ static enum MHD_Result answer_cert(struct srv *s, struct MHD_Connection *conn, c
     if (mode == EM_WRONG_KEY) {
         gnutls_pubkey_deinit(pub);
         pub = NULL;
-        if (cred_keygen(&k) < 0 || pubkey_of_key(k, &pub) < 0) {
+        if (cred_keygen(&k) < 0 || cred_pubkey(k, &pub) < 0) {
             gnutls_x509_privkey_deinit(k);
             return reply_error(conn, 500, "internal", "keygen", NULL);
         }

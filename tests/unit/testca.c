@@ -11,26 +11,6 @@
 #include <string.h>
 #include <unistd.h>
 
-static int pubkey_of(gnutls_x509_privkey_t key, gnutls_pubkey_t *out)
-{
-    gnutls_privkey_t pk = NULL;
-    gnutls_pubkey_t pub = NULL;
-    int r = gnutls_privkey_init(&pk);
-    if (r >= 0)
-        r = gnutls_privkey_import_x509(pk, key, 0);
-    if (r >= 0)
-        r = gnutls_pubkey_init(&pub);
-    if (r >= 0)
-        r = gnutls_pubkey_import_privkey(pub, pk, 0, 0);
-    gnutls_privkey_deinit(pk);
-    if (r < 0) {
-        gnutls_pubkey_deinit(pub);
-        return r;
-    }
-    *out = pub;
-    return 0;
-}
-
 int testca_init(struct testca *ca)
 {
     memset(ca, 0, sizeof(*ca));
@@ -43,7 +23,7 @@ int testca_init(struct testca *ca)
     snprintf(ca->ca_file, sizeof(ca->ca_file), "%s/ca.pem", ca->dir);
 
     gnutls_pubkey_t pub = NULL;
-    if (cred_keygen(&ca->key) < 0 || pubkey_of(ca->key, &pub) < 0)
+    if (cred_keygen(&ca->key) < 0 || cred_pubkey(ca->key, &pub) < 0)
         goto fail;
     time_t now = time(NULL);
     struct cred_issue_params p = {
@@ -80,7 +60,7 @@ int testca_issue_params(struct testca *ca, const char *name, const struct cred_i
         out->node_id = *p->node_id;
     out->roles = p->roles;
 
-    if (cred_keygen(&key) < 0 || pubkey_of(key, &pub) < 0)
+    if (cred_keygen(&key) < 0 || cred_pubkey(key, &pub) < 0)
         goto out;
     if (cred_issue(pub, ca->key, ca->crt, p, &crt) < 0)
         goto out;
