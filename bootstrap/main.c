@@ -2,14 +2,15 @@
  * bootstrap: the HTTPS server that lists live, verified super nodes for new
  * nodes (seed 004 section 5.1). Super nodes announce themselves to it.
  *
- * This is the daemon's skeleton: command line, checked configuration, the
- * event loop and a clean stop. docs/architecture.md says what comes next.
+ * It serves docs/protocol.md section 3 with a service certificate from the
+ * overlay CA (loginserver issue --service NAME).
  */
 #include <stdio.h>
 #include <stdlib.h>
 
 #include "daemon.h"
 #include "log.h"
+#include "server.h"
 
 struct bs_config {
     struct daemon_base base; /* must come first */
@@ -21,6 +22,11 @@ struct bs_config {
     char *key_file;
     long long announce_period_s;
     bool public_only;
+    long long max_supernodes;
+    long long reverify_periods;
+    long long max_announces;
+    long long check_timeout_ms;
+    long long max_body_bytes;
 };
 
 static const struct cfg_field bs_fields[] = {
@@ -39,6 +45,16 @@ static const struct cfg_field bs_fields[] = {
      "service private key (PKCS#8 PEM)"},
     {"announce_period_s", CFG_INT, offsetof(struct bs_config, announce_period_s), 1, 3600, NULL,
      "30", "how often super nodes announce; 3 missed announces drop one"},
+    {"max_supernodes", CFG_INT, offsetof(struct bs_config, max_supernodes), 1, 1000000, NULL,
+     "10000", "most super nodes tracked at once"},
+    {"reverify_periods", CFG_INT, offsetof(struct bs_config, reverify_periods), 1, 100000, NULL,
+     "10", "re-check a listed super node's address after this many periods"},
+    {"max_announces", CFG_INT, offsetof(struct bs_config, max_announces), 1, 100000000, NULL, "10",
+     "announces per super node per period before 429"},
+    {"check_timeout_ms", CFG_INT, offsetof(struct bs_config, check_timeout_ms), 100, 60000, NULL,
+     "5000", "time allowed for the TLS check of an announced address"},
+    {"max_body_bytes", CFG_INT, offsetof(struct bs_config, max_body_bytes), 256, 1048576, NULL,
+     "4096", "largest announce body; larger ones get 413"},
     {"public_only", CFG_BOOL, offsetof(struct bs_config, public_only), 0, 0, NULL, "false",
      "refuse announces of private or unspecified addresses"},
 };
@@ -61,10 +77,47 @@ static const struct cli_prog bs_prog = {
 static int bs_start(struct ev_loop *loop, const void *p, void **state)
 {
     const struct bs_config *cfg = p;
-    log_info("main", "overlay %s: announce period %llds, HTTPS to be on %s", cfg->overlay,
-             cfg->announce_period_s, cfg->listen);
     *state = NULL;
+    if (!cfg->ca_file || !cfg->cert_file || !cfg->key_file) {
+        log_error("main", "set ca_file, cert_file and key_file: the overlay CA and this server's "
+                          "service certificate (loginserver issue --service NAME)");
+        return -1;
+    }
+    struct bs_server_config sc = {
+        .listen = cfg->listen,
+        .overlay = cfg->overlay,
+        .ca_file = cfg->ca_file,
+        .cert_file = cfg->cert_file,
+        .key_file = cfg->key_file,
+        .period_s = (double)cfg->announce_period_s,
+        .reverify_periods = (unsigned)cfg->reverify_periods,
+        .max_supernodes = (size_t)cfg->max_supernodes,
+        .max_announces = (unsigned)cfg->max_announces,
+        .public_only = cfg->public_only,
+        .check_timeout_ms = (unsigned)cfg->check_timeout_ms,
+        .max_body = (size_t)cfg->max_body_bytes,
+    };
+    char err[512];
+    struct bs_server *s = bs_server_start(loop, &sc, err, sizeof(err));
+    if (!s) {
+        log_error("main", "%s", err);
+        return -1;
+    }
+    *state = s;
+    log_info("main", "overlay %s: serving on %s port %d (announce period %llds%s)", cfg->overlay,
+             cfg->listen, bs_server_port(s), cfg->announce_period_s,
+             cfg->public_only ? ", public addresses only" : "");
     return 0;
+}
+
+static void bs_stop(struct ev_loop *loop, void *state)
+{
+    bs_server_stop(state);
+}
+
+static void bs_cleanup(void *state)
+{
+    bs_server_free(state);
 }
 
 static const struct daemon_spec bs_spec = {
@@ -72,6 +125,8 @@ static const struct daemon_spec bs_spec = {
     .schema = &bs_schema,
     .cfg_size = sizeof(struct bs_config),
     .start = bs_start,
+    .stop = bs_stop,
+    .cleanup = bs_cleanup,
 };
 
 int main(int argc, char **argv)

@@ -130,19 +130,30 @@ fail:
 
 /* Key pairs */
 
-int cred_keygen(gnutls_x509_privkey_t *key)
+/* Ed25519, or ECDSA on P-256 where a browser must accept the key (see cred.h). */
+static int keygen(gnutls_x509_privkey_t *key, gnutls_pk_algorithm_t pk, unsigned bits)
 {
     gnutls_x509_privkey_t k = NULL;
     int r = gnutls_x509_privkey_init(&k);
     if (r < 0)
         return r;
-    r = gnutls_x509_privkey_generate(k, GNUTLS_PK_EDDSA_ED25519, 0, 0);
+    r = gnutls_x509_privkey_generate(k, pk, bits, 0);
     if (r < 0) {
         gnutls_x509_privkey_deinit(k);
         return r;
     }
     *key = k;
     return 0;
+}
+
+int cred_keygen(gnutls_x509_privkey_t *key)
+{
+    return keygen(key, GNUTLS_PK_EDDSA_ED25519, 0);
+}
+
+int cred_keygen_p256(gnutls_x509_privkey_t *key)
+{
+    return keygen(key, GNUTLS_PK_ECDSA, GNUTLS_CURVE_TO_BITS(GNUTLS_ECC_CURVE_SECP256R1));
 }
 
 int cred_key_save(gnutls_x509_privkey_t key, const char *path)
@@ -336,6 +347,8 @@ int cred_identity(gnutls_x509_crt_t crt, struct peer_identity *out)
             return GNUTLS_E_X509_CERTIFICATE_ERROR;
         if (r < 0)
             return r;
+        if (r != GNUTLS_SAN_URI && r != GNUTLS_SAN_DNSNAME)
+            continue; /* e.g. an iPAddress: binary, and not part of an identity */
         buf[size] = '\0';
         if (strlen(buf) != size) /* an embedded NUL would let a name pose as another */
             return GNUTLS_E_X509_CERTIFICATE_ERROR;

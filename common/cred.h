@@ -60,7 +60,13 @@ const char *cred_roles_str(unsigned roles, char *buf, size_t len);
 const char *cred_identity_str(const struct peer_identity *id, char *buf, size_t len);
 
 /* Key pairs */
-int cred_keygen(gnutls_x509_privkey_t *key);                    /* Ed25519 */
+int cred_keygen(gnutls_x509_privkey_t *key); /* Ed25519: node keys */
+/*
+ * ECDSA P-256: the CA and service hosts (login, bootstrap). Browsers accept
+ * neither Ed25519 server keys nor Ed25519 certificate signatures, and the
+ * bootstrap status page is for people.
+ */
+int cred_keygen_p256(gnutls_x509_privkey_t *key);
 int cred_key_save(gnutls_x509_privkey_t key, const char *path); /* PKCS#8 PEM, mode 0600 */
 int cred_key_load(gnutls_x509_privkey_t *key, const char *path);
 /* The public half of `key`, in a new *pub the caller frees (gnutls_pubkey_deinit). */

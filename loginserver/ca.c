@@ -51,7 +51,8 @@ static int issue_with_new_key(gnutls_x509_privkey_t ca_key, gnutls_x509_crt_t ca
     gnutls_pubkey_t pub = NULL;
     gnutls_x509_crt_t crt = NULL;
     int r;
-    if ((r = cred_keygen(&key)) < 0 || (r = cred_pubkey(key, &pub)) < 0) {
+    /* CA and service keys: ECDSA P-256, so that browsers can use the status pages. */
+    if ((r = cred_keygen_p256(&key)) < 0 || (r = cred_pubkey(key, &pub)) < 0) {
         errf(err, errlen, "cannot make a key: %s", gnutls_strerror(r));
         goto out;
     }

@@ -117,8 +117,12 @@ cat > "$state/mallory.json" <<JSON
 { "overlay": "$overlay", "listen": "127.0.0.1:7099", "state_dir": "$state/mallory",
   "ca_file": "$state/loginserver/ca.pem", "cert_file": "$state/mallory.pem", "key_file": "$state/mallory.key" }
 JSON
+ls_cmd issue --service 127.0.0.1 --out "$state/bootstrap" >/dev/null
+note "service certificate for the bootstrap server: $(ls "$state/bootstrap" | tr '\n' ' ')"
 cat > "$state/bootstrap.json" <<JSON
-{ "overlay": "$overlay", "listen": "127.0.0.1:8443", "state_dir": "$state/bootstrap" }
+{ "overlay": "$overlay", "listen": "127.0.0.1:8443", "state_dir": "$state/bootstrap",
+  "ca_file": "$state/loginserver/ca.pem", "cert_file": "$state/bootstrap/127.0.0.1.pem",
+  "key_file": "$state/bootstrap/127.0.0.1.key" }
 JSON
 note "a typo in a configuration is caught before anything starts:"
 echo '{ "overlay": "x", "lsiten": "127.0.0.1:7000" }' > "$state/typo.json"
@@ -134,7 +138,7 @@ start() { # name binary
     kill -0 "${pids[-1]}" 2>/dev/null || { cat "$state/$name.log"; echo "$name failed to start"; exit 1; }
     sleep 0.05
   done
-  note "$name (pid ${pids[-1]}): $(grep -m1 -E 'listening|state in|announce|SIP' "$state/$name.log" | sed 's/^.*info  //')"
+  note "$name (pid ${pids[-1]}): $(grep -m1 -E 'listening|state in|serving on|SIP' "$state/$name.log" | sed 's/^.*info  //')"
 }
 start bootstrap bootstrap
 start sn1 supernode

@@ -127,6 +127,11 @@ class Lifecycle(unittest.TestCase):
         rc, out, err = harness.run([binary("loginserver"), "-o", "state_dir=" + cls.ls_state,
                                     "-o", "listen=127.0.0.1:0", "init"])
         assert rc == 0, err
+        # ...and the bootstrap server needs a service certificate from that CA.
+        cls.svc = os.path.join(cls.tmp.name, "svc")
+        rc, out, err = harness.run([binary("loginserver"), "-o", "state_dir=" + cls.ls_state,
+                                    "issue", "--service", "127.0.0.1", "--out", cls.svc])
+        assert rc == 0, err
 
     @classmethod
     def tearDownClass(cls):
@@ -135,7 +140,12 @@ class Lifecycle(unittest.TestCase):
     def argv(self, d):
         if d == "loginserver":
             return [binary(d), "-d", "-o", "listen=127.0.0.1:0", "-o", "state_dir=" + self.ls_state]
-        if d in ("supernode", "bootstrap"):
+        if d == "bootstrap":
+            return [binary(d), "-d", "-o", "listen=127.0.0.1:0",
+                    "-o", "ca_file=" + os.path.join(self.ls_state, "ca.pem"),
+                    "-o", "cert_file=" + os.path.join(self.svc, "127.0.0.1.pem"),
+                    "-o", "key_file=" + os.path.join(self.svc, "127.0.0.1.key")]
+        if d == "supernode":
             return [binary(d), "-d", "-o", "listen=127.0.0.1:0"]
         return [binary(d), "-d"]
 
@@ -182,6 +192,11 @@ class Lifecycle(unittest.TestCase):
                     self.assertIn("loginserver stopped", f.read())
             finally:
                 harness.kill_from_pid_file(pid_file)
+
+    def test_bootstrap_without_credentials_refuses_to_start(self):
+        dm = harness.Daemon([binary("bootstrap"), "-d", "-o", "listen=127.0.0.1:0"])
+        self.assertEqual(dm.wait_exit(), 1)
+        self.assertIn("loginserver issue --service", dm.log())
 
     def test_uninitialised_loginserver_refuses_to_start(self):
         with harness.tempdir() as tmp:

@@ -38,13 +38,8 @@ static int teardown_ca(void **state)
 
 static gnutls_pubkey_t pubkey_of(gnutls_x509_privkey_t key)
 {
-    gnutls_privkey_t pk = NULL;
     gnutls_pubkey_t pub = NULL;
-    assert_int_equal(gnutls_privkey_init(&pk), 0);
-    assert_int_equal(gnutls_privkey_import_x509(pk, key, 0), 0);
-    assert_int_equal(gnutls_pubkey_init(&pub), 0);
-    assert_int_equal(gnutls_pubkey_import_privkey(pub, pk, 0, 0), 0);
-    gnutls_privkey_deinit(pk);
+    assert_int_equal(cred_pubkey(key, &pub), 0);
     return pub;
 }
 
@@ -316,6 +311,39 @@ static void test_sign_verify_ecdsa(void **state)
     gnutls_x509_privkey_deinit(key);
 }
 
+static void test_service_certificate_names(void **state)
+{
+    /* IP-address names are binary (127.0.0.1 holds zero bytes): they must not trip the
+     * embedded-NUL guard meant for text names, nor count as an identity. */
+    struct testca *ca = *state;
+    gnutls_x509_privkey_t key = NULL;
+    gnutls_x509_crt_t crt = NULL;
+    assert_int_equal(cred_keygen(&key), 0);
+    gnutls_pubkey_t pub = pubkey_of(key);
+    const char *hosts[] = {"127.0.0.1", "::1", "bootstrap1.example.org", NULL};
+    time_t now = time(NULL);
+    struct cred_issue_params p = {.cn = "127.0.0.1",
+                                  .hosts = hosts,
+                                  .roles = ROLE_SERVICE,
+                                  .server_auth = true,
+                                  .client_auth = true,
+                                  .not_before = now - 60,
+                                  .not_after = now + 3600};
+    assert_int_equal(cred_issue(pub, ca->key, ca->crt, &p, &crt), 0);
+    struct peer_identity id;
+    assert_int_equal(cred_identity(crt, &id), 0);
+    assert_string_equal(id.dns, "bootstrap1.example.org");
+    assert_string_equal(id.uri, "");
+    assert_int_equal(id.roles, ROLE_SERVICE);
+    assert_false(id.has_node_id);
+    char buf[512];
+    assert_string_equal(cred_identity_str(&id, buf, sizeof(buf)),
+                        "bootstrap1.example.org (node-id none, roles service)");
+    gnutls_x509_crt_deinit(crt);
+    gnutls_pubkey_deinit(pub);
+    gnutls_x509_privkey_deinit(key);
+}
+
 static void test_issue_refuses_bad_params(void **state)
 {
     struct testca *ca = *state;
@@ -340,6 +368,7 @@ int main(void)
         cmocka_unit_test(test_identity_malformed_extension),
         cmocka_unit_test(test_sign_verify),
         cmocka_unit_test(test_sign_verify_ecdsa),
+        cmocka_unit_test(test_service_certificate_names),
         cmocka_unit_test(test_issue_refuses_bad_params),
     };
     return cmocka_run_group_tests(tests, setup_ca, teardown_ca);
