@@ -463,12 +463,7 @@ static void handle(struct httpd_req *r, void *ud)
         }
         allow = "GET";
     }
-    if (allow) {
-        httpd_add_header(r, "Allow", allow);
-        httpd_respond_error(r, 405, "method-not-allowed", "see the Allow header");
-    } else {
-        httpd_respond_error(r, 404, "not-found", "no such resource");
-    }
+    httpd_respond_unrouted(r, allow);
 }
 
 static void on_expire(struct ev_loop *loop, ev_timer *w, int revents)

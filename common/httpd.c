@@ -390,6 +390,16 @@ void httpd_respond_error(struct httpd_req *r, unsigned status, const char *code,
     json_decref(o);
 }
 
+void httpd_respond_unrouted(struct httpd_req *r, const char *allow)
+{
+    if (allow) {
+        httpd_add_header(r, "Allow", allow);
+        httpd_respond_error(r, 405, "method-not-allowed", "see the Allow header");
+    } else {
+        httpd_respond_error(r, 404, "not-found", "no such resource");
+    }
+}
+
 /* ---- Daemon ------------------------------------------------------------------------------- */
 
 int httpd_port(const struct httpd *h)

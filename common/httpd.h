@@ -72,6 +72,11 @@ void httpd_respond(struct httpd_req *r, unsigned status, const char *content_typ
                    size_t len);
 /* Answers with a JSON body; the reference to `body` is not taken. */
 void httpd_respond_json(struct httpd_req *r, unsigned status, json_t *body);
+/*
+ * The answer for a request no handler took: 405 with an Allow header when the
+ * path exists for other methods (`allow` lists them, e.g. "GET"), else 404.
+ */
+void httpd_respond_unrouted(struct httpd_req *r, const char *allow);
 /* Answers {"error": code, "reason": reason} and logs it at info. */
 void httpd_respond_error(struct httpd_req *r, unsigned status, const char *code,
                          const char *reason);

@@ -260,12 +260,7 @@ static void handle(struct httpd_req *r, void *ud)
         }
         allow = "POST";
     }
-    if (allow) {
-        httpd_add_header(r, "Allow", allow);
-        httpd_respond_error(r, 405, "method-not-allowed", "see the Allow header");
-    } else {
-        httpd_respond_error(r, 404, "not-found", "no such resource");
-    }
+    httpd_respond_unrouted(r, allow);
 }
 
 struct ls_server *ls_server_start(struct ev_loop *loop, struct ls_ca *ca, struct userstore *users,

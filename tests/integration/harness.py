@@ -146,3 +146,30 @@ def main(module):
     args, rest = ap.parse_known_args()
     module.BINDIR = os.path.abspath(args.bindir)
     unittest.main(module=module, argv=[sys.argv[0]] + rest, verbosity=2)
+
+
+def post_oversize(port, ctx, path, size, headers=None):
+    """POSTs `size` bytes with a Content-Length. A server that refuses from the length answers
+    before reading the body and closes; like curl, read that answer even though the upload
+    was cut off. Returns (status, parsed JSON body or None)."""
+    import http.client
+    import json
+    import ssl
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
+    conn.putrequest("POST", path)
+    for k, v in (headers or {}).items():
+        conn.putheader(k, v)
+    conn.putheader("Content-Length", str(size))
+    conn.endheaders()
+    try:
+        for _ in range(size // 65536):
+            conn.send(b" " * 65536)
+    except (ssl.SSLError, ConnectionError):
+        pass
+    resp = conn.getresponse()
+    text = resp.read().decode(errors="replace")
+    conn.close()
+    try:
+        return resp.status, json.loads(text)
+    except ValueError:
+        return resp.status, None

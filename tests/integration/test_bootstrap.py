@@ -501,27 +501,10 @@ class Bootstrap(unittest.TestCase):
 
         # An oversize body with a Content-Length: 413 without reading it all; like curl, we
         # read the answer even though our upload was cut off.
-        size = 2 * 1024 * 1024
         self.pacer.wait("sn5")
-        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.ctx("sn5"),
-                                           timeout=30)
-        conn.putrequest("POST", path)
-        conn.putheader("Content-Type", "application/json")
-        conn.putheader("Content-Length", str(size))
-        conn.endheaders()
-        try:
-            for _ in range(size // 65536):
-                conn.send(b" " * 65536)
-        except (ssl.SSLError, ConnectionError):
-            pass
-        resp = conn.getresponse()
-        resp.text = resp.read().decode(errors="replace")
-        conn.close()
-        try:
-            js = json.loads(resp.text)
-        except ValueError:
-            js = None
-        self.assert_error((resp.status, js, resp), 413, "too-large", "2 MiB body")
+        st, js = harness.post_oversize(self.port, self.ctx("sn5"), path, 2 * 1024 * 1024,
+                                       {"Content-Type": "application/json"})
+        self.assertEqual((st, js and js.get("error")), (413, "too-large"), "2 MiB body")
 
         # A flood from one certificate: more than 10 in a period are refused. 15 in a burst
         # exceed any window they fall in unless they straddle two; then a few more do.

@@ -261,21 +261,8 @@ class LoginServer(unittest.TestCase):
         before = self.stored_state()
         # Several MiB with a Content-Length: the server answers 413 without reading them and
         # closes; like curl, the client reads the answer even though its upload was cut off.
-        size = 4 * 1024 * 1024
-        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.ctx(),
-                                           timeout=30)
-        conn.putrequest("POST", "/v1/enroll")
-        conn.putheader("Content-Length", str(size))
-        conn.endheaders()
-        try:
-            for _ in range(size // 65536):
-                conn.send(b" " * 65536)
-        except (ssl.SSLError, ConnectionError):
-            pass
-        resp = conn.getresponse()
-        self.assertEqual(resp.status, 413)
-        self.assertEqual(json.loads(resp.read())["error"], "too-large")
-        conn.close()
+        st, js = harness.post_oversize(self.port, self.ctx(), "/v1/enroll", 4 * 1024 * 1024)
+        self.assertEqual((st, js["error"]), (413, "too-large"))
         # Without a length (chunked), the connection is closed as soon as the limit is passed.
         conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.ctx(),
                                            timeout=30)
