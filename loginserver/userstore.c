@@ -747,17 +747,25 @@ static int note_iterations(struct userstore *us, unsigned iterations)
     return meta_set(us, META_ITERATIONS, text);
 }
 
-int userstore_add(struct userstore *us, const char *name, const char *password, bool may_supernode,
-                  unsigned iterations)
+/* The checks a new password passes, then its hash: shared by add and passwd. */
+static int checked_hash(struct userstore *us, const char *name, const char *password,
+                        unsigned *iterations, char pw[HASH_STR_MAX])
 {
-    char pw[HASH_STR_MAX];
     int ret = check_name(us, name);
     if (ret == US_OK)
         ret = check_password(us, password);
     if (ret == US_OK)
-        ret = check_iterations(us, &iterations);
+        ret = check_iterations(us, iterations);
     if (ret == US_OK)
-        ret = hash_password(us, password, iterations, pw);
+        ret = hash_password(us, password, *iterations, pw);
+    return ret;
+}
+
+int userstore_add(struct userstore *us, const char *name, const char *password, bool may_supernode,
+                  unsigned iterations)
+{
+    char pw[HASH_STR_MAX];
+    int ret = checked_hash(us, name, password, &iterations, pw);
     if (ret != US_OK)
         return ret;
     ret = tx_begin(us);
@@ -827,13 +835,7 @@ int userstore_passwd(struct userstore *us, const char *name, const char *passwor
                      unsigned iterations)
 {
     char pw[HASH_STR_MAX];
-    int ret = check_name(us, name);
-    if (ret == US_OK)
-        ret = check_password(us, password);
-    if (ret == US_OK)
-        ret = check_iterations(us, &iterations);
-    if (ret == US_OK)
-        ret = hash_password(us, password, iterations, pw);
+    int ret = checked_hash(us, name, password, &iterations, pw);
     if (ret != US_OK)
         return ret;
     sqlite3_stmt *s = stmt(us, ST_SET_PW);
