@@ -15,20 +15,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "errbuf.h"
+
 #define CFG_FILE_MAX (1024 * 1024)
-
-static int errf(char *err, size_t len, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-
-static int errf(char *err, size_t len, const char *fmt, ...)
-{
-    if (err && len) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, len, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
 
 static void *field_ptr(void *cfg, const struct cfg_field *f)
 {
@@ -75,9 +64,9 @@ static int unknown_key(const struct cfg_schema *s, const char *origin, const cha
             best_d = d, best = s->fields[i].key;
     }
     if (best)
-        return errf(err, errlen, "%s: unknown key \"%s\" (did you mean \"%s\"?)", origin, key,
-                    best);
-    return errf(err, errlen, "%s: unknown key \"%s\"", origin, key);
+        return errbuf_set(err, errlen, -1, "%s: unknown key \"%s\" (did you mean \"%s\"?)", origin,
+                          key, best);
+    return errbuf_set(err, errlen, -1, "%s: unknown key \"%s\"", origin, key);
 }
 
 static const char *json_type_name(const json_t *v)
@@ -170,36 +159,38 @@ static int set_field(const struct cfg_field *f, void *cfg, const json_t *v, cons
     switch (f->type) {
     case CFG_INT: {
         if (!json_is_integer(v))
-            return errf(err, errlen, "%s: key \"%s\": expected an integer, got %s", origin, f->key,
-                        json_type_name(v));
+            return errbuf_set(err, errlen, -1, "%s: key \"%s\": expected an integer, got %s",
+                              origin, f->key, json_type_name(v));
         long long x = json_integer_value(v);
         if (x < f->min || x > f->max)
-            return errf(err, errlen, "%s: key \"%s\": %lld is out of range (%lld..%lld)", origin,
-                        f->key, x, f->min, f->max);
+            return errbuf_set(err, errlen, -1, "%s: key \"%s\": %lld is out of range (%lld..%lld)",
+                              origin, f->key, x, f->min, f->max);
         *(long long *)p = x;
         return 0;
     }
     case CFG_BOOL:
         if (!json_is_boolean(v))
-            return errf(err, errlen, "%s: key \"%s\": expected true or false, got %s", origin,
-                        f->key, json_type_name(v));
+            return errbuf_set(err, errlen, -1, "%s: key \"%s\": expected true or false, got %s",
+                              origin, f->key, json_type_name(v));
         *(bool *)p = json_is_true(v);
         return 0;
     case CFG_STRLIST: {
         if (!json_is_array(v))
-            return errf(err, errlen, "%s: key \"%s\": expected an array of strings, got %s", origin,
-                        f->key, json_type_name(v));
+            return errbuf_set(err, errlen, -1,
+                              "%s: key \"%s\": expected an array of strings, got %s", origin,
+                              f->key, json_type_name(v));
         struct cfg_strlist nl = {calloc(json_array_size(v) + 1, sizeof(char *)), 0};
         if (!nl.items)
-            return errf(err, errlen, "out of memory");
+            return errbuf_set(err, errlen, -1, "out of memory");
         size_t i;
         json_t *item;
         json_array_foreach(v, i, item)
         {
             if (!json_is_string(item) || json_string_length(item) == 0) {
                 free_strlist(&nl);
-                return errf(err, errlen, "%s: key \"%s\": item %zu must be a non-empty string",
-                            origin, f->key, i);
+                return errbuf_set(err, errlen, -1,
+                                  "%s: key \"%s\": item %zu must be a non-empty string", origin,
+                                  f->key, i);
             }
             nl.items[nl.n++] = strdup(json_string_value(item));
         }
@@ -212,17 +203,18 @@ static int set_field(const struct cfg_field *f, void *cfg, const json_t *v, cons
     case CFG_HOSTPORT:
     case CFG_ENUM: {
         if (!json_is_string(v))
-            return errf(err, errlen, "%s: key \"%s\": expected a string, got %s", origin, f->key,
-                        json_type_name(v));
+            return errbuf_set(err, errlen, -1, "%s: key \"%s\": expected a string, got %s", origin,
+                              f->key, json_type_name(v));
         const char *s = json_string_value(v);
         if (json_string_length(v) == 0 || strlen(s) != json_string_length(v))
-            return errf(err, errlen, "%s: key \"%s\": must be a non-empty string without NUL",
-                        origin, f->key);
+            return errbuf_set(err, errlen, -1,
+                              "%s: key \"%s\": must be a non-empty string without NUL", origin,
+                              f->key);
         if (f->type == CFG_HOSTPORT && cfg_parse_hostport(s, NULL, 0, NULL) != 0)
-            return errf(err, errlen,
-                        "%s: key \"%s\": expected a numeric address and port like "
-                        "127.0.0.1:7000 or [::1]:7000, got \"%.80s\"",
-                        origin, f->key, s);
+            return errbuf_set(err, errlen, -1,
+                              "%s: key \"%s\": expected a numeric address and port like "
+                              "127.0.0.1:7000 or [::1]:7000, got \"%.80s\"",
+                              origin, f->key, s);
         if (f->type == CFG_ENUM) {
             bool ok = false;
             for (const char *const *c = f->choices; c && *c; c++)
@@ -232,8 +224,8 @@ static int set_field(const struct cfg_field *f, void *cfg, const json_t *v, cons
                 for (const char *const *c = f->choices; c && *c; c++)
                     snprintf(list + strlen(list), sizeof(list) - strlen(list), "%s%s",
                              c == f->choices ? "" : ", ", *c);
-                return errf(err, errlen, "%s: key \"%s\": \"%.80s\" is not one of: %s", origin,
-                            f->key, s, list);
+                return errbuf_set(err, errlen, -1, "%s: key \"%s\": \"%.80s\" is not one of: %s",
+                                  origin, f->key, s, list);
             }
         }
         char *copy;
@@ -241,8 +233,9 @@ static int set_field(const struct cfg_field *f, void *cfg, const json_t *v, cons
             /* Daemons chdir("/") when they detach: anchor relative paths now. */
             char cwd[4096];
             if (!getcwd(cwd, sizeof(cwd)))
-                return errf(err, errlen, "%s: key \"%s\": cannot resolve relative path: %s", origin,
-                            f->key, strerror(errno));
+                return errbuf_set(err, errlen, -1,
+                                  "%s: key \"%s\": cannot resolve relative path: %s", origin,
+                                  f->key, strerror(errno));
             copy = malloc(strlen(cwd) + strlen(s) + 2);
             if (copy)
                 sprintf(copy, "%s/%s", cwd, s);
@@ -250,13 +243,13 @@ static int set_field(const struct cfg_field *f, void *cfg, const json_t *v, cons
             copy = strdup(s);
         }
         if (!copy)
-            return errf(err, errlen, "out of memory");
+            return errbuf_set(err, errlen, -1, "out of memory");
         free(*(char **)p);
         *(char **)p = copy;
         return 0;
     }
     }
-    return errf(err, errlen, "%s: key \"%s\": unsupported type", origin, f->key);
+    return errbuf_set(err, errlen, -1, "%s: key \"%s\": unsupported type", origin, f->key);
 }
 
 /* Turns override text into the JSON value its field expects (or a string, to get the error). */
@@ -300,7 +293,8 @@ static int set_text(const struct cfg_field *f, void *cfg, const char *text, cons
 {
     json_t *v = text_to_json(f, text);
     if (!v) /* invalid UTF-8 in an override */
-        return errf(err, errlen, "%s: key \"%s\": value is not valid UTF-8", origin, f->key);
+        return errbuf_set(err, errlen, -1, "%s: key \"%s\": value is not valid UTF-8", origin,
+                          f->key);
     int rc = set_field(f, cfg, v, origin, err, errlen);
     json_decref(v);
     return rc;
@@ -319,8 +313,8 @@ static int load_json(const struct cfg_schema *s, void *cfg, json_t *root, const 
                      char *err, size_t errlen)
 {
     if (!json_is_object(root))
-        return errf(err, errlen, "%s: the configuration must be a JSON object, got %s", origin,
-                    json_type_name(root));
+        return errbuf_set(err, errlen, -1, "%s: the configuration must be a JSON object, got %s",
+                          origin, json_type_name(root));
     const char *key;
     json_t *v;
     json_object_foreach(root, key, v)
@@ -340,7 +334,7 @@ int cfg_load_string(const struct cfg_schema *s, void *cfg, const char *text, con
     json_error_t je;
     json_t *root = json_loads(text, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &je);
     if (!root)
-        return errf(err, errlen, "%s:%d:%d: %s", origin, je.line, je.column, je.text);
+        return errbuf_set(err, errlen, -1, "%s:%d:%d: %s", origin, je.line, je.column, je.text);
     int rc = load_json(s, cfg, root, origin, err, errlen);
     json_decref(root);
     return rc;
@@ -350,24 +344,25 @@ int cfg_load_file(const struct cfg_schema *s, void *cfg, const char *path, char 
 {
     FILE *f = fopen(path, "re");
     if (!f)
-        return errf(err, errlen, "cannot read config %s: %s", path, strerror(errno));
+        return errbuf_set(err, errlen, -1, "cannot read config %s: %s", path, strerror(errno));
     char *buf = malloc(CFG_FILE_MAX + 1);
     size_t n = buf ? fread(buf, 1, CFG_FILE_MAX + 1, f) : 0;
     int rerr = ferror(f);
     fclose(f);
     if (!buf)
-        return errf(err, errlen, "out of memory");
+        return errbuf_set(err, errlen, -1, "out of memory");
     if (rerr) {
         free(buf);
-        return errf(err, errlen, "cannot read config %s: read error", path);
+        return errbuf_set(err, errlen, -1, "cannot read config %s: read error", path);
     }
     if (n > CFG_FILE_MAX) {
         free(buf);
-        return errf(err, errlen, "config %s: larger than %d bytes", path, CFG_FILE_MAX);
+        return errbuf_set(err, errlen, -1, "config %s: larger than %d bytes", path, CFG_FILE_MAX);
     }
     if (memchr(buf, '\0', n)) {
         free(buf);
-        return errf(err, errlen, "config %s: contains a NUL byte (not a JSON text file)", path);
+        return errbuf_set(err, errlen, -1, "config %s: contains a NUL byte (not a JSON text file)",
+                          path);
     }
     buf[n] = '\0';
     int rc = cfg_load_string(s, cfg, buf, path, err, errlen);
@@ -379,11 +374,11 @@ int cfg_set(const struct cfg_schema *s, void *cfg, const char *assignment, char 
 {
     const char *eq = strchr(assignment, '=');
     if (!eq || eq == assignment)
-        return errf(err, errlen, "--set %s: expected KEY=VALUE", assignment);
+        return errbuf_set(err, errlen, -1, "--set %s: expected KEY=VALUE", assignment);
     char key[64];
     size_t kl = (size_t)(eq - assignment);
     if (kl >= sizeof(key))
-        return errf(err, errlen, "--set: key too long");
+        return errbuf_set(err, errlen, -1, "--set: key too long");
     memcpy(key, assignment, kl);
     key[kl] = '\0';
     const struct cfg_field *f = find_field(s, key);

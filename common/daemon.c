@@ -28,6 +28,13 @@ struct runtime {
     ev_timer deadline;
 };
 
+static const struct cli_opts *run_opts;
+
+const struct cli_opts *daemon_cli_opts(void)
+{
+    return run_opts;
+}
+
 int daemon_load_config(const struct daemon_spec *spec, const struct cli_opts *o, void *cfg)
 {
     char err[512];
@@ -138,10 +145,11 @@ static int write_pid_file(const char *path)
 
 int daemon_main(const struct daemon_spec *spec, int argc, char **argv)
 {
-    struct cli_opts o;
+    static struct cli_opts o;
     enum cli_result r = cli_parse(spec->prog, argc, argv, &o);
     if (r != CLI_CONTINUE)
         return r;
+    run_opts = &o;
 
     void *cfg = calloc(1, spec->cfg_size);
     if (!cfg) {

@@ -84,6 +84,9 @@ struct daemon_spec {
     void (*cleanup)(void *state);
 };
 
+/* The command line daemon_main() parsed (for a start callback's command options), or NULL. */
+const struct cli_opts *daemon_cli_opts(void);
+
 /* Returns the process exit status: 0, 1 (runtime failure) or 2 (usage/config). */
 int daemon_main(const struct daemon_spec *spec, int argc, char **argv);
 

@@ -21,6 +21,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "errbuf.h"
 #include "fsutil.h"
 #include "log.h"
 
@@ -51,20 +52,6 @@ static void op_free(struct login_op *op)
     free(op->ca_pem);
     free(op->expected_uri);
     free(op);
-}
-
-static int set_err(char *err, size_t errlen, int code, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
-static int set_err(char *err, size_t errlen, int code, const char *fmt, ...)
-{
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return code;
 }
 
 static char *join_url(const char *base, const char *path)
@@ -162,22 +149,22 @@ int login_fetch_overlay(struct http_client *client, const char *base_url, const 
     int r;
 
     if (!client || !base_url || !cb)
-        return set_err(err, errlen, -EINVAL, "overlay fetch: missing argument");
+        return errbuf_set(err, errlen, -EINVAL, "overlay fetch: missing argument");
     /* The pin's form is checked by overlay_doc_verify(); checking here fails before any I/O. */
     if (!pin || strlen(pin) != OVERLAY_PIN_LEN - 1 || strncmp(pin, "sha256:", 7) != 0 ||
         strspn(pin + 7, "0123456789abcdefABCDEF") != OVERLAY_PIN_LEN - 8)
-        return set_err(err, errlen, -EINVAL,
-                       "overlay fetch: the CA pin must be sha256:<64 hex digits>");
+        return errbuf_set(err, errlen, -EINVAL,
+                          "overlay fetch: the CA pin must be sha256:<64 hex digits>");
     memcpy(norm, pin, OVERLAY_PIN_LEN);
     if (!(op = calloc(1, sizeof(*op))))
-        return set_err(err, errlen, -ENOMEM, "overlay fetch: out of memory");
+        return errbuf_set(err, errlen, -ENOMEM, "overlay fetch: out of memory");
     op->what = "overlay fetch";
     op->ocb = cb;
     op->ud = ud;
     op->min_sequence = min_sequence;
     memcpy(op->pin, norm, sizeof(norm));
     if (!(op->url = join_url(base_url, "/v1/overlay"))) {
-        r = set_err(err, errlen, -ENOMEM, "overlay fetch: out of memory");
+        r = errbuf_set(err, errlen, -ENOMEM, "overlay fetch: out of memory");
         goto fail;
     }
     /* No CA yet: the document authenticates itself by signature and pin (protocol.md 2.1). */
@@ -189,8 +176,8 @@ int login_fetch_overlay(struct http_client *client, const char *base_url, const 
         .max_response = LOGIN_MAX_RESPONSE,
     };
     if ((r = http_request_start(client, &req, overlay_done, op)) < 0) {
-        set_err(err, errlen, r, "overlay fetch %s: cannot start the request: %s", op->url,
-                strerror(-r));
+        errbuf_set(err, errlen, r, "overlay fetch %s: cannot start the request: %s", op->url,
+                   strerror(-r));
         goto fail;
     }
     return 0;
@@ -454,37 +441,37 @@ static struct login_op *cert_op_new(const char *what, const char *base_url, cons
     int r;
 
     if (!op) {
-        *rc = set_err(err, errlen, -ENOMEM, "%s: out of memory", what);
+        *rc = errbuf_set(err, errlen, -ENOMEM, "%s: out of memory", what);
         return NULL;
     }
     op->what = what;
     op->ccb = cb;
     op->ud = ud;
     if (!(op->url = join_url(base_url, path))) {
-        *rc = set_err(err, errlen, -ENOMEM, "%s: out of memory", what);
+        *rc = errbuf_set(err, errlen, -ENOMEM, "%s: out of memory", what);
         goto fail;
     }
     if ((r = fs_read_file(ca_file, MAX_FILE_BYTES, &op->ca_pem, NULL)) < 0) {
-        *rc =
-            set_err(err, errlen, r, "%s: cannot read CA file %s: %s", what, ca_file, strerror(-r));
+        *rc = errbuf_set(err, errlen, r, "%s: cannot read CA file %s: %s", what, ca_file,
+                         strerror(-r));
         goto fail;
     }
     r = load_ca_list(op->ca_pem, &cas, &n_cas);
     free_ca_list(cas, r < 0 ? 0 : n_cas);
     if (r < 0 || n_cas == 0) {
-        *rc =
-            set_err(err, errlen, -EINVAL, "%s: CA file %s holds no PEM certificate", what, ca_file);
+        *rc = errbuf_set(err, errlen, -EINVAL, "%s: CA file %s holds no PEM certificate", what,
+                         ca_file);
         goto fail;
     }
     op->keyid_len = sizeof(op->keyid);
     if ((r = gnutls_x509_privkey_get_key_id(key, GNUTLS_KEYID_USE_SHA256, op->keyid,
                                             &op->keyid_len)) < 0) {
-        *rc = set_err(err, errlen, -EINVAL, "%s: unusable key: %s", what, gnutls_strerror(r));
+        *rc = errbuf_set(err, errlen, -EINVAL, "%s: unusable key: %s", what, gnutls_strerror(r));
         goto fail;
     }
     if ((r = cred_csr_make(key, cn, csr)) < 0) {
-        *rc = set_err(err, errlen, -EINVAL, "%s: cannot make a certificate request: %s", what,
-                      gnutls_strerror(r));
+        *rc = errbuf_set(err, errlen, -EINVAL, "%s: cannot make a certificate request: %s", what,
+                         gnutls_strerror(r));
         goto fail;
     }
     return op;
@@ -501,7 +488,7 @@ static int send_json(struct http_client *client, struct login_op *op, json_t *bo
     char *text = body ? json_dumps(body, JSON_COMPACT) : NULL;
     json_decref(body);
     if (!text)
-        return set_err(err, errlen, -ENOMEM, "%s: out of memory", op->what);
+        return errbuf_set(err, errlen, -ENOMEM, "%s: out of memory", op->what);
     size_t len = strlen(text);
     struct http_request req = {
         .method = "POST",
@@ -519,8 +506,8 @@ static int send_json(struct http_client *client, struct login_op *op, json_t *bo
     explicit_bzero(text, len);
     free(text);
     if (r < 0)
-        return set_err(err, errlen, r, "%s %s: cannot start the request: %s", op->what, op->url,
-                       strerror(-r));
+        return errbuf_set(err, errlen, r, "%s %s: cannot start the request: %s", op->what, op->url,
+                          strerror(-r));
     return 0;
 }
 
@@ -534,14 +521,14 @@ int login_enroll(struct http_client *client, const char *base_url, const char *c
 
     if (!client || !base_url || !ca_file || !overlay || !*overlay || !user || !*user || !password ||
         !key || !cb)
-        return set_err(err, errlen, -EINVAL, "enroll: missing argument");
+        return errbuf_set(err, errlen, -EINVAL, "enroll: missing argument");
     op = cert_op_new("enroll", base_url, "/v1/enroll", ca_file, key, user, &csr, cb, ud, err,
                      errlen, &r);
     if (!op)
         return r;
     size_t ulen = strlen(user) + strlen(overlay) + 6;
     if (!(op->expected_uri = malloc(ulen))) {
-        r = set_err(err, errlen, -ENOMEM, "enroll: out of memory");
+        r = errbuf_set(err, errlen, -ENOMEM, "enroll: out of memory");
         goto fail;
     }
     snprintf(op->expected_uri, ulen, "sip:%s@%s", user, overlay);
@@ -552,7 +539,7 @@ int login_enroll(struct http_client *client, const char *base_url, const char *c
          json_object_set_new(body, "password", json_string(password)) < 0 ||
          json_object_set_new(body, "csr", json_stringn((const char *)csr.data, csr.size)) < 0)) {
         json_decref(body);
-        r = set_err(err, errlen, -EINVAL, "enroll: user name or password is not valid UTF-8");
+        r = errbuf_set(err, errlen, -EINVAL, "enroll: user name or password is not valid UTF-8");
         goto fail;
     }
     if ((r = send_json(client, op, body, ca_file, NULL, NULL, err, errlen)) < 0)
@@ -576,18 +563,18 @@ int login_renew(struct http_client *client, const char *base_url, const char *ca
     int r = 0;
 
     if (!client || !base_url || !ca_file || !cert_file || !key_file || !new_key || !cb)
-        return set_err(err, errlen, -EINVAL, "renew: missing argument");
+        return errbuf_set(err, errlen, -EINVAL, "renew: missing argument");
     if ((r = cred_cert_load(&old, cert_file)) < 0)
-        return set_err(err, errlen, -EINVAL, "renew: cannot load current certificate %s: %s",
-                       cert_file, gnutls_strerror(r));
+        return errbuf_set(err, errlen, -EINVAL, "renew: cannot load current certificate %s: %s",
+                          cert_file, gnutls_strerror(r));
     r = cred_identity(old, &id);
     gnutls_x509_crt_deinit(old);
     if (r < 0)
-        return set_err(err, errlen, -EINVAL, "renew: cannot read the identity of %s: %s", cert_file,
-                       gnutls_strerror(r));
+        return errbuf_set(err, errlen, -EINVAL, "renew: cannot read the identity of %s: %s",
+                          cert_file, gnutls_strerror(r));
     if (!id.uri[0] || !id.has_node_id)
-        return set_err(err, errlen, -EINVAL, "renew: %s has no %s", cert_file,
-                       id.uri[0] ? "Node-ID" : "URI");
+        return errbuf_set(err, errlen, -EINVAL, "renew: %s has no %s", cert_file,
+                          id.uri[0] ? "Node-ID" : "URI");
     const char *cn = id.cn[0] ? id.cn : "node";
     op = cert_op_new("renew", base_url, "/v1/renew", ca_file, new_key, cn, &csr, cb, ud, err,
                      errlen, &r);
@@ -596,14 +583,14 @@ int login_renew(struct http_client *client, const char *base_url, const char *ca
     op->check_node_id = true;
     op->node_id = id.node_id;
     if (!(op->expected_uri = strdup(id.uri))) {
-        r = set_err(err, errlen, -ENOMEM, "renew: out of memory");
+        r = errbuf_set(err, errlen, -ENOMEM, "renew: out of memory");
         goto fail;
     }
     json_t *body = json_object();
     if (body &&
         json_object_set_new(body, "csr", json_stringn((const char *)csr.data, csr.size)) < 0) {
         json_decref(body);
-        r = set_err(err, errlen, -ENOMEM, "renew: out of memory");
+        r = errbuf_set(err, errlen, -ENOMEM, "renew: out of memory");
         goto fail;
     }
     if ((r = send_json(client, op, body, ca_file, cert_file, key_file, err, errlen)) < 0)
@@ -701,34 +688,34 @@ int node_creds_save(const char *state_dir, gnutls_x509_privkey_t key, const char
 
     memset(&doc, 0, sizeof(doc));
     if (!state_dir || !key || !cert_pem || !ca_pem || !overlay_envelope || !pin)
-        return set_err(err, errlen, -EINVAL, "save credentials: missing argument");
+        return errbuf_set(err, errlen, -EINVAL, "save credentials: missing argument");
 
     /* Refuse an inconsistent set: a node could not use it after a restart. */
     if (import_pem_cert(&cert, cert_pem) < 0) {
-        set_err(err, errlen, ret, "save credentials: the certificate is not PEM");
+        errbuf_set(err, errlen, ret, "save credentials: the certificate is not PEM");
         goto out;
     }
     if (!key_matches_cert(key, cert)) {
-        set_err(err, errlen, ret, "save credentials: the certificate does not match the key");
+        errbuf_set(err, errlen, ret, "save credentials: the certificate does not match the key");
         goto out;
     }
     if (import_pem_cert(&ca, ca_pem) < 0 || overlay_doc_pin(ca, ca_pin) < 0) {
-        set_err(err, errlen, ret, "save credentials: the CA certificate is not PEM");
+        errbuf_set(err, errlen, ret, "save credentials: the CA certificate is not PEM");
         goto out;
     }
     if (overlay_doc_verify(overlay_envelope, strlen(overlay_envelope), pin, 0, &doc, verr,
                            sizeof(verr)) < 0) {
-        set_err(err, errlen, ret, "save credentials: %s", verr);
+        errbuf_set(err, errlen, ret, "save credentials: %s", verr);
         goto out;
     }
     if (strcmp(ca_pin, doc.pin) != 0) {
-        set_err(err, errlen, ret, "save credentials: the CA certificate does not match the pin");
+        errbuf_set(err, errlen, ret, "save credentials: the CA certificate does not match the pin");
         goto out;
     }
 
     if ((r = make_dirs(state_dir)) < 0) {
-        ret = set_err(err, errlen, r, "save credentials: cannot create %s: %s", state_dir,
-                      strerror(-r));
+        ret = errbuf_set(err, errlen, r, "save credentials: cannot create %s: %s", state_dir,
+                         strerror(-r));
         goto out;
     }
     static const char *const names[] = {NODE_CREDS_OVERLAY, NODE_CREDS_PIN, NODE_CREDS_CA,
@@ -739,19 +726,19 @@ int node_creds_save(const char *state_dir, gnutls_x509_privkey_t key, const char
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         free(path);
         if (!(path = path_join(state_dir, names[i]))) {
-            ret = set_err(err, errlen, -ENOMEM, "save credentials: out of memory");
+            ret = errbuf_set(err, errlen, -ENOMEM, "save credentials: out of memory");
             goto out;
         }
         if (!data[i]) {
             /* cred_key_save writes PKCS#8 the same atomic way, mode 0600. */
             if ((r = cred_key_save(key, path)) < 0) {
-                ret = set_err(err, errlen, -EIO, "save credentials: cannot write %s: %s", path,
-                              gnutls_strerror(r));
+                ret = errbuf_set(err, errlen, -EIO, "save credentials: cannot write %s: %s", path,
+                                 gnutls_strerror(r));
                 goto out;
             }
         } else if ((r = fs_write_atomic(path, data[i], strlen(data[i]), 0600)) < 0) {
-            ret = set_err(err, errlen, r, "save credentials: cannot write %s: %s", path,
-                          strerror(-r));
+            ret = errbuf_set(err, errlen, r, "save credentials: cannot write %s: %s", path,
+                             strerror(-r));
             goto out;
         }
     }
@@ -787,10 +774,10 @@ static int load_file(const char *state_dir, const char *name, char **path_out, c
 {
     char *path = path_join(state_dir, name);
     if (!path)
-        return set_err(err, errlen, -ENOMEM, "load credentials: out of memory");
+        return errbuf_set(err, errlen, -ENOMEM, "load credentials: out of memory");
     int r = fs_read_file(path, MAX_FILE_BYTES, out, len);
     if (r < 0) {
-        set_err(err, errlen, r, "load credentials: cannot read %s: %s", path, strerror(-r));
+        errbuf_set(err, errlen, r, "load credentials: cannot read %s: %s", path, strerror(-r));
         free(path);
         return r;
     }
@@ -811,7 +798,7 @@ int node_creds_load(const char *state_dir, struct node_creds *out, char *err, si
 
     memset(out, 0, sizeof(*out));
     if (!state_dir)
-        return set_err(err, errlen, -EINVAL, "load credentials: no state directory");
+        return errbuf_set(err, errlen, -EINVAL, "load credentials: no state directory");
     if ((ret = load_file(state_dir, NODE_CREDS_PIN, NULL, &pin_text, NULL, err, errlen)) < 0 ||
         (ret = load_file(state_dir, NODE_CREDS_OVERLAY, NULL, &out->overlay_envelope, &len, err,
                          errlen)) < 0 ||
@@ -827,15 +814,15 @@ int node_creds_load(const char *state_dir, struct node_creds *out, char *err, si
     pin_text[strcspn(pin_text, " \t\r\n")] = '\0';
     if (overlay_doc_verify(out->overlay_envelope, len, pin_text, 0, &out->doc, verr, sizeof(verr)) <
         0) {
-        set_err(err, errlen, ret, "load credentials: %s/%s: %s", state_dir, NODE_CREDS_OVERLAY,
-                verr);
+        errbuf_set(err, errlen, ret, "load credentials: %s/%s: %s", state_dir, NODE_CREDS_OVERLAY,
+                   verr);
         goto fail;
     }
     memcpy(out->pin, out->doc.pin, sizeof(out->pin));
     if (import_pem_cert(&ca, out->ca_pem) < 0 || overlay_doc_pin(ca, ca_pin) < 0 ||
         strcmp(ca_pin, out->pin) != 0) {
-        set_err(err, errlen, ret, "load credentials: %s does not hold the pinned CA certificate",
-                out->ca_file);
+        errbuf_set(err, errlen, ret, "load credentials: %s does not hold the pinned CA certificate",
+                   out->ca_file);
         goto fail;
     }
 
@@ -843,8 +830,8 @@ int node_creds_load(const char *state_dir, struct node_creds *out, char *err, si
     if ((r = gnutls_x509_privkey_init(&out->key)) < 0 ||
         (r = gnutls_x509_privkey_import2(out->key, &kd, GNUTLS_X509_FMT_PEM, NULL,
                                          GNUTLS_PKCS_PLAIN)) < 0) {
-        set_err(err, errlen, ret, "load credentials: %s is not a usable key: %s", out->key_file,
-                gnutls_strerror(r));
+        errbuf_set(err, errlen, ret, "load credentials: %s is not a usable key: %s", out->key_file,
+                   gnutls_strerror(r));
         goto fail;
     }
     struct stat st;
@@ -852,14 +839,14 @@ int node_creds_load(const char *state_dir, struct node_creds *out, char *err, si
         log_warn("login", "%s is readable by others (mode %03o); it should be 0600", out->key_file,
                  (unsigned)(st.st_mode & 0777));
     if ((r = import_pem_cert(&out->cert, out->cert_pem)) < 0) {
-        set_err(err, errlen, ret, "load credentials: %s is not a PEM certificate: %s",
-                out->cert_file, gnutls_strerror(r));
+        errbuf_set(err, errlen, ret, "load credentials: %s is not a PEM certificate: %s",
+                   out->cert_file, gnutls_strerror(r));
         goto fail;
     }
     if (!key_matches_cert(out->key, out->cert)) {
-        set_err(err, errlen, ret,
-                "load credentials: %s does not match %s (interrupted save or renewal?)",
-                out->cert_file, out->key_file);
+        errbuf_set(err, errlen, ret,
+                   "load credentials: %s does not match %s (interrupted save or renewal?)",
+                   out->cert_file, out->key_file);
         goto fail;
     }
     /* Expiry is the caller's business (renewal); the issuer is not. */
@@ -867,13 +854,13 @@ int node_creds_load(const char *state_dir, struct node_creds *out, char *err, si
     if ((r = gnutls_x509_crt_verify(out->cert, &ca, 1, GNUTLS_VERIFY_DISABLE_TIME_CHECKS,
                                     &status)) < 0 ||
         status) {
-        set_err(err, errlen, ret, "load credentials: %s was not issued by the CA in %s",
-                out->cert_file, out->ca_file);
+        errbuf_set(err, errlen, ret, "load credentials: %s was not issued by the CA in %s",
+                   out->cert_file, out->ca_file);
         goto fail;
     }
     if ((r = cred_identity(out->cert, &out->id)) < 0) {
-        set_err(err, errlen, ret, "load credentials: %s: unreadable identity: %s", out->cert_file,
-                gnutls_strerror(r));
+        errbuf_set(err, errlen, ret, "load credentials: %s: unreadable identity: %s",
+                   out->cert_file, gnutls_strerror(r));
         goto fail;
     }
     ret = 0;

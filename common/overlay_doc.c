@@ -150,17 +150,17 @@ void overlay_doc_defaults(struct overlay_doc *d)
 {
     d->format = OVERLAY_DOC_FORMAT;
     d->replication_factor = 3;
-    d->max_record_bytes = 16384;
+    d->max_record_bytes = 4096;
     d->max_record_lifetime_s = 86400;
-    d->keepalive_s = 30;
-    d->stabilize_s = 10;
-    d->successor_list = 4;
+    d->keepalive_s = 15;
+    d->stabilize_s = 5;
+    d->successor_list = 8;
     d->promotion.min_uptime_s = 3600;
-    d->promotion.min_cpus = 1;
-    d->promotion.min_free_mem_mb = 128;
-    d->promotion.min_bandwidth_kbps = 1000;
-    d->promotion.sn_target_load = 50;
-    d->cert_validity_days = 90;
+    d->promotion.min_cpus = 2;
+    d->promotion.min_free_mem_mb = 512;
+    d->promotion.min_bandwidth_kbps = 2000;
+    d->promotion.sn_target_load = 500;
+    d->cert_validity_days = 365;
 }
 
 static int set_new(json_t *obj, const char *key, json_t *val)

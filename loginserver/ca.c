@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "errbuf.h"
 #include "fsutil.h"
 #include "log.h"
 #include "overlay_doc.h"
@@ -19,16 +20,6 @@
 #define CA_VALIDITY_DAYS     3650
 #define SERVER_VALIDITY_DAYS 825
 #define MAX_PEM              (64 * 1024)
-
-static int errf(char *err, size_t len, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int errf(char *err, size_t len, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, len, fmt, ap);
-    va_end(ap);
-    return -1;
-}
 
 static void random_serial_hex(gnutls_x509_crt_t crt, char out[41])
 {
@@ -53,15 +44,17 @@ static int issue_with_new_key(gnutls_x509_privkey_t ca_key, gnutls_x509_crt_t ca
     int r;
     /* CA and service keys: ECDSA P-256, so that browsers can use the status pages. */
     if ((r = cred_keygen_p256(&key)) < 0 || (r = cred_pubkey(key, &pub)) < 0) {
-        errf(err, errlen, "cannot make a key: %s", gnutls_strerror(r));
+        errbuf_set(err, errlen, -1, "cannot make a key: %s", gnutls_strerror(r));
         goto out;
     }
     if ((r = cred_issue(pub, ca_crt ? ca_key : key, ca_crt, p, &crt)) < 0) {
-        errf(err, errlen, "cannot issue certificate %s: %s", cert_path, gnutls_strerror(r));
+        errbuf_set(err, errlen, -1, "cannot issue certificate %s: %s", cert_path,
+                   gnutls_strerror(r));
         goto out;
     }
     if ((r = cred_key_save(key, key_path)) < 0 || (r = cred_cert_save(crt, cert_path)) < 0) {
-        errf(err, errlen, "cannot write %s / %s: %s", key_path, cert_path, gnutls_strerror(r));
+        errbuf_set(err, errlen, -1, "cannot write %s / %s: %s", key_path, cert_path,
+                   gnutls_strerror(r));
         goto out;
     }
     if (crt_out) {
@@ -86,12 +79,13 @@ int ls_ca_create(const char *dir, const char *overlay, const char *const *hosts,
         fs_join(ca_pem, sizeof(ca_pem), dir, "ca.pem") ||
         fs_join(srv_key, sizeof(srv_key), dir, "server.key") ||
         fs_join(srv_pem, sizeof(srv_pem), dir, "server.pem"))
-        return errf(err, errlen, "state directory path too long");
+        return errbuf_set(err, errlen, -1, "state directory path too long");
     int r = fs_mkdir(dir, 0700);
     if (r < 0)
-        return errf(err, errlen, "cannot create %s: %s", dir, strerror(-r));
+        return errbuf_set(err, errlen, -1, "cannot create %s: %s", dir, strerror(-r));
     if (access(ca_key, F_OK) == 0 || access(ca_pem, F_OK) == 0)
-        return errf(err, errlen, "%s already holds an overlay CA: refusing to replace it", dir);
+        return errbuf_set(err, errlen, -1, "%s already holds an overlay CA: refusing to replace it",
+                          dir);
 
     time_t now = time(NULL);
     char cn[300];
@@ -108,7 +102,7 @@ int ls_ca_create(const char *dir, const char *overlay, const char *const *hosts,
     if (issue_with_new_key(NULL, NULL, &cap, ca_key, ca_pem, NULL, err, errlen) != 0)
         return -1;
     if (cred_key_load(&key, ca_key) < 0 || cred_cert_load(&crt, ca_pem) < 0) {
-        errf(err, errlen, "cannot read back the new CA from %s", dir);
+        errbuf_set(err, errlen, -1, "cannot read back the new CA from %s", dir);
         goto out;
     }
     struct cred_issue_params sp = {
@@ -178,27 +172,28 @@ static int load_ca(struct ls_ca *ca, bool need_document, char *err, size_t errle
     char path[4096];
     int r = 0;
     if (fs_join(path, sizeof(path), ca->dir, "ca.key") || cred_key_load(&ca->key, path) < 0)
-        return errf(err, errlen, "cannot load the CA key %s (run 'loginserver init' first?)", path);
+        return errbuf_set(err, errlen, -1,
+                          "cannot load the CA key %s (run 'loginserver init' first?)", path);
     if (fs_join(path, sizeof(path), ca->dir, "ca.pem") || cred_cert_load(&ca->crt, path) < 0 ||
         fs_read_file(path, MAX_PEM, &ca->ca_pem, NULL) < 0)
-        return errf(err, errlen, "cannot load the CA certificate %s", path);
+        return errbuf_set(err, errlen, -1, "cannot load the CA certificate %s", path);
     char pin[80];
     if (overlay_doc_pin(ca->crt, pin) != 0 || !(ca->pin = strdup(pin)))
-        return errf(err, errlen, "cannot compute the CA pin");
+        return errbuf_set(err, errlen, -1, "cannot compute the CA pin");
     if (fs_join(path, sizeof(path), ca->dir, "server.pem") ||
         (r = fs_read_file(path, MAX_PEM, &ca->server_cert_pem, NULL)) < 0 ||
         fs_join(path, sizeof(path), ca->dir, "server.key") ||
         (r = fs_read_file(path, MAX_PEM, &ca->server_key_pem, NULL)) < 0)
-        return errf(err, errlen, "cannot read %s: %s", path, strerror(-r));
+        return errbuf_set(err, errlen, -1, "cannot read %s: %s", path, strerror(-r));
     if (!need_document)
         return 0;
     if (fs_join(path, sizeof(path), ca->dir, "overlay.json") ||
         (r = fs_read_file(path, 1024 * 1024, &ca->envelope, NULL)) < 0)
-        return errf(err, errlen, "cannot read %s: %s", path, strerror(-r));
+        return errbuf_set(err, errlen, -1, "cannot read %s: %s", path, strerror(-r));
     free(ca->overlay);
     ca->overlay = NULL;
     if (envelope_facts(ca->envelope, &ca->overlay, &ca->sequence) != 0)
-        return errf(err, errlen, "%s: not a signed configuration document", path);
+        return errbuf_set(err, errlen, -1, "%s: not a signed configuration document", path);
     return 0;
 }
 
@@ -208,7 +203,7 @@ int ls_ca_open(const char *dir, struct ls_ca **out, char *err, size_t errlen)
     struct ls_ca *ca = calloc(1, sizeof(*ca));
     if (!ca || !(ca->dir = strdup(dir))) {
         ls_ca_free(ca);
-        return errf(err, errlen, "out of memory");
+        return errbuf_set(err, errlen, -1, "out of memory");
     }
     if (load_ca(ca, true, err, errlen) != 0) {
         ls_ca_free(ca);
@@ -223,14 +218,14 @@ int ls_ca_publish(struct ls_ca *ca, const char *document_text, long long sequenc
 {
     char *envelope = NULL;
     if (overlay_doc_sign(ca->key, document_text, &envelope) != 0)
-        return errf(err, errlen, "cannot sign the configuration document");
+        return errbuf_set(err, errlen, -1, "cannot sign the configuration document");
     char path[4096];
     int r = fs_join(path, sizeof(path), ca->dir, "overlay.json");
     if (r == 0)
         r = fs_write_atomic(path, envelope, strlen(envelope), 0644);
     if (r < 0) {
         free(envelope);
-        return errf(err, errlen, "cannot write %s: %s", path, strerror(-r));
+        return errbuf_set(err, errlen, -1, "cannot write %s: %s", path, strerror(-r));
     }
     free(ca->envelope);
     ca->envelope = envelope;
@@ -245,20 +240,20 @@ int ls_ca_check_csr(const char *pem, size_t len, gnutls_x509_crq_t *out, char *e
     int r;
     *out = NULL;
     if ((r = gnutls_x509_crq_init(&crq)) < 0)
-        return errf(err, errlen, "out of memory");
+        return errbuf_set(err, errlen, -1, "out of memory");
     if ((r = gnutls_x509_crq_import(crq, &in, GNUTLS_X509_FMT_PEM)) < 0) {
-        errf(err, errlen, "not a PEM PKCS#10 request: %s", gnutls_strerror(r));
+        errbuf_set(err, errlen, -1, "not a PEM PKCS#10 request: %s", gnutls_strerror(r));
         goto fail;
     }
     /* Proof of possession: the request is signed by the key it carries. */
     if ((r = gnutls_x509_crq_verify(crq, 0)) < 0) {
-        errf(err, errlen, "request signature does not verify: %s", gnutls_strerror(r));
+        errbuf_set(err, errlen, -1, "request signature does not verify: %s", gnutls_strerror(r));
         goto fail;
     }
     int pk = gnutls_x509_crq_get_pk_algorithm(crq, NULL);
     if (pk != GNUTLS_PK_EDDSA_ED25519 && pk != GNUTLS_PK_ECDSA) {
-        errf(err, errlen, "key type %s not allowed (Ed25519 or ECDSA P-256)",
-             pk > 0 ? gnutls_pk_algorithm_get_name((gnutls_pk_algorithm_t)pk) : "unknown");
+        errbuf_set(err, errlen, -1, "key type %s not allowed (Ed25519 or ECDSA P-256)",
+                   pk > 0 ? gnutls_pk_algorithm_get_name((gnutls_pk_algorithm_t)pk) : "unknown");
         goto fail;
     }
     *out = crq;
@@ -277,13 +272,13 @@ int ls_ca_issue_node(struct ls_ca *ca, gnutls_x509_crq_t crq, const char *user, 
     gnutls_x509_crt_t crt = NULL;
     int rc = -1, r;
     if (gnutls_pubkey_init(&pub) < 0 || gnutls_pubkey_import_x509_crq(pub, crq, 0) < 0) {
-        errf(err, errlen, "request's public key unusable");
+        errbuf_set(err, errlen, -1, "request's public key unusable");
         goto out;
     }
     if (keep_id)
         out->node_id = *keep_id;
     else if (nid_random(&out->node_id) != 0) {
-        errf(err, errlen, "no randomness for a Node-ID");
+        errbuf_set(err, errlen, -1, "no randomness for a Node-ID");
         goto out;
     }
     snprintf(out->uri, sizeof(out->uri), "sip:%s@%s", user, ca->overlay);
@@ -299,18 +294,18 @@ int ls_ca_issue_node(struct ls_ca *ca, gnutls_x509_crq_t crq, const char *user, 
         .not_after = now + (time_t)validity_days * 86400,
     };
     if ((r = cred_issue(pub, ca->key, ca->crt, &p, &crt)) < 0) {
-        errf(err, errlen, "cannot issue: %s", gnutls_strerror(r));
+        errbuf_set(err, errlen, -1, "cannot issue: %s", gnutls_strerror(r));
         goto out;
     }
     gnutls_datum_t pem = {NULL, 0};
     if ((r = cred_cert_export_pem(crt, &pem)) < 0) {
-        errf(err, errlen, "cannot export: %s", gnutls_strerror(r));
+        errbuf_set(err, errlen, -1, "cannot export: %s", gnutls_strerror(r));
         goto out;
     }
     out->cert_pem = strndup((const char *)pem.data, pem.size);
     gnutls_free(pem.data);
     if (!out->cert_pem) {
-        errf(err, errlen, "out of memory");
+        errbuf_set(err, errlen, -1, "out of memory");
         goto out;
     }
     out->roles = roles;
@@ -329,16 +324,16 @@ int ls_ca_issue_service(struct ls_ca *ca, const char *const *hosts, const char *
 {
     char base[300];
     if (!hosts || !hosts[0])
-        return errf(err, errlen, "no service name");
+        return errbuf_set(err, errlen, -1, "no service name");
     int r = fs_mkdir(outdir, 0700);
     if (r < 0)
-        return errf(err, errlen, "cannot create %s: %s", outdir, strerror(-r));
+        return errbuf_set(err, errlen, -1, "cannot create %s: %s", outdir, strerror(-r));
     snprintf(base, sizeof(base), "%s.key", hosts[0]);
     if (fs_join(key_path, pathlen, outdir, base))
-        return errf(err, errlen, "path too long");
+        return errbuf_set(err, errlen, -1, "path too long");
     snprintf(base, sizeof(base), "%s.pem", hosts[0]);
     if (fs_join(cert_path, pathlen, outdir, base))
-        return errf(err, errlen, "path too long");
+        return errbuf_set(err, errlen, -1, "path too long");
     time_t now = time(NULL);
     struct cred_issue_params p = {
         .cn = hosts[0],

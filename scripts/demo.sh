@@ -75,9 +75,9 @@ note "loginserver (pid ${pids[-1]}): $(grep -m1 'serving on' "$state/loginserver
 say "3. Every node enrolls: document checked against the pin, key made locally, certificate issued"
 for sn in sn1 sn2 sn3; do
   case $sn in sn1) listen=127.0.0.1:7001 ;; sn2) listen=127.0.0.1:7002 ;; sn3) listen='[::1]:7003' ;; esac
+  case $sn in sn1) ring='"seed": true' ;; *) ring='"join": ["127.0.0.1:7001"]' ;; esac
   cat > "$state/$sn.json" <<JSON
-{ "overlay": "$overlay", "listen": "$listen", "state_dir": "$state/$sn",
-  "ca_file": "$state/$sn/ca.pem", "cert_file": "$state/$sn/cert.pem", "key_file": "$state/$sn/key.pem" }
+{ "overlay": "$overlay", "listen": "$listen", "state_dir": "$state/$sn", $ring }
 JSON
 done
 for on in alice bob; do
@@ -160,7 +160,22 @@ say "6. A node whose certificate comes from another CA is refused, with a reason
 sleep 0.2
 grep -m1 -iE "refused|certificate" "$state/sn1.log" | sed 's/^.*  tls: /    sn1: /;s/^.*warn  /    sn1: /'
 
-say "7. Stopping everything with SIGTERM"
+say "7. The ring: three super nodes, records signed by their owners"
+for _ in $(seq 100); do
+  "$build/supernode/supernode" -c "$state/sn1.json" status 2>/dev/null | grep -q "successor 2" && break
+  sleep 0.1
+done
+"$build/supernode/supernode" -c "$state/sn1.json" status | sed 's/^/    sn1: /'
+dhtctl="$build/supernode/dhtctl"
+note "alice stores a note through sn1; bob reads it through sn3 and checks alice's signature:"
+"$dhtctl" --state "$state/alice" --sn 127.0.0.1:7001 put --type note --name greeting \
+  --value '{"text":"hello from alice"}' | sed 's/^/      /'
+"$dhtctl" --state "$state/bob" --sn '[::1]:7003' get --type note --name greeting | sed 's/^/      /'
+note "bob may not overwrite alice's note (the store refuses a non-owner):"
+"$dhtctl" --state "$state/bob" --sn 127.0.0.1:7002 put --type note --name greeting \
+  --value '{"text":"bob was here"}' 2>&1 | sed 's/^/      /' || true
+
+say "8. Stopping everything with SIGTERM"
 for p in "${pids[@]}"; do kill -TERM "$p"; done
 for p in "${pids[@]}"; do wait "$p" || { echo "a daemon exited with status $?"; exit 1; }; done
 for f in loginserver bootstrap sn1 sn2 sn3 alice bob; do

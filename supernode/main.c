@@ -1,20 +1,22 @@
 /*
- * supernode: a member of the overlay's DHT core (seed 004 section 3).
- *
- * This is the daemon's skeleton: it loads and checks its configuration, and
- * when credentials are configured it listens for node-to-node TLS links and
- * answers "ping" requests. Ring membership, routing and storage build on it
- * (see docs/architecture.md for what exists and what comes next).
+ * supernode: a member of the overlay's DHT core (seed 004 section 3). The
+ * daemon around the super node library (sn.h): configuration, credentials
+ * from the state directory, starting or joining the ring, the control socket
+ * (`supernode status`), graceful leave on SIGTERM.
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "conn.h"
+#include "ctlsock.h"
 #include "daemon.h"
 #include "enroll.h"
-#include "renewer.h"
+#include "fsutil.h"
 #include "log.h"
+#include "login_client.h"
+#include "renewer.h"
+#include "sn.h"
 
 struct sn_config {
     struct daemon_base base; /* must come first */
@@ -30,6 +32,14 @@ struct sn_config {
     long long max_frame;
     long long cert_renew_margin_s;
     long long cert_check_interval_s;
+    char *advertise;
+    struct cfg_strlist join;
+    bool seed;
+    char *control_socket;
+    long long quota_per_key;
+    long long quota_per_owner;
+    long long quota_per_owner_bytes;
+    long long peer_idle_s;
 };
 
 /* The transport settings of this node, from its configuration. */
@@ -85,13 +95,43 @@ static const struct cfg_field sn_fields[] = {
      NULL, "3600", "how often the certificate's expiry is checked"},
     {"max_frame", CFG_INT, offsetof(struct sn_config, max_frame), 1024, MSG_MAX_FRAME_LIMIT, NULL,
      "65536", "largest accepted message, in bytes"},
+    {"advertise", CFG_HOSTPORT, offsetof(struct sn_config, advertise), 0, 0, NULL, NULL,
+     "address other nodes reach us at (default: listen, which must then not be a wildcard)"},
+    {"join", CFG_STRLIST, offsetof(struct sn_config, join), 0, 0, NULL, NULL,
+     "super node addresses (host:port) to join the ring through"},
+    {"seed", CFG_BOOL, offsetof(struct sn_config, seed), 0, 0, NULL, "false",
+     "start a new ring instead of joining (same as run --seed)"},
+    {"control_socket", CFG_PATH, offsetof(struct sn_config, control_socket), 0, 0, NULL, NULL,
+     "UNIX socket for `supernode status` (default: <state_dir>/control.sock)"},
+    {"quota_per_key", CFG_INT, offsetof(struct sn_config, quota_per_key), 1, 1000000, NULL, "32",
+     "most owners with a record under one key"},
+    {"quota_per_owner", CFG_INT, offsetof(struct sn_config, quota_per_owner), 1, 100000000, NULL,
+     "10000", "most records (and tombstones) one owner may have on this node"},
+    {"quota_per_owner_bytes", CFG_INT, offsetof(struct sn_config, quota_per_owner_bytes), 1024,
+     1LL << 40, NULL, "16777216", "most bytes of records one owner may have on this node"},
+    {"peer_idle_s", CFG_INT, offsetof(struct sn_config, peer_idle_s), 1, 86400, NULL, "60",
+     "close super node links the ring does not need after this long unused"},
 };
 
 static const struct cfg_schema sn_schema = {sn_fields, sizeof(sn_fields) / sizeof(sn_fields[0]),
                                             sn_validate};
 
+static const struct cli_option run_options[] = {
+    {"seed", NULL, "start a new ring instead of joining one"},
+    {NULL, NULL, NULL},
+};
+
+static const struct cli_option status_options[] = {
+    {"json", NULL, "print the status document as JSON"},
+    {NULL, NULL, NULL},
+};
+
 static const struct cli_command sn_commands[] = {
-    {"run", "run the super node", NULL},
+    {"run", "run the super node (--seed: start a new ring)", run_options},
+    {"status",
+     "status [--json]: ask the running super node for its ring neighbours, fingers, "
+     "records and links",
+     status_options},
     {"enroll", "get this node's certificate from the login server (once)", enroll_options},
     {"renew", "renew this node's certificate (same Node-ID, new key)", renew_options},
     {"ping",
@@ -107,100 +147,58 @@ static const struct cli_prog sn_prog = {
                "records.",
     .commands = sn_commands,
     .schema = &sn_schema,
-    .epilog = "Examples:\n  supernode -d -c /etc/p2psip/supernode.json\n"
+    .epilog = "Credentials and the overlay document come from state_dir (after `enroll`) unless\n"
+              "ca_file, cert_file and key_file are set. With join addresses the node joins\n"
+              "the ring through them; with --seed, or none, it starts a new ring.\n\n"
+              "Examples:\n  supernode -c /etc/p2psip/supernode.json enroll --login "
+              "https://login.example.org --pin sha256:... --user sn1\n"
+              "  supernode -d -c /etc/p2psip/supernode.json run --seed\n"
+              "  supernode -d -c /etc/p2psip/supernode.json -o join=192.0.2.7:7000\n"
+              "  supernode -c /etc/p2psip/supernode.json status\n"
               "  supernode -c /etc/p2psip/supernode.json ping 192.0.2.7:7000\n",
-};
-
-struct sn_link {
-    struct sn_link *next, *prev;
-    struct conn *conn;
 };
 
 struct sn_state {
     const struct sn_config *cfg;
-    struct tls_ctx *tls;
-    struct listener *listener;
-    struct sn_link links; /* list head */
-    size_t n_links;
+    struct sn *sn;
+    struct ctl_server *ctl;
     struct renewer *renewer;
-};
-
-/* The transport has logged who the peer is; here only admission is decided. */
-static void on_open(struct conn *c, void *ud)
-{
-    struct sn_state *st = ud;
-    if (st->n_links > (size_t)st->cfg->max_connections)
-        conn_close_with_error(c, NULL, "overloaded", "too many connections");
-}
-
-static void on_message(struct conn *c, const struct msg *m, void *ud)
-{
-    struct sn_state *st = ud;
-    if (m->kind == MSG_REQ && strcmp(m->type, "ping") == 0) {
-        const struct peer_identity *self = tls_ctx_identity(st->tls);
-        char hex[NID_HEX_LEN + 1] = "";
-        if (self->has_node_id)
-            nid_to_hex(&self->node_id, hex);
-        json_t *body = json_pack("{s:s}", "node_id", hex);
-        if (conn_send(c, "ping", MSG_RES, m->tid, body) != 0)
-            log_warn("link", "%s: cannot answer ping", conn_peer_addr(c));
-        json_decref(body);
-        return;
-    }
-    if (m->kind == MSG_REQ) {
-        /* Tell the peer plainly rather than leave its request hanging. */
-        uint8_t *frame;
-        size_t len;
-        if (msg_encode_error(st->cfg->overlay, m->tid, "unknown-type", "request type not served",
-                             (size_t)st->cfg->max_frame, &frame, &len) == MSG_OK) {
-            conn_send_frame(c, frame, len);
-            free(frame);
-        }
-    }
-}
-
-static void on_close(struct conn *c, enum conn_close_reason r, const char *detail, void *ud)
-{
-    struct sn_state *st = ud;
-    struct sn_link *l;
-    for (l = st->links.next; l != &st->links; l = l->next)
-        if (l->conn == c)
-            break;
-    if (l != &st->links) {
-        l->prev->next = l->next;
-        l->next->prev = l->prev;
-        st->n_links--;
-        free(l);
-    }
-}
-
-static void on_accept_open(struct conn *c, void *ud)
-{
-    struct sn_state *st = ud;
-    struct sn_link *l = calloc(1, sizeof(*l));
-    if (!l) {
-        conn_close(c);
-        return;
-    }
-    l->conn = c;
-    l->next = st->links.next;
-    l->prev = &st->links;
-    st->links.next->prev = l;
-    st->links.next = l;
-    st->n_links++;
-    on_open(c, ud);
-}
-
-static const struct conn_cbs sn_cbs = {
-    .on_open = on_accept_open,
-    .on_message = on_message,
-    .on_close = on_close,
+    struct node_creds creds;
+    bool have_creds;
+    char *ctl_path;
 };
 
 static void sn_renewed(void *ud)
 {
     /* Links already open keep their session; the listener reads credentials at start. */
     log_info("main", "the renewed certificate is used for links after the next restart");
+}
+
+static char *control_path(const struct sn_config *cfg)
+{
+    if (cfg->control_socket)
+        return strdup(cfg->control_socket);
+    char buf[4096];
+    if (fs_join(buf, sizeof(buf), cfg->state_dir, "control.sock") != 0)
+        return NULL;
+    return strdup(buf);
+}
+
+static void on_control(struct ctl_req *r, json_t *req, void *ud)
+{
+    struct sn_state *st = ud;
+    const char *cmd = json_string_value(json_object_get(req, "cmd"));
+    if (!strcmp(cmd, "status"))
+        ctl_reply(r, sn_status(st->sn));
+    else if (!strcmp(cmd, "records"))
+        ctl_reply(r, json_pack("{s:b,s:o}", "ok", 1, "records", sn_records(st->sn)));
+    else
+        ctl_reply_error(r, "unknown command \"%s\" (status, records)", cmd);
+}
+
+static bool is_wildcard(const char *hostport)
+{
+    return !strncmp(hostport, "0.0.0.0:", 8) || !strncmp(hostport, "[::]:", 5);
 }
 
 static int sn_start(struct ev_loop *loop, const void *p, void **state)
@@ -210,7 +208,6 @@ static int sn_start(struct ev_loop *loop, const void *p, void **state)
     if (!st)
         return -1;
     st->cfg = cfg;
-    st->links.next = st->links.prev = &st->links;
     *state = st;
     struct renewer_config rc = {
         .state_dir = cfg->state_dir,
@@ -220,29 +217,101 @@ static int sn_start(struct ev_loop *loop, const void *p, void **state)
         .ud = st,
     };
     st->renewer = renewer_start(loop, &rc); /* NULL until enrolled into state_dir */
-    if (!cfg->cert_file) {
-        log_warn("main", "no credentials configured (ca_file, cert_file, key_file): "
-                         "not listening for peers");
-        return 0;
-    }
-    char err[256];
+    char err[512];
     struct tls_config tc = sn_tls_config(cfg);
-    st->tls = tls_ctx_new(&tc, err, sizeof(err));
-    if (!st->tls) {
+    struct overlay_doc defaults;
+    memset(&defaults, 0, sizeof(defaults));
+    overlay_doc_defaults(&defaults);
+    const struct overlay_doc *doc = &defaults;
+    if (!cfg->cert_file) {
+        if (node_creds_load(cfg->state_dir, &st->creds, err, sizeof(err)) != 0) {
+            log_warn("main",
+                     "not enrolled (%s): run 'supernode enroll' or set ca_file, cert_file "
+                     "and key_file; not joining any ring",
+                     err);
+            return 0;
+        }
+        st->have_creds = true;
+        tc.ca_file = st->creds.ca_file;
+        tc.cert_file = st->creds.cert_file;
+        tc.key_file = st->creds.key_file;
+        doc = &st->creds.doc;
+        if (strcmp(doc->overlay, cfg->overlay) != 0) {
+            log_error("main",
+                      "state_dir %s was enrolled in overlay \"%s\", configured overlay is "
+                      "\"%s\"",
+                      cfg->state_dir, doc->overlay, cfg->overlay);
+            return -1;
+        }
+    }
+    if (!cfg->advertise && is_wildcard(cfg->listen)) {
+        log_error("main",
+                  "listen is %s: set \"advertise\" to the address other nodes reach "
+                  "this one at",
+                  cfg->listen);
+        return -1;
+    }
+    size_t need = (size_t)doc->max_record_bytes * 2 + 4096;
+    if (tc.max_frame < need) {
+        log_info("main", "max_frame raised to %zu bytes to carry records of %lld bytes", need,
+                 (long long)doc->max_record_bytes);
+        tc.max_frame = need;
+    }
+    struct sn_params sp = {
+        .overlay = cfg->overlay,
+        .listen = cfg->listen,
+        .advertise = cfg->advertise,
+        .tls = tc,
+        .replication = (unsigned)doc->replication_factor,
+        .succ_list = (unsigned)doc->successor_list,
+        .stabilize_s = (double)doc->stabilize_s,
+        .max_record_bytes = (size_t)doc->max_record_bytes,
+        .max_lifetime_s = doc->max_record_lifetime_s,
+        .quotas = {(size_t)cfg->quota_per_key, (size_t)cfg->quota_per_owner,
+                   (size_t)cfg->quota_per_owner_bytes},
+        .max_connections = (size_t)cfg->max_connections,
+        .peer_idle_s = (double)cfg->peer_idle_s,
+    };
+    st->sn = sn_new(loop, &sp, err, sizeof(err));
+    if (!st->sn) {
         log_error("main", "%s", err);
         return -1;
     }
-    st->listener = conn_listen(loop, st->tls, cfg->listen, &sn_cbs, st, err, sizeof(err));
-    if (!st->listener) {
-        log_error("main", "%s", err);
+    st->ctl_path = control_path(cfg);
+    st->ctl = ctl_server_start(loop, st->ctl_path, on_control, st, err, sizeof(err));
+    if (!st->ctl) {
+        log_error("main", "control socket: %s", err);
         return -1;
     }
-    const struct peer_identity *self = tls_ctx_identity(st->tls);
-    char hex[NID_HEX_LEN + 1] = "-";
-    if (self->has_node_id)
-        nid_to_hex(&self->node_id, hex);
-    log_info("main", "overlay %s: listening on %s as node %s", cfg->overlay, cfg->listen, hex);
+    const struct peer_identity *self = sn_identity(st->sn);
+    char hex[NID_HEX_LEN + 1];
+    log_info("main",
+             "overlay %s: listening on %s as node %s (replication %lld, successor list "
+             "%lld, stabilize every %lld s)",
+             cfg->overlay, cfg->listen, nid_to_hex(&self->node_id, hex),
+             (long long)doc->replication_factor, (long long)doc->successor_list,
+             (long long)doc->stabilize_s);
+    const struct cli_opts *o = daemon_cli_opts();
+    bool seed = cfg->seed || (o && cli_opt(o, "seed"));
+    if (seed || cfg->join.n == 0) {
+        if (!seed)
+            log_info("main", "no join addresses configured: starting a new ring");
+        sn_start_seed(st->sn);
+    } else {
+        const char **addrs = calloc(cfg->join.n + 1, sizeof(char *));
+        if (!addrs)
+            return -1;
+        for (size_t i = 0; i < cfg->join.n; i++)
+            addrs[i] = cfg->join.items[i];
+        sn_start_join(st->sn, addrs);
+        free(addrs);
+    }
     return 0;
+}
+
+static void sn_left(void *ud)
+{
+    (void)ud; /* the loop ends once the links have closed */
 }
 
 static void sn_stop(struct ev_loop *loop, void *p)
@@ -250,13 +319,10 @@ static void sn_stop(struct ev_loop *loop, void *p)
     struct sn_state *st = p;
     renewer_stop(st->renewer);
     st->renewer = NULL;
-    listener_free(st->listener);
-    st->listener = NULL;
-    /* conn_close may call on_close (which unlinks) right away: walk from a saved next. */
-    for (struct sn_link *l = st->links.next, *next; l != &st->links; l = next) {
-        next = l->next;
-        conn_close(l->conn);
-    }
+    ctl_server_stop(st->ctl);
+    st->ctl = NULL;
+    if (st->sn)
+        sn_leave(st->sn, sn_left, st);
 }
 
 static void sn_cleanup(void *p)
@@ -265,14 +331,89 @@ static void sn_cleanup(void *p)
     if (!st)
         return;
     renewer_stop(st->renewer);
-    listener_free(st->listener);
-    while (st->links.next != &st->links) {
-        struct sn_link *l = st->links.next;
-        st->links.next = l->next;
-        free(l);
-    }
-    tls_ctx_free(st->tls);
+    ctl_server_stop(st->ctl);
+    sn_free(st->sn);
+    if (st->have_creds)
+        node_creds_free(&st->creds);
+    free(st->ctl_path);
     free(st);
+}
+
+/* ---- "supernode status" ---- */
+
+static void print_peer(const char *label, json_t *p)
+{
+    if (!json_is_object(p)) {
+        printf("%-12s none\n", label);
+        return;
+    }
+    printf("%-12s %s at %s\n", label, json_string_value(json_object_get(p, "id")),
+           json_string_value(json_object_get(p, "addr")));
+}
+
+static int sn_status_cmd(const struct cli_opts *o, const struct sn_config *cfg)
+{
+    char *path = control_path(cfg);
+    char err[512];
+    json_t *req = json_pack("{s:s}", "cmd", "status"), *res = NULL;
+    int rc = ctl_call(path, req, 5000, &res, err, sizeof(err));
+    json_decref(req);
+    free(path);
+    if (rc != 0) {
+        fprintf(stderr, "supernode: status: %s\n", err);
+        return 1;
+    }
+    if (!json_is_true(json_object_get(res, "ok"))) {
+        fprintf(stderr, "supernode: status: %s\n",
+                json_string_value(json_object_get(res, "error")) ?: "refused");
+        json_decref(res);
+        return 1;
+    }
+    if (cli_opt(o, "json")) {
+        char *txt = json_dumps(res, JSON_COMPACT);
+        printf("%s\n", txt);
+        free(txt);
+        json_decref(res);
+        return 0;
+    }
+    json_t *node = json_object_get(res, "node"), *store = json_object_get(res, "store");
+    json_t *rq = json_object_get(res, "requests");
+    printf("node         %s at %s\n", json_string_value(json_object_get(node, "id")),
+           json_string_value(json_object_get(node, "addr")));
+    printf("state        %s in overlay %s, up %.0f s\n",
+           json_string_value(json_object_get(res, "state")),
+           json_string_value(json_object_get(res, "overlay")),
+           json_real_value(json_object_get(res, "uptime_s")));
+    print_peer("predecessor", json_object_get(res, "pred"));
+    size_t i;
+    json_t *e;
+    json_array_foreach(json_object_get(res, "succ"), i, e)
+    {
+        char label[40];
+        snprintf(label, sizeof(label), "successor %u", (unsigned)(i + 1));
+        print_peer(label, e);
+    }
+    printf("fingers      %zu distinct\n", json_array_size(json_object_get(res, "fingers")));
+    printf("records      %lld primary, %lld replicas, %lld tombstones (%lld keys, %lld bytes; "
+           "%lld copies of each)\n",
+           json_integer_value(json_object_get(store, "primary")),
+           json_integer_value(json_object_get(store, "replica")),
+           json_integer_value(json_object_get(store, "tombstones")),
+           json_integer_value(json_object_get(store, "keys")),
+           json_integer_value(json_object_get(store, "bytes")),
+           json_integer_value(json_object_get(res, "replication")));
+    long long answered = json_integer_value(json_object_get(rq, "replies")) +
+                         json_integer_value(json_object_get(rq, "answered"));
+    (void)answered;
+    printf("links        %lld open\n",
+           json_integer_value(json_object_get(json_object_get(res, "links"), "open")));
+    printf("requests     %lld originated, %lld forwarded, %lld answered, %lld timed out\n",
+           json_integer_value(json_object_get(rq, "originated")),
+           json_integer_value(json_object_get(rq, "forwarded")),
+           json_integer_value(json_object_get(rq, "answered")),
+           json_integer_value(json_object_get(rq, "timeouts")));
+    json_decref(res);
+    return 0;
 }
 
 /* ---- "supernode ping ADDR": a one-shot client on its own loop ---- */
@@ -341,15 +482,28 @@ static int sn_ping(const struct cli_opts *o, const struct sn_config *cfg)
         cli_error(&sn_prog, "ping needs one numeric address like 192.0.2.7:7000");
         return 2;
     }
+    char err[512];
+    struct tls_config tc = sn_tls_config(cfg);
+    struct node_creds creds;
+    bool have_creds = false;
     if (!cfg->cert_file) {
-        cli_error(&sn_prog, "ping needs credentials: set ca_file, cert_file and key_file");
-        return 2;
+        if (node_creds_load(cfg->state_dir, &creds, err, sizeof(err)) != 0) {
+            cli_error(&sn_prog,
+                      "ping needs credentials: enroll first or set ca_file, cert_file "
+                      "and key_file (%s)",
+                      err);
+            return 2;
+        }
+        have_creds = true;
+        tc.ca_file = creds.ca_file;
+        tc.cert_file = creds.cert_file;
+        tc.key_file = creds.key_file;
     }
     if (!o->verbose) /* the outcome is printed; the transport's own lines would repeat it */
         log_set_level(LL_ERROR);
-    char err[256];
-    struct tls_config tc = sn_tls_config(cfg);
     struct tls_ctx *tls = tls_ctx_new(&tc, err, sizeof(err));
+    if (have_creds)
+        node_creds_free(&creds);
     if (!tls) {
         fprintf(stderr, "supernode: %s\n", err);
         return 1;
@@ -389,6 +543,8 @@ static int sn_command(const struct cli_opts *o, void *cfg)
         return enroll_command(&sn_prog, o, c->state_dir);
     if (strcmp(o->command, "renew") == 0)
         return renew_command(&sn_prog, o, c->state_dir);
+    if (strcmp(o->command, "status") == 0)
+        return sn_status_cmd(o, c);
     return 2;
 }
 

@@ -1,0 +1,888 @@
+/*
+ * Signed resource records (record.h): parsing the envelope and the signed
+ * text, signing with a node key, and checking a record against the overlay
+ * CA with a bounded cache of certificates already checked. The cache is what
+ * makes a busy super node cheap: once an owner's certificate is known, a
+ * record costs one hash of the DER and one signature verification. Pure code:
+ * no I/O, no clock (the caller passes `now`).
+ */
+#include "record.h"
+
+#include <gnutls/abstract.h>
+#include <gnutls/crypto.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "errbuf.h"
+#include "cred.h"
+#include "overlay_doc.h"
+
+#define SHA256_LEN 32
+
+const char *rec_strcode(int status)
+{
+    switch (status) {
+    case REC_OK:
+        return "ok";
+    case REC_E_MALFORMED:
+        return "malformed-record";
+    case REC_E_TOO_LARGE:
+        return "too-large";
+    case REC_E_CERT:
+        return "bad-certificate";
+    case REC_E_SIGNATURE:
+        return "bad-signature";
+    case REC_E_OWNER:
+        return "bad-owner";
+    case REC_E_KEY:
+        return "bad-key";
+    case REC_E_FORBIDDEN:
+        return "forbidden";
+    case REC_E_OVERLAY:
+        return "wrong-overlay";
+    case REC_E_EXPIRED:
+        return "expired";
+    case REC_E_LIFETIME:
+        return "lifetime-too-long";
+    default:
+        return "internal";
+    }
+}
+
+/*
+ * Peer-supplied text goes into error lines that end up in logs and on the
+ * wire: quote it with anything but printable ASCII escaped, and cut it short.
+ */
+static const char *quote(const char *s, size_t n, char *buf, size_t len)
+{
+    size_t o = 0;
+    if (len < 8)
+        return "\"...\"";
+    buf[o++] = '"';
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        if (o + 6 >= len) {
+            memcpy(buf + o, "...", 3);
+            o += 3;
+            break;
+        }
+        if (ch >= 0x20 && ch < 0x7f && ch != '"' && ch != '\\') {
+            buf[o++] = (char)ch;
+        } else {
+            if (o + 4 + 6 >= len) {
+                memcpy(buf + o, "...", 3);
+                o += 3;
+                break;
+            }
+            o += (size_t)snprintf(buf + o, len - o, "\\x%02x", ch);
+        }
+    }
+    buf[o++] = '"';
+    buf[o] = '\0';
+    return buf;
+}
+
+/* Parsing */
+
+/* Text members: 1..max bytes, no C0/C1 control characters nor DEL (jansson checked UTF-8). */
+static bool text_ok(const char *s, size_t n, size_t max)
+{
+    if (n == 0 || n > max)
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        if (ch < 0x20 || ch == 0x7f)
+            return false;
+        if (ch == 0xc2 && i + 1 < n && (unsigned char)s[i + 1] >= 0x80 &&
+            (unsigned char)s[i + 1] <= 0x9f)
+            return false;
+    }
+    return true;
+}
+
+/* "0", or a decimal number without leading zeros that fits 64 bits. */
+static bool parse_seq(const char *s, size_t n, uint64_t *out)
+{
+    if (n == 0 || n > 20 || (n > 1 && s[0] == '0'))
+        return false;
+    uint64_t v = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9')
+            return false;
+        unsigned d = (unsigned)(s[i] - '0');
+        if (v > (UINT64_MAX - d) / 10)
+            return false;
+        v = v * 10 + d;
+    }
+    *out = v;
+    return true;
+}
+
+static bool lower_hex40(const char *s, size_t n)
+{
+    if (n != NID_HEX_LEN)
+        return false;
+    for (size_t i = 0; i < n; i++)
+        if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+            return false;
+    return true;
+}
+
+static bool b64_ok(json_t *s)
+{
+    size_t n = 0;
+    unsigned char *d = overlay_b64_decode(json_string_value(s), json_string_length(s), &n);
+    free(d);
+    return d != NULL && n > 0;
+}
+
+/* A text member of the signed object into a fixed buffer. */
+static int get_text(json_t *obj, const char *member, size_t max, char *out, char *err,
+                    size_t errlen)
+{
+    json_t *v = json_object_get(obj, member);
+    if (!v)
+        return errbuf_set(err, errlen, REC_E_MALFORMED, "record: signed member \"%s\" is missing",
+                          member);
+    if (!json_is_string(v))
+        return errbuf_set(err, errlen, REC_E_MALFORMED,
+                          "record: signed member \"%s\" is not a string", member);
+    const char *s = json_string_value(v);
+    size_t n = json_string_length(v);
+    if (!text_ok(s, n, max))
+        return errbuf_set(err, errlen, REC_E_MALFORMED,
+                          "record: signed member \"%s\" must be 1..%zu bytes without control "
+                          "characters (has %zu)",
+                          member, max, n);
+    if (out) {
+        memcpy(out, s, n);
+        out[n] = '\0';
+    }
+    return REC_OK;
+}
+
+static const char *const signed_members[] = {"overlay", "key",     "type",      "name",  "owner",
+                                             "seq",     "expires", "no_update", "value", "remove"};
+
+static int parse_signed(json_t *so, struct record *out, char *err, size_t errlen)
+{
+    if (!json_is_object(so))
+        return errbuf_set(err, errlen, REC_E_MALFORMED, "record: signed text is not a JSON object");
+
+    const char *member;
+    json_t *v;
+    json_object_foreach(so, member, v)
+    {
+        bool known = false;
+        for (size_t i = 0; i < sizeof(signed_members) / sizeof(signed_members[0]); i++)
+            if (!strcmp(member, signed_members[i]))
+                known = true;
+        if (!known) {
+            char q[64];
+            return errbuf_set(err, errlen, REC_E_MALFORMED, "record: unknown signed member %s",
+                              quote(member, strlen(member), q, sizeof(q)));
+        }
+    }
+
+    int r;
+    if ((r = get_text(so, "overlay", 255, NULL, err, errlen)) < 0 ||
+        (r = get_text(so, "type", REC_TYPE_MAX, out->type, err, errlen)) < 0 ||
+        (r = get_text(so, "name", REC_NAME_MAX, out->name, err, errlen)) < 0 ||
+        (r = get_text(so, "owner", REC_OWNER_MAX, out->owner, err, errlen)) < 0)
+        return r;
+
+    v = json_object_get(so, "key");
+    if (!v || !json_is_string(v))
+        return errbuf_set(err, errlen, REC_E_MALFORMED, "record: signed member \"key\" is %s",
+                          v ? "not a string" : "missing");
+    if (!lower_hex40(json_string_value(v), json_string_length(v)) ||
+        nid_from_hex(&out->key, json_string_value(v)) < 0)
+        return errbuf_set(err, errlen, REC_E_MALFORMED,
+                          "record: signed member \"key\" is not 40 lowercase hex digits");
+
+    v = json_object_get(so, "seq");
+    if (!v || !json_is_string(v))
+        return errbuf_set(err, errlen, REC_E_MALFORMED,
+                          "record: signed member \"seq\" is %s (a decimal string)",
+                          v ? "not a string" : "missing");
+    if (!parse_seq(json_string_value(v), json_string_length(v), &out->seq)) {
+        char q[48];
+        return errbuf_set(
+            err, errlen, REC_E_MALFORMED,
+            "record: \"seq\" %s is not an unsigned 64-bit decimal without leading zeros",
+            quote(json_string_value(v), json_string_length(v), q, sizeof(q)));
+    }
+
+    v = json_object_get(so, "expires");
+    if (!v || !json_is_integer(v))
+        return errbuf_set(err, errlen, REC_E_MALFORMED, "record: signed member \"expires\" is %s",
+                          v ? "not an integer" : "missing");
+    out->expires = (int64_t)json_integer_value(v);
+
+    json_t *rm = json_object_get(so, "remove");
+    json_t *nu = json_object_get(so, "no_update");
+    json_t *val = json_object_get(so, "value");
+    if (rm) {
+        if (!json_is_true(rm))
+            return errbuf_set(err, errlen, REC_E_MALFORMED,
+                              "record: signed member \"remove\" must be true when present");
+        if (nu || val)
+            return errbuf_set(err, errlen, REC_E_MALFORMED,
+                              "record: a removal statement carries no \"%s\"",
+                              val ? "value" : "no_update");
+        out->removal = true;
+        out->no_update = false;
+        out->value = NULL;
+    } else {
+        if (!nu || !json_is_boolean(nu))
+            return errbuf_set(err, errlen, REC_E_MALFORMED,
+                              "record: signed member \"no_update\" is %s",
+                              nu ? "not a boolean" : "missing");
+        if (!val || json_is_null(val))
+            return errbuf_set(err, errlen, REC_E_MALFORMED, "record: signed member \"value\" is %s",
+                              val ? "null" : "missing");
+        out->removal = false;
+        out->no_update = json_is_true(nu);
+        out->value = val;
+    }
+
+    return REC_OK;
+}
+
+static int check_key(const struct record *out, char *err, size_t errlen)
+{
+    nid_t want;
+    if (nid_key(&want, out->type, out->name) < 0)
+        return errbuf_set(err, errlen, REC_E_NOMEM, "record: cannot hash the key");
+    if (!nid_eq(&want, &out->key)) {
+        char hk[NID_HEX_LEN + 1], hw[NID_HEX_LEN + 1], qt[80], qn[80];
+        return errbuf_set(err, errlen, REC_E_KEY,
+                          "record: key %s is not SHA-1(type|name) = %s for type %s, name %s",
+                          nid_to_hex(&out->key, hk), nid_to_hex(&want, hw),
+                          quote(out->type, strlen(out->type), qt, sizeof(qt)),
+                          quote(out->name, strlen(out->name), qn, sizeof(qn)));
+    }
+    return REC_OK;
+}
+
+int rec_parse(json_t *envelope, size_t max_bytes, struct record *out, char *err, size_t errlen)
+{
+    memset(out, 0, sizeof(*out));
+    if (err && errlen)
+        err[0] = '\0';
+    if (!json_is_object(envelope))
+        return errbuf_set(err, errlen, REC_E_MALFORMED,
+                          "record: the envelope is not a JSON object");
+
+    static const char *const members[] = {"signed", "cert", "sig"};
+    json_t *m[3];
+    for (size_t i = 0; i < 3; i++) {
+        m[i] = json_object_get(envelope, members[i]);
+        if (!m[i])
+            return errbuf_set(err, errlen, REC_E_MALFORMED,
+                              "record: envelope member \"%s\" is missing", members[i]);
+        if (!json_is_string(m[i]))
+            return errbuf_set(err, errlen, REC_E_MALFORMED,
+                              "record: envelope member \"%s\" is not a string", members[i]);
+    }
+    if (json_object_size(envelope) != 3) {
+        const char *k;
+        json_t *v;
+        json_object_foreach(envelope, k, v)
+        {
+            if (strcmp(k, "signed") && strcmp(k, "cert") && strcmp(k, "sig")) {
+                char q[64];
+                return errbuf_set(err, errlen, REC_E_MALFORMED,
+                                  "record: unknown envelope member %s",
+                                  quote(k, strlen(k), q, sizeof(q)));
+            }
+        }
+        return errbuf_set(err, errlen, REC_E_MALFORMED, "record: the envelope has extra members");
+    }
+
+    /* The order of the checks is docs/protocol.md 4.4's: malformed, too large, bad key. */
+    if (!b64_ok(m[1]))
+        return errbuf_set(err, errlen, REC_E_MALFORMED,
+                          "record: envelope member \"cert\" is not strict base64");
+    if (!b64_ok(m[2]))
+        return errbuf_set(err, errlen, REC_E_MALFORMED,
+                          "record: envelope member \"sig\" is not strict base64");
+
+    json_error_t je;
+    json_t *so =
+        json_loadb(json_string_value(m[0]), json_string_length(m[0]), JSON_REJECT_DUPLICATES, &je);
+    if (!so) {
+        char q[120];
+        return errbuf_set(err, errlen, REC_E_MALFORMED, "record: signed text is not JSON: %s",
+                          quote(je.text, strlen(je.text), q, sizeof(q)));
+    }
+    int r = parse_signed(so, out, err, errlen);
+    if (r == REC_OK) {
+        /* Measure (without building) the compact encoding: one pass, no allocation. */
+        size_t size = json_dumpb(envelope, NULL, 0, JSON_COMPACT);
+        if (size == 0)
+            r = errbuf_set(err, errlen, REC_E_NOMEM, "record: cannot encode the envelope");
+        else if (max_bytes && size > max_bytes)
+            r = errbuf_set(err, errlen, REC_E_TOO_LARGE,
+                           "record: %zu bytes, above the limit of %zu", size, max_bytes);
+        else
+            out->size = size;
+    }
+    if (r == REC_OK)
+        r = check_key(out, err, errlen);
+    if (r < 0) {
+        json_decref(so);
+        memset(out, 0, sizeof(*out));
+        return r;
+    }
+    out->signed_obj = so;
+    out->envelope = json_incref(envelope);
+    return REC_OK;
+}
+
+void rec_free(struct record *r)
+{
+    if (!r)
+        return;
+    json_decref(r->envelope);
+    json_decref(r->signed_obj);
+    memset(r, 0, sizeof(*r));
+}
+
+int rec_copy(const struct record *in, struct record *out)
+{
+    *out = *in;
+    out->envelope = NULL;
+    out->signed_obj = NULL;
+    out->value = NULL;
+    if (in->envelope && !(out->envelope = json_deep_copy(in->envelope)))
+        goto fail;
+    if (in->signed_obj) {
+        if (!(out->signed_obj = json_deep_copy(in->signed_obj)))
+            goto fail;
+        if (in->value && !(out->value = json_object_get(out->signed_obj, "value")))
+            goto fail;
+    }
+    return REC_OK;
+fail:
+    rec_free(out);
+    return REC_E_NOMEM;
+}
+
+/* Signing */
+
+int rec_sign(const struct rec_params *p, gnutls_x509_privkey_t key, gnutls_x509_crt_t cert,
+             struct record *out, char *err, size_t errlen)
+{
+    memset(out, 0, sizeof(*out));
+    if (!p->overlay || !p->type || !p->name)
+        return errbuf_set(err, errlen, REC_E_MALFORMED,
+                          "record: overlay, type and name are required");
+    if (!text_ok(p->type, strlen(p->type), REC_TYPE_MAX))
+        return errbuf_set(err, errlen, REC_E_MALFORMED,
+                          "record: type must be 1..%d bytes without control characters",
+                          REC_TYPE_MAX);
+    if (!text_ok(p->name, strlen(p->name), REC_NAME_MAX))
+        return errbuf_set(err, errlen, REC_E_MALFORMED,
+                          "record: name must be 1..%d bytes without control characters",
+                          REC_NAME_MAX);
+    if (!p->removal && (!p->value || json_is_null(p->value)))
+        return errbuf_set(err, errlen, REC_E_MALFORMED, "record: a record needs a non-null value");
+
+    struct peer_identity id;
+    int gr = cred_identity(cert, &id);
+    if (gr < 0)
+        return errbuf_set(err, errlen, REC_E_CERT, "record: cannot read the certificate: %s",
+                          gnutls_strerror(gr));
+    if (!id.uri[0])
+        return errbuf_set(err, errlen, REC_E_CERT, "record: the certificate has no URI");
+    if (strlen(id.uri) > REC_OWNER_MAX)
+        return errbuf_set(err, errlen, REC_E_CERT, "record: the certificate's URI is too long");
+
+    nid_t k;
+    char khex[NID_HEX_LEN + 1], seq[24];
+    if (nid_key(&k, p->type, p->name) < 0)
+        return errbuf_set(err, errlen, REC_E_NOMEM, "record: cannot hash the key");
+    nid_to_hex(&k, khex);
+    snprintf(seq, sizeof(seq), "%" PRIu64, p->seq);
+
+    int ret = REC_E_NOMEM;
+    json_t *so = NULL, *env = NULL;
+    char *text = NULL, *cert_b64 = NULL, *sig_b64 = NULL;
+    gnutls_datum_t der = {NULL, 0}, sig = {NULL, 0};
+
+    so = json_pack("{s:s, s:s, s:s, s:s, s:s, s:s, s:I}", "overlay", p->overlay, "key", khex,
+                   "type", p->type, "name", p->name, "owner", id.uri, "seq", seq, "expires",
+                   (json_int_t)p->expires);
+    if (!so) {
+        ret =
+            errbuf_set(err, errlen, REC_E_MALFORMED, "record: overlay, type or name is not UTF-8");
+        goto out;
+    }
+    if (p->removal) {
+        if (json_object_set_new(so, "remove", json_true()) < 0)
+            goto nomem;
+    } else if (json_object_set_new(so, "no_update", json_boolean(p->no_update)) < 0 ||
+               json_object_set(so, "value", p->value) < 0) {
+        goto nomem;
+    }
+    if (!(text = json_dumps(so, JSON_COMPACT)))
+        goto nomem;
+
+    size_t tlen = strlen(text);
+    if ((gr = cred_sign(key, text, tlen, &sig)) < 0) {
+        ret = errbuf_set(err, errlen, REC_E_SIGNATURE, "record: cannot sign: %s",
+                         gnutls_strerror(gr));
+        goto out;
+    }
+    /* A key that does not match the certificate would make records nobody accepts. */
+    if ((gr = cred_verify(cert, text, tlen, &sig)) < 0) {
+        ret = errbuf_set(err, errlen, REC_E_SIGNATURE,
+                         "record: the signing key does not match the certificate of %s", id.uri);
+        goto out;
+    }
+    if ((gr = gnutls_x509_crt_export2(cert, GNUTLS_X509_FMT_DER, &der)) < 0) {
+        ret = errbuf_set(err, errlen, REC_E_CERT, "record: cannot export the certificate: %s",
+                         gnutls_strerror(gr));
+        goto out;
+    }
+    if (!(cert_b64 = overlay_b64_encode(der.data, der.size)) ||
+        !(sig_b64 = overlay_b64_encode(sig.data, sig.size)))
+        goto nomem;
+    env = json_pack("{s:s, s:s, s:s}", "signed", text, "cert", cert_b64, "sig", sig_b64);
+    if (!env)
+        goto nomem;
+    ret = rec_parse(env, 0, out, err, errlen);
+    goto out;
+nomem:
+    ret = errbuf_set(err, errlen, REC_E_NOMEM, "record: out of memory while signing");
+out:
+    json_decref(env);
+    json_decref(so);
+    free(text);
+    free(cert_b64);
+    free(sig_b64);
+    gnutls_free(der.data);
+    gnutls_free(sig.data);
+    return ret;
+}
+
+/* The verifier and its certificate cache */
+
+/*
+ * One certificate that chained to the CA. The cache is a hash table of these
+ * (chained through `hnext`) plus a doubly linked list in order of last use,
+ * so lookup, insertion and eviction of the least recently used are O(1).
+ */
+struct vcert {
+    uint8_t hash[SHA256_LEN]; /* SHA-256 of the DER */
+    gnutls_pubkey_t pub;
+    gnutls_sign_algorithm_t sa;
+    char uri[256];
+    time_t not_before, not_after; /* the leaf's window narrowed by the CA's */
+    struct vcert *hnext;
+    struct vcert *lru_prev, *lru_next; /* lru_prev toward the most recent */
+};
+
+struct rec_verifier {
+    gnutls_x509_crt_t ca;
+    time_t ca_not_before, ca_not_after;
+    char *overlay;
+    size_t cache_size, entries;
+    struct vcert **buckets;
+    size_t nbuckets;                   /* a power of two */
+    struct vcert *lru_head, *lru_tail; /* head = most recently used */
+    uint64_t hits, misses;
+};
+
+static void vcert_free(struct vcert *c)
+{
+    if (c) {
+        gnutls_pubkey_deinit(c->pub);
+        free(c);
+    }
+}
+
+struct rec_verifier *rec_verifier_new(gnutls_x509_crt_t ca, const char *overlay, size_t cache_size)
+{
+    struct rec_verifier *v = calloc(1, sizeof(*v));
+    gnutls_datum_t der = {NULL, 0};
+    if (!v || !ca || !overlay)
+        goto fail;
+    if (!(v->overlay = strdup(overlay)))
+        goto fail;
+    if (gnutls_x509_crt_export2(ca, GNUTLS_X509_FMT_DER, &der) < 0 ||
+        gnutls_x509_crt_init(&v->ca) < 0 ||
+        gnutls_x509_crt_import(v->ca, &der, GNUTLS_X509_FMT_DER) < 0)
+        goto fail;
+    v->ca_not_before = gnutls_x509_crt_get_activation_time(v->ca);
+    v->ca_not_after = gnutls_x509_crt_get_expiration_time(v->ca);
+    v->cache_size = cache_size;
+    /* About one entry per bucket when full; the table never grows. */
+    v->nbuckets = 16;
+    while (v->nbuckets < cache_size && v->nbuckets < ((size_t)1 << 20))
+        v->nbuckets <<= 1;
+    if (!(v->buckets = calloc(v->nbuckets, sizeof(*v->buckets))))
+        goto fail;
+    gnutls_free(der.data);
+    return v;
+fail:
+    gnutls_free(der.data);
+    rec_verifier_free(v);
+    return NULL;
+}
+
+void rec_verifier_free(struct rec_verifier *v)
+{
+    if (!v)
+        return;
+    for (struct vcert *c = v->lru_head, *next; c; c = next) {
+        next = c->lru_next;
+        vcert_free(c);
+    }
+    free(v->buckets);
+    if (v->ca)
+        gnutls_x509_crt_deinit(v->ca);
+    free(v->overlay);
+    free(v);
+}
+
+void rec_verifier_stats(const struct rec_verifier *v, size_t *entries, uint64_t *hits,
+                        uint64_t *misses)
+{
+    if (entries)
+        *entries = v ? v->entries : 0;
+    if (hits)
+        *hits = v ? v->hits : 0;
+    if (misses)
+        *misses = v ? v->misses : 0;
+}
+
+static size_t bucket_of(const struct rec_verifier *v, const uint8_t hash[SHA256_LEN])
+{
+    uint64_t h;
+    memcpy(&h, hash, sizeof(h)); /* SHA-256 output: already uniform */
+    return (size_t)(h & (v->nbuckets - 1));
+}
+
+static void lru_unlink(struct rec_verifier *v, struct vcert *c)
+{
+    if (c->lru_prev)
+        c->lru_prev->lru_next = c->lru_next;
+    else
+        v->lru_head = c->lru_next;
+    if (c->lru_next)
+        c->lru_next->lru_prev = c->lru_prev;
+    else
+        v->lru_tail = c->lru_prev;
+    c->lru_prev = c->lru_next = NULL;
+}
+
+static void lru_push_front(struct rec_verifier *v, struct vcert *c)
+{
+    c->lru_prev = NULL;
+    c->lru_next = v->lru_head;
+    if (v->lru_head)
+        v->lru_head->lru_prev = c;
+    v->lru_head = c;
+    if (!v->lru_tail)
+        v->lru_tail = c;
+}
+
+static struct vcert *cache_lookup(struct rec_verifier *v, const uint8_t hash[SHA256_LEN])
+{
+    for (struct vcert *c = v->buckets[bucket_of(v, hash)]; c; c = c->hnext) {
+        if (!memcmp(c->hash, hash, SHA256_LEN)) {
+            if (v->lru_head != c) {
+                lru_unlink(v, c);
+                lru_push_front(v, c);
+            }
+            return c;
+        }
+    }
+    return NULL;
+}
+
+static void cache_remove(struct rec_verifier *v, struct vcert *c)
+{
+    struct vcert **pp = &v->buckets[bucket_of(v, c->hash)];
+    while (*pp && *pp != c)
+        pp = &(*pp)->hnext;
+    if (*pp)
+        *pp = c->hnext;
+    lru_unlink(v, c);
+    v->entries--;
+}
+
+/* Takes c into the cache, or frees it when there is no cache. */
+static void cache_insert(struct rec_verifier *v, struct vcert *c)
+{
+    if (v->cache_size == 0) {
+        vcert_free(c);
+        return;
+    }
+    while (v->entries >= v->cache_size && v->lru_tail) {
+        struct vcert *old = v->lru_tail;
+        cache_remove(v, old);
+        vcert_free(old);
+    }
+    size_t b = bucket_of(v, c->hash);
+    c->hnext = v->buckets[b];
+    v->buckets[b] = c;
+    lru_push_front(v, c);
+    v->entries++;
+}
+
+static gnutls_sign_algorithm_t sign_algo_of(gnutls_pubkey_t pub)
+{
+    int pk = gnutls_pubkey_get_pk_algorithm(pub, NULL);
+    if (pk < 0)
+        return GNUTLS_SIGN_UNKNOWN;
+    switch (pk) {
+    case GNUTLS_PK_EDDSA_ED25519:
+        return GNUTLS_SIGN_EDDSA_ED25519;
+    case GNUTLS_PK_EDDSA_ED448:
+        return GNUTLS_SIGN_EDDSA_ED448;
+    default: /* what cred_sign() uses for everything else */
+        return gnutls_pk_to_sign((gnutls_pk_algorithm_t)pk, GNUTLS_DIG_SHA256);
+    }
+}
+
+/*
+ * Parses and chain-checks a certificate (times excepted: the caller checks
+ * them against its `now`). Returns a new entry, or NULL with `err` filled and
+ * *code set.
+ */
+static struct vcert *check_cert(struct rec_verifier *v, const gnutls_datum_t *der,
+                                const uint8_t hash[SHA256_LEN], const char *what, int *code,
+                                char *err, size_t errlen)
+{
+    gnutls_x509_crt_t crt = NULL;
+    struct vcert *c = calloc(1, sizeof(*c));
+    unsigned status = 0;
+    int gr;
+    *code = REC_E_CERT;
+    if (!c) {
+        *code = errbuf_set(err, errlen, REC_E_NOMEM, "%s: out of memory", what);
+        goto fail;
+    }
+    memcpy(c->hash, hash, SHA256_LEN);
+    if ((gr = gnutls_x509_crt_init(&crt)) < 0) {
+        *code = errbuf_set(err, errlen, REC_E_NOMEM, "%s: %s", what, gnutls_strerror(gr));
+        goto fail;
+    }
+    if ((gr = gnutls_x509_crt_import(crt, der, GNUTLS_X509_FMT_DER)) < 0) {
+        errbuf_set(err, errlen, REC_E_CERT, "%s: the certificate does not parse: %s", what,
+                   gnutls_strerror(gr));
+        goto fail;
+    }
+    gr = gnutls_x509_crt_verify(
+        crt, &v->ca, 1,
+        GNUTLS_VERIFY_DISABLE_TIME_CHECKS | GNUTLS_VERIFY_DISABLE_TRUSTED_TIME_CHECKS, &status);
+    if (gr < 0 || status != 0) {
+        errbuf_set(err, errlen, REC_E_CERT, "%s: the certificate is not issued by the overlay CA",
+                   what);
+        goto fail;
+    }
+    struct peer_identity id;
+    if ((gr = cred_identity(crt, &id)) < 0) {
+        errbuf_set(err, errlen, REC_E_CERT, "%s: the certificate's identity does not parse: %s",
+                   what, gnutls_strerror(gr));
+        goto fail;
+    }
+    if (!id.uri[0]) {
+        errbuf_set(err, errlen, REC_E_CERT, "%s: the certificate has no URI", what);
+        goto fail;
+    }
+    memcpy(c->uri, id.uri, sizeof(c->uri));
+    c->not_before = gnutls_x509_crt_get_activation_time(crt);
+    c->not_after = gnutls_x509_crt_get_expiration_time(crt);
+    if (c->not_before == (time_t)-1 || c->not_after == (time_t)-1) {
+        errbuf_set(err, errlen, REC_E_CERT, "%s: the certificate's validity does not parse", what);
+        goto fail;
+    }
+    if (c->not_before < v->ca_not_before)
+        c->not_before = v->ca_not_before;
+    if (c->not_after > v->ca_not_after)
+        c->not_after = v->ca_not_after;
+    if ((gr = gnutls_pubkey_init(&c->pub)) < 0) {
+        *code = errbuf_set(err, errlen, REC_E_NOMEM, "%s: %s", what, gnutls_strerror(gr));
+        goto fail;
+    }
+    if ((gr = gnutls_pubkey_import_x509(c->pub, crt, 0)) < 0) {
+        errbuf_set(err, errlen, REC_E_CERT, "%s: the certificate's key does not parse: %s", what,
+                   gnutls_strerror(gr));
+        goto fail;
+    }
+    if ((c->sa = sign_algo_of(c->pub)) == GNUTLS_SIGN_UNKNOWN) {
+        errbuf_set(err, errlen, REC_E_CERT, "%s: the certificate's key type cannot sign records",
+                   what);
+        goto fail;
+    }
+    gnutls_x509_crt_deinit(crt);
+    return c;
+fail:
+    if (crt)
+        gnutls_x509_crt_deinit(crt);
+    vcert_free(c);
+    return NULL;
+}
+
+const char *rec_uri_aor(const char *uri)
+{
+    if (!uri)
+        return "";
+    if (!strncasecmp(uri, "sip:", 4))
+        return uri + 4;
+    if (!strncasecmp(uri, "sips:", 5))
+        return uri + 5;
+    return uri;
+}
+
+/* The host of a SIP URI: after the '@' (or the whole address without one), without port or
+ * parameters; IPv6 references keep their brackets. Returns false when it does not fit. */
+static bool uri_domain(const char *uri, char *out, size_t len)
+{
+    const char *a = rec_uri_aor(uri);
+    const char *at = strchr(a, '@');
+    const char *h = at ? at + 1 : a;
+    size_t n;
+    if (*h == '[') {
+        const char *rb = strchr(h, ']');
+        if (!rb)
+            return false;
+        n = (size_t)(rb - h) + 1;
+    } else {
+        n = strcspn(h, ":;?>");
+    }
+    if (n == 0 || n >= len)
+        return false;
+    memcpy(out, h, n);
+    out[n] = '\0';
+    return true;
+}
+
+int rec_verify(struct rec_verifier *v, const struct record *r, time_t now, int64_t max_lifetime_s,
+               char *err, size_t errlen)
+{
+    char khex[NID_HEX_LEN + 1], what[64], q[80];
+    nid_to_hex(&r->key, khex);
+    snprintf(what, sizeof(what), "record for key %.8s...", khex);
+    if (err && errlen)
+        err[0] = '\0';
+
+    json_t *signed_str = r->envelope ? json_object_get(r->envelope, "signed") : NULL;
+    json_t *cert_str = r->envelope ? json_object_get(r->envelope, "cert") : NULL;
+    json_t *sig_str = r->envelope ? json_object_get(r->envelope, "sig") : NULL;
+    json_t *ov = r->signed_obj ? json_object_get(r->signed_obj, "overlay") : NULL;
+    if (!json_is_string(signed_str) || !json_is_string(cert_str) || !json_is_string(sig_str) ||
+        !json_is_string(ov))
+        return errbuf_set(err, errlen, REC_E_MALFORMED, "%s: not a parsed record", what);
+
+    /* The order of the checks is docs/protocol.md 4.4's. */
+    if (strcmp(json_string_value(ov), v->overlay) != 0 ||
+        json_string_length(ov) != strlen(v->overlay))
+        return errbuf_set(err, errlen, REC_E_OVERLAY, "%s: signed for overlay %s, this is %s", what,
+                          quote(json_string_value(ov), json_string_length(ov), q, sizeof(q)),
+                          v->overlay);
+
+    /* The certificate: from the cache, or parsed and chain-checked once. */
+    size_t der_len = 0, sig_len = 0;
+    unsigned char *der =
+        overlay_b64_decode(json_string_value(cert_str), json_string_length(cert_str), &der_len);
+    if (!der)
+        return errbuf_set(err, errlen, REC_E_MALFORMED, "%s: \"cert\" is not base64", what);
+    uint8_t hash[SHA256_LEN];
+    if (gnutls_hash_fast(GNUTLS_DIG_SHA256, der, der_len, hash) < 0) {
+        free(der);
+        return errbuf_set(err, errlen, REC_E_NOMEM, "%s: cannot hash the certificate", what);
+    }
+    struct vcert *c = cache_lookup(v, hash);
+    struct vcert *owned = NULL; /* a checked certificate with no cache to keep it */
+    if (c) {
+        v->hits++;
+    } else {
+        v->misses++;
+        int code;
+        gnutls_datum_t d = {der, (unsigned)der_len};
+        c = check_cert(v, &d, hash, what, &code, err, errlen);
+        if (!c) {
+            free(der);
+            return code;
+        }
+        if (v->cache_size > 0)
+            cache_insert(v, c);
+        else
+            owned = c;
+    }
+    free(der);
+
+    int ret = REC_OK;
+    unsigned char *sig = NULL;
+    if (now < c->not_before || now > c->not_after) {
+        ret = errbuf_set(err, errlen, REC_E_CERT,
+                         "%s: the certificate of %s is not valid at %" PRId64 " (valid %" PRId64
+                         "..%" PRId64 ")",
+                         what, c->uri, (int64_t)now, (int64_t)c->not_before, (int64_t)c->not_after);
+        goto out;
+    }
+    if (strcmp(r->owner, c->uri) != 0) {
+        ret = errbuf_set(err, errlen, REC_E_OWNER, "%s: owner %s is not the certificate's URI %s",
+                         what, quote(r->owner, strlen(r->owner), q, sizeof(q)), c->uri);
+        goto out;
+    }
+
+    sig = overlay_b64_decode(json_string_value(sig_str), json_string_length(sig_str), &sig_len);
+    if (!sig) {
+        ret = errbuf_set(err, errlen, REC_E_MALFORMED, "%s: \"sig\" is not base64", what);
+        goto out;
+    }
+    gnutls_datum_t data = {(unsigned char *)(uintptr_t)json_string_value(signed_str),
+                           (unsigned)json_string_length(signed_str)};
+    gnutls_datum_t sd = {sig, (unsigned)sig_len};
+    if (gnutls_pubkey_verify_data2(c->pub, c->sa, 0, &data, &sd) < 0) {
+        ret = errbuf_set(err, errlen, REC_E_SIGNATURE,
+                         "%s: signature does not verify with the certificate of %s", what, c->uri);
+        goto out;
+    }
+
+    if (r->expires <= (int64_t)now) {
+        ret = errbuf_set(err, errlen, REC_E_EXPIRED, "%s: expired at %" PRId64 " (now %" PRId64 ")",
+                         what, r->expires, (int64_t)now);
+        goto out;
+    }
+    /* expires > now here, so the difference is positive; unsigned arithmetic cannot overflow. */
+    if (max_lifetime_s > 0 &&
+        (uint64_t)r->expires - (uint64_t)(int64_t)now > (uint64_t)max_lifetime_s) {
+        ret = errbuf_set(err, errlen, REC_E_LIFETIME,
+                         "%s: expires in %" PRIu64 " s, above the maximum of %" PRId64 " s", what,
+                         (uint64_t)r->expires - (uint64_t)(int64_t)now, max_lifetime_s);
+        goto out;
+    }
+
+    if (!strcmp(r->type, REC_TYPE_USER_LOCATION)) {
+        if (strcmp(r->name, rec_uri_aor(c->uri)) != 0) {
+            ret = errbuf_set(err, errlen, REC_E_FORBIDDEN,
+                             "%s: %s may not write the user location of %s", what, c->uri,
+                             quote(r->name, strlen(r->name), q, sizeof(q)));
+            goto out;
+        }
+    } else if (!strcmp(r->type, REC_TYPE_PROXY_LOCATION)) {
+        char dom[256];
+        if (!uri_domain(c->uri, dom, sizeof(dom)) || strcmp(r->name, dom) != 0) {
+            ret = errbuf_set(err, errlen, REC_E_FORBIDDEN,
+                             "%s: %s may not write the proxy location of %s", what, c->uri,
+                             quote(r->name, strlen(r->name), q, sizeof(q)));
+            goto out;
+        }
+    }
+
+out:
+    free(sig);
+    vcert_free(owned);
+    return ret;
+}

@@ -1,0 +1,604 @@
+/*
+ * Links and peers of a super node: the connection pool (one link per peer in
+ * use, opened on demand, frames queued while it opens, idle links closed,
+ * a cap on their number), the peers' round-trip times, and requests that
+ * wait for an answer on a link.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "config.h"
+#include "log.h"
+#include "sn_int.h"
+
+double sn_now(struct sn *s)
+{
+    return ev_now(s->loop);
+}
+
+struct peer *peer_find(struct sn *s, const nid_t *id)
+{
+    for (struct peer *p = s->peers; p; p = p->next)
+        if (nid_eq(&p->id, id))
+            return p;
+    return NULL;
+}
+
+struct peer *peer_get(struct sn *s, const nid_t *id, const char *addr)
+{
+    struct peer *p = peer_find(s, id);
+    if (!p) {
+        p = calloc(1, sizeof(*p));
+        if (!p)
+            return NULL;
+        p->id = *id;
+        p->last_used = sn_now(s);
+        p->next = s->peers;
+        s->peers = p;
+    }
+    if (addr && *addr && strcmp(p->addr, addr) != 0) {
+        snprintf(p->addr, sizeof(p->addr), "%s", addr);
+    }
+    return p;
+}
+
+json_t *peer_json(const struct peer *p)
+{
+    char hex[NID_HEX_LEN + 1];
+    return json_pack("{s:s,s:s}", "id", nid_to_hex(&p->id, hex), "addr", p->addr);
+}
+
+json_t *self_json(struct sn *s)
+{
+    return json_pack("{s:s,s:s}", "id", s->id_hex, "addr", s->advertise);
+}
+
+int peer_parse(json_t *j, nid_t *id, char *addr, size_t addrlen)
+{
+    const char *hex = json_string_value(json_object_get(j, "id"));
+    const char *a = json_string_value(json_object_get(j, "addr"));
+    if (!json_is_object(j) || !hex || !a || nid_from_hex(id, hex) != 0 || strlen(a) >= addrlen ||
+        cfg_parse_hostport(a, NULL, 0, NULL) != 0)
+        return -1;
+    snprintf(addr, addrlen, "%s", a);
+    return 0;
+}
+
+bool link_is_sn(const struct link *l)
+{
+    return l->open && (l->roles & ROLE_SUPERNODE) && l->has_id;
+}
+
+struct link *link_by_serial(struct sn *s, struct link *l, uint64_t serial)
+{
+    for (struct link *x = s->links.next; x != &s->links; x = x->next)
+        if (x == l && x->serial == serial)
+            return x;
+    return NULL;
+}
+
+double peer_rto(const struct peer *p)
+{
+    double rto = p->has_rtt ? p->srtt + 4 * p->rttvar : 1.0;
+    if (rto < 0.25)
+        rto = 0.25;
+    if (rto > 5.0)
+        rto = 5.0;
+    return rto;
+}
+
+static void peer_rtt_sample(struct peer *p, double rtt)
+{
+    /* RFC 6298 smoothing. */
+    if (!p->has_rtt) {
+        p->srtt = rtt;
+        p->rttvar = rtt / 2;
+        p->has_rtt = true;
+    } else {
+        double d = p->srtt - rtt;
+        p->rttvar = 0.75 * p->rttvar + 0.25 * (d < 0 ? -d : d);
+        p->srtt = 0.875 * p->srtt + 0.125 * rtt;
+    }
+}
+
+/* ---- frames ---- */
+
+static void link_flush_queue(struct link *l)
+{
+    while (l->q_head) {
+        struct qframe *q = l->q_head;
+        l->q_head = q->next;
+        conn_send_frame(l->conn, q->buf, q->len);
+        free(q->buf);
+        free(q);
+    }
+    l->q_tail = NULL;
+    l->q_n = 0;
+}
+
+static void link_drop_queue(struct link *l)
+{
+    while (l->q_head) {
+        struct qframe *q = l->q_head;
+        l->q_head = q->next;
+        free(q->buf);
+        free(q);
+    }
+    l->q_tail = NULL;
+    l->q_n = 0;
+}
+
+int link_send(struct link *l, const char *type, enum msg_kind kind, const char *tid, json_t *body)
+{
+    if (!l || l->closing)
+        return -1;
+    l->last_used = sn_now(l->sn);
+    if (l->open) {
+        int rc = conn_send(l->conn, type, kind, tid, body);
+        if (rc != 0)
+            log_debug("link", "%s: cannot send %s: %s", conn_peer_addr(l->conn), type,
+                      rc == CONN_ERR_QUEUE_FULL ? "queue full" : "not open");
+        return rc == 0 ? 0 : -1;
+    }
+    if (l->q_n >= SN_MAX_QUEUED)
+        return -1;
+    char tbuf[MSG_TID_LEN + 1];
+    if (!tid) {
+        msg_new_tid(tbuf);
+        tid = tbuf;
+    }
+    struct msg_hdr h = {.overlay = l->sn->overlay, .type = type, .kind = kind, .tid = tid};
+    struct qframe *q = calloc(1, sizeof(*q));
+    if (!q || msg_encode(&h, body, l->sn->max_frame, &q->buf, &q->len) != MSG_OK) {
+        free(q);
+        return -1;
+    }
+    if (l->q_tail)
+        l->q_tail->next = q;
+    else
+        l->q_head = q;
+    l->q_tail = q;
+    l->q_n++;
+    return 0;
+}
+
+void link_send_error(struct link *l, const char *tid, const char *code, const char *reason)
+{
+    json_t *b = json_pack("{s:s,s:s}", "code", code, "reason", reason ? reason : "");
+    link_send(l, "error", MSG_ERR, tid, b);
+    json_decref(b);
+}
+
+/* ---- links ---- */
+
+static void on_open(struct conn *c, void *ud);
+static void on_message(struct conn *c, const struct msg *m, void *ud);
+static void on_close(struct conn *c, enum conn_close_reason r, const char *detail, void *ud);
+static const struct conn_cbs link_cbs = {
+    .on_open = on_open, .on_message = on_message, .on_close = on_close};
+
+static struct link *link_new(struct sn *s, struct conn *c, bool outgoing)
+{
+    struct link *l = calloc(1, sizeof(*l));
+    if (!l)
+        return NULL;
+    l->magic = LINK_MAGIC;
+    l->sn = s;
+    l->conn = c;
+    l->outgoing = outgoing;
+    l->serial = ++s->next_serial;
+    l->last_used = sn_now(s);
+    l->next = s->links.next;
+    l->prev = &s->links;
+    s->links.next->prev = l;
+    s->links.next = l;
+    s->n_links++;
+    return l;
+}
+
+static void link_close(struct link *l)
+{
+    if (l->closing)
+        return;
+    l->closing = true;
+    conn_close(l->conn);
+}
+
+/* The link to use for a peer: an open or opening one, or a new outgoing one. */
+static struct link *peer_link(struct sn *s, struct peer *p)
+{
+    if (p->link && !p->link->closing)
+        return p->link;
+    p->link = NULL;
+    for (struct link *l = s->links.next; l != &s->links; l = l->next)
+        if (!l->closing && l->open && l->has_id && nid_eq(&l->id, &p->id)) {
+            p->link = l;
+            l->peer = p;
+            return l;
+        }
+    if (!p->addr[0] || nid_eq(&p->id, &s->id))
+        return NULL;
+    if (s->n_links >= s->p.max_connections)
+        links_gc(s);
+    char err[256];
+    struct link *l = link_new(s, NULL, true);
+    if (!l)
+        return NULL;
+    l->peer = p;
+    l->id = p->id;
+    struct conn *c = conn_connect(s->loop, s->tls, p->addr, &link_cbs, l, err, sizeof(err));
+    if (!c) {
+        log_warn("link", "cannot connect to %s: %s", p->addr, err);
+        l->prev->next = l->next;
+        l->next->prev = l->prev;
+        s->n_links--;
+        free(l);
+        return NULL;
+    }
+    l->conn = c;
+    p->link = l;
+    log_debug("link", "connecting to %s", p->addr);
+    return l;
+}
+
+int peer_send(struct sn *s, struct peer *p, const char *type, enum msg_kind kind, const char *tid,
+              json_t *body)
+{
+    struct link *l = peer_link(s, p);
+    if (!l)
+        return -1;
+    p->last_used = sn_now(s);
+    return link_send(l, type, kind, tid, body);
+}
+
+static void on_open(struct conn *c, void *ud)
+{
+    struct link *l = ud;
+    struct sn *s = l->sn;
+    const struct peer_identity *id = conn_peer(c);
+    l->conn = c;
+    l->roles = id->roles;
+    l->has_id = id->has_node_id;
+    if (id->has_node_id)
+        l->id = id->node_id;
+    if (l->outgoing && l->peer->anon && id->has_node_id && (id->roles & ROLE_SUPERNODE)) {
+        /* A join address: whoever is there is fine; from now on it is known by its ID. */
+        struct peer *anon = l->peer, *real = peer_get(s, &id->node_id, anon->addr);
+        anon->link = NULL;
+        if (!real) {
+            conn_close(c);
+            l->closing = true;
+            return;
+        }
+        l->peer = real;
+        l->id = real->id;
+        if (!real->link || real->link->closing)
+            real->link = l;
+        l->open = true;
+        link_flush_queue(l);
+        return;
+    }
+    if (l->outgoing) {
+        /* We dialled a super node: it must be the one we meant. */
+        char want[NID_HEX_LEN + 1], got[NID_HEX_LEN + 1] = "none";
+        if (!id->has_node_id || !nid_eq(&id->node_id, &l->peer->id) ||
+            !(id->roles & ROLE_SUPERNODE)) {
+            if (id->has_node_id)
+                nid_to_hex(&id->node_id, got);
+            log_warn("link", "%s: expected super node %s, found %s%s: dropping the link",
+                     l->peer->addr, nid_to_hex(&l->peer->id, want), got,
+                     (id->roles & ROLE_SUPERNODE) ? "" : " without the super node role");
+            link_drop_queue(l);
+            conn_close_with_error(c, NULL, "forbidden", "not the node this address was given for");
+            l->closing = true;
+            return;
+        }
+        l->open = true;
+        link_flush_queue(l);
+        return;
+    }
+    if (s->n_links > s->p.max_connections) {
+        conn_close_with_error(c, NULL, "overloaded", "too many connections");
+        l->closing = true;
+        return;
+    }
+    l->open = true;
+    if ((l->roles & ROLE_SUPERNODE) && l->has_id) {
+        struct peer *p = peer_find(s, &l->id);
+        if (p && (!p->link || p->link->closing))
+            p->link = l;
+        if (p)
+            l->peer = p;
+    }
+}
+
+static void on_message(struct conn *c, const struct msg *m, void *ud)
+{
+    struct link *l = ud;
+    struct sn *s = l->sn;
+    l->last_used = sn_now(s);
+    if (l->peer) {
+        l->peer->last_used = l->last_used;
+        l->peer->strikes = 0;
+    }
+    if (m->kind == MSG_RES || m->kind == MSG_ERR) {
+        size_t b = strtoul(m->tid + 8, NULL, 16) % SN_TABLE_SIZE;
+        for (struct preq **pp = &s->preqs[b]; *pp; pp = &(*pp)->next) {
+            struct preq *r = *pp;
+            if (strcmp(r->tid, m->tid) == 0 && r->link_serial == l->serial) {
+                *pp = r->next;
+                s->n_preqs--;
+                if (l->n_preqs)
+                    l->n_preqs--;
+                if (r->peer && r->peer->n_preqs)
+                    r->peer->n_preqs--;
+                ev_timer_stop(s->loop, &r->timer);
+                if (r->peer && m->kind == MSG_RES)
+                    peer_rtt_sample(r->peer, sn_now(s) - r->sent_at);
+                r->cb(s, r, m, NULL);
+                free(r);
+                return;
+            }
+        }
+        return; /* an answer nobody waits for any more (fire-and-forget requests) */
+    }
+    ring_message(s, l, m);
+}
+
+/* A request leaves the table: its link and peer count one fewer. */
+static void preq_unaccount(struct sn *s, struct preq *r)
+{
+    for (struct link *l = s->links.next; l != &s->links; l = l->next)
+        if (l->serial == r->link_serial) {
+            if (l->n_preqs)
+                l->n_preqs--;
+            break;
+        }
+    if (r->peer && r->peer->n_preqs)
+        r->peer->n_preqs--;
+}
+
+static void preq_fail(struct sn *s, struct preq *r, const char *why)
+{
+    size_t b = strtoul(r->tid + 8, NULL, 16) % SN_TABLE_SIZE;
+    for (struct preq **pp = &s->preqs[b]; *pp; pp = &(*pp)->next)
+        if (*pp == r) {
+            *pp = r->next;
+            s->n_preqs--;
+            break;
+        }
+    preq_unaccount(s, r);
+    ev_timer_stop(s->loop, &r->timer);
+    r->cb(s, r, NULL, why);
+    free(r);
+}
+
+static void on_close(struct conn *c, enum conn_close_reason r, const char *detail, void *ud)
+{
+    struct link *l = ud;
+    struct sn *s = l->sn;
+    l->prev->next = l->next;
+    l->next->prev = l->prev;
+    s->n_links--;
+    link_drop_queue(l);
+    /*
+     * Requests waiting on this link fail now rather than at their timeout.
+     * A callback may start or end other requests: search again after each.
+     */
+    while (l->n_preqs > 0) {
+        struct preq *found = NULL;
+        for (size_t b = 0; b < SN_TABLE_SIZE && !found; b++)
+            for (struct preq *q = s->preqs[b]; q; q = q->next)
+                if (q->link_serial == l->serial) {
+                    found = q;
+                    break;
+                }
+        if (!found)
+            break;
+        l->n_preqs--;
+        preq_fail(s, found, "link closed");
+    }
+    struct peer *p = l->peer;
+    if (p && p->link == l) {
+        p->link = NULL;
+        for (struct link *x = s->links.next; x != &s->links; x = x->next)
+            if (!x->closing && x->open && x->has_id && nid_eq(&x->id, &p->id)) {
+                p->link = x;
+                x->peer = p;
+                break;
+            }
+    }
+    if (p && !p->link && peer_in_ring(s, p) && !l->closing && s->state != SN_LEFT) {
+        const char *why = detail && *detail ? detail : conn_close_reason_str(r);
+        if (l->outgoing && !l->open)
+            peer_dead(s, p, why); /* we could not even reach it */
+        else
+            ring_peer_lost(s, p, why);
+    }
+    free(l);
+}
+
+/*
+ * Accepted connections get their link when they open: before that their
+ * userdata is the sn (a close then has nothing of ours to free), after it the
+ * link.
+ */
+static void on_accept_open(struct conn *c, void *ud)
+{
+    struct sn *s = ud;
+    struct link *l = link_new(s, c, false);
+    if (!l) {
+        conn_close(c);
+        return;
+    }
+    conn_set_userdata(c, l);
+    on_open(c, l);
+}
+
+static void on_accept_close(struct conn *c, enum conn_close_reason r, const char *detail, void *ud)
+{
+    if (*(const uint32_t *)ud == SN_MAGIC)
+        return; /* closed before it opened: nothing of ours to free */
+    on_close(c, r, detail, ud);
+}
+
+static const struct conn_cbs accept_cbs = {
+    .on_open = on_accept_open, .on_message = on_message, .on_close = on_accept_close};
+
+int sn_listen(struct sn *s, char *err, size_t errlen)
+{
+    s->listener = conn_listen(s->loop, s->tls, s->p.listen, &accept_cbs, s, err, errlen);
+    return s->listener ? 0 : -1;
+}
+
+/* ---- requests on links ---- */
+
+static void preq_timeout(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct preq *r = w->data;
+    if (r->peer)
+        r->peer->strikes++;
+    preq_fail(r->sn, r, "timeout");
+}
+
+struct preq *peer_request(struct sn *s, struct peer *p, const char *type, json_t *body,
+                          double timeout_s, preq_cb cb, void *ud)
+{
+    struct link *l = peer_link(s, p);
+    if (!l)
+        return NULL;
+    struct preq *r = calloc(1, sizeof(*r));
+    if (!r)
+        return NULL;
+    msg_new_tid(r->tid);
+    if (link_send(l, type, MSG_REQ, r->tid, body) != 0) {
+        free(r);
+        return NULL;
+    }
+    p->last_used = sn_now(s);
+    r->sn = s;
+    r->peer = p;
+    r->link_serial = l->serial;
+    r->cb = cb;
+    r->ud = ud;
+    r->sent_at = sn_now(s);
+    if (timeout_s <= 0) {
+        timeout_s = peer_rto(p);
+        /* an opening link needs a connect and a handshake first */
+        if (!l->open)
+            timeout_s += 2.0;
+    }
+    ev_timer_init(&r->timer, preq_timeout, timeout_s, 0.);
+    r->timer.data = r;
+    ev_timer_start(s->loop, &r->timer);
+    size_t b = strtoul(r->tid + 8, NULL, 16) % SN_TABLE_SIZE;
+    r->next = s->preqs[b];
+    s->preqs[b] = r;
+    s->n_preqs++;
+    l->n_preqs++;
+    p->n_preqs++;
+    return r;
+}
+
+void preq_cancel_all(struct sn *s)
+{
+    for (size_t b = 0; b < SN_TABLE_SIZE; b++)
+        while (s->preqs[b])
+            preq_fail(s, s->preqs[b], "cancelled");
+}
+
+/* ---- the ring's view of peers ---- */
+
+bool peer_in_ring(const struct sn *s, const struct peer *p)
+{
+    if (s->pred == p)
+        return true;
+    for (unsigned i = 0; i < s->n_succ; i++)
+        if (s->succ[i] == p)
+            return true;
+    for (unsigned i = 0; i < SN_FINGERS; i++)
+        if (s->finger[i] == p)
+            return true;
+    return false;
+}
+
+void peer_dead(struct sn *s, struct peer *p, const char *why)
+{
+    char hex[NID_HEX_LEN + 1];
+    bool was = peer_in_ring(s, p);
+    p->dead_at = sn_now(s);
+    p->strikes = 0;
+    if (!was)
+        return;
+    log_info("ring", "peer %.8s at %s is gone (%s): repairing", nid_to_hex(&p->id, hex), p->addr,
+             why);
+    if (s->pred == p)
+        s->pred = NULL;
+    unsigned j = 0;
+    for (unsigned i = 0; i < s->n_succ; i++)
+        if (s->succ[i] != p)
+            s->succ[j++] = s->succ[i];
+    s->n_succ = j;
+    for (unsigned i = 0; i < SN_FINGERS; i++)
+        if (s->finger[i] == p)
+            s->finger[i] = NULL;
+    if (p->link)
+        link_close(p->link);
+    ring_changed(s);
+}
+
+/*
+ * Closes links the ring does not need that were idle for peer_idle_s (and,
+ * over the cap, the least recently used of them), and frees peers nothing
+ * refers to.
+ */
+void links_gc(struct sn *s)
+{
+    double now = sn_now(s);
+    struct link *lru = NULL;
+    size_t n_open = 0;
+    for (struct link *l = s->links.next; l != &s->links; l = l->next) {
+        if (l->closing)
+            continue;
+        n_open++;
+        if (l->peer && peer_in_ring(s, l->peer) && l->peer->link == l)
+            continue;
+        if (l->n_preqs)
+            continue;
+        if (now - l->last_used > s->p.peer_idle_s) {
+            log_debug("link", "%s: idle, closing", l->conn ? conn_peer_addr(l->conn) : "?");
+            if (l->peer && l->peer->link == l)
+                l->peer->link = NULL;
+            link_close(l);
+            n_open--;
+            continue;
+        }
+        if (!lru || l->last_used < lru->last_used)
+            lru = l;
+    }
+    if (n_open >= s->p.max_connections && lru) {
+        if (lru->peer && lru->peer->link == lru)
+            lru->peer->link = NULL;
+        link_close(lru);
+    }
+    /* Peers: drop those nothing uses. */
+    for (struct peer **pp = &s->peers; *pp;) {
+        struct peer *p = *pp;
+        bool used = p->link || peer_in_ring(s, p) || now - p->last_used < s->p.peer_idle_s;
+        if (!used) {
+            for (struct link *l = s->links.next; l != &s->links; l = l->next)
+                if (l->peer == p) {
+                    used = true;
+                    break;
+                }
+        }
+        used = used || p->n_preqs > 0;
+        if (used) {
+            pp = &p->next;
+            continue;
+        }
+        *pp = p->next;
+        free(p);
+    }
+}

@@ -1,0 +1,75 @@
+/*
+ * The super node role as a library (docs/ring.md): a member of the Chord ring
+ * that routes requests, stores signed records and replicates them. The
+ * `supernode` daemon runs one; an ordinary node that gets promoted runs one
+ * inside its own process and loop.
+ *
+ * One struct sn owns its listener and every node-to-node link it accepts or
+ * opens. Everything runs on the caller's libev loop; nothing blocks.
+ */
+#ifndef P2P_SN_H
+#define P2P_SN_H
+
+#include <ev.h>
+#include <gnutls/x509.h>
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "conn.h"
+#include "store.h"
+
+struct sn_params {
+    const char *overlay;   /* overlay name */
+    const char *listen;    /* "host:port" for node-to-node TLS */
+    const char *advertise; /* "host:port" other nodes use to reach us (NULL = listen) */
+    struct tls_config tls; /* our credentials and transport settings */
+    unsigned replication;  /* copies of each record (responsible + successors) */
+    unsigned succ_list;    /* successor list length */
+    double stabilize_s;    /* ring maintenance period */
+    size_t max_record_bytes;
+    long long max_lifetime_s;
+    struct store_limits quotas;
+    size_t max_connections; /* links of any kind, accepted and opened */
+    double peer_idle_s;     /* close SN links unused this long that the ring does not need */
+};
+
+struct sn;
+
+/*
+ * Loads credentials, checks that our certificate has the super node role and
+ * a Node-ID, and listens. NULL + one line in err on failure.
+ */
+struct sn *sn_new(struct ev_loop *loop, const struct sn_params *p, char *err, size_t errlen);
+
+/* Starts a new ring with this node alone in it. */
+void sn_start_seed(struct sn *s);
+/*
+ * Joins through any of the given super node addresses (tried in turn, again
+ * and again with back-off until one admits us). NULL-terminated.
+ */
+void sn_start_join(struct sn *s, const char *const *addrs);
+
+/*
+ * Graceful leave: hands every record to the successor, tells predecessor and
+ * successor, closes all links; then calls done(ud) (from the loop). Also
+ * stops listening.
+ */
+void sn_leave(struct sn *s, void (*done)(void *ud), void *ud);
+
+/* The status document of docs/ring.md section 7 (new reference). */
+json_t *sn_status(struct sn *s);
+/* Every entry held: [[key, owner, seq, "primary"|"replica"|"tombstone"], ...] (new reference). */
+json_t *sn_records(struct sn *s);
+
+/* Our identity. */
+const struct peer_identity *sn_identity(const struct sn *s);
+bool sn_is_member(const struct sn *s);
+
+/*
+ * Frees everything. Links still open are dropped without ceremony: call it
+ * after sn_leave() has completed, or when the loop is gone.
+ */
+void sn_free(struct sn *s);
+
+#endif

@@ -1,0 +1,224 @@
+/*
+ * Internals of the super node library shared by its files: links and peers
+ * (link.c), the ring and routing (ring.c), replication (repl.c).
+ */
+#ifndef P2P_SN_INT_H
+#define P2P_SN_INT_H
+
+#include <ev.h>
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "conn.h"
+#include "record.h"
+#include "sn.h"
+#include "store.h"
+
+#define SN_MAX_SUCC    32
+#define SN_HOP_LIMIT   32
+#define SN_FINGERS     NID_BITS
+#define SN_MAX_QUEUED  512 /* frames waiting for an outgoing link to open */
+#define SN_SYNC_CHUNK  256 /* entries per sync chunk */
+#define SN_ADDR_MAX    64
+#define SN_TABLE_SIZE  1024  /* buckets of the request tables */
+#define SN_MAX_PENDING 20000 /* routed requests in progress before clients get "overloaded" */
+
+struct link;
+
+/* A super node we know of. */
+struct peer {
+    struct peer *next;
+    nid_t id;
+    char addr[SN_ADDR_MAX]; /* "" while unknown (an incoming link only) */
+    struct link *link;      /* the link we use to reach it, or NULL */
+    double srtt, rttvar;    /* seconds; valid when has_rtt */
+    bool has_rtt;
+    int strikes;      /* consecutive unanswered requests */
+    double last_used; /* last time we sent to or heard from it */
+    double dead_at;   /* when it was declared dead (0 = never) */
+    size_t n_preqs;   /* requests to it waiting for an answer */
+    bool anon;        /* an address to join through: any super node there will do */
+};
+
+struct qframe {
+    struct qframe *next;
+    uint8_t *buf;
+    size_t len;
+};
+
+/* First members of struct sn and struct link: an accepted connection's userdata is the sn
+ * until it opens and the link afterwards. */
+#define SN_MAGIC   0x736e5f5fu
+#define LINK_MAGIC 0x6c696e6bu
+
+/* One node-to-node connection. */
+struct link {
+    uint32_t magic;
+    struct link *next, *prev;
+    struct sn *sn;
+    struct conn *conn;
+    struct peer *peer; /* the super node at the other end, when it is one */
+    bool outgoing, open, closing;
+    unsigned roles;
+    nid_t id; /* the peer's Node-ID (from its certificate) once open */
+    bool has_id;
+    struct qframe *q_head, *q_tail; /* frames queued before open */
+    size_t q_n;
+    double last_used;
+    uint64_t serial; /* unique, so that answers can tell a link was replaced */
+    size_t n_preqs;  /* our requests on it waiting for an answer */
+};
+
+/* A request we sent on a link, waiting for its res/err there. */
+struct preq;
+typedef void (*preq_cb)(struct sn *s, struct preq *r, const struct msg *m, const char *failure);
+struct preq {
+    struct preq *next;
+    char tid[MSG_TID_LEN + 1];
+    struct sn *sn;
+    struct peer *peer;
+    uint64_t link_serial;
+    ev_timer timer;
+    double sent_at;
+    preq_cb cb;
+    void *ud;
+    long long arg;
+};
+
+/* A routed request this node originated, waiting for the responsible node's reply. */
+struct rreq;
+typedef void (*rreq_cb)(struct sn *s, struct rreq *r, bool ok, json_t *result, const char *code,
+                        const char *reason, int hops, json_t *node);
+struct rreq {
+    struct rreq *next;
+    char rid[MSG_TID_LEN + 1];
+    struct sn *sn;
+    nid_t target;
+    char op[16];
+    json_t *args;
+    ev_timer timer;
+    double started;
+    int attempts;
+    rreq_cb cb;
+    /* The client waiting for the answer (a get/store/find request on a link). */
+    uint64_t client_serial;
+    struct link *client;
+    char client_tid[MSG_TID_LEN + 1];
+    char client_type[16];
+    long long arg;
+    void *ud;
+};
+
+enum sn_state { SN_IDLE = 0, SN_JOINING, SN_MEMBER, SN_LEAVING, SN_LEFT };
+
+struct sn_counters {
+    uint64_t originated, forwarded, answered, hops_sum, replies, timeouts, refused;
+    uint64_t replicated_in, replicated_out, sync_rounds, dropped_replicas;
+};
+
+struct sn {
+    uint32_t magic;
+    struct ev_loop *loop;
+    struct sn_params p;
+    char *overlay, *advertise;
+    struct tls_ctx *tls;
+    struct listener *listener;
+    const struct peer_identity *self_id;
+    nid_t id;
+    char id_hex[NID_HEX_LEN + 1];
+    gnutls_x509_crt_t ca;
+    struct rec_verifier *verifier;
+    struct store *store;
+    size_t max_frame;
+
+    enum sn_state state;
+    double started_at;
+    struct link links; /* list head */
+    size_t n_links;
+    uint64_t next_serial;
+    struct peer *peers;
+
+    /* Chord */
+    struct peer *pred;
+    struct peer *succ[SN_MAX_SUCC];
+    unsigned n_succ;
+    struct peer *finger[SN_FINGERS];
+    unsigned next_finger;
+    bool stabilizing;
+
+    /* join */
+    char **join_addrs;
+    size_t n_join, join_next;
+    double join_backoff;
+    ev_timer join_timer;
+
+    ev_timer tick;      /* stabilise, fix fingers, failure checks */
+    ev_timer sync_tick; /* anti-entropy and expiry */
+    ev_timer sync_soon; /* a ring change asks for a sync round shortly */
+    double last_sync;
+
+    struct preq *preqs[SN_TABLE_SIZE];
+    size_t n_preqs;
+    struct rreq *rreqs[SN_TABLE_SIZE];
+    size_t n_rreqs;
+
+    /* leaving */
+    void (*leave_done)(void *);
+    void *leave_ud;
+    ev_timer leave_timer;
+    size_t leave_pending;
+    size_t n_offers; /* unconfirmed copies offered to their responsible nodes */
+
+    struct sn_counters c;
+};
+
+/* ---- link.c ---- */
+double sn_now(struct sn *s);
+struct peer *peer_get(struct sn *s, const nid_t *id, const char *addr); /* find or create */
+struct peer *peer_find(struct sn *s, const nid_t *id);
+/* The peer as {"id","addr"} (new reference). */
+json_t *peer_json(const struct peer *p);
+json_t *self_json(struct sn *s);
+/* Parses {"id","addr"}; 0 or -1. */
+int peer_parse(json_t *j, nid_t *id, char *addr, size_t addrlen);
+/* Sends a message to a peer, opening a link to it when needed. 0 or -1. */
+int peer_send(struct sn *s, struct peer *p, const char *type, enum msg_kind kind, const char *tid,
+              json_t *body);
+/* A request with a response callback; timeout from the peer's RTT when timeout_s <= 0. */
+struct preq *peer_request(struct sn *s, struct peer *p, const char *type, json_t *body,
+                          double timeout_s, preq_cb cb, void *ud);
+int link_send(struct link *l, const char *type, enum msg_kind kind, const char *tid, json_t *body);
+void link_send_error(struct link *l, const char *tid, const char *code, const char *reason);
+double peer_rto(const struct peer *p);
+/* Drops a peer from the ring state (it failed or left). */
+void peer_dead(struct sn *s, struct peer *p, const char *why);
+bool peer_in_ring(const struct sn *s, const struct peer *p);
+void links_gc(struct sn *s);
+struct link *link_by_serial(struct sn *s, struct link *l, uint64_t serial);
+bool link_is_sn(const struct link *l);
+void preq_cancel_all(struct sn *s);
+int sn_listen(struct sn *s, char *err, size_t errlen);
+
+/* ---- ring.c ---- */
+void ring_message(struct sn *s, struct link *l, const struct msg *m);
+void ring_peer_lost(struct sn *s, struct peer *p, const char *why);
+bool ring_is_primary(const struct sn *s, const nid_t *key);
+void ring_changed(struct sn *s);
+/* Routed requests this node originates (the callback runs exactly once). */
+struct rreq *rreq_start(struct sn *s, const nid_t *target, const char *op, json_t *args,
+                        rreq_cb cb);
+void rreq_launch(struct sn *s, struct rreq *r);
+
+/* ---- repl.c ---- */
+void repl_after_store(struct sn *s, json_t *env);
+void repl_on_replicate(struct sn *s, struct link *l, const struct msg *m);
+void repl_on_sync(struct sn *s, struct link *l, const struct msg *m);
+void repl_round(struct sn *s);
+void repl_on_offer(struct sn *s, json_t *args, const char **code, char *err, size_t errlen);
+void repl_handoff(struct sn *s, struct peer *to);
+/* Verifies and applies one record; returns a store/rec status (0 = stored). */
+int repl_apply(struct sn *s, json_t *env, enum store_mode mode, char *err, size_t errlen,
+               const char **code);
+
+#endif

@@ -1,0 +1,133 @@
+/*
+ * A super node's record store: the seed's API semantics (seed 004 section 9)
+ * over verified records (record.h), in memory. Pure code: no I/O, no clock
+ * (the caller passes `now`), no ring knowledge (the caller decides which
+ * records are its own and which are replicas).
+ *
+ * Records live under their key, at most one per (key, owner): several owners'
+ * records under one key are all kept (seed 11.8). Removal statements are kept
+ * as tombstones, so that a replayed older record cannot come back; a
+ * tombstone lives until its own "expires". Every write must carry a higher
+ * freshness counter (seq) than what the store holds for that (key, owner),
+ * tombstone included.
+ *
+ * Semantics of the write modes, for a record from owner O under key K:
+ *   STORE_ADD     O has no live record under K (a tombstone is fine): stored.
+ *                 O already has one: STORE_E_EXISTS.
+ *   STORE_UPDATE  O has a record (live or tombstone) under K: replaced.
+ *                 O has none and K holds no live record of anyone: created.
+ *                 K holds other owners' live records and none of O's:
+ *                 STORE_E_NOT_OWNER.
+ *   STORE_REMOVE  (the record is a removal statement) O has a live record
+ *                 under K: it becomes the tombstone. O has none: if others
+ *                 have, STORE_E_NOT_OWNER; else STORE_E_NOT_FOUND.
+ *   STORE_REPLICA replication from another super node: whatever is newer
+ *                 (higher seq) for (K, O) wins, live record or tombstone;
+ *                 equal or older is STORE_E_STALE (callers treat it as
+ *                 "already have it").
+ * In every mode: seq <= the stored seq for (K, O) -> STORE_E_STALE; the stored
+ * record of (K, O) has no_update set and is live -> STORE_E_NO_UPDATE
+ * (nothing, not even its owner, changes it before it expires); a record
+ * whose expires <= now -> STORE_E_EXPIRED; a removal statement given to
+ * ADD/UPDATE, or a non-removal to REMOVE -> STORE_E_MODE.
+ *
+ * Quotas (0 = unlimited): per_key (distinct owners with a live record or
+ * tombstone under one key), per_owner (records + tombstones of one owner in
+ * the whole store), per_owner_bytes (sum of their sizes). A write that would
+ * exceed one gets STORE_E_QUOTA_KEY / STORE_E_QUOTA_OWNER; replacing an
+ * owner's own record counts only the difference.
+ */
+#ifndef P2P_STORE_H
+#define P2P_STORE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <time.h>
+
+#include "record.h"
+
+enum store_mode { STORE_ADD = 0, STORE_UPDATE, STORE_REMOVE, STORE_REPLICA };
+
+enum store_status {
+    STORE_OK = 0,
+    STORE_E_EXISTS = -1,      /* "exists" */
+    STORE_E_NOT_OWNER = -2,   /* "not-owner" */
+    STORE_E_NOT_FOUND = -3,   /* "not-found" */
+    STORE_E_STALE = -4,       /* "stale" */
+    STORE_E_NO_UPDATE = -5,   /* "no-update" */
+    STORE_E_EXPIRED = -6,     /* "expired" */
+    STORE_E_MODE = -7,        /* "bad-mode" */
+    STORE_E_QUOTA_KEY = -8,   /* "quota-key" */
+    STORE_E_QUOTA_OWNER = -9, /* "quota-owner" */
+    STORE_E_NOMEM = -10,      /* "internal" */
+};
+/* The wire code of docs/protocol.md 4.5 ("exists", "stale", ...). */
+const char *store_strcode(int status);
+enum store_mode store_mode_from_str(const char *s, bool *ok); /* "add" "update" "remove" */
+const char *store_mode_str(enum store_mode m);
+
+struct store_limits {
+    size_t per_key;
+    size_t per_owner;
+    size_t per_owner_bytes;
+};
+
+/* One stored entry, as iteration and lookups show it (read-only). */
+struct store_entry {
+    const struct record *rec; /* rec->removal tells a tombstone */
+    double touched;           /* last store_put()/store_touch() time given for it */
+};
+
+struct store;
+struct store *store_new(const struct store_limits *lim);
+void store_free(struct store *s);
+
+/*
+ * Applies a verified record (the caller ran rec_verify). On STORE_OK the
+ * store takes the record: *r is moved in and zeroed (the caller must not
+ * rec_free it; doing so is harmless). On error *r is untouched and `err`
+ * gets one line ("alice's record under <key> has seq 7; this one has 5").
+ * `now` is unix time; it is also recorded as the entry's `touched` time.
+ */
+int store_put(struct store *s, struct record *r, enum store_mode mode, double now, char *err,
+              size_t errlen);
+
+/*
+ * The live records under `key` (tombstones and records expired at `now`
+ * left out), at most `max` into out[]; returns how many there are in all
+ * (may be > max). Order: by owner (byte order), so answers are stable.
+ */
+size_t store_get(const struct store *s, const nid_t *key, double now, const struct record **out,
+                 size_t max);
+
+/* The entry of (key, owner), live, expired or tombstone; NULL if none. */
+const struct store_entry *store_find(const struct store *s, const nid_t *key, const char *owner);
+
+/* Sets the `touched` time of (key, owner) (replication leases). false if absent. */
+bool store_touch(struct store *s, const nid_t *key, const char *owner, double now);
+
+/* Drops (key, owner) without a tombstone (a replica this node no longer holds). */
+bool store_drop(struct store *s, const nid_t *key, const char *owner);
+
+/* Drops every entry whose expires <= now (records and tombstones). Returns how many. */
+size_t store_expire(struct store *s, double now);
+
+/*
+ * Calls fn for every entry (tombstones included) whose key lies in the ring
+ * interval (lo, hi] (nid_in_open_closed; lo == hi means the whole ring), in
+ * increasing key order from lo, then owner order. fn may not modify the
+ * store; it returns false to stop early.
+ */
+void store_foreach_range(const struct store *s, const nid_t *lo, const nid_t *hi,
+                         bool (*fn)(const struct store_entry *e, void *ud), void *ud);
+
+struct store_stats {
+    size_t keys;    /* distinct keys */
+    size_t records; /* live records (not expired) */
+    size_t tombstones;
+    size_t bytes; /* sum of record sizes, tombstones included */
+};
+void store_stats(const struct store *s, double now, struct store_stats *out);
+
+#endif
