@@ -1396,6 +1396,22 @@ int conn_send_frame(struct conn *c, const uint8_t *frame, size_t len)
     return queue_checked(c, copy, len);
 }
 
+void conn_abort(struct conn *c)
+{
+    if (!c)
+        return;
+    ev_io_stop(c->loop, &c->rio);
+    ev_io_stop(c->loop, &c->wio);
+    ev_timer_stop(c->loop, &c->timer);
+    if (c->fd >= 0) {
+        close(c->fd);
+        c->fd = -1;
+    }
+    c->state = CONN_CLOSED;
+    if (c->depth == 0)
+        conn_destroy(c);
+}
+
 void conn_close(struct conn *c)
 {
     if (c && c->state < CONN_CLOSING)

@@ -149,6 +149,14 @@ void conn_close(struct conn *c);
  */
 void conn_close_with_error(struct conn *c, const char *tid, const char *code, const char *reason);
 
+/*
+ * Final cleanup only, when the loop will not run again (a daemon leaving its
+ * loop at the shutdown deadline): closes the socket and frees the connection
+ * at once, without a close_notify and without calling on_close. Not from a
+ * callback of the same connection. NULL is fine.
+ */
+void conn_abort(struct conn *c);
+
 enum conn_state conn_get_state(const struct conn *c);
 bool conn_is_outgoing(const struct conn *c);
 /* The peer's verified identity; NULL before OPEN (and if it never got there). */

@@ -8,11 +8,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "announce.h"
 #include "conn.h"
 #include "ctlsock.h"
 #include "daemon.h"
 #include "enroll.h"
 #include "fsutil.h"
+#include "http_client.h"
 #include "log.h"
 #include "login_client.h"
 #include "renewer.h"
@@ -40,6 +42,7 @@ struct sn_config {
     long long quota_per_owner;
     long long quota_per_owner_bytes;
     long long peer_idle_s;
+    long long max_attached;
 };
 
 /* The transport settings of this node, from its configuration. */
@@ -109,6 +112,8 @@ static const struct cfg_field sn_fields[] = {
      "10000", "most records (and tombstones) one owner may have on this node"},
     {"quota_per_owner_bytes", CFG_INT, offsetof(struct sn_config, quota_per_owner_bytes), 1024,
      1LL << 40, NULL, "16777216", "most bytes of records one owner may have on this node"},
+    {"max_attached", CFG_INT, offsetof(struct sn_config, max_attached), 1, 10000000, NULL, "1000",
+     "most ordinary nodes attached at once (announced to the bootstrap servers as capacity)"},
     {"peer_idle_s", CFG_INT, offsetof(struct sn_config, peer_idle_s), 1, 86400, NULL, "60",
      "close super node links the ring does not need after this long unused"},
 };
@@ -166,6 +171,16 @@ struct sn_state {
     struct node_creds creds;
     bool have_creds;
     char *ctl_path;
+    struct ev_loop *loop;
+    /* Finding the ring through the bootstrap servers' lists. */
+    const struct overlay_doc *doc;
+    struct http_client *http;
+    ev_timer bs_retry;
+    size_t bs_pending;
+    struct cfg_strlist found; /* addresses collected in this round */
+    double bs_backoff;
+    struct announcer *announcer;
+    double started_at;
 };
 
 static void sn_renewed(void *ud)
@@ -199,6 +214,120 @@ static void on_control(struct ctl_req *r, json_t *req, void *ud)
 static bool is_wildcard(const char *hostport)
 {
     return !strncmp(hostport, "0.0.0.0:", 8) || !strncmp(hostport, "[::]:", 5);
+}
+
+static bool announce_wanted(void *ud, struct announce_load *load)
+{
+    struct sn_state *st = ud;
+    load->attached = 0;
+    load->capacity = (unsigned long)st->cfg->max_attached;
+    load->uptime_s = ev_now(st->loop) - st->started_at;
+    return sn_is_member(st->sn);
+}
+
+static void on_membership(void *ud, bool member)
+{
+    struct sn_state *st = ud;
+    if (member)
+        announcer_poke(st->announcer); /* listed now rather than at the next period */
+}
+
+/* ---- joining through the bootstrap servers (docs/protocol.md 3.2) ---- */
+
+static void bs_round(struct sn_state *st);
+
+static void bs_add(struct sn_state *st, const char *addr)
+{
+    const char *self = st->cfg->advertise ? st->cfg->advertise : st->cfg->listen;
+    if (!strcmp(addr, self) || cfg_parse_hostport(addr, NULL, 0, NULL) != 0)
+        return;
+    for (size_t i = 0; i < st->found.n; i++)
+        if (!strcmp(st->found.items[i], addr))
+            return;
+    char **v = realloc(st->found.items, (st->found.n + 1) * sizeof(char *));
+    if (!v)
+        return;
+    st->found.items = v;
+    if ((v[st->found.n] = strdup(addr)) != NULL)
+        st->found.n++;
+}
+
+static void bs_found_free(struct sn_state *st)
+{
+    for (size_t i = 0; i < st->found.n; i++)
+        free(st->found.items[i]);
+    free(st->found.items);
+    st->found.items = NULL;
+    st->found.n = 0;
+}
+
+static void bs_done(const struct http_response *resp, void *ud)
+{
+    struct sn_state *st = ud;
+    st->bs_pending--;
+    if (resp->kind == HTTP_ERR_CANCELLED)
+        return;
+    if (resp->kind != HTTP_OK || resp->status != 200) {
+        log_warn("main", "bootstrap server: %s",
+                 resp->error ? resp->error : "unexpected answer to GET /v1/supernodes");
+    } else {
+        json_t *j = json_loads(resp->body, JSON_REJECT_DUPLICATES, NULL);
+        size_t i;
+        json_t *e;
+        json_array_foreach(json_object_get(j, "supernodes"), i, e)
+        {
+            const char *a = json_string_value(json_object_get(e, "address"));
+            if (a)
+                bs_add(st, a);
+        }
+        json_decref(j);
+    }
+    if (st->bs_pending > 0)
+        return;
+    if (st->found.n == 0) {
+        log_warn("main",
+                 "the bootstrap servers list no super node yet (the first super node of "
+                 "an overlay starts with --seed); asking again in %.0f s",
+                 st->bs_backoff);
+        ev_timer_set(&st->bs_retry, st->bs_backoff, 0.);
+        ev_timer_start(st->loop, &st->bs_retry);
+        st->bs_backoff = st->bs_backoff * 2 > 60 ? 60 : st->bs_backoff * 2;
+        return;
+    }
+    log_info("main", "the bootstrap servers list %zu super nodes: joining through them",
+             st->found.n);
+    const char **addrs = calloc(st->found.n + 1, sizeof(char *));
+    if (addrs) {
+        for (size_t i = 0; i < st->found.n; i++)
+            addrs[i] = st->found.items[i];
+        sn_start_join(st->sn, addrs);
+        free(addrs);
+    }
+}
+
+static void bs_round(struct sn_state *st)
+{
+    for (size_t i = 0; i < st->doc->n_bootstrap_urls; i++) {
+        char url[1024];
+        snprintf(url, sizeof(url), "%s/v1/supernodes?count=8", st->doc->bootstrap_urls[i]);
+        struct http_request req = {.url = url, .ca_file = st->creds.ca_file, .timeout_ms = 10000};
+        int rc = http_request_start(st->http, &req, bs_done, st);
+        if (rc == 0)
+            st->bs_pending++;
+        else
+            log_warn("main", "bootstrap server %s: cannot ask: %s", url, strerror(-rc));
+    }
+    if (st->bs_pending == 0) {
+        ev_timer_set(&st->bs_retry, st->bs_backoff, 0.);
+        ev_timer_start(st->loop, &st->bs_retry);
+    }
+}
+
+static void bs_retry_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct sn_state *st = w->data;
+    bs_found_free(st);
+    bs_round(st);
 }
 
 static int sn_start(struct ev_loop *loop, const void *p, void **state)
@@ -271,6 +400,8 @@ static int sn_start(struct ev_loop *loop, const void *p, void **state)
                    (size_t)cfg->quota_per_owner_bytes},
         .max_connections = (size_t)cfg->max_connections,
         .peer_idle_s = (double)cfg->peer_idle_s,
+        .on_membership = on_membership,
+        .ud = st,
     };
     st->sn = sn_new(loop, &sp, err, sizeof(err));
     if (!st->sn) {
@@ -293,9 +424,37 @@ static int sn_start(struct ev_loop *loop, const void *p, void **state)
              (long long)doc->stabilize_s);
     const struct cli_opts *o = daemon_cli_opts();
     bool seed = cfg->seed || (o && cli_opt(o, "seed"));
-    if (seed || cfg->join.n == 0) {
+    st->loop = loop;
+    st->doc = doc;
+    st->started_at = ev_now(loop);
+    if (st->have_creds && doc->n_bootstrap_urls > 0) {
+        st->http = http_client_new(loop);
+        if (!st->http) {
+            log_error("main", "cannot start the HTTPS client");
+            return -1;
+        }
+        struct announce_config ac = {
+            .urls = (const char *const *)doc->bootstrap_urls,
+            .n_urls = doc->n_bootstrap_urls,
+            .ca_file = st->creds.ca_file,
+            .cert_file = st->creds.cert_file,
+            .key_file = st->creds.key_file,
+            .node_id = hex,
+            .address = cfg->advertise ? cfg->advertise : cfg->listen,
+            .wanted = announce_wanted,
+            .ud = st,
+        };
+        st->announcer = announcer_start(loop, st->http, &ac);
+    }
+    if (!seed && cfg->join.n == 0 && st->have_creds && doc->n_bootstrap_urls > 0) {
+        /* Find the ring through the bootstrap servers of the overlay document. */
+        ev_timer_init(&st->bs_retry, bs_retry_cb, 1.0, 0.);
+        st->bs_retry.data = st;
+        st->bs_backoff = 2.0;
+        bs_round(st);
+    } else if (seed || cfg->join.n == 0) {
         if (!seed)
-            log_info("main", "no join addresses configured: starting a new ring");
+            log_info("main", "no join addresses and no bootstrap servers: starting a new ring");
         sn_start_seed(st->sn);
     } else {
         const char **addrs = calloc(cfg->join.n + 1, sizeof(char *));
@@ -321,6 +480,10 @@ static void sn_stop(struct ev_loop *loop, void *p)
     st->renewer = NULL;
     ctl_server_stop(st->ctl);
     st->ctl = NULL;
+    if (st->http)
+        ev_timer_stop(loop, &st->bs_retry);
+    /* Off the bootstrap lists first, so that no newcomer is sent to a node that is leaving. */
+    announcer_withdraw(st->announcer, NULL, NULL);
     if (st->sn)
         sn_leave(st->sn, sn_left, st);
 }
@@ -332,6 +495,12 @@ static void sn_cleanup(void *p)
         return;
     renewer_stop(st->renewer);
     ctl_server_stop(st->ctl);
+    if (st->http) {
+        ev_timer_stop(st->loop, &st->bs_retry);
+        http_client_free(st->http);
+    }
+    announcer_free(st->announcer);
+    bs_found_free(st);
     sn_free(st->sn);
     if (st->have_creds)
         node_creds_free(&st->creds);

@@ -162,6 +162,8 @@ static void become_member(struct sn *s, const char *how)
     log_info("ring", "%s as %s at %s", how, s->id_hex, s->advertise);
     ring_changed(s);
     stabilize(s);
+    if (s->p.on_membership)
+        s->p.on_membership(s->p.ud, true);
 }
 
 /* ---- the requests we answer on a link ---- */
@@ -371,7 +373,7 @@ static void op_join(struct sn *s, json_t *route)
     nid_t jid;
     char jaddr[SN_ADDR_MAX];
     peer_parse(json_object_get(route, "origin"), &jid, jaddr, sizeof(jaddr));
-    if (nid_eq(&jid, &s->id) || (s->pred && nid_eq(&jid, &s->pred->id))) {
+    if (nid_eq(&jid, &s->id)) {
         send_reply(s, route, false, NULL, "conflict",
                    "a node with this Node-ID is already in the ring");
         return;
@@ -382,14 +384,22 @@ static void op_join(struct sn *s, json_t *route)
         return;
     }
     j->dead_at = 0;
-    struct peer *old = s->pred;
+    /*
+     * Already our predecessor: we admitted it and our answer was lost or
+     * late. Admit it again; its own predecessor it learns by stabilisation.
+     */
+    bool again = s->pred == j;
+    struct peer *old = again ? NULL : s->pred;
     bool alone = s->n_succ == 0;
     json_t *res = json_object();
-    json_object_set_new(res, "pred", old ? peer_json(old) : alone ? self_json(s) : json_null());
+    json_object_set_new(res, "pred",
+                        old                 ? peer_json(old)
+                        : (alone && !again) ? self_json(s)
+                                            : json_null());
     json_object_set_new(res, "succ", succ_json(s, true));
     char a[NID_HEX_LEN + 1];
-    log_info("ring", "admitting %s at %s", hex8(&jid, a), jaddr);
-    if (!old || nid_in_open(&jid, &old->id, &s->id))
+    log_info("ring", "admitting %s at %s%s", hex8(&jid, a), jaddr, again ? " again" : "");
+    if (!again && (!old || nid_in_open(&jid, &old->id, &s->id)))
         set_pred(s, j);
     if (alone)
         set_succ_list(s, j, NULL);
@@ -490,8 +500,10 @@ static void route_step(struct sn *s, json_t *route)
     if (s->state == SN_LEAVING) {
         next = succ0(s); /* it takes over everything we had */
         final = true;
-    } else if (responsible(s, &t, final)) {
-        handle_op(s, route);
+    } else if (responsible(s, &t, final) ||
+               (!strcmp(json_string_value(json_object_get(route, "op")), "join") && s->pred &&
+                nid_eq(&t, &s->pred->id))) {
+        handle_op(s, route); /* (a join by our own predecessor: see op_join) */
         return;
     } else if (final && s->pred && !nid_in_open_closed(&t, &s->pred->id, &s->id)) {
         next = s->pred; /* the sender's view is stale: our predecessor is closer */
@@ -865,7 +877,7 @@ static void join_try(struct sn *s)
     if (!r)
         return;
     r->attempts = 2; /* no automatic retry: join_timer_cb retries elsewhere */
-    ev_timer_set(&r->timer, 5.0, 0.);
+    ev_timer_set(&r->timer, 10.0, 0.);
     ev_timer_start(s->loop, &r->timer);
     char tgt[NID_HEX_LEN + 1];
     json_t *route = json_pack("{s:s,s:s,s:o,s:i,s:b,s:s,s:o}", "rid", r->rid, "target",
@@ -1080,6 +1092,8 @@ void sn_leave(struct sn *s, void (*done)(void *ud), void *ud)
 {
     s->leave_done = done;
     s->leave_ud = ud;
+    if (s->state == SN_MEMBER && s->p.on_membership)
+        s->p.on_membership(s->p.ud, false);
     listener_free(s->listener);
     s->listener = NULL;
     if (s->state != SN_MEMBER || !succ0(s)) {
@@ -1132,8 +1146,7 @@ void sn_free(struct sn *s)
             free(q->buf);
             free(q);
         }
-        if (l->conn)
-            conn_set_userdata(l->conn, NULL);
+        conn_abort(l->conn); /* the loop has ended: no callback will come */
         free(l);
     }
     while (s->peers) {

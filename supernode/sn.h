@@ -32,6 +32,9 @@ struct sn_params {
     struct store_limits quotas;
     size_t max_connections; /* links of any kind, accepted and opened */
     double peer_idle_s;     /* close SN links unused this long that the ring does not need */
+    /* Optional: called when the node becomes a member of a ring, and when it stops being one. */
+    void (*on_membership)(void *ud, bool member);
+    void *ud;
 };
 
 struct sn;
