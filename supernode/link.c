@@ -242,6 +242,32 @@ static struct link *peer_link(struct sn *s, struct peer *p)
     return l;
 }
 
+int peer_send_frame(struct sn *s, struct peer *p, const uint8_t *frame, size_t len)
+{
+    struct link *l = peer_link(s, p);
+    if (!l || l->closing)
+        return -1;
+    p->last_used = l->last_used = sn_now(s);
+    if (l->open)
+        return conn_send_frame(l->conn, frame, len) == 0 ? 0 : -1;
+    if (l->q_n >= SN_MAX_QUEUED)
+        return -1;
+    struct qframe *q = calloc(1, sizeof(*q));
+    if (!q || !(q->buf = malloc(len))) {
+        free(q);
+        return -1;
+    }
+    memcpy(q->buf, frame, len);
+    q->len = len;
+    if (l->q_tail)
+        l->q_tail->next = q;
+    else
+        l->q_head = q;
+    l->q_tail = q;
+    l->q_n++;
+    return 0;
+}
+
 int peer_send(struct sn *s, struct peer *p, const char *type, enum msg_kind kind, const char *tid,
               json_t *body)
 {

@@ -89,10 +89,20 @@ void repl_after_store(struct sn *s, json_t *env)
     unsigned n = s->p.replication - 1;
     if (n > s->n_succ)
         n = s->n_succ;
+    if (n == 0)
+        return;
+    /* Encoded once, sent to every replica (a fire-and-forget request: answers are ignored). */
     json_t *body = json_pack("{s:[O]}", "records", env);
-    for (unsigned i = 0; i < n; i++) {
-        peer_send(s, s->succ[i], "replicate", MSG_REQ, NULL, body);
-        s->c.replicated_out++;
+    char tid[MSG_TID_LEN + 1];
+    msg_new_tid(tid);
+    struct msg_hdr h = {.overlay = s->overlay, .type = "replicate", .kind = MSG_REQ, .tid = tid};
+    uint8_t *frame;
+    size_t len;
+    if (msg_encode(&h, body, s->max_frame, &frame, &len) == MSG_OK) {
+        for (unsigned i = 0; i < n; i++)
+            if (peer_send_frame(s, s->succ[i], frame, len) == 0)
+                s->c.replicated_out++;
+        free(frame);
     }
     json_decref(body);
 }

@@ -549,14 +549,8 @@ static void on_route(struct sn *s, struct link *l, const struct msg *m)
         log_warn("route", "%s: malformed route message dropped", conn_peer_addr(l->conn));
         return;
     }
-    if (strcmp(op, "join") != 0 && !nid_eq(&l->id, &oid) && !peer_find(s, &l->id)) {
-        /* a forwarder we have never seen: fine, routing is open to any super node */
-    }
-    json_t *copy = json_deep_copy(b);
-    if (!copy)
-        return;
-    route_step(s, copy);
-    json_decref(copy);
+    /* The message is ours until this returns: route it as it is (hops and final change). */
+    route_step(s, b);
 }
 
 static void on_reply(struct sn *s, struct link *l, const struct msg *m)

@@ -185,6 +185,8 @@ int peer_parse(json_t *j, nid_t *id, char *addr, size_t addrlen);
 /* Sends a message to a peer, opening a link to it when needed. 0 or -1. */
 int peer_send(struct sn *s, struct peer *p, const char *type, enum msg_kind kind, const char *tid,
               json_t *body);
+/* Sends an encoded frame (prefix included) to a peer; for one message to several peers. */
+int peer_send_frame(struct sn *s, struct peer *p, const uint8_t *frame, size_t len);
 /* A request with a response callback; timeout from the peer's RTT when timeout_s <= 0. */
 struct preq *peer_request(struct sn *s, struct peer *p, const char *type, json_t *body,
                           double timeout_s, preq_cb cb, void *ud);
