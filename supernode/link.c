@@ -345,7 +345,7 @@ static void on_message(struct conn *c, const struct msg *m, void *ud)
     struct sn *s = l->sn;
     l->last_used = sn_now(s);
     if (l->peer) {
-        l->peer->last_used = l->last_used;
+        l->peer->last_used = l->peer->heard_at = l->last_used;
         l->peer->strikes = 0;
     }
     if (m->kind == MSG_RES || m->kind == MSG_ERR) {
@@ -435,11 +435,13 @@ static void on_close(struct conn *c, enum conn_close_reason r, const char *detai
                 break;
             }
     }
-    if (p && !p->link && peer_in_ring(s, p) && !l->closing && s->state != SN_LEFT) {
+    if (p && !p->link && !l->closing && s->state != SN_LEFT) {
         const char *why = detail && *detail ? detail : conn_close_reason_str(r);
+        /* Not to be used for routing (known_successor) until we hear from it again. */
+        p->heard_at = 0;
         if (l->outgoing && !l->open)
             peer_dead(s, p, why); /* we could not even reach it */
-        else
+        else if (peer_in_ring(s, p))
             ring_peer_lost(s, p, why);
     }
     free(l);

@@ -485,6 +485,31 @@ static struct peer *succ_for(const struct sn *s, const nid_t *t)
     return NULL;
 }
 
+/*
+ * The first node at or after t among the super nodes we heard from lately (a
+ * location cache on top of Chord: in a ring that fits in it, most requests
+ * take one hop). Sent "final": if a node we do not know sits in between, the
+ * receiver passes it back to its predecessor (route_step), so a stale cache
+ * costs a hop, never a wrong answer.
+ */
+static struct peer *known_successor(const struct sn *s, const nid_t *t)
+{
+    double now = ev_now(s->loop), fresh = 6 * s->p.stabilize_s;
+    struct peer *best = NULL;
+    nid_t bestd, d;
+    nid_distance(&bestd, t, &s->id); /* we are a candidate too: then the cache has nothing better */
+    for (struct peer *p = s->peers; p; p = p->next) {
+        if (p->anon || !p->addr[0] || p->dead_at > 0 || now - p->heard_at > fresh)
+            continue;
+        nid_distance(&d, t, &p->id);
+        if (nid_cmp(&d, &bestd) < 0) {
+            best = p;
+            bestd = d;
+        }
+    }
+    return best;
+}
+
 /* One routing step for `route` (owned by the caller), here. */
 static void route_step(struct sn *s, json_t *route)
 {
@@ -509,6 +534,8 @@ static void route_step(struct sn *s, json_t *route)
         next = s->pred; /* the sender's view is stale: our predecessor is closer */
     } else if ((next = succ_for(s, &t)) != NULL) {
         final = true; /* within our successor list's span: straight to the responsible node */
+    } else if (!final && (next = known_successor(s, &t)) != NULL) {
+        final = true;
     } else {
         next = closest_preceding(s, &t);
         final = false;
@@ -564,6 +591,17 @@ static void on_reply(struct sn *s, struct link *l, const struct msg *m)
         return;
     }
     s->c.replies++;
+    /* The responder is a live super node: remember it for routing (known_successor). */
+    nid_t nid;
+    char naddr[SN_ADDR_MAX];
+    if (peer_parse(json_object_get(m->body, "node"), &nid, naddr, sizeof(naddr)) == 0 &&
+        nid_eq(&nid, &l->id)) {
+        struct peer *p = peer_get(s, &nid, naddr);
+        if (p) {
+            p->heard_at = sn_now(s);
+            p->dead_at = 0;
+        }
+    }
     bool ok = json_is_true(json_object_get(m->body, "ok"));
     rreq_finish(s, r, ok, json_object_get(m->body, "result"),
                 json_string_value(json_object_get(m->body, "code")),
@@ -938,6 +976,8 @@ struct sn *sn_new(struct ev_loop *loop, const struct sn_params *p, char *err, si
     }
     s->magic = SN_MAGIC;
     s->loop = loop;
+    /* The loop's clock may be stale before it first runs (a slow start): timers need it fresh. */
+    ev_now_update(loop);
     s->p = *p;
     s->links.next = s->links.prev = &s->links;
     s->overlay = strdup(p->overlay);

@@ -37,6 +37,7 @@ struct peer {
     int strikes;      /* consecutive unanswered requests */
     double last_used; /* last time we sent to or heard from it */
     double dead_at;   /* when it was declared dead (0 = never) */
+    double heard_at;  /* last message from it (0 = never) */
     size_t n_preqs;   /* requests to it waiting for an answer */
     bool anon;        /* an address to join through: any super node there will do */
 };

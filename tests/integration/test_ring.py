@@ -812,7 +812,7 @@ class Ring(unittest.TestCase):
     # ---- 3. two nodes die ------------------------------------------------------------------
 
     def test_3_two_nodes_killed(self):
-        """Two nodes SIGKILLed at once: records stay readable, ring and copies repaired."""
+        """Nodes SIGKILLed at once: records stay readable, ring and copies are repaired."""
         self.need("ring")
         self.need("records")
         cls = type(self)
