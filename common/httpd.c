@@ -445,7 +445,9 @@ struct httpd *httpd_start(struct ev_loop *loop, const struct httpd_config *cfg,
 
     struct sockaddr_storage ss;
     memset(&ss, 0, sizeof(ss));
-    unsigned flags = MHD_USE_TLS | MHD_USE_EPOLL | MHD_USE_ERROR_LOG;
+    /* Without a certificate: plain HTTP (a local /metrics port, never the public services). */
+    bool tls = cfg->cert_pem != NULL;
+    unsigned flags = (tls ? MHD_USE_TLS : 0) | MHD_USE_EPOLL | MHD_USE_ERROR_LOG;
     if (strchr(host, ':')) {
         struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
         s6->sin6_family = AF_INET6;
@@ -466,11 +468,13 @@ struct httpd *httpd_start(struct ev_loop *loop, const struct httpd_config *cfg,
     size_t n = 0;
 #define OPT(o, v, p) opts[n++] = (struct MHD_OptionItem){(o), (intptr_t)(v), (p)}
     OPT(MHD_OPTION_SOCK_ADDR, 0, &ss);
-    OPT(MHD_OPTION_HTTPS_MEM_KEY, 0, h->key_pem);
-    OPT(MHD_OPTION_HTTPS_MEM_CERT, 0, h->cert_pem);
-    OPT(MHD_OPTION_HTTPS_PRIORITIES, 0, (void *)HTTPS_PRIORITY);
-    if (h->ca_pem) /* this only makes the server ask for a certificate; we verify it */
-        OPT(MHD_OPTION_HTTPS_MEM_TRUST, 0, h->ca_pem);
+    if (tls) {
+        OPT(MHD_OPTION_HTTPS_MEM_KEY, 0, h->key_pem);
+        OPT(MHD_OPTION_HTTPS_MEM_CERT, 0, h->cert_pem);
+        OPT(MHD_OPTION_HTTPS_PRIORITIES, 0, (void *)HTTPS_PRIORITY);
+        if (h->ca_pem) /* this only makes the server ask for a certificate; we verify it */
+            OPT(MHD_OPTION_HTTPS_MEM_TRUST, 0, h->ca_pem);
+    }
     OPT(MHD_OPTION_CONNECTION_TIMEOUT, timeout, NULL);
     OPT(MHD_OPTION_CONNECTION_LIMIT, max_conns, NULL);
     if (cfg->max_per_ip)
@@ -483,8 +487,8 @@ struct httpd *httpd_start(struct ev_loop *loop, const struct httpd_config *cfg,
                             MHD_OPTION_EXTERNAL_LOGGER, mhd_logger, h, MHD_OPTION_ARRAY, opts,
                             MHD_OPTION_NOTIFY_COMPLETED, on_completed, h, MHD_OPTION_END);
     if (!h->d) {
-        snprintf(err, errlen, "cannot start HTTPS on %s (address in use, or bad certificate/key)",
-                 cfg->listen);
+        snprintf(err, errlen, "cannot start %s on %s (address in use%s)", tls ? "HTTPS" : "HTTP",
+                 cfg->listen, tls ? ", or bad certificate/key" : "");
         goto fail;
     }
     const union MHD_DaemonInfo *pi = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);

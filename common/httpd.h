@@ -22,7 +22,7 @@
 
 struct httpd_config {
     const char *listen;        /* numeric "host:port" or "[v6]:port"; port 0 picks one */
-    const char *cert_pem;      /* server certificate chain, PEM text */
+    const char *cert_pem;      /* server certificate chain, PEM text; NULL: plain HTTP */
     const char *key_pem;       /* server private key, PEM text */
     const char *client_ca_pem; /* when set, ask clients for a certificate from this CA */
     size_t max_body;           /* bytes; 0 = 16 KiB */

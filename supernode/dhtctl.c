@@ -867,7 +867,8 @@ struct link {
     const char *addr;
     struct conn *conn; /* NULL once on_close came */
     enum link_state state;
-    char why[768]; /* why it could not connect, or why it went down */
+    char why[768];                    /* why it could not connect, or why it went down */
+    char attach_tid[MSG_TID_LEN + 1]; /* our attach request, until it is answered */
 };
 
 struct req {
@@ -983,8 +984,8 @@ static void link_open(struct conn *c, void *ud)
     struct link *lk = ud;
     struct client *cl = lk->cl;
     const struct peer_identity *id = conn_peer(c);
-    cl->connecting--;
     if (!id || !(id->roles & ROLE_SUPERNODE)) {
+        cl->connecting--;
         char who[600];
         if (id)
             cred_identity_str(id, who, sizeof(who));
@@ -999,7 +1000,30 @@ static void link_open(struct conn *c, void *ud)
         char who[600];
         log_info(PROG, "connected to %s: %s", lk->addr, cred_identity_str(id, who, sizeof(who)));
     }
-    lk->state = L_OPEN;
+    /* An ordinary node attaches before it asks for anything (docs/protocol.md 5.1). */
+    msg_new_tid(lk->attach_tid);
+    if (conn_send(c, "attach", MSG_REQ, lk->attach_tid, NULL) != 0) {
+        cl->connecting--;
+        snprintf(lk->why, sizeof(lk->why), "%s: cannot send the attach request", lk->addr);
+        lk->state = L_DOWN;
+        conn_close(c);
+    }
+}
+
+/* The answer to our attach: the link is usable, or refused (full, unhealthy: alternates). */
+static void attach_answer(struct link *lk, const struct msg *m)
+{
+    struct client *cl = lk->cl;
+    lk->attach_tid[0] = '\0';
+    cl->connecting--;
+    if (m->kind == MSG_RES) {
+        lk->state = L_OPEN;
+        return;
+    }
+    snprintf(lk->why, sizeof(lk->why), "%s refused to attach us: %s: %s", lk->addr,
+             jstr(m->body, "code", "error"), jstr(m->body, "reason", ""));
+    lk->state = L_DOWN;
+    conn_close(lk->conn);
 }
 
 static void link_message(struct conn *c, const struct msg *m, void *ud)
@@ -1008,6 +1032,10 @@ static void link_message(struct conn *c, const struct msg *m, void *ud)
     struct client *cl = lk->cl;
     if (m->kind != MSG_RES && m->kind != MSG_ERR)
         return;
+    if (lk->attach_tid[0] && !strcmp(m->tid, lk->attach_tid)) {
+        attach_answer(lk, m);
+        return;
+    }
     struct req *r = req_take(cl, m->tid, lk);
     if (!r) {
         log_debug(PROG, "%s: answer for unknown tid %s (late, after a timeout?)", lk->addr, m->tid);

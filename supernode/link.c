@@ -408,6 +408,7 @@ static void on_close(struct conn *c, enum conn_close_reason r, const char *detai
     l->next->prev = l->prev;
     s->n_links--;
     link_drop_queue(l);
+    onsvc_link_closed(s, l);
     /*
      * Requests waiting on this link fail now rather than at their timeout.
      * A callback may start or end other requests: search again after each.

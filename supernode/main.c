@@ -15,10 +15,12 @@
 #include "enroll.h"
 #include "fsutil.h"
 #include "http_client.h"
+#include "httpd.h"
 #include "log.h"
 #include "login_client.h"
 #include "renewer.h"
 #include "sn.h"
+#include "stun.h"
 
 struct sn_config {
     struct daemon_base base; /* must come first */
@@ -43,6 +45,10 @@ struct sn_config {
     long long quota_per_owner_bytes;
     long long peer_idle_s;
     long long max_attached;
+    long long on_rate;
+    long long on_inflight;
+    char *metrics_listen;
+    char *stun_listen;
 };
 
 /* The transport settings of this node, from its configuration. */
@@ -114,6 +120,14 @@ static const struct cfg_field sn_fields[] = {
      1LL << 40, NULL, "16777216", "most bytes of records one owner may have on this node"},
     {"max_attached", CFG_INT, offsetof(struct sn_config, max_attached), 1, 10000000, NULL, "1000",
      "most ordinary nodes attached at once (announced to the bootstrap servers as capacity)"},
+    {"on_rate", CFG_INT, offsetof(struct sn_config, on_rate), 1, 1000000, NULL, "50",
+     "requests per second one attached ordinary node may send (bursts of twice that)"},
+    {"on_inflight", CFG_INT, offsetof(struct sn_config, on_inflight), 1, 100000, NULL, "32",
+     "requests one attached ordinary node may have in progress"},
+    {"stun_listen", CFG_HOSTPORT, offsetof(struct sn_config, stun_listen), 0, 0, NULL, NULL,
+     "UDP address of the STUN server (default: the host of advertise/listen, port 3478)"},
+    {"metrics_listen", CFG_HOSTPORT, offsetof(struct sn_config, metrics_listen), 0, 0, NULL, NULL,
+     "plain-HTTP address for GET /metrics (Prometheus text); keep it local (default: off)"},
     {"peer_idle_s", CFG_INT, offsetof(struct sn_config, peer_idle_s), 1, 86400, NULL, "60",
      "close super node links the ring does not need after this long unused"},
 };
@@ -181,6 +195,8 @@ struct sn_state {
     double bs_backoff;
     struct announcer *announcer;
     double started_at;
+    struct httpd *metrics;
+    struct stun_server *stun;
 };
 
 static void sn_renewed(void *ud)
@@ -211,6 +227,22 @@ static void on_control(struct ctl_req *r, json_t *req, void *ud)
         ctl_reply_error(r, "unknown command \"%s\" (status, records)", cmd);
 }
 
+static void on_metrics(struct httpd_req *r, void *ud)
+{
+    struct sn_state *st = ud;
+    if (strcmp(httpd_req_path(r), "/metrics") != 0 || strcmp(httpd_req_method(r), "GET") != 0) {
+        httpd_respond_unrouted(r, strcmp(httpd_req_path(r), "/metrics") ? NULL : "GET");
+        return;
+    }
+    char *text = sn_metrics(st->sn);
+    if (!text) {
+        httpd_respond_error(r, 500, "internal", "out of memory");
+        return;
+    }
+    httpd_respond(r, 200, "text/plain; version=0.0.4", text, strlen(text));
+    free(text);
+}
+
 static bool is_wildcard(const char *hostport)
 {
     return !strncmp(hostport, "0.0.0.0:", 8) || !strncmp(hostport, "[::]:", 5);
@@ -219,17 +251,23 @@ static bool is_wildcard(const char *hostport)
 static bool announce_wanted(void *ud, struct announce_load *load)
 {
     struct sn_state *st = ud;
-    load->attached = 0;
+    load->attached = sn_attached(st->sn);
     load->capacity = (unsigned long)st->cfg->max_attached;
     load->uptime_s = ev_now(st->loop) - st->started_at;
-    return sn_is_member(st->sn);
+    return sn_is_healthy(st->sn); /* an unhealthy node withdraws until it is healthy again */
 }
 
 static void on_membership(void *ud, bool member)
 {
+    (void)ud; /* health follows membership within a period: see on_health */
+    (void)member;
+}
+
+static void on_health(void *ud, bool healthy)
+{
     struct sn_state *st = ud;
-    if (member)
-        announcer_poke(st->announcer); /* listed now rather than at the next period */
+    /* Listed (or withdrawn) now rather than at the next period. */
+    announcer_poke(st->announcer);
 }
 
 /* ---- joining through the bootstrap servers (docs/protocol.md 3.2) ---- */
@@ -380,6 +418,40 @@ static int sn_start(struct ev_loop *loop, const void *p, void **state)
                   cfg->listen);
         return -1;
     }
+    /* STUN (seed 004 section 5.5): on by default; a taken default port is not fatal. */
+    char stun_addr[300] = "";
+    {
+        const char *base = cfg->advertise ? cfg->advertise : cfg->listen;
+        char host[256];
+        unsigned port;
+        if (cfg->stun_listen) {
+            snprintf(stun_addr, sizeof(stun_addr), "%s", cfg->stun_listen);
+        } else if (cfg_parse_hostport(cfg->listen, host, sizeof(host), &port) == 0) {
+            snprintf(stun_addr, sizeof(stun_addr), strchr(host, ':') ? "[%s]:3478" : "%s:3478",
+                     host);
+        }
+        if (stun_addr[0]) {
+            st->stun = stun_server_start(loop, stun_addr, err, sizeof(err));
+            if (!st->stun && cfg->stun_listen) {
+                log_error("main", "STUN: %s", err);
+                return -1;
+            }
+            if (!st->stun) {
+                log_warn("main", "STUN: %s; running without a STUN server (set stun_listen)", err);
+                stun_addr[0] = '\0';
+            } else {
+                /* What attaching nodes are told: our advertised host, the bound port. */
+                char ahost[256];
+                unsigned aport;
+                if (cfg_parse_hostport(
+                        cfg->stun_listen && !is_wildcard(cfg->stun_listen) ? stun_addr : base,
+                        ahost, sizeof(ahost), &aport) == 0)
+                    snprintf(stun_addr, sizeof(stun_addr), strchr(ahost, ':') ? "[%s]:%d" : "%s:%d",
+                             ahost, stun_server_port(st->stun));
+                log_info("main", "STUN server on UDP %s", stun_addr);
+            }
+        }
+    }
     size_t need = (size_t)doc->max_record_bytes * 2 + 4096;
     if (tc.max_frame < need) {
         log_info("main", "max_frame raised to %zu bytes to carry records of %lld bytes", need,
@@ -401,6 +473,13 @@ static int sn_start(struct ev_loop *loop, const void *p, void **state)
         .max_connections = (size_t)cfg->max_connections,
         .peer_idle_s = (double)cfg->peer_idle_s,
         .on_membership = on_membership,
+        .on_health = on_health,
+        .max_attached = (size_t)cfg->max_attached,
+        .on_rate = (double)cfg->on_rate,
+        .on_inflight = (unsigned)cfg->on_inflight,
+        .keepalive_s = (double)doc->keepalive_s,
+        .sn_target_load = doc->promotion.sn_target_load,
+        .stun = stun_addr[0] ? stun_addr : NULL,
         .ud = st,
     };
     st->sn = sn_new(loop, &sp, err, sizeof(err));
@@ -413,6 +492,15 @@ static int sn_start(struct ev_loop *loop, const void *p, void **state)
     if (!st->ctl) {
         log_error("main", "control socket: %s", err);
         return -1;
+    }
+    if (cfg->metrics_listen) {
+        struct httpd_config hc = {.listen = cfg->metrics_listen, .max_connections = 16};
+        st->metrics = httpd_start(loop, &hc, on_metrics, st, err, sizeof(err));
+        if (!st->metrics) {
+            log_error("main", "metrics: %s", err);
+            return -1;
+        }
+        log_info("main", "metrics on http://%s/metrics", cfg->metrics_listen);
     }
     const struct peer_identity *self = sn_identity(st->sn);
     char hex[NID_HEX_LEN + 1];
@@ -480,6 +568,10 @@ static void sn_stop(struct ev_loop *loop, void *p)
     st->renewer = NULL;
     ctl_server_stop(st->ctl);
     st->ctl = NULL;
+    httpd_stop(st->metrics);
+    st->metrics = NULL;
+    stun_server_stop(st->stun);
+    st->stun = NULL;
     if (st->http)
         ev_timer_stop(loop, &st->bs_retry);
     /* Off the bootstrap lists first, so that no newcomer is sent to a node that is leaving. */
@@ -500,6 +592,8 @@ static void sn_cleanup(void *p)
         http_client_free(st->http);
     }
     announcer_free(st->announcer);
+    httpd_stop(st->metrics);
+    stun_server_stop(st->stun);
     bs_found_free(st);
     sn_free(st->sn);
     if (st->have_creds)
@@ -574,6 +668,11 @@ static int sn_status_cmd(const struct cli_opts *o, const struct sn_config *cfg)
     long long answered = json_integer_value(json_object_get(rq, "replies")) +
                          json_integer_value(json_object_get(rq, "answered"));
     (void)answered;
+    printf("ordinary     %lld attached (at most %lld); %s\n",
+           json_integer_value(json_object_get(res, "attached")),
+           json_integer_value(json_object_get(res, "max_attached")),
+           json_is_true(json_object_get(res, "healthy")) ? "healthy"
+                                                         : "unhealthy: not accepting any");
     printf("links        %lld open\n",
            json_integer_value(json_object_get(json_object_get(res, "links"), "open")));
     printf("requests     %lld originated, %lld forwarded, %lld answered, %lld timed out\n",

@@ -5,6 +5,7 @@
  * 4.5, graceful leave, and the status document.
  */
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -164,6 +165,24 @@ static void become_member(struct sn *s, const char *how)
     stabilize(s);
     if (s->p.on_membership)
         s->p.on_membership(s->p.ud, true);
+    onsvc_tick(s); /* healthy now, not at the next period */
+}
+
+/* Our load as neighbours learn it (they redirect ordinary nodes to the least loaded). */
+static json_t *load_json(const struct sn *s)
+{
+    return json_pack("{s:I,s:I}", "attached", (json_int_t)s->n_attached, "capacity",
+                     (json_int_t)s->p.max_attached);
+}
+
+static void read_load(struct peer *p, json_t *load)
+{
+    json_t *a = json_object_get(load, "attached"), *c = json_object_get(load, "capacity");
+    if (json_is_integer(a) && json_is_integer(c) && json_integer_value(a) >= 0 &&
+        json_integer_value(c) > 0) {
+        p->attached = (long)json_integer_value(a);
+        p->capacity = (long)json_integer_value(c);
+    }
 }
 
 /* ---- the requests we answer on a link ---- */
@@ -214,9 +233,11 @@ static void on_stabilize(struct sn *s, struct link *l, const struct msg *m)
         set_pred(s, p);
     if (s->n_succ == 0) /* we were alone: a ring of two */
         set_succ_list(s, p, NULL);
+    read_load(p, json_object_get(m->body, "load"));
     json_t *b = json_object();
     json_object_set_new(b, "pred", s->pred ? peer_json(s->pred) : json_null());
     json_object_set_new(b, "succ", succ_json(s, false));
+    json_object_set_new(b, "load", load_json(s));
     link_send(l, "stabilize", MSG_RES, m->tid, b);
     json_decref(b);
 }
@@ -237,6 +258,7 @@ static void stabilize_done(struct sn *s, struct preq *r, const struct msg *m, co
         log_info("ring", "%s refused stabilize: %s", p->addr, code ? code : "?");
         return; /* "not-ready": it is still joining; ask again next period */
     }
+    read_load(p, json_object_get(m->body, "load"));
     if (succ0(s) != p)
         return; /* the successor changed meanwhile */
     set_succ_list(s, p, json_object_get(m->body, "succ"));
@@ -267,7 +289,7 @@ static void stabilize(struct sn *s)
         set_succ_list(s, s->pred, NULL);
     }
     struct peer *p = succ0(s);
-    json_t *b = json_pack("{s:o}", "self", self_json(s));
+    json_t *b = json_pack("{s:o,s:o}", "self", self_json(s), "load", load_json(s));
     struct preq *r = peer_request(s, p, "stabilize", b, 0, stabilize_done, NULL);
     json_decref(b);
     if (r)
@@ -462,7 +484,15 @@ static void handle_op(struct sn *s, json_t *route)
         op_get(s, route);
     else if (!strcmp(op, "store"))
         op_store(s, route);
-    else if (!strcmp(op, "offer")) {
+    else if (!strcmp(op, "deliver")) {
+        const char *code;
+        char err[256] = "";
+        const char *from =
+            json_string_value(json_object_get(json_object_get(route, "origin"), "id"));
+        onsvc_deliver_here(s, json_object_get(route, "args"), from ? from : "", &code, err,
+                           sizeof(err));
+        send_reply(s, route, !code, NULL, code, err);
+    } else if (!strcmp(op, "offer")) {
         const char *code;
         char err[512] = "";
         repl_on_offer(s, json_object_get(route, "args"), &code, err, sizeof(err));
@@ -591,6 +621,7 @@ static void on_reply(struct sn *s, struct link *l, const struct msg *m)
         return;
     }
     s->c.replies++;
+    s->route_failures = 0;
     /* The responder is a live super node: remember it for routing (known_successor). */
     nid_t nid;
     char naddr[SN_ADDR_MAX];
@@ -679,18 +710,42 @@ static void rreq_timeout(struct ev_loop *loop, ev_timer *w, int revents)
     }
     rreq_find(s, r->rid, true);
     s->c.timeouts++;
+    s->route_failures++;
     rreq_finish(s, r, false, NULL, "timeout", "no reply from the responsible super node in time", 0,
                 NULL);
 }
 
 /* ---- record requests from clients (protocol.md 4.5) ---- */
 
+static const char *const req_types[SN_REQ_TYPES] = {"get", "store", "find", "deliver"};
+static const double lat_le[SN_LAT_BUCKETS] = {0.0005, 0.001, 0.002, 0.005, 0.01,
+                                              0.05,   0.1,   0.5,   1.0,   5.0};
+
+static void count_request(struct sn *s, const char *type, bool ok, double seconds)
+{
+    for (int t = 0; t < SN_REQ_TYPES; t++) {
+        if (strcmp(type, req_types[t]) != 0)
+            continue;
+        if (ok)
+            s->c.req_ok[t]++;
+        else
+            s->c.req_err[t]++;
+        s->c.req_seconds[t] += seconds;
+        for (int b = 0; b < SN_LAT_BUCKETS; b++)
+            if (seconds <= lat_le[b])
+                s->c.req_le[t][b]++;
+        return;
+    }
+}
+
 static void client_done(struct sn *s, struct rreq *r, bool ok, json_t *result, const char *code,
                         const char *reason, int hops, json_t *node)
 {
+    count_request(s, r->client_type, ok, sn_now(s) - r->started);
     struct link *l = link_by_serial(s, r->client, r->client_serial);
     if (!l)
         return;
+    onsvc_request_done(s, l);
     if (!ok) {
         link_send_error(l, r->client_tid, code, reason);
         return;
@@ -725,7 +780,22 @@ static void on_client(struct sn *s, struct link *l, const struct msg *m)
         link_send_error(l, m->tid, "overloaded", "too many requests in progress; try again");
         return;
     }
-    if (!strcmp(op, "get") || !strcmp(op, "find")) {
+    if (!strcmp(op, "deliver")) {
+        const char *to = json_string_value(json_object_get(m->body, "to"));
+        const char *sn = json_string_value(json_object_get(m->body, "sn"));
+        nid_t tmp;
+        if (!to || !sn || nid_from_hex(&tmp, to) != 0 || nid_from_hex(&target, sn) != 0 ||
+            !json_object_get(m->body, "payload")) {
+            link_send_error(l, m->tid, "invalid-request",
+                            "deliver needs to and sn (40 hex digits each) and payload");
+            return;
+        }
+        char from[NID_HEX_LEN + 1] = "";
+        if (l->has_id)
+            nid_to_hex(&l->id, from);
+        args = json_pack("{s:s,s:s,s:O}", "to", to, "from", from, "payload",
+                         json_object_get(m->body, "payload"));
+    } else if (!strcmp(op, "get") || !strcmp(op, "find")) {
         const char *hex =
             json_string_value(json_object_get(m->body, !strcmp(op, "get") ? "key" : "target"));
         if (!hex || nid_from_hex(&target, hex) != 0) {
@@ -759,9 +829,14 @@ static void on_client(struct sn *s, struct link *l, const struct msg *m)
         rec_free(&rec);
         args = json_pack("{s:s,s:O}", "mode", mode, "record", env);
     }
+    if (!onsvc_admit_request(s, l, m)) {
+        json_decref(args);
+        return;
+    }
     struct rreq *r = rreq_start(s, &target, op, args, client_done);
     json_decref(args);
     if (!r) {
+        onsvc_request_done(s, l);
         link_send_error(l, m->tid, "internal", "out of memory");
         return;
     }
@@ -783,7 +858,10 @@ void ring_message(struct sn *s, struct link *l, const struct msg *m)
         json_decref(b);
         return;
     }
-    if (m->kind == MSG_REQ && (!strcmp(t, "get") || !strcmp(t, "store") || !strcmp(t, "find"))) {
+    if (onsvc_message(s, l, m))
+        return;
+    if (m->kind == MSG_REQ &&
+        (!strcmp(t, "get") || !strcmp(t, "store") || !strcmp(t, "find") || !strcmp(t, "deliver"))) {
         on_client(s, l, m);
         return;
     }
@@ -871,6 +949,7 @@ static void tick_cb(struct ev_loop *loop, ev_timer *w, int revents)
     double jitter = s->p.stabilize_s * (0.8 + 0.4 * (rand() / (double)RAND_MAX));
     w->repeat = jitter;
     ev_timer_again(loop, w);
+    onsvc_tick(s);
     if (s->state != SN_MEMBER)
         return;
     stabilize(s);
@@ -980,6 +1059,7 @@ struct sn *sn_new(struct ev_loop *loop, const struct sn_params *p, char *err, si
     ev_now_update(loop);
     s->p = *p;
     s->links.next = s->links.prev = &s->links;
+    onsvc_init(s);
     s->overlay = strdup(p->overlay);
     s->advertise = strdup(p->advertise ? p->advertise : p->listen);
     s->p.overlay = s->overlay;
@@ -995,6 +1075,16 @@ struct sn *sn_new(struct ev_loop *loop, const struct sn_params *p, char *err, si
         s->p.stabilize_s = 5;
     if (s->p.peer_idle_s <= 0)
         s->p.peer_idle_s = 60;
+    if (s->p.max_attached == 0)
+        s->p.max_attached = 1000;
+    if (s->p.on_rate <= 0)
+        s->p.on_rate = 50;
+    if (s->p.on_inflight == 0)
+        s->p.on_inflight = 32;
+    if (s->p.keepalive_s <= 0)
+        s->p.keepalive_s = 15;
+    s->stun_addr = p->stun ? strdup(p->stun) : NULL;
+    s->p.stun = s->stun_addr;
     s->started_at = ev_now(loop);
     s->tls = tls_ctx_new(&p->tls, err, errlen);
     if (!s->tls)
@@ -1171,6 +1261,7 @@ void sn_free(struct sn *s)
         }
     }
     listener_free(s->listener);
+    onsvc_free(s);
     while (s->links.next && s->links.next != &s->links) {
         struct link *l = s->links.next;
         s->links.next = l->next;
@@ -1198,6 +1289,7 @@ void sn_free(struct sn *s)
     tls_ctx_free(s->tls);
     free(s->overlay);
     free(s->advertise);
+    free(s->stun_addr);
     free(s);
 }
 
@@ -1248,7 +1340,7 @@ json_t *sn_status(struct sn *s)
     size_t vc_entries;
     uint64_t vc_hits, vc_misses;
     rec_verifier_stats(s->verifier, &vc_entries, &vc_hits, &vc_misses);
-    return json_pack(
+    json_t *st_doc = json_pack(
         "{s:b,s:{s:s,s:s},s:s,s:s,s:f,s:o,s:o,s:o,s:i,s:i,s:{s:i,s:i,s:i,s:i,s:i},"
         "s:{s:i,s:i},s:{s:I,s:I,s:I,s:I,s:I,s:I,s:I},s:{s:I,s:I,s:I},s:{s:i,s:I,s:I}}",
         "ok", 1, "node", "id", s->id_hex, "addr", s->advertise, "overlay", s->overlay, "state",
@@ -1264,6 +1356,18 @@ json_t *sn_status(struct sn *s)
         (json_int_t)s->c.replicated_in, "out", (json_int_t)s->c.replicated_out, "dropped",
         (json_int_t)s->c.dropped_replicas, "verifier", "cached", (int)vc_entries, "hits",
         (json_int_t)vc_hits, "misses", (json_int_t)vc_misses);
+    if (st_doc) {
+        json_object_set_new(st_doc, "healthy", json_boolean(s->healthy));
+        json_object_set_new(st_doc, "attached", json_integer((json_int_t)s->n_attached));
+        json_object_set_new(st_doc, "max_attached", json_integer((json_int_t)s->p.max_attached));
+        json_object_set_new(
+            st_doc, "ordinary_nodes",
+            json_pack("{s:I,s:I,s:I,s:I,s:I}", "attaches", (json_int_t)s->c.attaches, "redirected",
+                      (json_int_t)s->c.redirects, "rate_limited", (json_int_t)s->c.rate_limited,
+                      "delivered", (json_int_t)s->c.delivered, "told_to_move",
+                      (json_int_t)s->c.moved));
+    }
+    return st_doc;
 }
 
 struct rec_walk {
@@ -1293,4 +1397,138 @@ json_t *sn_records(struct sn *s)
     struct rec_walk w = {s, json_array(), sn_now(s)};
     store_foreach_range(s->store, &s->id, &s->id, rec_walk_fn, &w);
     return w.arr;
+}
+
+/* ---- metrics ---- */
+
+struct mbuf {
+    char *p;
+    size_t n, cap;
+};
+
+static void mprintf(struct mbuf *m, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void mprintf(struct mbuf *m, const char *fmt, ...)
+{
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        int k = m->p ? vsnprintf(m->p + m->n, m->cap - m->n, fmt, ap) : -1;
+        va_end(ap);
+        if (k >= 0 && (size_t)k < m->cap - m->n) {
+            m->n += (size_t)k;
+            return;
+        }
+        size_t cap = m->cap ? m->cap * 2 : 8192;
+        char *np = realloc(m->p, cap);
+        if (!np)
+            return;
+        m->p = np;
+        m->cap = cap;
+    }
+}
+
+/* Ring size from the successor list's span: n successors cover span/2^160 of the ring. */
+static double ring_size_estimate(const struct sn *s)
+{
+    if (s->n_succ == 0)
+        return 1;
+    nid_t d;
+    nid_distance(&d, &s->id, &s->succ[s->n_succ - 1]->id);
+    double frac = 0;
+    for (int i = 0; i < 8; i++)
+        frac = frac * 256 + d.b[i];
+    frac /= 18446744073709551616.0; /* 2^64: the top 64 bits as a fraction of the ring */
+    return frac > 0 ? s->n_succ / frac : s->n_succ + 1;
+}
+
+char *sn_metrics(struct sn *s)
+{
+    struct mbuf m = {0};
+    struct store_stats st;
+    store_stats(s->store, sn_now(s), &st);
+    json_t *recs = sn_records(s);
+    size_t primary = 0, replica = 0, i;
+    json_t *e;
+    json_array_foreach(recs, i, e)
+    {
+        const char *role = json_string_value(json_array_get(e, 3));
+        primary += !strcmp(role, "primary");
+        replica += !strcmp(role, "replica");
+    }
+    json_decref(recs);
+    size_t open = 0;
+    for (struct link *l = s->links.next; l != &s->links; l = l->next)
+        open += l->open && !l->closing;
+#define GAUGE(name, help, fmt, v)                                                                  \
+    mprintf(&m,                                                                                    \
+            "# HELP p2p_sn_" name " " help "\n# TYPE p2p_sn_" name " gauge\np2p_sn_" name " " fmt  \
+            "\n",                                                                                  \
+            v)
+    GAUGE("member", "1 when a member of a ring", "%d", s->state == SN_MEMBER);
+    GAUGE("healthy", "1 when serving ordinary nodes (protocol.md 5.6)", "%d", s->healthy);
+    GAUGE("ring_size_estimate", "ring size seen from the successor list's span", "%.1f",
+          ring_size_estimate(s));
+    GAUGE("successors", "entries in the successor list", "%u", s->n_succ);
+    GAUGE("keys", "distinct keys stored", "%zu", st.keys);
+    GAUGE("store_bytes", "bytes of stored records and tombstones", "%zu", st.bytes);
+    GAUGE("tombstones", "removal statements kept", "%zu", st.tombstones);
+    GAUGE("attached", "ordinary nodes attached", "%zu", s->n_attached);
+    GAUGE("max_attached", "most ordinary nodes accepted", "%zu", s->p.max_attached);
+    GAUGE("links_open", "open node-to-node links", "%zu", open);
+    GAUGE("requests_in_progress", "routed requests originated here, not answered yet", "%zu",
+          s->n_rreqs);
+#undef GAUGE
+    mprintf(&m,
+            "# HELP p2p_sn_records live records held, by role\n# TYPE p2p_sn_records gauge\n"
+            "p2p_sn_records{role=\"primary\"} %zu\np2p_sn_records{role=\"replica\"} %zu\n",
+            primary, replica);
+    mprintf(&m, "# HELP p2p_sn_routing_total routed requests by what this node did with them\n"
+                "# TYPE p2p_sn_routing_total counter\n");
+    const struct {
+        const char *k;
+        uint64_t v;
+    } rt[] = {{"originated", s->c.originated},
+              {"forwarded", s->c.forwarded},
+              {"answered", s->c.answered},
+              {"timed_out", s->c.timeouts},
+              {"refused", s->c.refused},
+              {"replicated_in", s->c.replicated_in},
+              {"replicated_out", s->c.replicated_out}};
+    for (size_t k = 0; k < sizeof(rt) / sizeof(rt[0]); k++)
+        mprintf(&m, "p2p_sn_routing_total{event=\"%s\"} %llu\n", rt[k].k,
+                (unsigned long long)rt[k].v);
+    mprintf(&m,
+            "# HELP p2p_sn_ordinary_total ordinary node events\n"
+            "# TYPE p2p_sn_ordinary_total counter\n"
+            "p2p_sn_ordinary_total{event=\"attached\"} %llu\n"
+            "p2p_sn_ordinary_total{event=\"redirected\"} %llu\n"
+            "p2p_sn_ordinary_total{event=\"rate_limited\"} %llu\n"
+            "p2p_sn_ordinary_total{event=\"delivered\"} %llu\n"
+            "p2p_sn_ordinary_total{event=\"told_to_move\"} %llu\n",
+            (unsigned long long)s->c.attaches, (unsigned long long)s->c.redirects,
+            (unsigned long long)s->c.rate_limited, (unsigned long long)s->c.delivered,
+            (unsigned long long)s->c.moved);
+    mprintf(&m, "# HELP p2p_sn_requests_total client requests by type and result\n"
+                "# TYPE p2p_sn_requests_total counter\n");
+    for (int t = 0; t < SN_REQ_TYPES; t++)
+        mprintf(&m,
+                "p2p_sn_requests_total{type=\"%s\",result=\"ok\"} %llu\n"
+                "p2p_sn_requests_total{type=\"%s\",result=\"error\"} %llu\n",
+                req_types[t], (unsigned long long)s->c.req_ok[t], req_types[t],
+                (unsigned long long)s->c.req_err[t]);
+    mprintf(&m, "# HELP p2p_sn_request_seconds client request latency, from arrival to answer\n"
+                "# TYPE p2p_sn_request_seconds histogram\n");
+    for (int t = 0; t < SN_REQ_TYPES; t++) {
+        for (int b = 0; b < SN_LAT_BUCKETS; b++)
+            mprintf(&m, "p2p_sn_request_seconds_bucket{type=\"%s\",le=\"%g\"} %llu\n", req_types[t],
+                    lat_le[b], (unsigned long long)s->c.req_le[t][b]);
+        uint64_t count = s->c.req_ok[t] + s->c.req_err[t];
+        mprintf(&m,
+                "p2p_sn_request_seconds_bucket{type=\"%s\",le=\"+Inf\"} %llu\n"
+                "p2p_sn_request_seconds_sum{type=\"%s\"} %.6f\n"
+                "p2p_sn_request_seconds_count{type=\"%s\"} %llu\n",
+                req_types[t], (unsigned long long)count, req_types[t], s->c.req_seconds[t],
+                req_types[t], (unsigned long long)count);
+    }
+    return m.p;
 }

@@ -32,8 +32,17 @@ struct sn_params {
     struct store_limits quotas;
     size_t max_connections; /* links of any kind, accepted and opened */
     double peer_idle_s;     /* close SN links unused this long that the ring does not need */
+    /* Ordinary nodes (docs/protocol.md section 5). */
+    size_t max_attached;      /* most attached at once; more are redirected */
+    double on_rate;           /* requests per second per attached node (burst: 2 s worth) */
+    unsigned on_inflight;     /* requests in progress per attached node */
+    double keepalive_s;       /* an attached node silent for 3 of these is dropped */
+    const char *stun;         /* "host:port" of our STUN server, told to attaching nodes, or NULL */
+    long long sn_target_load; /* attached nodes above which we invite one to become a super node */
     /* Optional: called when the node becomes a member of a ring, and when it stops being one. */
     void (*on_membership)(void *ud, bool member);
+    /* Optional: called when health changes (sn_is_healthy). */
+    void (*on_health)(void *ud, bool healthy);
     void *ud;
 };
 
@@ -64,6 +73,13 @@ void sn_leave(struct sn *s, void (*done)(void *ud), void *ud);
 json_t *sn_status(struct sn *s);
 /* Every entry held: [[key, owner, seq, "primary"|"replica"|"tombstone"], ...] (new reference). */
 json_t *sn_records(struct sn *s);
+
+/* Healthy: a member of a ring that works (protocol.md 5.6); what the bootstrap servers see. */
+bool sn_is_healthy(const struct sn *s);
+size_t sn_attached(const struct sn *s);
+
+/* Prometheus text exposition of the node's figures (malloc'd; free()). */
+char *sn_metrics(struct sn *s);
 
 /* Our identity. */
 const struct peer_identity *sn_identity(const struct sn *s);

@@ -34,12 +34,13 @@ struct peer {
     struct link *link;      /* the link we use to reach it, or NULL */
     double srtt, rttvar;    /* seconds; valid when has_rtt */
     bool has_rtt;
-    int strikes;      /* consecutive unanswered requests */
-    double last_used; /* last time we sent to or heard from it */
-    double dead_at;   /* when it was declared dead (0 = never) */
-    double heard_at;  /* last message from it (0 = never) */
-    size_t n_preqs;   /* requests to it waiting for an answer */
-    bool anon;        /* an address to join through: any super node there will do */
+    int strikes;             /* consecutive unanswered requests */
+    double last_used;        /* last time we sent to or heard from it */
+    double dead_at;          /* when it was declared dead (0 = never) */
+    double heard_at;         /* last message from it (0 = never) */
+    size_t n_preqs;          /* requests to it waiting for an answer */
+    bool anon;               /* an address to join through: any super node there will do */
+    long attached, capacity; /* its load, as its stabilize messages said (-1 unknown) */
 };
 
 struct qframe {
@@ -67,9 +68,26 @@ struct link {
     struct qframe *q_head, *q_tail; /* frames queued before open */
     size_t q_n;
     double last_used;
-    uint64_t serial; /* unique, so that answers can tell a link was replaced */
-    size_t n_preqs;  /* our requests on it waiting for an answer */
+    uint64_t serial;     /* unique, so that answers can tell a link was replaced */
+    size_t n_preqs;      /* our requests on it waiting for an answer */
+    struct attached *on; /* the ordinary node attached over this link, if any */
 };
+
+/* An ordinary node attached to this super node (onsvc.c). */
+struct attached {
+    struct attached *next; /* hash chain by Node-ID */
+    struct attached *all_next, *all_prev;
+    struct link *link;
+    nid_t id;
+    char listen[SN_ADDR_MAX]; /* its own overlay port, for probes ("" if none) */
+    double since, last_seen;
+    double tokens, refilled; /* request rate limit (token bucket) */
+    unsigned inflight;
+    bool reachable; /* a connect-back probe succeeded */
+    double invited_at;
+};
+
+#define SN_ON_BUCKETS 4096
 
 /* A request we sent on a link, waiting for its res/err there. */
 struct preq;
@@ -111,18 +129,26 @@ struct rreq {
     void *ud;
 };
 
+#define SN_REQ_TYPES   4 /* get, store, find, deliver */
+#define SN_LAT_BUCKETS 10
+
 enum sn_state { SN_IDLE = 0, SN_JOINING, SN_MEMBER, SN_LEAVING, SN_LEFT };
 
 struct sn_counters {
     uint64_t originated, forwarded, answered, hops_sum, replies, timeouts, refused;
     uint64_t replicated_in, replicated_out, sync_rounds, dropped_replicas;
+    uint64_t attaches, redirects, rate_limited, delivered, moved;
+    /* client requests (protocol.md 4.5, 5.4) by type and outcome, with latency histograms */
+    uint64_t req_ok[SN_REQ_TYPES], req_err[SN_REQ_TYPES];
+    double req_seconds[SN_REQ_TYPES];
+    uint64_t req_le[SN_REQ_TYPES][SN_LAT_BUCKETS];
 };
 
 struct sn {
     uint32_t magic;
     struct ev_loop *loop;
     struct sn_params p;
-    char *overlay, *advertise;
+    char *overlay, *advertise, *stun_addr;
     struct tls_ctx *tls;
     struct listener *listener;
     const struct peer_identity *self_id;
@@ -171,6 +197,14 @@ struct sn {
     size_t leave_pending;
     size_t n_offers; /* unconfirmed copies offered to their responsible nodes */
 
+    /* ordinary nodes (onsvc.c) */
+    struct attached *on_hash[SN_ON_BUCKETS];
+    struct attached on_all; /* list head */
+    size_t n_attached;
+    bool had_peers; /* we have been part of a ring of more than one */
+    bool healthy;
+    unsigned route_failures; /* routed requests of ours timing out in a row */
+
     struct sn_counters c;
 };
 
@@ -212,6 +246,22 @@ void ring_changed(struct sn *s);
 struct rreq *rreq_start(struct sn *s, const nid_t *target, const char *op, json_t *args,
                         rreq_cb cb);
 void rreq_launch(struct sn *s, struct rreq *r);
+
+/* ---- onsvc.c ---- */
+void onsvc_init(struct sn *s);
+/* Handles attach, keepalive, deliver and probe; false when m is none of them. */
+bool onsvc_message(struct sn *s, struct link *l, const struct msg *m);
+/* May this link send record requests now? Answers the error itself when not. */
+bool onsvc_admit_request(struct sn *s, struct link *l, const struct msg *m);
+void onsvc_request_done(struct sn *s, struct link *l);
+void onsvc_link_closed(struct sn *s, struct link *l);
+void onsvc_tick(struct sn *s);
+void onsvc_free(struct sn *s);
+/* Routed op "deliver" at the target super node. */
+void onsvc_deliver_here(struct sn *s, json_t *args, const char *origin_hex, const char **code,
+                        char *err, size_t errlen);
+/* Peers to offer ordinary nodes (alternates), most spare capacity first: new array reference. */
+json_t *onsvc_alternates(struct sn *s, size_t max);
 
 /* ---- repl.c ---- */
 void repl_after_store(struct sn *s, json_t *env);

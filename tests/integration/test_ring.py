@@ -393,8 +393,10 @@ class Ring(unittest.TestCase):
 
     @classmethod
     def start_sn(cls, sn, join=None, seed=False):
+        # dhtctl is one ordinary node doing the work of thousands: lift the per-node limits.
         cfg = {"overlay": OVERLAY, "listen": sn.addr, "state_dir": sn.dir,
-               "log_level": LOG_LEVEL, "pid_file": os.path.join(sn.dir, "supernode.pid")}
+               "log_level": LOG_LEVEL, "pid_file": os.path.join(sn.dir, "supernode.pid"),
+               "on_rate": 1000000, "on_inflight": 100000}
         if seed:
             cfg["seed"] = True
         else:

@@ -93,6 +93,8 @@ class SupernodesAndBootstrap(unittest.TestCase):
             conf = {"overlay": OVERLAY, "listen": cls.addr[u], "state_dir": d}
             if u == "sn1":
                 conf["seed"] = True
+                cls.metrics_port = free_port()
+                conf["metrics_listen"] = "127.0.0.1:%d" % cls.metrics_port
             cls.cfg[u] = os.path.join(cls.tmp, u + ".json")
             with open(cls.cfg[u], "w") as f:
                 json.dump(conf, f)
@@ -194,6 +196,41 @@ class SupernodesAndBootstrap(unittest.TestCase):
         self.assertEqual(self.listed(), self.expect("sn1", "sn2"))
         self.assertLess(time.monotonic() - t0, 3 * PERIOD + (10 if SLOW else 1))
         wait_until("a ring of two", lambda: self.ring_of("sn1", "sn2"), WAIT)
+
+
+    def test_4_metrics(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.metrics_port, timeout=10)
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        self.assertEqual(resp.status, 200)
+        self.assertTrue(resp.getheader("Content-Type").startswith("text/plain"))
+        sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})? [-+0-9.eE]+$')
+        values = {}
+        for line in text.splitlines():
+            if line.startswith("#"):
+                continue
+            self.assertRegex(line, sample)
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+        self.assertEqual(values["p2p_sn_member"], 1)
+        self.assertEqual(values["p2p_sn_healthy"], 1)
+        self.assertEqual(values["p2p_sn_attached"], 0)
+        self.assertEqual(values["p2p_sn_successors"], 1)  # sn2 is left
+        self.assertAlmostEqual(values["p2p_sn_ring_size_estimate"], 2, delta=1.5)
+        for key in ('p2p_sn_records{role="primary"}', 'p2p_sn_requests_total{type="get",'
+                    'result="ok"}', 'p2p_sn_request_seconds_count{type="store"}',
+                    'p2p_sn_routing_total{event="forwarded"}'):
+            self.assertIn(key, values)
+        conn.request("POST", "/metrics", body="x")
+        resp = conn.getresponse()
+        resp.read()
+        self.assertEqual(resp.status, 405)
+        conn.request("GET", "/nothing")
+        resp = conn.getresponse()
+        resp.read()
+        self.assertEqual(resp.status, 404)
+        conn.close()
 
 
 if __name__ == "__main__":
