@@ -17,6 +17,7 @@
 #define ROUTE_FAILURES_UNHEALTHY 5
 #define INVITE_INTERVAL_S        300.0
 #define PROBE_TIMEOUT_S          5.0
+#define ALONE_PERIODS            12 /* stabilisation periods alone before serving alone */
 
 static size_t bucket(const nid_t *id)
 {
@@ -411,8 +412,24 @@ static void tell_all_to_move(struct sn *s, const char *reason)
 void onsvc_tick(struct sn *s)
 {
     double now = sn_now(s);
-    if (s->n_succ > 0)
+    if (s->n_succ > 0) {
         s->had_peers = true;
+        s->alone_since = 0;
+    } else if (s->had_peers && s->state == SN_MEMBER) {
+        /*
+         * Alone after having peers: cut off, or the last one standing. A
+         * partition heals within a few periods; after ALONE_PERIODS it is
+         * the whole ring, and a ring of one serves like a seed (otherwise the
+         * overlay's last super node would refuse everyone for good).
+         */
+        if (s->alone_since == 0)
+            s->alone_since = now;
+        else if (now - s->alone_since > ALONE_PERIODS * s->p.stabilize_s) {
+            log_warn("health", "alone for %.0f s: serving as a ring of one", now - s->alone_since);
+            s->had_peers = false;
+            s->alone_since = 0;
+        }
+    }
     const char *why = NULL;
     if (s->state != SN_MEMBER)
         why = "not a member of the ring";

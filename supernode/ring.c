@@ -1432,6 +1432,9 @@ static double ring_size_estimate(const struct sn *s)
 {
     if (s->n_succ == 0)
         return 1;
+    /* A list shorter than it may be, or holding our predecessor, is the whole ring. */
+    if (s->n_succ < s->p.succ_list || (s->pred && s->succ[s->n_succ - 1] == s->pred))
+        return s->n_succ + 1;
     nid_t d;
     nid_distance(&d, &s->id, &s->succ[s->n_succ - 1]->id);
     double frac = 0;

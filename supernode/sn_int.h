@@ -201,7 +201,8 @@ struct sn {
     struct attached *on_hash[SN_ON_BUCKETS];
     struct attached on_all; /* list head */
     size_t n_attached;
-    bool had_peers; /* we have been part of a ring of more than one */
+    bool had_peers;     /* we have been part of a ring of more than one */
+    double alone_since; /* when we lost our last successor after having peers (0 = not) */
     bool healthy;
     unsigned route_failures; /* routed requests of ours timing out in a row */
 

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,39 @@ def free_port():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def free_udp_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stun_binding(port, payload=None, timeout=1.0):
+    """Sends a STUN Binding request (RFC 5389) or `payload`; returns (mapped "ip:port" or None,
+    our own "ip:port")."""
+    tid = os.urandom(12)
+    req = payload if payload is not None else struct.pack("!HHI", 0x0001, 0, 0x2112A442) + tid
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(timeout)
+        s.sendto(req, ("127.0.0.1", port))
+        me = "%s:%d" % s.getsockname()
+        try:
+            data = s.recv(2048)
+        except socket.timeout:
+            return None, me
+    mtype, mlen, cookie = struct.unpack("!HHI", data[:8])
+    assert mtype == 0x0101 and cookie == 0x2112A442 and data[8:20] == tid, data
+    i = 20
+    while i + 4 <= 20 + mlen:
+        atype, alen = struct.unpack("!HH", data[i:i + 4])
+        if atype == 0x0020:  # XOR-MAPPED-ADDRESS, IPv4
+            xport = struct.unpack("!H", data[i + 6:i + 8])[0] ^ 0x2112
+            xaddr = struct.unpack("!I", data[i + 8:i + 12])[0] ^ 0x2112A442
+            return "%s:%d" % (socket.inet_ntoa(struct.pack("!I", xaddr)), xport), me
+        i += 4 + ((alen + 3) & ~3)
+    return "no XOR-MAPPED-ADDRESS", me
 
 
 def wait_until(what, fn, timeout):
@@ -95,6 +129,10 @@ class SupernodesAndBootstrap(unittest.TestCase):
                 conf["seed"] = True
                 cls.metrics_port = free_port()
                 conf["metrics_listen"] = "127.0.0.1:%d" % cls.metrics_port
+                cls.stun_port = free_udp_port()
+                conf["stun_listen"] = "127.0.0.1:%d" % cls.stun_port
+            else:
+                conf["stun_listen"] = "127.0.0.1:0"
             cls.cfg[u] = os.path.join(cls.tmp, u + ".json")
             with open(cls.cfg[u], "w") as f:
                 json.dump(conf, f)
@@ -231,6 +269,32 @@ class SupernodesAndBootstrap(unittest.TestCase):
         resp.read()
         self.assertEqual(resp.status, 404)
         conn.close()
+
+
+    def test_5_stun(self):
+        # The super node tells a node behind NAT what its address looks like from outside.
+        mapped, me = stun_binding(self.stun_port)
+        self.assertEqual(mapped, me)
+        # Garbage is dropped without an answer, and the server goes on serving.
+        for junk in (b"", b"x", os.urandom(19), os.urandom(300),
+                     struct.pack("!HHI", 0x0101, 0, 0x2112A442) + os.urandom(12),  # a response
+                     struct.pack("!HHI", 0x0001, 8, 0x2112A442) + os.urandom(12)):  # short
+            self.assertIsNone(stun_binding(self.stun_port, junk, timeout=0.3)[0])
+        mapped, me = stun_binding(self.stun_port)
+        self.assertEqual(mapped, me)
+
+    def test_6_cut_off_node_withdraws_then_serves_alone(self):
+        # sn1 loses its only peer: it is unhealthy, and leaves the bootstrap list at once ...
+        self.sn["sn2"].proc.send_signal(signal.SIGKILL)
+        self.sn["sn2"].wait_exit()
+        self.sn["sn1"].wait_for("unhealthy (no live successor)", timeout=WAIT)
+        wait_until("sn1 withdrawn", lambda: self.listed() == set(), WAIT)
+        st = self.status("sn1")
+        self.assertFalse(st["healthy"])
+        # ... until, still alone after 12 periods, it is the whole ring and serves as one.
+        self.sn["sn1"].wait_for("serving as a ring of one", timeout=WAIT + 12 * 1)
+        wait_until("sn1 listed again", lambda: self.listed() == self.expect("sn1"), WAIT)
+        self.assertTrue(self.status("sn1")["healthy"])
 
 
 if __name__ == "__main__":
