@@ -18,6 +18,7 @@
 #include "daemon.h"
 #include "fsutil.h"
 #include "log.h"
+#include "login_client.h"
 #include "overlay_doc.h"
 #include "server.h"
 #include "userstore.h"
@@ -130,7 +131,14 @@ static const struct cli_option user_opts[] = {
 };
 static const struct cli_option issue_opts[] = {
     {"service", "NAMES", "host names/addresses of the service, comma-separated (first = CN)"},
-    {"out", "DIR", "where to write NAME.key and NAME.pem (default: <state_dir>/services)"},
+    {"node", "NAMES",
+     "node credentials for these users, comma-separated, without an enrollment "
+     "(provisioning, test fleets)"},
+    {"count", "N", "with --node NAME: NAME1 ... NAMEN"},
+    {"no-supernode", NULL, "with --node: certificates without the super node role"},
+    {"out", "DIR",
+     "where to write (default: <state_dir>/services, or <state_dir>/nodes for --node): one "
+     "state directory per node, as `enroll` makes"},
     {NULL, NULL, NULL},
 };
 
@@ -138,7 +146,9 @@ static const struct cli_command ls_commands[] = {
     {"run", "serve enrollment and the configuration document over HTTPS", NULL},
     {"init", "create the state directory: CA, server certificate, user store, document", NULL},
     {"user", "user add|del|passwd NAME, user list, user supernode NAME yes|no", user_opts},
-    {"issue", "issue --service NAMES: a certificate for a service host (bootstrap server)",
+    {"issue",
+     "issue --service NAMES: a certificate for a service host (bootstrap server); issue --node "
+     "NAMES [--count N]: node state directories without enrollment",
      issue_opts},
     {"publish", "sign and serve a new version of the document from the current settings", NULL},
     {NULL, NULL, NULL},
@@ -356,11 +366,108 @@ static int cmd_user(const struct cli_opts *o, const struct ls_config *c)
     return rc == US_OK ? 0 : 1;
 }
 
+/* One node's credentials, minted here: the key never leaves this machine's --out directory. */
+static int issue_one_node(struct ls_ca *ca, const struct ls_config *c, const char *name,
+                          unsigned roles, const char *dir, char *err, size_t errlen)
+{
+    gnutls_x509_privkey_t key = NULL;
+    gnutls_datum_t csr = {NULL, 0};
+    gnutls_x509_crq_t crq = NULL;
+    struct ls_issued is;
+    memset(&is, 0, sizeof(is));
+    int rc = -1;
+    if (cred_keygen(&key) < 0 || cred_csr_make(key, name, &csr) < 0) {
+        snprintf(err, errlen, "%s: cannot make a key", name);
+        goto out;
+    }
+    if (ls_ca_check_csr((const char *)csr.data, csr.size, &crq, err, errlen) != 0)
+        goto out;
+    if (ls_ca_issue_node(ca, crq, name, roles, NULL, c->cert_validity_days, &is, err, errlen) != 0)
+        goto out;
+    rc = node_creds_save(dir, key, is.cert_pem, ca->ca_pem, ca->envelope, ca->pin, err, errlen);
+out:
+    free(is.cert_pem);
+    if (crq)
+        gnutls_x509_crq_deinit(crq);
+    gnutls_free(csr.data);
+    if (key)
+        gnutls_x509_privkey_deinit(key);
+    return rc;
+}
+
+static int cmd_issue_nodes(const struct cli_opts *o, const struct ls_config *c)
+{
+    const char *names = cli_opt(o, "node"), *count_s = cli_opt(o, "count");
+    long count = 0;
+    if (count_s) {
+        char *end;
+        count = strtol(count_s, &end, 10);
+        if (*end || count < 1 || count > 1000000 || strchr(names, ',')) {
+            cli_error(&ls_prog, "--count takes 1 to 1000000, with one --node NAME");
+            return 2;
+        }
+    }
+    char out_dir[4096], err[512], dir[4096], name[300];
+    const char *out = cli_opt(o, "out");
+    if (!out) {
+        fs_join(out_dir, sizeof(out_dir), c->state_dir, "nodes");
+        out = out_dir;
+    }
+    unsigned roles = ROLE_NODE | (cli_opt(o, "no-supernode") ? 0 : ROLE_SUPERNODE);
+    struct ls_ca *ca;
+    if (ls_ca_open(c->state_dir, &ca, err, sizeof(err)) != 0) {
+        fprintf(stderr, "loginserver: %s\n", err);
+        return 1;
+    }
+    if (!ca->envelope) {
+        fprintf(stderr, "loginserver: no overlay document published yet\n");
+        ls_ca_free(ca);
+        return 1;
+    }
+    char *copy = strdup(names), *save = NULL;
+    long made = 0;
+    int rc = 0;
+    for (char *t = strtok_r(copy, ",", &save); t && rc == 0; t = strtok_r(NULL, ",", &save)) {
+        for (long i = count ? 1 : 0; i <= count && rc == 0; i++) {
+            if (count)
+                snprintf(name, sizeof(name), "%s%ld", t, i);
+            else
+                snprintf(name, sizeof(name), "%s", t);
+            char probe[4200];
+            if (fs_join(dir, sizeof(dir), out, name) == 0 &&
+                fs_join(probe, sizeof(probe), dir, "cert.pem") == 0 && access(probe, F_OK) == 0) {
+                fprintf(stderr,
+                        "loginserver: issue --node %s: %s already holds credentials; "
+                        "remove it first\n",
+                        name, dir);
+                rc = 1;
+                break;
+            }
+            if (fs_join(dir, sizeof(dir), out, name) != 0 ||
+                issue_one_node(ca, c, name, roles, dir, err, sizeof(err)) != 0) {
+                fprintf(stderr, "loginserver: issue --node %s: %s\n", name, err);
+                rc = 1;
+                break;
+            }
+            made++;
+        }
+    }
+    if (made)
+        printf("%ld node state director%s in %s (roles %s)\n", made, made == 1 ? "y" : "ies", out,
+               roles & ROLE_SUPERNODE ? "node,supernode" : "node");
+    free(copy);
+    ls_ca_free(ca);
+    return rc;
+}
+
 static int cmd_issue(const struct cli_opts *o, const struct ls_config *c)
 {
+    if (cli_opt(o, "node") && !cli_opt(o, "service") && !o->argc)
+        return cmd_issue_nodes(o, c);
     const char *names = cli_opt(o, "service");
     if (!names || !*names || o->argc) {
-        cli_error(&ls_prog, "usage: issue --service NAME[,NAME...] [--out DIR]");
+        cli_error(&ls_prog, "usage: issue --service NAME[,NAME...] [--out DIR], or issue --node "
+                            "NAME[,NAME...] [--count N] [--no-supernode] [--out DIR]");
         return 2;
     }
     char *copy = strdup(names), *save = NULL;

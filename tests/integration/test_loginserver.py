@@ -453,6 +453,39 @@ class LoginServer(unittest.TestCase):
         self.assertEqual(dm.stop(), 0)
         self.assertNotIn("renewed", dm.log())
 
+    def test_issue_node_state_directories(self):
+        """Offline provisioning: node state directories minted by the CA, usable as enrolled."""
+        with harness.tempdir() as tmp:
+            out = os.path.join(tmp, "nodes")
+            rc, stdout, err = self.ls("issue", "--node", "fleet", "--count", "3",
+                                      "--no-supernode", "--out", out)
+            self.assertEqual(rc, 0, err)
+            self.assertIn("3 node state directories", stdout)
+            for i in (1, 2, 3):
+                d = os.path.join(out, "fleet%d" % i)
+                self.assertEqual(sorted(os.listdir(d)),
+                                 ["ca.pem", "cert.pem", "key.pem", "overlay.json", "pin"])
+                self.assertEqual(os.stat(os.path.join(d, "key.pem")).st_mode & 0o777, 0o600)
+                rc, info = certtool("--certificate-info", "--infile", os.path.join(d, "cert.pem"))
+                self.assertEqual(rc, 0)
+                self.assertIn("sip:fleet%d@%s" % (i, OVERLAY), info)
+                rc, info = certtool("--verify", "--load-ca-certificate", os.path.join(self.state, "ca.pem"),
+                                    "--infile", os.path.join(d, "cert.pem"))
+                self.assertEqual(rc, 0, info)
+            # Our own node code accepts the directory as it accepts an enrolled one.
+            rc, stdout, err = harness.run([os.path.join(BINDIR, "supernode", "dhtctl"), "--state",
+                                           os.path.join(out, "fleet1"), "sign", "--type", "t",
+                                           "--name", "n", "--value", "1"])
+            self.assertEqual(rc, 0, err)
+            self.assertIn('"sig"', stdout)
+            # Existing credentials are never replaced; bad counts are usage errors.
+            rc, _, err = self.ls("issue", "--node", "fleet1", "--out", out)
+            self.assertEqual(rc, 1)
+            self.assertIn("already holds credentials", err)
+            rc, _, err = self.ls("issue", "--node", "a,b", "--count", "2", "--out", out)
+            self.assertEqual(rc, 2)
+            self.assertEqual(len(err.splitlines()), 1)
+
     def test_zz_restart_keeps_accounts_and_ca(self):
         # Named to run last in this class: it restarts the shared server.
         before = self.stored_state()
