@@ -257,12 +257,6 @@ static bool announce_wanted(void *ud, struct announce_load *load)
     return sn_is_healthy(st->sn); /* an unhealthy node withdraws until it is healthy again */
 }
 
-static void on_membership(void *ud, bool member)
-{
-    (void)ud; /* health follows membership within a period: see on_health */
-    (void)member;
-}
-
 static void on_health(void *ud, bool healthy)
 {
     struct sn_state *st = ud;
@@ -472,7 +466,6 @@ static int sn_start(struct ev_loop *loop, const void *p, void **state)
                    (size_t)cfg->quota_per_owner_bytes},
         .max_connections = (size_t)cfg->max_connections,
         .peer_idle_s = (double)cfg->peer_idle_s,
-        .on_membership = on_membership,
         .on_health = on_health,
         .max_attached = (size_t)cfg->max_attached,
         .on_rate = (double)cfg->on_rate,

@@ -16,8 +16,6 @@
 #include "log.h"
 #include "sn_int.h"
 
-void sn_leave_handoff_done(struct sn *s);
-
 /* Verifies and applies one record envelope. */
 int repl_apply(struct sn *s, json_t *env, enum store_mode mode, char *err, size_t errlen,
                const char **code)

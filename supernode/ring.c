@@ -1205,7 +1205,6 @@ static void leave_timeout(struct ev_loop *loop, ev_timer *w, int revents)
     leave_finish(s);
 }
 
-void sn_leave_handoff_done(struct sn *s);
 void sn_leave_handoff_done(struct sn *s)
 {
     if (s->state == SN_LEAVING && s->leave_pending == 0)

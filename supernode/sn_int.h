@@ -243,6 +243,8 @@ void ring_message(struct sn *s, struct link *l, const struct msg *m);
 void ring_peer_lost(struct sn *s, struct peer *p, const char *why);
 bool ring_is_primary(const struct sn *s, const nid_t *key);
 void ring_changed(struct sn *s);
+/* The hand-off of a leaving node is done when nothing of it is pending any more. */
+void sn_leave_handoff_done(struct sn *s);
 /* Routed requests this node originates (the callback runs exactly once). */
 struct rreq *rreq_start(struct sn *s, const nid_t *target, const char *op, json_t *args,
                         rreq_cb cb);
