@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include "announce.h"
 #include "conn.h"
@@ -243,6 +244,26 @@ static void on_metrics(struct httpd_req *r, void *ud)
     free(text);
 }
 
+/* Every link is a descriptor: make room for max_connections (up to the hard limit). */
+static void raise_fd_limit(long long want)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur >= (rlim_t)want)
+        return;
+    rlim_t old = rl.rlim_cur;
+    rl.rlim_cur =
+        rl.rlim_max == RLIM_INFINITY || rl.rlim_max >= (rlim_t)want ? (rlim_t)want : rl.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur >= (rlim_t)want) {
+        log_info("main", "descriptor limit raised from %llu to %llu", (unsigned long long)old,
+                 (unsigned long long)rl.rlim_cur);
+        return;
+    }
+    log_warn("main",
+             "max_connections needs %lld descriptors; the limit is %llu (raise the hard "
+             "limit, e.g. LimitNOFILE= in a systemd unit)",
+             want, (unsigned long long)rl.rlim_cur);
+}
+
 static bool is_wildcard(const char *hostport)
 {
     return !strncmp(hostport, "0.0.0.0:", 8) || !strncmp(hostport, "[::]:", 5);
@@ -446,6 +467,7 @@ static int sn_start(struct ev_loop *loop, const void *p, void **state)
             }
         }
     }
+    raise_fd_limit(cfg->max_connections + 64);
     size_t need = (size_t)doc->max_record_bytes * 2 + 4096;
     if (tc.max_frame < need) {
         log_info("main", "max_frame raised to %zu bytes to carry records of %lld bytes", need,

@@ -14,7 +14,8 @@
 #include "log.h"
 #include "sn_int.h"
 
-#define ROUTE_FAILURES_UNHEALTHY 5
+#define ROUTE_FAILURES_UNHEALTHY 5 /* routed requests timing out in a row ... */
+#define ROUTE_SILENCE_PERIODS    6 /* ... with no reply at all for this many periods */
 #define INVITE_INTERVAL_S        300.0
 #define PROBE_TIMEOUT_S          5.0
 #define ALONE_PERIODS            12 /* stabilisation periods alone before serving alone */
@@ -435,8 +436,9 @@ void onsvc_tick(struct sn *s)
         why = "not a member of the ring";
     else if (s->had_peers && s->n_succ == 0)
         why = "no live successor";
-    else if (s->route_failures >= ROUTE_FAILURES_UNHEALTHY)
-        why = "requests through the ring time out";
+    else if (s->route_failures >= ROUTE_FAILURES_UNHEALTHY &&
+             now - s->last_reply_at > ROUTE_SILENCE_PERIODS * s->p.stabilize_s)
+        why = "requests through the ring time out"; /* slow answers are overload, not this */
     bool healthy = why == NULL;
     if (healthy != s->healthy) {
         s->healthy = healthy;

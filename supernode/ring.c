@@ -622,6 +622,7 @@ static void on_reply(struct sn *s, struct link *l, const struct msg *m)
     }
     s->c.replies++;
     s->route_failures = 0;
+    s->last_reply_at = sn_now(s);
     /* The responder is a live super node: remember it for routing (known_successor). */
     nid_t nid;
     char naddr[SN_ADDR_MAX];

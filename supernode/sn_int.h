@@ -205,6 +205,7 @@ struct sn {
     double alone_since; /* when we lost our last successor after having peers (0 = not) */
     bool healthy;
     unsigned route_failures; /* routed requests of ours timing out in a row */
+    double last_reply_at;    /* when a reply to one of our routed requests last came */
 
     struct sn_counters c;
 };

@@ -214,8 +214,12 @@ class ManyOrdinaryNodes(unittest.TestCase):
         wait_until("sn2 knows sn1's capacity",
                    lambda: (self.status("sn2") or {}).get("succ"), WAIT)
         time.sleep(2.5)  # a stabilisation round or two: the neighbours learn each other's load
+        # Under valgrind a node that just joined may answer a get before its records
+        # arrived (docs/ring.md 2): tolerated there, not in the normal run.
+        slack = ["--allow-errors", "timeout,empty"] if SLOW else []
         rc, rep, err = self.on_load("--sn", self.addr["sn1"], "--nodes", str(N_ONS),
-                                    "--follow-redirects", "--duration", "2", "--rate", "0.5")
+                                    "--follow-redirects", "--duration", "2", "--rate", "0.5",
+                                    *slack)
         sys.stderr.write("  [many] %s\n" % json.dumps(rep)[:600])
         self.assertEqual(rc, 0, "on_load: %s\n%s" % (rep.get("verdict"), err[-2000:]))
         conns = rep["connections"]
