@@ -477,6 +477,14 @@ int store_put(struct store *s, struct record *r, enum store_mode mode, double no
         o->count++;
         o->bytes += r->size;
     }
+    /*
+     * The parsed signed text is not kept: everything the store and its readers use
+     * is in the record's fields and envelope, and a busy node holds many records.
+     */
+    struct record *kept = cur ? &cur->rec : &ne->rec;
+    json_decref(kept->signed_obj);
+    kept->signed_obj = NULL;
+    kept->value = NULL;
     memset(r, 0, sizeof(*r));
     return STORE_OK;
 
