@@ -70,12 +70,28 @@ bool link_is_sn(const struct link *l)
     return l->open && (l->roles & ROLE_SUPERNODE) && l->has_id;
 }
 
+/* Links by serial number: answers find their link without walking all of them. */
+static size_t serial_bucket(uint64_t serial)
+{
+    return (size_t)(serial % SN_LINK_BUCKETS);
+}
+
 struct link *link_by_serial(struct sn *s, struct link *l, uint64_t serial)
 {
-    for (struct link *x = s->links.next; x != &s->links; x = x->next)
-        if (x == l && x->serial == serial)
+    (void)l;
+    for (struct link *x = s->link_hash[serial_bucket(serial)]; x; x = x->hnext)
+        if (x->serial == serial)
             return x;
     return NULL;
+}
+
+static void link_hash_remove(struct sn *s, struct link *l)
+{
+    for (struct link **pp = &s->link_hash[serial_bucket(l->serial)]; *pp; pp = &(*pp)->hnext)
+        if (*pp == l) {
+            *pp = l->hnext;
+            return;
+        }
 }
 
 double peer_rto(const struct peer *p)
@@ -188,6 +204,8 @@ static struct link *link_new(struct sn *s, struct conn *c, bool outgoing)
     l->conn = c;
     l->outgoing = outgoing;
     l->serial = ++s->next_serial;
+    l->hnext = s->link_hash[serial_bucket(l->serial)];
+    s->link_hash[serial_bucket(l->serial)] = l;
     l->last_used = sn_now(s);
     l->next = s->links.next;
     l->prev = &s->links;
@@ -233,6 +251,7 @@ static struct link *peer_link(struct sn *s, struct peer *p)
         l->prev->next = l->next;
         l->next->prev = l->prev;
         s->n_links--;
+        link_hash_remove(s, l);
         free(l);
         return NULL;
     }
@@ -348,6 +367,8 @@ static void on_message(struct conn *c, const struct msg *m, void *ud)
         l->peer->last_used = l->peer->heard_at = l->last_used;
         l->peer->strikes = 0;
     }
+    if (l->on) /* any message shows an attached node alive, not only keepalives */
+        l->on->last_seen = l->last_used;
     if (m->kind == MSG_RES || m->kind == MSG_ERR) {
         size_t b = strtoul(m->tid + 8, NULL, 16) % SN_TABLE_SIZE;
         for (struct preq **pp = &s->preqs[b]; *pp; pp = &(*pp)->next) {
@@ -407,6 +428,7 @@ static void on_close(struct conn *c, enum conn_close_reason r, const char *detai
     l->prev->next = l->next;
     l->next->prev = l->prev;
     s->n_links--;
+    link_hash_remove(s, l);
     link_drop_queue(l);
     onsvc_link_closed(s, l);
     /*

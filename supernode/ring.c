@@ -13,6 +13,7 @@
 #include "log.h"
 #include "sn_int.h"
 
+static void join_send(struct sn *s, const char *addr);
 static void tick_cb(struct ev_loop *loop, ev_timer *w, int revents);
 static void sync_tick_cb(struct ev_loop *loop, ev_timer *w, int revents);
 static void sync_soon_cb(struct ev_loop *loop, ev_timer *w, int revents);
@@ -127,6 +128,11 @@ static void set_succ_list(struct sn *s, struct peer *first, json_t *rest)
         return;
     memcpy(s->succ, list, n * sizeof(list[0]));
     s->n_succ = n;
+    if (n > 0) { /* where to look for the ring should we ever be left alone */
+        s->n_remembered = n < SN_REMEMBER ? n : SN_REMEMBER;
+        for (unsigned k = 0; k < s->n_remembered; k++)
+            snprintf(s->remembered[k], SN_ADDR_MAX, "%s", list[k]->addr);
+    }
     if (n && log_enabled(LL_DEBUG)) {
         char a[NID_HEX_LEN + 1];
         log_debug("ring", "successor now %s at %s (%u in list)", hex8(&list[0]->id, a),
@@ -449,8 +455,39 @@ static void op_get(struct sn *s, json_t *route)
     json_decref(res);
 }
 
+/*
+ * Answers to store requests, by request id and origin, for a minute: when an
+ * origin retries (its timeout, a slow first attempt), the retry gets the first
+ * attempt's answer instead of "stale" for its own write. A client that sends
+ * the same record twice still gets "stale": that is a replay.
+ */
+static struct store_answer *answered_store(struct sn *s, const char *rid, const nid_t *origin,
+                                           bool create)
+{
+    size_t h = strtoul(rid + 8, NULL, 16) % SN_STORE_ANSWERS;
+    struct store_answer *a = &s->store_answers[h];
+    bool same = !strcmp(a->rid, rid) && nid_eq(&a->origin, origin) && sn_now(s) - a->at < 60.0;
+    if (same || !create)
+        return same ? a : NULL;
+    memset(a, 0, sizeof(*a));
+    snprintf(a->rid, sizeof(a->rid), "%s", rid);
+    a->origin = *origin;
+    a->at = sn_now(s);
+    return a;
+}
+
 static void op_store(struct sn *s, json_t *route)
 {
+    const char *rid = json_string_value(json_object_get(route, "rid"));
+    nid_t origin;
+    char oaddr[SN_ADDR_MAX];
+    peer_parse(json_object_get(route, "origin"), &origin, oaddr, sizeof(oaddr));
+    struct store_answer *seen = answered_store(s, rid, &origin, false);
+    if (seen) {
+        send_reply(s, route, seen->ok, NULL, seen->code, seen->reason);
+        return;
+    }
+    struct store_answer *memo = answered_store(s, rid, &origin, true);
     json_t *args = json_object_get(route, "args");
     bool ok;
     enum store_mode mode =
@@ -464,9 +501,12 @@ static void op_store(struct sn *s, json_t *route)
     const char *code = NULL;
     if (repl_apply(s, env, mode, err, sizeof(err), &code) != 0) {
         s->c.refused++;
+        snprintf(memo->code, sizeof(memo->code), "%.31s", code);
+        snprintf(memo->reason, sizeof(memo->reason), "%.159s", err);
         send_reply(s, route, false, NULL, code, err);
         return;
     }
+    memo->ok = true;
     repl_after_store(s, env);
     send_reply(s, route, true, NULL, NULL, NULL);
 }
@@ -942,6 +982,29 @@ static void fix_fingers(struct sn *s)
     }
 }
 
+/*
+ * Alone after having had successors: we may be the survivor of a partition,
+ * or the others may have declared us dead under overload. Chord never merges
+ * two rings by itself, so every few periods we ask a node we knew (the last
+ * successors, the join addresses) to admit us; if that ring is alive it takes
+ * us back, and anti-entropy merges the records both ways.
+ */
+static void maybe_rejoin(struct sn *s)
+{
+    double now = sn_now(s);
+    if (s->n_succ > 0 || s->pred || s->rejoining || now < s->next_rejoin)
+        return;
+    size_t n = s->n_remembered + s->n_join;
+    if (n == 0)
+        return;
+    size_t i = (size_t)rand() % n;
+    const char *addr = i < s->n_remembered ? s->remembered[i] : s->join_addrs[i - s->n_remembered];
+    s->next_rejoin = now + s->p.stabilize_s * (5 + rand() % 5);
+    s->rejoining = true;
+    log_debug("ring", "alone: asking %s to take us back into its ring", addr);
+    join_send(s, addr);
+}
+
 /* ---- timers ---- */
 
 static void tick_cb(struct ev_loop *loop, ev_timer *w, int revents)
@@ -953,6 +1016,7 @@ static void tick_cb(struct ev_loop *loop, ev_timer *w, int revents)
     onsvc_tick(s);
     if (s->state != SN_MEMBER)
         return;
+    maybe_rejoin(s);
     stabilize(s);
     /* A silent predecessor is asked whether it still lives. */
     if (s->pred && sn_now(s) - s->pred->last_used > 3 * s->p.stabilize_s)
@@ -978,12 +1042,19 @@ static void sync_soon_cb(struct ev_loop *loop, ev_timer *w, int revents)
 static void join_done(struct sn *s, struct rreq *r, bool ok, json_t *result, const char *code,
                       const char *reason, int hops, json_t *node);
 
+static void join_send(struct sn *s, const char *addr);
+
 static void join_try(struct sn *s)
 {
     if (s->state != SN_JOINING || s->n_join == 0)
         return;
     const char *addr = s->join_addrs[s->join_next++ % s->n_join];
     log_info("ring", "joining through %s", addr);
+    join_send(s, addr);
+}
+
+static void join_send(struct sn *s, const char *addr)
+{
     /* We do not know its Node-ID: an anonymous peer keyed by a throw-away ID. */
     struct rreq *r = rreq_start(s, &s->id, "join", NULL, join_done);
     if (!r)
@@ -1010,8 +1081,19 @@ static void join_try(struct sn *s)
 static void join_done(struct sn *s, struct rreq *r, bool ok, json_t *result, const char *code,
                       const char *reason, int hops, json_t *node)
 {
-    if (s->state != SN_JOINING)
+    bool rejoin = s->rejoining;
+    s->rejoining = false;
+    if (rejoin) {
+        /* Alone, we asked a node we knew to take us back (see tick_cb). */
+        if (!ok) {
+            log_debug("ring", "rejoining failed: %s: %s", code, reason);
+            return;
+        }
+        if (s->state != SN_MEMBER || s->n_succ > 0)
+            return; /* the ring found us meanwhile */
+    } else if (s->state != SN_JOINING) {
         return;
+    }
     if (!ok) {
         log_warn("ring", "join refused or unanswered: %s: %s (retrying in %.0f s)", code, reason,
                  s->join_backoff);
@@ -1037,7 +1119,7 @@ static void join_done(struct sn *s, struct rreq *r, bool ok, json_t *result, con
     char a[NID_HEX_LEN + 1];
     log_info("ring", "admitted by %s after %d hops", s->n_succ ? hex8(&s->succ[0]->id, a) : "?",
              hops);
-    become_member(s, "joined the ring");
+    become_member(s, rejoin ? "rejoined the ring" : "joined the ring");
 }
 
 static void join_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)

@@ -58,6 +58,7 @@ struct qframe {
 struct link {
     uint32_t magic;
     struct link *next, *prev;
+    struct link *hnext; /* in the sn's table by serial */
     struct sn *sn;
     struct conn *conn;
     struct peer *peer; /* the super node at the other end, when it is one */
@@ -87,7 +88,20 @@ struct attached {
     double invited_at;
 };
 
-#define SN_ON_BUCKETS 4096
+/* The answer to a store request, kept for an origin's retry (ring.c). */
+struct store_answer {
+    char rid[MSG_TID_LEN + 1];
+    nid_t origin;
+    double at;
+    bool ok;
+    char code[32];
+    char reason[160];
+};
+#define SN_STORE_ANSWERS 1024
+
+#define SN_ON_BUCKETS   4096
+#define SN_LINK_BUCKETS 4096
+#define SN_REMEMBER     8
 
 /* A request we sent on a link, waiting for its res/err there. */
 struct preq;
@@ -162,6 +176,8 @@ struct sn {
     enum sn_state state;
     double started_at;
     struct link links; /* list head */
+    struct link *link_hash[SN_LINK_BUCKETS];
+    struct store_answer store_answers[SN_STORE_ANSWERS];
     size_t n_links;
     uint64_t next_serial;
     struct peer *peers;
@@ -175,6 +191,10 @@ struct sn {
     bool stabilizing;
 
     /* join */
+    bool rejoining; /* alone, asking a known node to take us back */
+    double next_rejoin;
+    char remembered[SN_REMEMBER][SN_ADDR_MAX]; /* last successors' addresses */
+    size_t n_remembered;
     char **join_addrs;
     size_t n_join, join_next;
     double join_backoff;

@@ -87,9 +87,9 @@ void store_free(struct store *s);
  * Applies a verified record (the caller ran rec_verify). On STORE_OK the
  * store takes the record: *r is moved in and zeroed (the caller must not
  * rec_free it; doing so is harmless). Stored records keep their fields and
- * envelope but not the parsed signed text: their value and signed_obj are NULL. On error *r is untouched and `err`
- * gets one line ("alice's record under <key> has seq 7; this one has 5").
- * `now` is unix time; it is also recorded as the entry's `touched` time.
+ * envelope but not the parsed signed text: their value and signed_obj are NULL. On error *r is
+ * untouched and `err` gets one line ("alice's record under <key> has seq 7; this one has 5"). `now`
+ * is unix time; it is also recorded as the entry's `touched` time.
  */
 int store_put(struct store *s, struct record *r, enum store_mode mode, double now, char *err,
               size_t errlen);
