@@ -111,14 +111,6 @@ static double mono_s(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-/* Microseconds since 1970: the freshness counter of our records (protocol.md 4.4). */
-static uint64_t now_us(void)
-{
-    struct timeval tv;
-    gettimeofday(&tv, NULL);
-    return (uint64_t)tv.tv_sec * 1000000u + (uint64_t)tv.tv_usec;
-}
-
 static double round3(double x)
 {
     double s = x * 1000.0;
@@ -1155,7 +1147,7 @@ static int send_store(struct on *on, enum op op)
     struct load *L = on->L;
     struct ident *id = on->id;
     char name[REC_NAME_MAX + 1], err[512];
-    uint64_t seq = now_us();
+    uint64_t seq = rec_seq_now();
     if (seq <= on->last_seq)
         seq = on->last_seq + 1;
     snprintf(name, sizeof(name), "%s-%" PRIu32, rec_uri_aor(id->uri), on->idx);
@@ -1920,7 +1912,7 @@ int main(int argc, char **argv)
     struct load *L = &load;
     L->o = &o;
     L->timeout_s = o.timeout_ms / 1000.0;
-    L->rng = now_us() ^ ((uint64_t)getpid() << 32) ^ 0x9E3779B97F4A7C15ULL;
+    L->rng = rec_seq_now() ^ ((uint64_t)getpid() << 32) ^ 0x9E3779B97F4A7C15ULL;
     L->refused = json_object();
     L->failed = json_object();
     L->lost = json_object();

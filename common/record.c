@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/time.h>
 #include <strings.h>
 
 #include "errbuf.h"
@@ -885,4 +886,11 @@ out:
     free(sig);
     vcert_free(owned);
     return ret;
+}
+
+uint64_t rec_seq_now(void)
+{
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    return (uint64_t)tv.tv_sec * 1000000u + (uint64_t)tv.tv_usec;
 }

@@ -93,6 +93,12 @@ void rec_free(struct record *r);
 /* A deep copy (new references), for keeping a record beyond the caller's. 0 or REC_E_NOMEM. */
 int rec_copy(const struct record *in, struct record *out);
 
+/*
+ * A fresh freshness counter: microseconds since 1970 (protocol.md 4.4), so a
+ * node needs no saved counter across restarts.
+ */
+uint64_t rec_seq_now(void);
+
 /* What to sign. */
 struct rec_params {
     const char *overlay;

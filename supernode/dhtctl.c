@@ -81,13 +81,6 @@ static double mono_s(void)
 }
 
 /* Microseconds since 1970: the default freshness counter (protocol.md 4.4). */
-static uint64_t now_us(void)
-{
-    struct timeval tv;
-    gettimeofday(&tv, NULL);
-    return (uint64_t)tv.tv_sec * 1000000u + (uint64_t)tv.tv_usec;
-}
-
 /* Rounds to 3 decimals (for JSON output without binary noise). */
 static double round3(double x)
 {
@@ -1430,7 +1423,7 @@ static int record_from_opts(struct ctx *x, struct record *rec)
             return -1;
         }
     }
-    uint64_t seq = o->given[OPT_SEQ] ? parse_u64("seq", o->val[OPT_SEQ]) : now_us();
+    uint64_t seq = o->given[OPT_SEQ] ? parse_u64("seq", o->val[OPT_SEQ]) : rec_seq_now();
     int r = sign_record(x, o->val[OPT_TYPE], o->val[OPT_NAME], value, o->given[OPT_REMOVE],
                         o->given[OPT_NOUPDATE], seq, lifetime_of(x), rec);
     json_decref(value);
@@ -1833,9 +1826,9 @@ static json_t *bulk_store_body(struct bulk *b, size_t i)
     bulk_name(b, i, name, sizeof(name));
     json_t *value = json_pack("{s:I}", "n", (json_int_t)i);
     struct record rec;
-    int r = value
-                ? sign_record(b->x, b->type, name, value, false, false, now_us(), b->lifetime, &rec)
-                : -1;
+    int r = value ? sign_record(b->x, b->type, name, value, false, false, rec_seq_now(),
+                                b->lifetime, &rec)
+                  : -1;
     json_decref(value);
     if (r < 0)
         return NULL;
