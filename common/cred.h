@@ -86,6 +86,8 @@ int cred_identity(gnutls_x509_crt_t crt, struct peer_identity *out);
 /* Signatures over bytes with a node key; verification with its certificate. */
 int cred_sign(gnutls_x509_privkey_t key, const void *data, size_t len, gnutls_datum_t *sig);
 int cred_verify(gnutls_x509_crt_t crt, const void *data, size_t len, const gnutls_datum_t *sig);
+/* 0 when `crt` certifies the public half of `key`; GNUTLS_E_CERTIFICATE_KEY_MISMATCH when not. */
+int cred_key_matches(gnutls_x509_privkey_t key, gnutls_x509_crt_t crt);
 
 /* What a CA puts into a certificate it issues: only these, nothing else. */
 struct cred_issue_params {

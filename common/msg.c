@@ -288,6 +288,36 @@ int msg_decode_frame(const uint8_t *buf, size_t len, size_t max_frame, const cha
                               err);
 }
 
+/* A frame being written by json_dump_callback(): p holds MSG_LEN_PREFIX bytes of room for the
+ * length, then `len` bytes of JSON. */
+struct dump_buf {
+    uint8_t *p;
+    size_t len, cap, max;
+    bool over;
+};
+
+static int dump_append(const char *buffer, size_t size, void *data)
+{
+    struct dump_buf *d = data;
+    if (size > d->max - d->len) {
+        d->over = true;
+        return -1;
+    }
+    if (MSG_LEN_PREFIX + d->len + size > d->cap) {
+        size_t cap = d->cap ? d->cap : 1024;
+        while (cap < MSG_LEN_PREFIX + d->len + size)
+            cap *= 2;
+        uint8_t *np = realloc(d->p, cap);
+        if (!np)
+            return -1;
+        d->p = np;
+        d->cap = cap;
+    }
+    memcpy(d->p + MSG_LEN_PREFIX + d->len, buffer, size);
+    d->len += size;
+    return 0;
+}
+
 int msg_encode(const struct msg_hdr *hdr, json_t *body, size_t max_frame, uint8_t **out,
                size_t *out_len)
 {
@@ -306,22 +336,16 @@ int msg_encode(const struct msg_hdr *hdr, json_t *body, size_t max_frame, uint8_
     if (!root)
         return MSG_E_NOMEM;
 
-    size_t n = json_dumpb(root, NULL, 0, JSON_COMPACT);
-    if (n == 0) {
-        json_decref(root);
-        return MSG_E_NOMEM;
-    }
-    if (n > max_frame) {
-        json_decref(root);
-        return MSG_E_OVERSIZE;
-    }
-    uint8_t *buf = malloc(MSG_LEN_PREFIX + n);
-    if (!buf) {
-        json_decref(root);
-        return MSG_E_NOMEM;
-    }
-    json_dumpb(root, (char *)buf + MSG_LEN_PREFIX, n, JSON_COMPACT);
+    /* One pass: jansson writes into a buffer that grows, the length prefix is filled in after. */
+    struct dump_buf d = {.max = max_frame};
+    int dr = json_dump_callback(root, dump_append, &d, JSON_COMPACT);
     json_decref(root);
+    if (dr != 0 || d.len == 0) {
+        free(d.p);
+        return d.over ? MSG_E_OVERSIZE : MSG_E_NOMEM;
+    }
+    size_t n = d.len;
+    uint8_t *buf = d.p;
     buf[0] = (uint8_t)(n >> 24);
     buf[1] = (uint8_t)(n >> 16);
     buf[2] = (uint8_t)(n >> 8);

@@ -66,16 +66,15 @@ static int b64_value(unsigned char ch)
     return -1;
 }
 
-unsigned char *overlay_b64_decode(const char *s, size_t slen, size_t *outlen)
+/* Strict base64 (padding required, no stray bits under it) into `out`, or only checked when
+ * `out` is NULL. Returns the decoded length, or -1 when `s` is not strict base64. */
+static long b64_decode(const char *s, size_t slen, unsigned char *out)
 {
     if (slen == 0 || slen % 4 != 0)
-        return NULL;
+        return -1;
     size_t pad = 0;
     if (s[slen - 1] == '=')
         pad = s[slen - 2] == '=' ? 2 : 1;
-    unsigned char *out = malloc(slen / 4 * 3);
-    if (!out)
-        return NULL;
     size_t o = 0;
     for (size_t i = 0; i < slen; i += 4) {
         bool last = i + 4 == slen;
@@ -87,24 +86,46 @@ unsigned char *overlay_b64_decode(const char *s, size_t slen, size_t *outlen)
             }
             v[k] = b64_value((unsigned char)s[i + k]);
             if (v[k] < 0)
-                goto fail;
+                return -1;
         }
         uint32_t w =
             (uint32_t)v[0] << 18 | (uint32_t)v[1] << 12 | (uint32_t)v[2] << 6 | (uint32_t)v[3];
-        out[o++] = (unsigned char)(w >> 16);
-        if (!(last && pad == 2))
-            out[o++] = (unsigned char)(w >> 8);
-        if (!(last && pad >= 1))
-            out[o++] = (unsigned char)w;
         /* Non-zero bits under the padding would let two strings decode alike. */
         if (last && ((pad == 1 && (w & 0xff)) || (pad == 2 && (w & 0xffff))))
-            goto fail;
+            return -1;
+        size_t n = last ? 3 - pad : 3;
+        if (out) {
+            out[o] = (unsigned char)(w >> 16);
+            if (n > 1)
+                out[o + 1] = (unsigned char)(w >> 8);
+            if (n > 2)
+                out[o + 2] = (unsigned char)w;
+        }
+        o += n;
     }
-    *outlen = o;
+    return (long)o;
+}
+
+unsigned char *overlay_b64_decode(const char *s, size_t slen, size_t *outlen)
+{
+    if (slen == 0 || slen % 4 != 0)
+        return NULL;
+    unsigned char *out = malloc(slen / 4 * 3);
+    if (!out)
+        return NULL;
+    long n = b64_decode(s, slen, out);
+    if (n < 0) {
+        free(out);
+        return NULL;
+    }
+    *outlen = (size_t)n;
     return out;
-fail:
-    free(out);
-    return NULL;
+}
+
+size_t overlay_b64_valid(const char *s, size_t slen)
+{
+    long n = b64_decode(s, slen, NULL);
+    return n < 0 ? 0 : (size_t)n;
 }
 
 /* Pin */

@@ -115,5 +115,7 @@ void overlay_doc_free(struct overlay_doc *d);
 char *overlay_b64_encode(const unsigned char *data, size_t len);
 /* Returns a malloc'd buffer and its length, or NULL when `s` is not strict base64. */
 unsigned char *overlay_b64_decode(const char *s, size_t slen, size_t *outlen);
+/* The length `s` decodes to when it is strict base64 (as overlay_b64_decode() accepts), else 0. */
+size_t overlay_b64_valid(const char *s, size_t slen);
 
 #endif

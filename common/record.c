@@ -2,14 +2,16 @@
  * Signed resource records (record.h): parsing the envelope and the signed
  * text, signing with a node key, and checking a record against the overlay
  * CA with a bounded cache of certificates already checked. The cache is what
- * makes a busy super node cheap: once an owner's certificate is known, a
- * record costs one hash of the DER and one signature verification. Pure code:
+ * makes a busy super node cheap: once an owner's certificate is known (by the
+ * exact base64 text records carry), a record costs a short keyed hash of that
+ * text and one signature verification (libsodium for Ed25519). Pure code:
  * no I/O, no clock (the caller passes `now`).
  */
 #include "record.h"
 
 #include <gnutls/abstract.h>
 #include <gnutls/crypto.h>
+#include <sodium.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -21,8 +23,6 @@
 #include "errbuf.h"
 #include "cred.h"
 #include "overlay_doc.h"
-
-#define SHA256_LEN 32
 
 const char *rec_strcode(int status)
 {
@@ -135,10 +135,7 @@ static bool lower_hex40(const char *s, size_t n)
 
 static bool b64_ok(json_t *s)
 {
-    size_t n = 0;
-    unsigned char *d = overlay_b64_decode(json_string_value(s), json_string_length(s), &n);
-    free(d);
-    return d != NULL && n > 0;
+    return overlay_b64_valid(json_string_value(s), json_string_length(s)) > 0;
 }
 
 /* A text member of the signed object into a fixed buffer. */
@@ -270,6 +267,31 @@ static int check_key(const struct record *out, char *err, size_t errlen)
     return REC_OK;
 }
 
+/* How many bytes jansson's compact encoding of string `s` takes: the quotes, and escapes for
+ * '"', '\\' and control characters (\b \f \n \r \t in two bytes, the others as \u00XX). */
+static size_t json_string_encoded_len(const json_t *s)
+{
+    const unsigned char *p = (const unsigned char *)json_string_value(s);
+    size_t len = json_string_length(s), n = len + 2;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char ch = p[i];
+        if (ch == '"' || ch == '\\' || ch == '\b' || ch == '\f' || ch == '\n' || ch == '\r' ||
+            ch == '\t')
+            n += 1;
+        else if (ch < 0x20)
+            n += 5;
+    }
+    return n;
+}
+
+/* The compact encoding of an envelope whose members are m[0..2] ("signed", "cert", "sig"):
+ * {"signed":S,"cert":C,"sig":G}. */
+static size_t envelope_size(json_t *const m[3])
+{
+    return sizeof("{\"signed\":,\"cert\":,\"sig\":}") - 1 + json_string_encoded_len(m[0]) +
+           json_string_encoded_len(m[1]) + json_string_encoded_len(m[2]);
+}
+
 int rec_parse(json_t *envelope, size_t max_bytes, struct record *out, char *err, size_t errlen)
 {
     memset(out, 0, sizeof(*out));
@@ -323,11 +345,9 @@ int rec_parse(json_t *envelope, size_t max_bytes, struct record *out, char *err,
     }
     int r = parse_signed(so, out, err, errlen);
     if (r == REC_OK) {
-        /* Measure (without building) the compact encoding: one pass, no allocation. */
-        size_t size = json_dumpb(envelope, NULL, 0, JSON_COMPACT);
-        if (size == 0)
-            r = errbuf_set(err, errlen, REC_E_NOMEM, "record: cannot encode the envelope");
-        else if (max_bytes && size > max_bytes)
+        /* The size of the compact encoding, counted without making it. */
+        size_t size = envelope_size(m);
+        if (max_bytes && size > max_bytes)
             r = errbuf_set(err, errlen, REC_E_TOO_LARGE,
                            "record: %zu bytes, above the limit of %zu", size, max_bytes);
         else
@@ -441,7 +461,7 @@ int rec_sign(const struct rec_params *p, gnutls_x509_privkey_t key, gnutls_x509_
         goto out;
     }
     /* A key that does not match the certificate would make records nobody accepts. */
-    if ((gr = cred_verify(cert, text, tlen, &sig)) < 0) {
+    if ((gr = cred_key_matches(key, cert)) < 0) {
         ret = errbuf_set(err, errlen, REC_E_SIGNATURE,
                          "record: the signing key does not match the certificate of %s", id.uri);
         goto out;
@@ -480,9 +500,13 @@ out:
  * so lookup, insertion and eviction of the least recently used are O(1).
  */
 struct vcert {
-    uint8_t hash[SHA256_LEN]; /* SHA-256 of the DER */
+    uint64_t h; /* keyed hash of b64 */
+    char *b64;  /* the certificate as records carry it: the cache is keyed by this text */
+    size_t b64_len;
     gnutls_pubkey_t pub;
     gnutls_sign_algorithm_t sa;
+    bool ed25519; /* then ed_pub is the raw key, and libsodium verifies */
+    unsigned char ed_pub[crypto_sign_PUBLICKEYBYTES];
     char uri[256];
     time_t not_before, not_after; /* the leaf's window narrowed by the CA's */
     struct vcert *hnext;
@@ -495,8 +519,9 @@ struct rec_verifier {
     char *overlay;
     size_t cache_size, entries;
     struct vcert **buckets;
-    size_t nbuckets;                   /* a power of two */
-    struct vcert *lru_head, *lru_tail; /* head = most recently used */
+    size_t nbuckets;                               /* a power of two */
+    unsigned char hkey[crypto_shorthash_KEYBYTES]; /* random: bucket choice is not predictable */
+    struct vcert *lru_head, *lru_tail;             /* head = most recently used */
     uint64_t hits, misses;
 };
 
@@ -504,6 +529,7 @@ static void vcert_free(struct vcert *c)
 {
     if (c) {
         gnutls_pubkey_deinit(c->pub);
+        free(c->b64);
         free(c);
     }
 }
@@ -516,6 +542,9 @@ struct rec_verifier *rec_verifier_new(gnutls_x509_crt_t ca, const char *overlay,
         goto fail;
     if (!(v->overlay = strdup(overlay)))
         goto fail;
+    if (sodium_init() < 0)
+        goto fail;
+    randombytes_buf(v->hkey, sizeof(v->hkey));
     if (gnutls_x509_crt_export2(ca, GNUTLS_X509_FMT_DER, &der) < 0 ||
         gnutls_x509_crt_init(&v->ca) < 0 ||
         gnutls_x509_crt_import(v->ca, &der, GNUTLS_X509_FMT_DER) < 0)
@@ -563,11 +592,18 @@ void rec_verifier_stats(const struct rec_verifier *v, size_t *entries, uint64_t 
         *misses = v ? v->misses : 0;
 }
 
-static size_t bucket_of(const struct rec_verifier *v, const uint8_t hash[SHA256_LEN])
+static size_t bucket_of(const struct rec_verifier *v, uint64_t h)
 {
-    uint64_t h;
-    memcpy(&h, hash, sizeof(h)); /* SHA-256 output: already uniform */
     return (size_t)(h & (v->nbuckets - 1));
+}
+
+static uint64_t text_hash(const struct rec_verifier *v, const char *s, size_t len)
+{
+    unsigned char out[crypto_shorthash_BYTES];
+    uint64_t h;
+    crypto_shorthash(out, (const unsigned char *)s, len, v->hkey);
+    memcpy(&h, out, sizeof(h));
+    return h;
 }
 
 static void lru_unlink(struct rec_verifier *v, struct vcert *c)
@@ -594,10 +630,10 @@ static void lru_push_front(struct rec_verifier *v, struct vcert *c)
         v->lru_tail = c;
 }
 
-static struct vcert *cache_lookup(struct rec_verifier *v, const uint8_t hash[SHA256_LEN])
+static struct vcert *cache_lookup(struct rec_verifier *v, uint64_t h, const char *b64, size_t len)
 {
-    for (struct vcert *c = v->buckets[bucket_of(v, hash)]; c; c = c->hnext) {
-        if (!memcmp(c->hash, hash, SHA256_LEN)) {
+    for (struct vcert *c = v->buckets[bucket_of(v, h)]; c; c = c->hnext) {
+        if (c->h == h && c->b64_len == len && !memcmp(c->b64, b64, len)) {
             if (v->lru_head != c) {
                 lru_unlink(v, c);
                 lru_push_front(v, c);
@@ -610,7 +646,7 @@ static struct vcert *cache_lookup(struct rec_verifier *v, const uint8_t hash[SHA
 
 static void cache_remove(struct rec_verifier *v, struct vcert *c)
 {
-    struct vcert **pp = &v->buckets[bucket_of(v, c->hash)];
+    struct vcert **pp = &v->buckets[bucket_of(v, c->h)];
     while (*pp && *pp != c)
         pp = &(*pp)->hnext;
     if (*pp)
@@ -631,7 +667,7 @@ static void cache_insert(struct rec_verifier *v, struct vcert *c)
         cache_remove(v, old);
         vcert_free(old);
     }
-    size_t b = bucket_of(v, c->hash);
+    size_t b = bucket_of(v, c->h);
     c->hnext = v->buckets[b];
     v->buckets[b] = c;
     lru_push_front(v, c);
@@ -658,9 +694,8 @@ static gnutls_sign_algorithm_t sign_algo_of(gnutls_pubkey_t pub)
  * them against its `now`). Returns a new entry, or NULL with `err` filled and
  * *code set.
  */
-static struct vcert *check_cert(struct rec_verifier *v, const gnutls_datum_t *der,
-                                const uint8_t hash[SHA256_LEN], const char *what, int *code,
-                                char *err, size_t errlen)
+static struct vcert *check_cert(struct rec_verifier *v, const gnutls_datum_t *der, const char *what,
+                                int *code, char *err, size_t errlen)
 {
     gnutls_x509_crt_t crt = NULL;
     struct vcert *c = calloc(1, sizeof(*c));
@@ -671,7 +706,6 @@ static struct vcert *check_cert(struct rec_verifier *v, const gnutls_datum_t *de
         *code = errbuf_set(err, errlen, REC_E_NOMEM, "%s: out of memory", what);
         goto fail;
     }
-    memcpy(c->hash, hash, SHA256_LEN);
     if ((gr = gnutls_x509_crt_init(&crt)) < 0) {
         *code = errbuf_set(err, errlen, REC_E_NOMEM, "%s: %s", what, gnutls_strerror(gr));
         goto fail;
@@ -723,6 +757,16 @@ static struct vcert *check_cert(struct rec_verifier *v, const gnutls_datum_t *de
         errbuf_set(err, errlen, REC_E_CERT, "%s: the certificate's key type cannot sign records",
                    what);
         goto fail;
+    }
+    if (c->sa == GNUTLS_SIGN_EDDSA_ED25519) {
+        gnutls_ecc_curve_t curve;
+        gnutls_datum_t x = {NULL, 0};
+        if (gnutls_pubkey_export_ecc_raw2(c->pub, &curve, &x, NULL, 0) >= 0 &&
+            curve == GNUTLS_ECC_CURVE_ED25519 && x.size == sizeof(c->ed_pub)) {
+            memcpy(c->ed_pub, x.data, sizeof(c->ed_pub));
+            c->ed25519 = true;
+        }
+        gnutls_free(x.data);
     }
     gnutls_x509_crt_deinit(crt);
     return c;
@@ -791,36 +835,41 @@ int rec_verify(struct rec_verifier *v, const struct record *r, time_t now, int64
                           quote(json_string_value(ov), json_string_length(ov), q, sizeof(q)),
                           v->overlay);
 
-    /* The certificate: from the cache, or parsed and chain-checked once. */
-    size_t der_len = 0, sig_len = 0;
-    unsigned char *der =
-        overlay_b64_decode(json_string_value(cert_str), json_string_length(cert_str), &der_len);
-    if (!der)
-        return errbuf_set(err, errlen, REC_E_MALFORMED, "%s: \"cert\" is not base64", what);
-    uint8_t hash[SHA256_LEN];
-    if (gnutls_hash_fast(GNUTLS_DIG_SHA256, der, der_len, hash) < 0) {
-        free(der);
-        return errbuf_set(err, errlen, REC_E_NOMEM, "%s: cannot hash the certificate", what);
-    }
-    struct vcert *c = cache_lookup(v, hash);
+    /* The certificate: from the cache (keyed by its text, so a hit decodes nothing), or parsed
+     * and chain-checked once. */
+    size_t sig_len = 0;
+    const char *cert_b64 = json_string_value(cert_str);
+    size_t cert_len = json_string_length(cert_str);
+    uint64_t h = text_hash(v, cert_b64, cert_len);
+    struct vcert *c = cache_lookup(v, h, cert_b64, cert_len);
     struct vcert *owned = NULL; /* a checked certificate with no cache to keep it */
     if (c) {
         v->hits++;
     } else {
         v->misses++;
+        size_t der_len = 0;
+        unsigned char *der = overlay_b64_decode(cert_b64, cert_len, &der_len);
+        if (!der)
+            return errbuf_set(err, errlen, REC_E_MALFORMED, "%s: \"cert\" is not base64", what);
         int code;
         gnutls_datum_t d = {der, (unsigned)der_len};
-        c = check_cert(v, &d, hash, what, &code, err, errlen);
-        if (!c) {
-            free(der);
+        c = check_cert(v, &d, what, &code, err, errlen);
+        free(der);
+        if (!c)
             return code;
+        c->h = h;
+        if (!(c->b64 = malloc(cert_len + 1))) {
+            vcert_free(c);
+            return errbuf_set(err, errlen, REC_E_NOMEM, "%s: out of memory", what);
         }
+        memcpy(c->b64, cert_b64, cert_len);
+        c->b64[cert_len] = '\0';
+        c->b64_len = cert_len;
         if (v->cache_size > 0)
             cache_insert(v, c);
         else
             owned = c;
     }
-    free(der);
 
     int ret = REC_OK;
     unsigned char *sig = NULL;
@@ -842,10 +891,19 @@ int rec_verify(struct rec_verifier *v, const struct record *r, time_t now, int64
         ret = errbuf_set(err, errlen, REC_E_MALFORMED, "%s: \"sig\" is not base64", what);
         goto out;
     }
-    gnutls_datum_t data = {(unsigned char *)(uintptr_t)json_string_value(signed_str),
-                           (unsigned)json_string_length(signed_str)};
-    gnutls_datum_t sd = {sig, (unsigned)sig_len};
-    if (gnutls_pubkey_verify_data2(c->pub, c->sa, 0, &data, &sd) < 0) {
+    bool good;
+    if (c->ed25519) {
+        good =
+            sig_len == crypto_sign_BYTES &&
+            crypto_sign_verify_detached(sig, (const unsigned char *)json_string_value(signed_str),
+                                        json_string_length(signed_str), c->ed_pub) == 0;
+    } else {
+        gnutls_datum_t data = {(unsigned char *)(uintptr_t)json_string_value(signed_str),
+                               (unsigned)json_string_length(signed_str)};
+        gnutls_datum_t sd = {sig, (unsigned)sig_len};
+        good = gnutls_pubkey_verify_data2(c->pub, c->sa, 0, &data, &sd) >= 0;
+    }
+    if (!good) {
         ret = errbuf_set(err, errlen, REC_E_SIGNATURE,
                          "%s: signature does not verify with the certificate of %s", what, c->uri);
         goto out;

@@ -694,6 +694,13 @@ static void test_base64(void **state)
     assert_null(overlay_b64_decode("Z===", 4, &dummy));
     assert_null(overlay_b64_decode("Zg==Zg==", 8, &dummy)); /* padding in the middle */
     assert_null(overlay_b64_decode("Zm9-", 4, &dummy));     /* base64url is not accepted */
+    /* The check-only variant agrees with the decoder. */
+    assert_int_equal(overlay_b64_valid("Zm9vYmE=", 8), 5);
+    assert_int_equal(overlay_b64_valid("Zm9vYg==", 8), 4);
+    assert_int_equal(overlay_b64_valid("Zm9v", 4), 3);
+    static const char *const bad[] = {"", "Zg=", "Zh==", "Z===", "Zg==Zg==", "Zm9-", "Zm9v\n"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+        assert_int_equal(overlay_b64_valid(bad[i], strlen(bad[i])), 0);
 }
 
 int main(void)

@@ -136,6 +136,8 @@ static void sign_ok(struct fixture *f, struct node *n, const char *type, const c
     if (r != REC_OK)
         fprintf(stderr, "rec_sign: %s\n", err);
     assert_int_equal(r, REC_OK);
+    /* The size rec_parse counts is the compact encoding's, byte for byte. */
+    assert_int_equal(out->size, json_dumpb(out->envelope, NULL, 0, JSON_COMPACT));
     json_decref(value);
 }
 
@@ -322,6 +324,39 @@ static void test_removal_and_no_update(void **state)
     rec_verifier_free(v);
 }
 
+/* rec_parse counts the size without encoding: values with every kind of escape. */
+static void test_size_counting(void **state)
+{
+    struct fixture *f = *state;
+    static const char *values[] = {"plain",
+                                   "quote \" backslash \\ slash /",
+                                   "tab\t nl\n cr\r bs\b ff\f",
+                                   "ctl \x01\x1f del \x7f",
+                                   "utf-8 \xc3\xa9 \xe2\x80\xa8 \xf0\x9f\x98\x80",
+                                   ""};
+    for (size_t i = 0; i < sizeof(values) / sizeof(values[0]); i++) {
+        json_t *val = json_pack("{s:s, s:[s,i]}", "v", values[i], "w", values[i], -1);
+        struct rec_params p = {.overlay = OVERLAY,
+                               .type = "t",
+                               .name = "n",
+                               .seq = 7,
+                               .expires = f->now + 10,
+                               .value = val};
+        struct record r;
+        char err[256];
+        assert_int_equal(rec_sign(&p, f->alice.key, f->alice.crt, &r, err, sizeof(err)), REC_OK);
+        size_t want = json_dumpb(r.envelope, NULL, 0, JSON_COMPACT);
+        assert_int_equal(r.size, want);
+        /* ... and the size limit is applied to that count: one byte less is refused. */
+        struct record r2;
+        assert_int_equal(rec_parse(r.envelope, want, &r2, err, sizeof(err)), REC_OK);
+        rec_free(&r2);
+        assert_int_equal(rec_parse(r.envelope, want - 1, &r2, err, sizeof(err)), REC_E_TOO_LARGE);
+        rec_free(&r);
+        json_decref(val);
+    }
+}
+
 static void test_sign_refusals(void **state)
 {
     struct fixture *f = *state;
@@ -338,6 +373,15 @@ static void test_sign_refusals(void **state)
     assert_int_equal(rec_sign(&p, f->alice.key, f->alice.crt, &r, err, sizeof(err)),
                      REC_E_MALFORMED);
     p.value = val;
+    /* A key that is not the certificate's (Ed25519 and P-256 both ways): nobody would accept
+     * what it signs, so nothing is signed. */
+    assert_int_equal(rec_sign(&p, f->bob.key, f->alice.crt, &r, err, sizeof(err)), REC_E_SIGNATURE);
+    assert_non_null(strstr(err, "does not match the certificate of sip:alice@"));
+    assert_int_equal(rec_sign(&p, f->dave_p256.key, f->alice.crt, &r, err, sizeof(err)),
+                     REC_E_SIGNATURE);
+    assert_int_equal(rec_sign(&p, f->alice.key, f->dave_p256.crt, &r, err, sizeof(err)),
+                     REC_E_SIGNATURE);
+    assert_null(r.envelope);
     /* Empty type, oversize name. */
     p.type = "";
     assert_int_equal(rec_sign(&p, f->alice.key, f->alice.crt, &r, err, sizeof(err)),
@@ -1175,6 +1219,7 @@ int main(void)
         cmocka_unit_test(test_roundtrip),
         cmocka_unit_test(test_removal_and_no_update),
         cmocka_unit_test(test_sign_refusals),
+        cmocka_unit_test(test_size_counting),
         cmocka_unit_test(test_forged_signature),
         cmocka_unit_test(test_tampered_text),
         cmocka_unit_test(test_foreign_and_bad_certificates),
