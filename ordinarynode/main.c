@@ -1,19 +1,24 @@
 /*
  * ordinarynode: what a person runs on their own device (seed 004 sections
- * 5-7). It will find a super node, stay attached, publish the user's
- * location and offer a local SIP registrar/proxy to softphones.
- *
- * This is the daemon's skeleton: command line, checked configuration, the
- * event loop and a clean stop. docs/architecture.md says what comes next.
+ * 5-7): it finds a super node, stays attached, publishes the user's location
+ * and keeps it fresh; `status`, `get`, `add`, `update` and `remove` talk to
+ * the running daemon over its control socket. The core is on.c.
  */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "ctlsock.h"
 #include "daemon.h"
 #include "enroll.h"
-#include "renewer.h"
+#include "fsutil.h"
 #include "log.h"
+#include "login_client.h"
+#include "nodeid.h"
+#include "on.h"
+#include "record.h"
+#include "renewer.h"
 
 struct on_config {
     struct daemon_base base; /* must come first */
@@ -25,6 +30,16 @@ struct on_config {
     struct cfg_strlist bootstrap_urls;
     long long cert_renew_margin_s;
     long long cert_check_interval_s;
+    char *listen;
+    long long keepalive_ms;
+    long long sn_timeout_ms;
+    long long attach_timeout_ms;
+    long long request_timeout_ms;
+    long long backoff_base_ms;
+    long long backoff_max_ms;
+    long long record_lifetime_s;
+    bool register_user;
+    bool stun;
 };
 
 static const struct cfg_field on_fields[] = {
@@ -46,7 +61,27 @@ static const struct cfg_field on_fields[] = {
     {"cert_check_interval_s", CFG_INT, offsetof(struct on_config, cert_check_interval_s), 1, 86400,
      NULL, "3600", "how often the certificate's expiry is checked"},
     {"bootstrap_urls", CFG_STRLIST, offsetof(struct on_config, bootstrap_urls), 0, 0, NULL, NULL,
-     "bootstrap server URLs (https://...)"},
+     "bootstrap server URLs (https://...); default: those of the overlay document"},
+    {"listen", CFG_HOSTPORT, offsetof(struct on_config, listen), 0, 0, NULL, NULL,
+     "own overlay port, for super nodes' reachability probes (promotion); default: none"},
+    {"keepalive_ms", CFG_INT, offsetof(struct on_config, keepalive_ms), 0, 3600000, NULL, "0",
+     "keepalive period (0 = the super node's, at most 5000)"},
+    {"sn_timeout_ms", CFG_INT, offsetof(struct on_config, sn_timeout_ms), 100, 600000, NULL, "3000",
+     "a keepalive unanswered this long means the super node is gone"},
+    {"attach_timeout_ms", CFG_INT, offsetof(struct on_config, attach_timeout_ms), 100, 600000, NULL,
+     "3000", "connect + TLS + attach answer, per super node tried"},
+    {"request_timeout_ms", CFG_INT, offsetof(struct on_config, request_timeout_ms), 100, 600000,
+     NULL, "10000", "record requests (also while re-attaching)"},
+    {"backoff_base_ms", CFG_INT, offsetof(struct on_config, backoff_base_ms), 1, 600000, NULL,
+     "1000", "re-attaching waits a random time below this, doubled after each failed round"},
+    {"backoff_max_ms", CFG_INT, offsetof(struct on_config, backoff_max_ms), 1, 3600000, NULL,
+     "30000", "cap of the doubled back-off"},
+    {"record_lifetime_s", CFG_INT, offsetof(struct on_config, record_lifetime_s), 10, 31536000,
+     NULL, "3600", "lifetime of published records (capped by the overlay document)"},
+    {"register", CFG_BOOL, offsetof(struct on_config, register_user), 0, 0, NULL, "true",
+     "publish the user's location record while running"},
+    {"stun", CFG_BOOL, offsetof(struct on_config, stun), 0, 0, NULL, "true",
+     "ask the super node's STUN server for the reflexive address"},
 };
 
 static int on_validate(const void *p, char *err, size_t len)
@@ -74,8 +109,36 @@ static int on_validate(const void *p, char *err, size_t len)
 static const struct cfg_schema on_schema = {on_fields, sizeof(on_fields) / sizeof(on_fields[0]),
                                             on_validate};
 
+static const struct cli_option json_options[] = {
+    {"json", NULL, "print the answer as JSON"},
+    {NULL, NULL, NULL},
+};
+
+static const struct cli_option get_options[] = {
+    {"json", NULL, "print the answer as JSON"},
+    {"key", "HEX", "look up this 40-hex key instead of TYPE NAME"},
+    {NULL, NULL, NULL},
+};
+
+static const struct cli_option store_options[] = {
+    {"json", NULL, "print the answer as JSON"},
+    {"lifetime", "SECONDS", "how long the record lives (refreshed while the node runs)"},
+    {"no-update", NULL, "nobody may change or remove it before it expires (add only)"},
+    {NULL, NULL, NULL},
+};
+
 static const struct cli_command on_commands[] = {
     {"run", "run the ordinary node", NULL},
+    {"status", "status [--json]: the running node's super node, addresses and records",
+     json_options},
+    {"get",
+     "get TYPE NAME | get --key HEX: look up records through the running node; their "
+     "signatures are verified",
+     get_options},
+    {"add", "add TYPE NAME JSON: sign and store a record (kept fresh while the node runs)",
+     store_options},
+    {"update", "update TYPE NAME JSON: replace this user's record (or create it)", store_options},
+    {"remove", "remove TYPE NAME: store a signed removal of this user's record", json_options},
     {"enroll", "get this node's certificate from the login server (once)", enroll_options},
     {"renew", "renew this node's certificate (same Node-ID, new key)", renew_options},
     {NULL, NULL, NULL},
@@ -83,29 +146,369 @@ static const struct cli_command on_commands[] = {
 
 static const struct cli_prog on_prog = {
     .name = "ordinarynode",
-    .summary = "Ordinary node of the p2psip overlay: attaches to a super node and serves the "
-               "local SIP phone.",
+    .summary = "Ordinary node of the p2psip overlay: attaches to a super node and publishes "
+               "the user's location.",
     .commands = on_commands,
+    .epilog = "Examples:\n"
+              "  ordinarynode -c alice.json enroll --login https://ls:7443 --pin sha256:... "
+              "--user alice\n"
+              "  ordinarynode -c alice.json -d\n"
+              "  ordinarynode -c alice.json get \"user location\" bob@p2psip.local\n"
+              "  ordinarynode -c alice.json add note greeting '{\"text\":\"hi\"}' "
+              "--lifetime 600\n",
     .schema = &on_schema,
 };
+
+/* ---- the daemon ---- */
+
+struct on_state {
+    const struct on_config *cfg;
+    struct ev_loop *loop;
+    struct renewer *renewer;
+    struct node_creds creds;
+    bool have_creds;
+    struct onode *on;
+    struct ctl_server *ctl;
+    const char **bs; /* bootstrap URLs in use */
+};
+
+static char *control_path(const struct on_config *cfg)
+{
+    if (cfg->control_socket)
+        return strdup(cfg->control_socket);
+    char buf[4096];
+    if (fs_join(buf, sizeof(buf), cfg->state_dir, "control.sock") != 0)
+        return NULL;
+    return strdup(buf);
+}
+
+static void ctl_answer(void *ud, const struct on_result *r)
+{
+    struct ctl_req *cr = ud;
+    if (r->ok) {
+        json_t *b = json_deep_copy(r->body);
+        json_object_set_new(b, "ok", json_true());
+        ctl_reply(cr, b);
+    } else {
+        ctl_reply(cr, json_pack("{s:b,s:s,s:s}", "ok", 0, "code", r->code, "error", r->reason));
+    }
+}
+
+static void on_control(struct ctl_req *r, json_t *req, void *ud)
+{
+    struct on_state *st = ud;
+    const char *cmd = json_string_value(json_object_get(req, "cmd"));
+    const char *type = json_string_value(json_object_get(req, "type"));
+    const char *name = json_string_value(json_object_get(req, "name"));
+    if (!strcmp(cmd, "status")) {
+        json_t *s = onode_status(st->on);
+        json_object_set_new(s, "ok", json_true());
+        ctl_reply(r, s);
+        return;
+    }
+    if (!strcmp(cmd, "get")) {
+        const char *key = json_string_value(json_object_get(req, "key"));
+        nid_t k;
+        char hex[NID_HEX_LEN + 1];
+        if (key) {
+            if (nid_from_hex(&k, key) != 0) {
+                ctl_reply_error(r, "key must be 40 hex digits");
+                return;
+            }
+        } else if (!type || !name || nid_key(&k, type, name) != 0) {
+            ctl_reply_error(r, "get needs key, or type and name");
+            return;
+        }
+        onode_lookup(st->on, nid_to_hex(&k, hex), ctl_answer, r);
+        return;
+    }
+    if (!strcmp(cmd, "store")) {
+        const char *mode = json_string_value(json_object_get(req, "mode"));
+        json_t *value = json_object_get(req, "value");
+        if (!mode || (strcmp(mode, "add") && strcmp(mode, "update") && strcmp(mode, "remove"))) {
+            ctl_reply_error(r, "mode must be add, update or remove");
+            return;
+        }
+        if (!type || !*type || strlen(type) > REC_TYPE_MAX || !name || !*name ||
+            strlen(name) > REC_NAME_MAX) {
+            ctl_reply_error(r, "type (1-%d bytes) and name (1-%d bytes) are required", REC_TYPE_MAX,
+                            REC_NAME_MAX);
+            return;
+        }
+        if (strcmp(mode, "remove") && (!value || json_is_null(value))) {
+            ctl_reply_error(r, "%s needs a value (any JSON but null)", mode);
+            return;
+        }
+        onode_publish(st->on, mode, type, name, value,
+                      (int64_t)json_integer_value(json_object_get(req, "lifetime")),
+                      json_is_true(json_object_get(req, "no_update")), ctl_answer, r);
+        return;
+    }
+    ctl_reply_error(r, "unknown command \"%s\" (status, get, store)", cmd);
+}
 
 static int on_start(struct ev_loop *loop, const void *p, void **state)
 {
     const struct on_config *cfg = p;
-    log_info("main", "overlay %s: state in %s, SIP front end to be on %s", cfg->overlay,
-             cfg->state_dir, cfg->sip_listen);
+    struct on_state *st = calloc(1, sizeof(*st));
+    if (!st)
+        return -1;
+    *state = st;
+    st->cfg = cfg;
+    st->loop = loop;
     struct renewer_config rc = {
         .state_dir = cfg->state_dir,
         .margin_s = (double)cfg->cert_renew_margin_s,
         .check_interval_s = (double)cfg->cert_check_interval_s,
     };
-    *state = renewer_start(loop, &rc); /* NULL until the node is enrolled */
+    st->renewer = renewer_start(loop, &rc); /* NULL until the node is enrolled */
+    char err[512];
+    if (node_creds_load(cfg->state_dir, &st->creds, err, sizeof(err)) != 0) {
+        log_warn("main", "not enrolled (%s): run 'ordinarynode enroll'; not attaching", err);
+        return 0;
+    }
+    st->have_creds = true;
+    if (strcmp(st->creds.doc.overlay, cfg->overlay) != 0)
+        log_info("main", "overlay %s (from the enrolled overlay document; the overlay key says %s)",
+                 st->creds.doc.overlay, cfg->overlay);
+    size_t nbs = cfg->bootstrap_urls.n ? cfg->bootstrap_urls.n : st->creds.doc.n_bootstrap_urls;
+    st->bs = calloc(nbs + 1, sizeof(char *));
+    if (!st->bs)
+        return -1;
+    for (size_t i = 0; i < nbs; i++)
+        st->bs[i] =
+            cfg->bootstrap_urls.n ? cfg->bootstrap_urls.items[i] : st->creds.doc.bootstrap_urls[i];
+    struct on_params op = {
+        .state_dir = cfg->state_dir,
+        .creds = &st->creds,
+        .listen = cfg->listen,
+        .supernodes = (const char *const *)cfg->supernodes.items,
+        .n_supernodes = cfg->supernodes.n,
+        .bootstrap_urls = st->bs,
+        .n_bootstrap_urls = nbs,
+        .sip_contact = cfg->sip_listen,
+        .register_user = cfg->register_user,
+        .keepalive_s = (double)cfg->keepalive_ms / 1000.0,
+        .sn_timeout_s = (double)cfg->sn_timeout_ms / 1000.0,
+        .attach_timeout_s = (double)cfg->attach_timeout_ms / 1000.0,
+        .request_timeout_s = (double)cfg->request_timeout_ms / 1000.0,
+        .backoff_base_s = (double)cfg->backoff_base_ms / 1000.0,
+        .backoff_max_s = (double)cfg->backoff_max_ms / 1000.0,
+        .record_lifetime_s = cfg->record_lifetime_s,
+        .stun = cfg->stun,
+    };
+    if (!(st->on = onode_new(loop, &op, err, sizeof(err)))) {
+        log_error("main", "%s", err);
+        return -1;
+    }
+    char *path = control_path(cfg);
+    st->ctl = path ? ctl_server_start(loop, path, on_control, st, err, sizeof(err)) : NULL;
+    if (!st->ctl) {
+        log_error("main", "control socket: %s", path ? err : "path too long");
+        free(path);
+        return -1;
+    }
+    log_info("main", "%s (node-id %.8s...) in overlay %s; control socket %s", st->creds.id.uri,
+             nid_to_hex(&st->creds.id.node_id, (char[NID_HEX_LEN + 1]){0}), st->creds.doc.overlay,
+             path);
+    free(path);
+    onode_start(st->on);
     return 0;
 }
 
-static void on_stop(struct ev_loop *loop, void *state)
+static void on_stopped(void *ud)
 {
-    renewer_stop(state);
+    (void)ud; /* the loop ends once the last watcher is gone */
+}
+
+static void on_stop(struct ev_loop *loop, void *p)
+{
+    struct on_state *st = p;
+    renewer_stop(st->renewer);
+    st->renewer = NULL;
+    ctl_server_stop(st->ctl);
+    st->ctl = NULL;
+    if (st->on)
+        onode_stop(st->on, on_stopped, st);
+}
+
+static void on_cleanup(void *p)
+{
+    struct on_state *st = p;
+    if (!st)
+        return;
+    renewer_stop(st->renewer);
+    ctl_server_stop(st->ctl);
+    onode_free(st->on);
+    if (st->have_creds)
+        node_creds_free(&st->creds);
+    free(st->bs);
+    free(st);
+}
+
+/* ---- the CLI commands: one request to the running daemon ---- */
+
+static int call_daemon(const struct on_config *cfg, const char *what, json_t *req, json_t **res)
+{
+    char *path = control_path(cfg);
+    char err[600];
+    int rc = path ? ctl_call(path, req, 20000, res, err, sizeof(err)) : -1;
+    free(path);
+    json_decref(req);
+    if (rc != 0) {
+        fprintf(stderr, "ordinarynode: %s: %s\n", what,
+                path ? err : "control socket path too long");
+        return 1;
+    }
+    if (!json_is_true(json_object_get(*res, "ok"))) {
+        const char *code = json_string_value(json_object_get(*res, "code"));
+        fprintf(stderr, "ordinarynode: %s: %s%s%s\n", what, code ? code : "", code ? ": " : "",
+                json_string_value(json_object_get(*res, "error")) ?: "refused");
+        return 1;
+    }
+    return 0;
+}
+
+static void print_json(json_t *j)
+{
+    char *t = json_dumps(j, JSON_COMPACT);
+    printf("%s\n", t ? t : "{}");
+    free(t);
+}
+
+static int cmd_status(const struct cli_opts *o, const struct on_config *cfg)
+{
+    json_t *res = NULL;
+    int rc = call_daemon(cfg, "status", json_pack("{s:s}", "cmd", "status"), &res);
+    if (rc == 0 && cli_opt(o, "json")) {
+        print_json(res);
+    } else if (rc == 0) {
+        json_t *sn = json_object_get(res, "supernode");
+        printf("node         %s (node-id %s)\n", json_string_value(json_object_get(res, "uri")),
+               json_string_value(json_object_get(res, "node_id")));
+        printf("state        %s\n", json_string_value(json_object_get(res, "state")));
+        if (sn)
+            printf("super node   %s at %s (found through %s), attached %.0f s\n",
+                   json_string_value(json_object_get(sn, "id")),
+                   json_string_value(json_object_get(sn, "addr")),
+                   json_string_value(json_object_get(sn, "source")),
+                   json_real_value(json_object_get(res, "attached_s")));
+        json_t *refl = json_object_get(res, "reflexive"),
+               *mapped = json_object_get(res, "stun_mapped");
+        if (json_is_string(refl))
+            printf("reflexive    %s (as the super node sees us)%s%s\n", json_string_value(refl),
+                   json_is_string(mapped) ? "; STUN: " : "",
+                   json_is_string(mapped) ? json_string_value(mapped) : "");
+        printf("host cache   %zu alternates\n",
+               json_array_size(json_object_get(res, "host_cache")));
+        size_t i;
+        json_t *e;
+        json_array_foreach(json_object_get(res, "published"), i, e)
+        {
+            printf("published    %s|%s, expires %lld\n",
+                   json_string_value(json_object_get(e, "type")),
+                   json_string_value(json_object_get(e, "name")),
+                   json_integer_value(json_object_get(e, "expires")));
+        }
+        if (json_is_string(json_object_get(res, "last_error")))
+            printf("last error   %s\n", json_string_value(json_object_get(res, "last_error")));
+    }
+    json_decref(res);
+    return rc;
+}
+
+static int cmd_get(const struct cli_opts *o, const struct on_config *cfg)
+{
+    const char *key = cli_opt(o, "key");
+    if ((key && o->argc != 0) || (!key && o->argc != 2)) {
+        cli_error(&on_prog, "get takes TYPE NAME, or --key HEX");
+        return 2;
+    }
+    json_t *req =
+        key ? json_pack("{s:s,s:s}", "cmd", "get", "key", key)
+            : json_pack("{s:s,s:s,s:s}", "cmd", "get", "type", o->argv[0], "name", o->argv[1]);
+    json_t *res = NULL;
+    int rc = call_daemon(cfg, "get", req, &res);
+    if (rc != 0)
+        return rc;
+    json_t *recs = json_object_get(res, "records");
+    if (cli_opt(o, "json")) {
+        print_json(res);
+    } else {
+        size_t i;
+        json_t *e;
+        if (json_array_size(recs) == 0)
+            printf("no record\n");
+        json_array_foreach(recs, i, e)
+        {
+            if (!json_is_true(json_object_get(e, "verified"))) {
+                printf("REFUSED  %s: %s\n", json_string_value(json_object_get(e, "code")),
+                       json_string_value(json_object_get(e, "error")));
+                continue;
+            }
+            char *v = json_dumps(json_object_get(e, "value"), JSON_COMPACT | JSON_ENCODE_ANY);
+            printf("%s  seq %s  expires %lld  verified\n  %s\n",
+                   json_string_value(json_object_get(e, "owner")),
+                   json_string_value(json_object_get(e, "seq")),
+                   json_integer_value(json_object_get(e, "expires")), v ? v : "");
+            free(v);
+        }
+    }
+    size_t found = json_array_size(recs);
+    json_decref(res);
+    /* 3: nothing found (scripts can tell it from a failure). */
+    return found ? 0 : 3;
+}
+
+static int cmd_store(const struct cli_opts *o, const struct on_config *cfg)
+{
+    const char *mode = o->command;
+    bool rm = !strcmp(mode, "remove");
+    if (o->argc != (rm ? 2 : 3)) {
+        cli_error(&on_prog, rm ? "remove takes TYPE NAME" : "%s takes TYPE NAME JSON", mode);
+        return 2;
+    }
+    json_t *req = json_pack("{s:s,s:s,s:s,s:s}", "cmd", "store", "mode", mode, "type", o->argv[0],
+                            "name", o->argv[1]);
+    if (!rm) {
+        json_error_t je;
+        json_t *v = json_loads(o->argv[2], JSON_DECODE_ANY | JSON_REJECT_DUPLICATES, &je);
+        if (!v || json_is_null(v)) {
+            cli_error(&on_prog, "the value is not JSON (%s); a string is written \"\\\"text\\\"\"",
+                      v ? "null is not a value" : je.text);
+            json_decref(v);
+            json_decref(req);
+            return 2;
+        }
+        json_object_set_new(req, "value", v);
+        const char *lt = cli_opt(o, "lifetime");
+        if (lt) {
+            char *end;
+            errno = 0;
+            long long n = strtoll(lt, &end, 10);
+            if (errno || *end || n < 1 || n > 31536000) {
+                cli_error(&on_prog, "--lifetime must be 1-31536000 seconds");
+                json_decref(req);
+                return 2;
+            }
+            json_object_set_new(req, "lifetime", json_integer(n));
+        }
+        if (cli_opt(o, "no-update"))
+            json_object_set_new(req, "no_update", json_true());
+    }
+    json_t *res = NULL;
+    int rc = call_daemon(cfg, mode, req, &res);
+    if (rc == 0) {
+        if (cli_opt(o, "json"))
+            print_json(res);
+        else if (rm)
+            printf("removed %s|%s\n", o->argv[0], o->argv[1]);
+        else
+            printf("stored %s|%s (expires %lld)\n", o->argv[0], o->argv[1],
+                   json_integer_value(json_object_get(res, "expires")));
+    }
+    json_decref(res);
+    return rc;
 }
 
 static int on_command(const struct cli_opts *o, void *p)
@@ -115,6 +518,13 @@ static int on_command(const struct cli_opts *o, void *p)
         return enroll_command(&on_prog, o, cfg->state_dir);
     if (strcmp(o->command, "renew") == 0)
         return renew_command(&on_prog, o, cfg->state_dir);
+    if (strcmp(o->command, "status") == 0)
+        return cmd_status(o, cfg);
+    if (strcmp(o->command, "get") == 0)
+        return cmd_get(o, cfg);
+    if (!strcmp(o->command, "add") || !strcmp(o->command, "update") ||
+        !strcmp(o->command, "remove"))
+        return cmd_store(o, cfg);
     return 2;
 }
 
@@ -125,6 +535,7 @@ static const struct daemon_spec on_spec = {
     .command = on_command,
     .start = on_start,
     .stop = on_stop,
+    .cleanup = on_cleanup,
 };
 
 int main(int argc, char **argv)

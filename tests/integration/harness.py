@@ -38,9 +38,11 @@ for _sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
 class Daemon:
     """A daemon started in the foreground (-d) whose stderr is collected."""
 
-    def __init__(self, argv, env=None):
+    def __init__(self, argv, env=None, wrap=True):
+        """wrap=False: not under P2P_TEST_WRAPPER (a scenario that checks one daemon under
+        valgrind runs the others it needs plainly)."""
         self.argv = argv
-        self.proc = subprocess.Popen(WRAPPER + argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen((WRAPPER if wrap else []) + argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, env=env, text=True)
         _started.append(self.proc)
         self.lines = []

@@ -1,0 +1,92 @@
+/*
+ * The ordinary node's core (seed 004 sections 5-6, docs/protocol.md section 5):
+ * finds a super node (host cache, last super node, configured addresses,
+ * bootstrap servers, in that order), attaches over mutual TLS, keeps the
+ * attachment alive and fails over with jittered exponential back-off, and
+ * keeps the node's own records published (the user's location among them)
+ * until they are removed or the node stops. One instance per process, on
+ * the daemon's loop.
+ */
+#ifndef P2P_ON_H
+#define P2P_ON_H
+
+#include <ev.h>
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "login_client.h"
+
+struct on_params {
+    const char *state_dir;          /* host cache; credentials come in `creds` */
+    const struct node_creds *creds; /* loaded by the caller, kept alive while the node runs */
+    const char *listen;             /* own overlay port for probes ("host:port"), or NULL */
+    const char *const *supernodes;  /* configured super node addresses */
+    size_t n_supernodes;
+    const char *const *bootstrap_urls; /* https:// base URLs */
+    size_t n_bootstrap_urls;
+    const char *sip_contact;  /* "host:port" of the local SIP front end, for the user location */
+    bool register_user;       /* publish the "user location" record */
+    double keepalive_s;       /* our keepalive period; 0: the super node's, at most 5 s */
+    double sn_timeout_s;      /* a keepalive unanswered this long means the SN is gone */
+    double attach_timeout_s;  /* connect + TLS + attach answer */
+    double request_timeout_s; /* any other request */
+    double backoff_base_s;    /* first wait before re-attaching (drawn from [0, base)) */
+    double backoff_max_s;     /* cap of the doubling waits after failed rounds */
+    int64_t record_lifetime_s;
+    bool stun; /* ask the super node's STUN server for the reflexive address */
+};
+
+struct onode;
+
+/* Why a request ended. ok: `body` is the "res" body; else `code` and `reason`. */
+struct on_result {
+    bool ok;
+    json_t *body; /* borrowed, valid during the callback */
+    const char *code;
+    const char *reason;
+};
+typedef void (*on_result_fn)(void *ud, const struct on_result *r);
+
+/* NULL with one line in err (TLS credentials, listener, ...). */
+struct onode *onode_new(struct ev_loop *loop, const struct on_params *p, char *err, size_t errlen);
+/* Begins discovery. */
+void onode_start(struct onode *o);
+/*
+ * Graceful stop: removes the records this node published (those that allow
+ * it), waits for the answers for at most 3 s, detaches and closes every
+ * watcher, then calls done. The loop can end after that.
+ */
+void onode_stop(struct onode *o, void (*done)(void *ud), void *ud);
+/* After the loop has ended (or without start). NULL is fine. */
+void onode_free(struct onode *o);
+
+/* {"state", "supernode", "source", "attached_s", "reflexive", "nat", "failovers", ...}. */
+json_t *onode_status(struct onode *o);
+
+/*
+ * Sends a request of docs/protocol.md 4.5 to the super node (queued while
+ * the node is not attached, for at most request_timeout_s). cb is always
+ * called, from the loop, never from within this call.
+ */
+void onode_request(struct onode *o, const char *type, json_t *body, on_result_fn cb, void *ud);
+
+/*
+ * Signs and stores a record of this node's user, and keeps it published
+ * (refreshed before it expires, stored again after a failover) until it is
+ * removed or the node stops. mode "add" or "update"; "remove" takes it out
+ * of the published set and stores a removal statement. value is not taken.
+ * cb gets the store's answer (with "expires" added on success).
+ */
+void onode_publish(struct onode *o, const char *mode, const char *type, const char *name,
+                   json_t *value, int64_t lifetime_s, bool no_update, on_result_fn cb, void *ud);
+
+/*
+ * Looks up a key and verifies every record found (signature, certificate
+ * chain, policy). The answer body is {"records": [{"owner", "seq",
+ * "expires", "value", "verified": true} or {... "verified": false,
+ * "error": "..."}], "hops", "node"}.
+ */
+void onode_lookup(struct onode *o, const char *key_hex, on_result_fn cb, void *ud);
+
+#endif

@@ -1,0 +1,356 @@
+#!/usr/bin/env python3
+"""The ordinary node as a person runs it (issue 7, first part): enrolled, given
+nothing but the overlay document (which names the bootstrap server), it finds
+a super node, attaches, publishes the user's location; another node looks it
+up and verifies it; the node fails over when its super node is killed, uses
+its host cache after a restart, and copes with a corrupt cache, a bootstrap
+server answering garbage, a "super node" that never answers and one without
+the super node role."""
+
+import http.server
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+BINDIR = None
+OVERLAY = "on-test.p2psip"
+SLOW = bool(harness.WRAPPER)
+WAIT = 60 if SLOW else 20
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(what, fn, timeout):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise AssertionError("timed out after %.0f s waiting for %s (last: %r)" % (timeout, what, last))
+
+
+class GarbageHandler(http.server.BaseHTTPRequestHandler):
+    """A bootstrap server gone wrong: 200 with a body that is not the list."""
+
+    def do_GET(self):
+        body = b"<html>this is not JSON</html>" if "garbage" in self.server.mode else \
+            json.dumps({"supernodes": [{"address": "x" * 100}] * 5000}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass  # the node hangs up on the huge answer: expected
+
+
+class OrdinaryNode(unittest.TestCase):
+    daemons = []
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="p2psip-on-")
+        cls.servers = []
+        try:
+            cls._set_up()
+        except BaseException:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def _set_up(cls):
+        cls.bs_port, ls_port = free_port(), free_port()
+        state = os.path.join(cls.tmp, "ls")
+        cls.ca = os.path.join(state, "ca.pem")
+        cfg = os.path.join(cls.tmp, "ls.json")
+        with open(cfg, "w") as f:
+            json.dump({"overlay": OVERLAY, "listen": "127.0.0.1:%d" % ls_port, "state_dir": state,
+                       "pbkdf2_iterations": 1000, "stabilize_s": 1,
+                       "bootstrap_urls": ["https://127.0.0.1:%d" % cls.bs_port]}, f)
+        ls = [cls.bin("loginserver"), "-c", cfg]
+        out = subprocess.run(ls + ["init"], capture_output=True, text=True, check=True).stdout
+        pin = re.search(r"CA pin: (sha256:[0-9a-f]{64})", out).group(1)
+        sns, ons = ("sn1", "sn2", "sn3"), ("alice", "bob", "carol")
+        for u in sns + ons:
+            extra = ["--no-supernode"] if u in ons else []
+            subprocess.run(ls + ["user", "add", u] + extra, input=u + "-password\n", text=True,
+                           capture_output=True, check=True)
+        cls.svc = os.path.join(cls.tmp, "svc")
+        subprocess.run(ls + ["issue", "--service", "127.0.0.1", "--out", cls.svc],
+                       capture_output=True, text=True, check=True)
+        cls.start(ls).wait_for("serving on")
+        login = "https://127.0.0.1:%d" % ls_port
+        cls.node_id, cls.addr, cls.cfg, cls.sn = {}, {}, {}, {}
+        for u in sns + ons:
+            d = os.path.join(cls.tmp, u)
+            prog = "supernode" if u in sns else "ordinarynode"
+            p = subprocess.run([cls.bin(prog), "-o", "state_dir=" + d, "-o", "overlay=" + OVERLAY,
+                                "enroll", "--login", login, "--pin", pin, "--user", u],
+                               input=u + "-password\n", capture_output=True, text=True,
+                               timeout=60)
+            assert p.returncode == 0, p.stderr
+            cls.node_id[u] = re.search(r"node-id ([0-9a-f]{40})", p.stdout).group(1)
+            conf = {"overlay": OVERLAY, "state_dir": d}
+            if u in sns:
+                cls.addr[u] = "127.0.0.1:%d" % free_port()
+                conf.update({"listen": cls.addr[u], "stun_listen": "127.0.0.1:0"})
+                if u == "sn1":
+                    conf["seed"] = True
+            else:
+                conf["sip_listen"] = "127.0.0.1:%d" % free_port()
+            cls.cfg[u] = os.path.join(cls.tmp, u + ".json")
+            with open(cls.cfg[u], "w") as f:
+                json.dump(conf, f)
+        cls.start([cls.bin("bootstrap"), "-d", "-o", "overlay=" + OVERLAY,
+                   "-o", "listen=127.0.0.1:%d" % cls.bs_port,
+                   "-o", "state_dir=" + os.path.join(cls.tmp, "bs"), "-o", "ca_file=" + cls.ca,
+                   "-o", "cert_file=" + os.path.join(cls.svc, "127.0.0.1.pem"),
+                   "-o", "key_file=" + os.path.join(cls.svc, "127.0.0.1.key"),
+                   "-o", "announce_period_s=1"]).wait_for("serving on")
+        for u in sns:
+            cls.sn[u] = cls.start([cls.bin("supernode"), "-d", "-c", cls.cfg[u]])
+            cls.sn[u].wait_for("started a new ring" if u == "sn1" else "joined the ring",
+                               timeout=WAIT)
+        # Every super node listed before the ordinary nodes come.
+        wait_until("3 super nodes listed", lambda: len(cls.listed()) == 3, WAIT)
+        cls.on = {}
+
+    @classmethod
+    def tearDownClass(cls):
+        problems = []
+        for d in reversed(cls.daemons):
+            try:
+                d.stop()
+            except AssertionError as e:
+                problems.append(str(e))
+        for s in cls.servers:
+            s.shutdown()
+            s.server_close()
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+        if problems:
+            raise AssertionError("; ".join(problems))
+
+    @staticmethod
+    def bin(name):
+        return os.path.join(BINDIR, name, name)
+
+    @classmethod
+    def start(cls, argv):
+        # Under valgrind (P2P_TEST_WRAPPER) only the ordinary nodes run wrapped.
+        d = harness.Daemon(argv if argv[1] == "-d" else [argv[0], "-d"] + argv[1:],
+                           wrap=argv[0].endswith("ordinarynode"))
+        cls.daemons.append(d)
+        return d
+
+    @classmethod
+    def listed(cls):
+        import http.client
+        ctx = ssl.create_default_context(cafile=cls.ca)
+        conn = http.client.HTTPSConnection("127.0.0.1", cls.bs_port, context=ctx, timeout=10)
+        try:
+            conn.request("GET", "/v1/supernodes?count=50")
+            return {s["address"] for s in json.loads(conn.getresponse().read())["supernodes"]}
+        finally:
+            conn.close()
+
+    def start_on(self, u, *overrides):
+        argv = [self.bin("ordinarynode"), "-d", "-c", self.cfg[u]]
+        for o in overrides:
+            argv += ["-o", o]
+        self.on[u] = self.start(argv)
+        return self.on[u]
+
+    def stop_on(self, u):
+        d = self.on.pop(u)
+        self.assertEqual(d.stop(signal.SIGTERM), 0)
+        self.daemons.remove(d)
+        return d
+
+    def cli(self, u, *args):
+        p = subprocess.run(harness.WRAPPER + [self.bin("ordinarynode"), "-c", self.cfg[u]] +
+                           list(args), capture_output=True, text=True, timeout=60)
+        return p.returncode, p.stdout, p.stderr
+
+    def status(self, u):
+        rc, out, err = self.cli(u, "status", "--json")
+        return json.loads(out) if rc == 0 else None
+
+    def attached_sn(self, u):
+        st = self.status(u)
+        return st and st["state"] == "attached" and st["supernode"]
+
+    def lookup(self, u, type_, name):
+        rc, out, err = self.cli(u, "get", type_, name, "--json")
+        if rc != 0:
+            return rc, out + err
+        return rc, json.loads(out)
+
+    def sn_user(self, node_id):
+        return next(u for u, i in self.node_id.items() if i == node_id)
+
+    def test_1_bootstrap_attach_register_and_lookup(self):
+        a = self.start_on("alice")
+        a.wait_for("found through: bootstrap", timeout=WAIT)
+        a.wait_for("published user location|alice@" + OVERLAY, timeout=WAIT)
+        sn = self.attached_sn("alice")
+        self.assertIn(sn["addr"], self.addr.values())
+        self.start_on("bob").wait_for("published user location|bob@", timeout=WAIT)
+        # bob looks alice up and verifies her signature.
+        rc, ans = self.lookup("bob", "user location", "alice@" + OVERLAY)
+        self.assertEqual(rc, 0, ans)
+        [rec] = ans["records"]
+        self.assertTrue(rec["verified"])
+        self.assertEqual(rec["owner"], "sip:alice@" + OVERLAY)
+        self.assertEqual(rec["value"]["node_id"], self.node_id["alice"])
+        self.assertEqual(rec["value"]["sn"]["id"], sn["id"])
+        self.assertEqual(rec["value"]["reflexive"].split(":")[0], "127.0.0.1")
+        # The text form says the same for people.
+        rc, out, err = self.cli("bob", "get", "user location", "alice@" + OVERLAY)
+        self.assertEqual(rc, 0, err)
+        self.assertIn("sip:alice@%s  seq" % OVERLAY, out)
+        self.assertIn("verified", out)
+        # The host cache now names the super node and alternates.
+        with open(os.path.join(self.tmp, "alice", "supernodes.json")) as f:
+            cache = json.load(f)
+        self.assertEqual(cache["last"]["id"], sn["id"])
+        self.assertGreaterEqual(len(cache["alternates"]), 1)
+
+    def test_2_records_through_the_cli(self):
+        rc, out, err = self.cli("alice", "add", "note", "greeting", '{"text": "hello"}',
+                                "--lifetime", "600")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("stored note|greeting", out)
+        rc, ans = self.lookup("bob", "note", "greeting")
+        self.assertEqual(rc, 0, ans)
+        self.assertEqual([r["value"] for r in ans["records"]], [{"text": "hello"}])
+        # A second add by the same owner is refused with the store's code.
+        rc, out, err = self.cli("alice", "add", "note", "greeting", '"again"')
+        self.assertEqual(rc, 1)
+        self.assertIn("exists", err)
+        rc, out, err = self.cli("alice", "update", "note", "greeting", '"changed"')
+        self.assertEqual(rc, 0, err)
+        rc, ans = self.lookup("bob", "note", "greeting")
+        self.assertEqual([r["value"] for r in ans["records"]], ["changed"])
+        rc, out, err = self.cli("alice", "remove", "note", "greeting")
+        self.assertEqual(rc, 0, err)
+        rc, out, err = self.cli("bob", "get", "note", "greeting")
+        self.assertEqual(rc, 3, err)
+        self.assertIn("no record", out)
+        # Bad input on the command line: clear usage errors.
+        rc, out, err = self.cli("alice", "add", "note", "x", "{not json")
+        self.assertEqual(rc, 2)
+        self.assertIn("not JSON", err)
+        rc, out, err = self.cli("alice", "get", "note")
+        self.assertEqual(rc, 2)
+        # bob cannot write alice's location: the super node refuses it.
+        rc, out, err = self.cli("bob", "update", "user location", "alice@" + OVERLAY, '"x"')
+        self.assertEqual(rc, 1)
+        self.assertIn("forbidden", err)
+
+    def test_3_failover_when_the_super_node_is_killed(self):
+        sn = self.attached_sn("alice")
+        victim = self.sn_user(sn["id"])
+        t0 = time.monotonic()
+        self.sn[victim].proc.kill()
+        new = wait_until("alice attached elsewhere",
+                         lambda: (lambda s: s if s and s["id"] != sn["id"] else None)(
+                             self.attached_sn("alice")), 10)
+        took = time.monotonic() - t0
+        print("\n    alice re-attached to %s in %.2f s" % (self.sn_user(new["id"]), took))
+        self.assertLess(took, 10.0 if SLOW else 5.0)
+        # Her record names the new super node and is still found (through bob, who may have
+        # failed over too).
+        def republished():
+            rc, ans = self.lookup("bob", "user location", "alice@" + OVERLAY)
+            return rc == 0 and ans["records"] and ans["records"][0]["value"]["sn"]["id"] == \
+                new["id"] and ans["records"][0]["verified"]
+        wait_until("alice's record naming the new super node", republished, WAIT)
+        self.__class__.dead = victim
+
+    def test_4_restart_uses_the_host_cache(self):
+        d = self.stop_on("alice")
+        self.assertIn("stopping: removing", d.log())
+        rc, out, err = self.cli("bob", "get", "user location", "alice@" + OVERLAY)
+        self.assertEqual(rc, 3, out + err)  # removed on the clean exit
+        a = self.start_on("alice")
+        line = a.wait_for("attached to super node", timeout=WAIT)
+        self.assertRegex(line, r"found through: (cache|last)")
+        self.assertNotIn("bootstrap server https", a.log())
+
+    def test_5_corrupt_cache(self):
+        self.stop_on("alice")
+        with open(os.path.join(self.tmp, "alice", "supernodes.json"), "w") as f:
+            f.write('{"version": 1, "last": {"id": "zz", "addr": 7}')
+        a = self.start_on("alice")
+        a.wait_for("not JSON", timeout=WAIT)
+        line = a.wait_for("attached to super node", timeout=WAIT)
+        self.assertIn("found through: bootstrap", line)
+
+    def serve(self, mode):
+        srv = QuietServer(("127.0.0.1", 0), GarbageHandler)
+        srv.mode = mode
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(os.path.join(self.svc, "127.0.0.1.pem"),
+                            os.path.join(self.svc, "127.0.0.1.key"))
+        srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        self.servers.append(srv)
+        return "https://127.0.0.1:%d" % srv.server_address[1]
+
+    def test_6_bad_sources_are_skipped_with_a_reason(self):
+        """A silent "super node", one without the role, a bootstrap server answering garbage
+        and one answering a huge list: each logged, and the next source tried."""
+        self.stop_on("alice")
+        os.unlink(os.path.join(self.tmp, "alice", "supernodes.json"))
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        self.addCleanup(silent.close)
+        # bob's own overlay port presents a certificate without the super node role.
+        self.stop_on("bob")
+        bob_port = free_port()
+        self.start_on("bob", "listen=127.0.0.1:%d" % bob_port).wait_for("attached to", WAIT)
+        garbage, huge = self.serve("garbage"), self.serve("huge")
+        real = "https://127.0.0.1:%d" % self.bs_port
+        a = self.start_on("alice", "supernodes=127.0.0.1:%d,127.0.0.1:%d" % (
+            silent.getsockname()[1], bob_port), "attach_timeout_ms=1000",
+            "bootstrap_urls=%s,%s,%s" % (garbage, huge, real))
+        a.wait_for("no attachment within 1.0 s", timeout=WAIT)
+        a.wait_for("lacks the super node role", timeout=WAIT)
+        a.wait_for("bootstrap server %s/v1/supernodes?count=8: the answer is not" % garbage,
+                   timeout=WAIT)
+        a.wait_for("bootstrap server %s/v1/supernodes?count=8:" % huge, timeout=WAIT)
+        line = a.wait_for("attached to super node", timeout=WAIT)
+        self.assertIn("found through: bootstrap", line)
+        log = a.log()
+        huge_line = [l for l in log.splitlines() if huge in l][0]
+        self.assertRegex(huge_line, r"larger|too large|exceed|malformed", huge_line)
+
+
+if __name__ == "__main__":
+    harness.main(sys.modules[__name__])
