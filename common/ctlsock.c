@@ -34,6 +34,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "fsutil.h"
 #include "log.h"
 #include "utf8.h"
 
@@ -811,4 +812,14 @@ out:
     free(line);
     free(ans);
     return ret;
+}
+
+char *ctl_default_path(const char *configured, const char *state_dir)
+{
+    if (configured)
+        return strdup(configured);
+    char buf[4096];
+    if (fs_join(buf, sizeof(buf), state_dir, "control.sock") != 0)
+        return NULL;
+    return strdup(buf);
 }

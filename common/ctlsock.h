@@ -63,4 +63,8 @@ void ctl_reply_error(struct ctl_req *r, const char *fmt, ...) __attribute__((for
 int ctl_call(const char *path, json_t *request, int timeout_ms, json_t **response, char *err,
              size_t errlen);
 
+/* The control socket's path: `configured` when set, else <state_dir>/control.sock (malloc'd;
+ * NULL when it does not fit). */
+char *ctl_default_path(const char *configured, const char *state_dir);
+
 #endif

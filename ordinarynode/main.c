@@ -40,6 +40,8 @@ struct on_config {
     long long record_lifetime_s;
     bool register_user;
     bool stun;
+    char *lan_discovery_if;
+    long long lan_discovery_ms;
 };
 
 static const struct cfg_field on_fields[] = {
@@ -82,6 +84,11 @@ static const struct cfg_field on_fields[] = {
      "publish the user's location record while running"},
     {"stun", CFG_BOOL, offsetof(struct on_config, stun), 0, 0, NULL, "true",
      "ask the super node's STUN server for the reflexive address"},
+    {"lan_discovery_if", CFG_STR, offsetof(struct on_config, lan_discovery_if), 0, 0, NULL, NULL,
+     "IPv4 address of the interface on which to look for super nodes by multicast first (the "
+     "overlay document's group); default: off"},
+    {"lan_discovery_ms", CFG_INT, offsetof(struct on_config, lan_discovery_ms), 10, 10000, NULL,
+     "300", "how long LAN discovery answers are collected"},
 };
 
 static int on_validate(const void *p, char *err, size_t len)
@@ -174,12 +181,7 @@ struct on_state {
 
 static char *control_path(const struct on_config *cfg)
 {
-    if (cfg->control_socket)
-        return strdup(cfg->control_socket);
-    char buf[4096];
-    if (fs_join(buf, sizeof(buf), cfg->state_dir, "control.sock") != 0)
-        return NULL;
-    return strdup(buf);
+    return ctl_default_path(cfg->control_socket, cfg->state_dir);
 }
 
 static void ctl_answer(void *ud, const struct on_result *r)
@@ -296,6 +298,9 @@ static int on_start(struct ev_loop *loop, const void *p, void **state)
         .backoff_max_s = (double)cfg->backoff_max_ms / 1000.0,
         .record_lifetime_s = cfg->record_lifetime_s,
         .stun = cfg->stun,
+        .lan_group = st->creds.doc.lan_discovery,
+        .lan_iface = cfg->lan_discovery_if,
+        .lan_timeout_s = (double)cfg->lan_discovery_ms / 1000.0,
     };
     if (!(st->on = onode_new(loop, &op, err, sizeof(err)))) {
         log_error("main", "%s", err);

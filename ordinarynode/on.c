@@ -2,13 +2,12 @@
  * The ordinary node's core (on.h). One link to one super node at a time.
  *
  * Discovery runs in rounds. A round lists candidates in the seed's order
- * (section 5.1; LAN multicast is not built yet): the alternates of the host
- * cache (shuffled, so that the nodes of a failed super node spread over
- * its neighbours instead of all picking the first), the last super node,
- * the configured addresses, and last the bootstrap servers' lists (asked
- * only when the rest failed). Candidates are tried one after another; a
- * refusal's alternates are tried next. A round that ends without an
- * attachment waits a back-off drawn uniformly from [0, min(max, base * 2^k))
+ * (section 5.1): the super nodes that answer a LAN multicast query (when an
+ * interface is configured for it), the alternates of the host cache (shuffled, so that the nodes of
+ * a failed super node spread over its neighbours instead of all picking the first), the last super
+ * node, the configured addresses, and last the bootstrap servers' lists (asked only when the rest
+ * failed). Candidates are tried one after another; a refusal's alternates are tried next. A round
+ * that ends without an attachment waits a back-off drawn uniformly from [0, min(max, base * 2^k))
  * ("full jitter") before the next; a lost attachment waits [0, base) first,
  * so that thousands of nodes of a dead super node do not all come back in
  * the same instant.
@@ -29,6 +28,7 @@
 #include "errbuf.h"
 #include "hostcache.h"
 #include "http_client.h"
+#include "landisc.h"
 #include "log.h"
 #include "msg.h"
 #include "nodeid.h"
@@ -46,6 +46,7 @@
 
 enum on_state {
     S_IDLE = 0,
+    S_LAN,        /* waiting for answers to the LAN discovery query */
     S_CONNECTING, /* a link to cands[cur] is being set up (TCP, TLS, attach) */
     S_BOOTSTRAP,  /* asking the bootstrap servers */
     S_ATTACHED,
@@ -54,13 +55,13 @@ enum on_state {
     S_STOPPED,
 };
 
-static const char *const state_names[] = {"idle",     "connecting", "bootstrap", "attached",
-                                          "back-off", "stopping",   "stopped"};
+static const char *const state_names[] = {"idle",     "lan-discovery", "connecting", "bootstrap",
+                                          "attached", "back-off",      "stopping",   "stopped"};
 
 struct cand {
     char addr[128];
     char id[NID_HEX_LEN + 1]; /* expected Node-ID, "" when unknown */
-    const char *source;       /* "cache", "last", "config", "bootstrap", "redirect" */
+    const char *source;       /* "multicast", "cache", "last", "config", "bootstrap", "redirect" */
 };
 
 struct req {
@@ -106,6 +107,7 @@ struct onode {
     size_t n_cands, cur;
     bool bs_asked;
     unsigned bs_pending;
+    struct landisc_query *lanq;
     size_t bs_found;
 
     struct conn *conn;
@@ -213,6 +215,39 @@ static void cand_add_alternates(struct onode *o, json_t *alts, const char *sourc
     }
 }
 
+/* Answers to the LAN query go first: a super node on the same link is the closest one. */
+static void lan_done(void *ud, const struct landisc_sn *sns, size_t n, const char *err)
+{
+    struct onode *o = ud;
+    o->lanq = NULL;
+    if (err[0])
+        log_warn(LOGM, "LAN discovery on %s via %s: %s; trying the next source", o->p.lan_group,
+                 o->p.lan_iface, err);
+    else if (n == 0)
+        log_info(LOGM,
+                 "LAN discovery on %s: no super node answered within %.0f ms; trying the "
+                 "next source",
+                 o->p.lan_group, o->p.lan_timeout_s * 1000);
+    else
+        log_info(LOGM, "LAN discovery on %s: %zu super nodes answered", o->p.lan_group, n);
+    o->cur = 0;
+    for (size_t i = n; i > 0; i--) {
+        /* Already listed (the cache knows it): moved to the front, as found on the LAN. */
+        for (size_t k = 0; k < o->n_cands; k++)
+            if (!strcmp(o->cands[k].addr, sns[i - 1].addr)) {
+                memmove(&o->cands[k], &o->cands[k + 1], (o->n_cands - k - 1) * sizeof(o->cands[0]));
+                o->n_cands--;
+                break;
+            }
+        cand_add(o, sns[i - 1].addr, sns[i - 1].id, "multicast", true);
+    }
+    log_info(LOGM,
+             "looking for a super node: %zu from the LAN, the host cache and "
+             "configuration%s",
+             o->n_cands, o->p.n_bootstrap_urls ? ", then the bootstrap servers" : "");
+    try_next(o);
+}
+
 static void round_start(struct onode *o)
 {
     o->n_cands = 0;
@@ -236,6 +271,15 @@ static void round_start(struct onode *o)
     /* Configured addresses, before the bootstrap servers. */
     for (size_t i = 0; i < o->p.n_supernodes; i++)
         cand_add(o, o->p.supernodes[i], NULL, "config", false);
+    if (o->p.lan_iface && o->p.lan_group) {
+        o->state = S_LAN;
+        o->lanq =
+            landisc_query_start(o->loop, o->p.lan_group, o->p.lan_iface, o->p.creds->doc.overlay,
+                                (unsigned)(o->p.lan_timeout_s * 1000), lan_done, o);
+        if (o->lanq)
+            return;
+        log_warn(LOGM, "LAN discovery: out of memory");
+    }
     log_info(LOGM, "looking for a super node: %zu from the host cache and configuration%s",
              o->n_cands, o->p.n_bootstrap_urls ? ", then the bootstrap servers" : "");
     try_next(o);
@@ -1261,13 +1305,17 @@ struct onode *onode_new(struct ev_loop *loop, const struct on_params *p, char *e
         o->p.backoff_max_s = 30 > o->p.backoff_base_s ? 30 : o->p.backoff_base_s;
     if (o->p.record_lifetime_s <= 0)
         o->p.record_lifetime_s = 3600;
+    if (o->p.lan_timeout_s <= 0)
+        o->p.lan_timeout_s = 0.3;
     const struct node_creds *cr = p->creds;
     nid_to_hex(&cr->id.node_id, o->self_id);
     struct tls_config tc = {.ca_file = cr->ca_file,
                             .cert_file = cr->cert_file,
                             .key_file = cr->key_file,
                             .overlay = cr->doc.overlay,
-                            .handshake_timeout_ms = (unsigned)(o->p.attach_timeout_s * 1000)};
+                            /* Longer than the attempt timer, which names the cause. */
+                            .handshake_timeout_ms =
+                                (unsigned)(o->p.attach_timeout_s * 1000) + 1000};
     if (!(o->tls = tls_ctx_new(&tc, err, errlen)))
         goto fail;
     if (!(o->verifier = rec_verifier_new(cr->doc.ca_crt, cr->doc.overlay, VERIFY_CACHE))) {
@@ -1361,6 +1409,8 @@ void onode_stop(struct onode *o, void (*done)(void *ud), void *ud)
     ev_timer_stop(o->loop, &o->backoff_timer);
     ev_timer_stop(o->loop, &o->attempt_timer);
     ev_timer_stop(o->loop, &o->ka_timer);
+    landisc_query_cancel(o->lanq);
+    o->lanq = NULL;
     listener_free(o->lst);
     o->lst = NULL;
     if (o->http) {
@@ -1403,6 +1453,7 @@ void onode_free(struct onode *o)
         o->pubs = p->next;
         pub_free(p);
     }
+    landisc_query_cancel(o->lanq);
     listener_free(o->lst);
     if (o->http)
         http_client_free(o->http);

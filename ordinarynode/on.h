@@ -1,7 +1,7 @@
 /*
  * The ordinary node's core (seed 004 sections 5-6, docs/protocol.md section 5):
- * finds a super node (host cache, last super node, configured addresses,
- * bootstrap servers, in that order), attaches over mutual TLS, keeps the
+ * finds a super node (LAN multicast, host cache, last super node, configured
+ * addresses, bootstrap servers, in that order), attaches over mutual TLS, keeps the
  * attachment alive and fails over with jittered exponential back-off, and
  * keeps the node's own records published (the user's location among them)
  * until they are removed or the node stops. One instance per process, on
@@ -34,7 +34,10 @@ struct on_params {
     double backoff_base_s;    /* first wait before re-attaching (drawn from [0, base)) */
     double backoff_max_s;     /* cap of the doubling waits after failed rounds */
     int64_t record_lifetime_s;
-    bool stun; /* ask the super node's STUN server for the reflexive address */
+    bool stun;             /* ask the super node's STUN server for the reflexive address */
+    const char *lan_group; /* LAN discovery group "239.x.y.z:port" (overlay document) */
+    const char *lan_iface; /* IPv4 address of the interface to query on; NULL: no LAN query */
+    double lan_timeout_s;  /* how long answers are collected */
 };
 
 struct onode;

@@ -17,6 +17,7 @@
 #include "fsutil.h"
 #include "http_client.h"
 #include "httpd.h"
+#include "landisc.h"
 #include "log.h"
 #include "login_client.h"
 #include "renewer.h"
@@ -50,6 +51,7 @@ struct sn_config {
     long long on_inflight;
     char *metrics_listen;
     char *stun_listen;
+    char *lan_discovery_if;
 };
 
 /* The transport settings of this node, from its configuration. */
@@ -127,6 +129,9 @@ static const struct cfg_field sn_fields[] = {
      "requests one attached ordinary node may have in progress"},
     {"stun_listen", CFG_HOSTPORT, offsetof(struct sn_config, stun_listen), 0, 0, NULL, NULL,
      "UDP address of the STUN server (default: the host of advertise/listen, port 3478)"},
+    {"lan_discovery_if", CFG_STR, offsetof(struct sn_config, lan_discovery_if), 0, 0, NULL, NULL,
+     "IPv4 address of the interface on which to answer ordinary nodes' LAN discovery "
+     "queries (the overlay document's group); default: off"},
     {"metrics_listen", CFG_HOSTPORT, offsetof(struct sn_config, metrics_listen), 0, 0, NULL, NULL,
      "plain-HTTP address for GET /metrics (Prometheus text); keep it local (default: off)"},
     {"peer_idle_s", CFG_INT, offsetof(struct sn_config, peer_idle_s), 1, 86400, NULL, "60",
@@ -198,6 +203,8 @@ struct sn_state {
     double started_at;
     struct httpd *metrics;
     struct stun_server *stun;
+    struct landisc_responder *lan;
+    char id_hex[NID_HEX_LEN + 1];
 };
 
 static void sn_renewed(void *ud)
@@ -208,12 +215,7 @@ static void sn_renewed(void *ud)
 
 static char *control_path(const struct sn_config *cfg)
 {
-    if (cfg->control_socket)
-        return strdup(cfg->control_socket);
-    char buf[4096];
-    if (fs_join(buf, sizeof(buf), cfg->state_dir, "control.sock") != 0)
-        return NULL;
-    return strdup(buf);
+    return ctl_default_path(cfg->control_socket, cfg->state_dir);
 }
 
 static void on_control(struct ctl_req *r, json_t *req, void *ud)
@@ -276,6 +278,18 @@ static bool announce_wanted(void *ud, struct announce_load *load)
     load->capacity = (unsigned long)st->cfg->max_attached;
     load->uptime_s = ev_now(st->loop) - st->started_at;
     return sn_is_healthy(st->sn); /* an unhealthy node withdraws until it is healthy again */
+}
+
+/* LAN discovery (docs/protocol.md 6): answered only while this node takes ordinary nodes. */
+static int lan_self(void *ud, struct landisc_sn *out)
+{
+    struct sn_state *st = ud;
+    if (!sn_is_healthy(st->sn) || sn_attached(st->sn) >= (size_t)st->cfg->max_attached)
+        return -1;
+    snprintf(out->id, sizeof(out->id), "%s", st->id_hex);
+    snprintf(out->addr, sizeof(out->addr), "%s",
+             st->cfg->advertise ? st->cfg->advertise : st->cfg->listen);
+    return 0;
 }
 
 static void on_health(void *ud, bool healthy)
@@ -525,6 +539,15 @@ static int sn_start(struct ev_loop *loop, const void *p, void **state)
              cfg->overlay, cfg->listen, nid_to_hex(&self->node_id, hex),
              (long long)doc->replication_factor, (long long)doc->successor_list,
              (long long)doc->stabilize_s);
+    snprintf(st->id_hex, sizeof(st->id_hex), "%s", hex);
+    if (cfg->lan_discovery_if) {
+        st->lan = landisc_responder_start(loop, doc->lan_discovery, cfg->lan_discovery_if,
+                                          doc->overlay, lan_self, st, err, sizeof(err));
+        if (!st->lan) {
+            log_error("main", "%s", err);
+            return -1;
+        }
+    }
     const struct cli_opts *o = daemon_cli_opts();
     bool seed = cfg->seed || (o && cli_opt(o, "seed"));
     st->loop = loop;
@@ -587,6 +610,8 @@ static void sn_stop(struct ev_loop *loop, void *p)
     st->metrics = NULL;
     stun_server_stop(st->stun);
     st->stun = NULL;
+    landisc_responder_stop(st->lan);
+    st->lan = NULL;
     if (st->http)
         ev_timer_stop(loop, &st->bs_retry);
     /* Off the bootstrap lists first, so that no newcomer is sent to a node that is leaving. */
@@ -609,6 +634,7 @@ static void sn_cleanup(void *p)
     announcer_free(st->announcer);
     httpd_stop(st->metrics);
     stun_server_stop(st->stun);
+    landisc_responder_stop(st->lan);
     bs_found_free(st);
     sn_free(st->sn);
     if (st->have_creds)

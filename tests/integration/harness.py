@@ -6,6 +6,7 @@ import argparse
 import atexit
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 import sys
@@ -175,3 +176,22 @@ def post_oversize(port, ctx, path, size, headers=None):
         return resp.status, json.loads(text)
     except ValueError:
         return resp.status, None
+
+
+def free_port():
+    """A TCP port of 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(what, fn, timeout, poll=0.1):
+    """Calls fn until it returns something true (returned) or timeout seconds pass."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(poll)
+    raise AssertionError("timed out after %.0f s waiting for %s (last: %r)" % (timeout, what, last))

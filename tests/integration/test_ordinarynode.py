@@ -31,21 +31,8 @@ SLOW = bool(harness.WRAPPER)
 WAIT = 60 if SLOW else 20
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until(what, fn, timeout):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError("timed out after %.0f s waiting for %s (last: %r)" % (timeout, what, last))
+free_port = harness.free_port
+wait_until = harness.wait_until
 
 
 class GarbageHandler(http.server.BaseHTTPRequestHandler):
@@ -95,7 +82,7 @@ class OrdinaryNode(unittest.TestCase):
         ls = [cls.bin("loginserver"), "-c", cfg]
         out = subprocess.run(ls + ["init"], capture_output=True, text=True, check=True).stdout
         pin = re.search(r"CA pin: (sha256:[0-9a-f]{64})", out).group(1)
-        sns, ons = ("sn1", "sn2", "sn3"), ("alice", "bob", "carol")
+        sns, ons = ("sn1", "sn2", "sn3", "sn4"), ("alice", "bob", "carol")
         for u in sns + ons:
             extra = ["--no-supernode"] if u in ons else []
             subprocess.run(ls + ["user", "add", u] + extra, input=u + "-password\n", text=True,
@@ -132,7 +119,7 @@ class OrdinaryNode(unittest.TestCase):
                    "-o", "cert_file=" + os.path.join(cls.svc, "127.0.0.1.pem"),
                    "-o", "key_file=" + os.path.join(cls.svc, "127.0.0.1.key"),
                    "-o", "announce_period_s=1"]).wait_for("serving on")
-        for u in sns:
+        for u in sns[:3]:  # sn4 runs alone in a network namespace (test_7)
             cls.sn[u] = cls.start([cls.bin("supernode"), "-d", "-c", cls.cfg[u]])
             cls.sn[u].wait_for("started a new ring" if u == "sn1" else "joined the ring",
                                timeout=WAIT)
@@ -350,6 +337,48 @@ class OrdinaryNode(unittest.TestCase):
         log = a.log()
         huge_line = [l for l in log.splitlines() if huge in l][0]
         self.assertRegex(huge_line, r"larger|too large|exceed|malformed", huge_line)
+
+    def test_7_lan_discovery_in_a_namespace(self):
+        """A super node answering LAN multicast on the test's own network (a namespace with
+        only a loopback interface, multicast enabled on it): an ordinary node with no cache
+        and no reachable bootstrap server attaches through it."""
+        if os.geteuid() != 0 or not shutil.which("ip"):
+            self.skipTest("needs root and iproute2 for a network namespace")
+        ns = "p2p-on-%d" % os.getpid()
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        self.addCleanup(subprocess.run, ["ip", "netns", "del", ns])
+        for cmd in (["link", "set", "lo", "up"], ["link", "set", "lo", "multicast", "on"],
+                    ["route", "add", "224.0.0.0/4", "dev", "lo"]):
+            subprocess.run(["ip", "-n", ns] + cmd, check=True)
+        inns = ["ip", "netns", "exec", ns]
+        sn = self.start(inns + [self.bin("supernode"), "-d", "-c", self.cfg["sn4"], "-o",
+                                "seed=true", "-o", "lan_discovery_if=127.0.0.1"])
+        self.addCleanup(lambda: (sn.stop(), self.daemons.remove(sn)))
+        sn.wait_for("answering LAN discovery queries on 239.255.42.99:7077", timeout=WAIT)
+        sn.wait_for("started a new ring", timeout=WAIT)
+        on = self.start(inns + [self.bin("ordinarynode"), "-d", "-c", self.cfg["carol"], "-o",
+                                "lan_discovery_if=127.0.0.1"])
+        self.addCleanup(lambda: (on.stop(), self.daemons.remove(on)))
+        line = on.wait_for("attached to super node", timeout=WAIT)
+        self.assertIn("found through: multicast", line)
+        self.assertIn(self.node_id["sn4"][:8], line)
+        on.wait_for("LAN discovery on 239.255.42.99:7077: 1 super nodes answered")
+        on.wait_for("published user location|carol@", timeout=WAIT)
+        # Garbage on the group is dropped and logged; the super node keeps answering.
+        g = subprocess.run(inns + [sys.executable, "-c", (
+            "import socket\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton('127.0.0.1'))\n"
+            "for p in (b'garbage', b'{\"v\":1,\"type\":\"discover\",\"overlay\":\"other\",'\n"
+            "          b'\"tid\":\"0123456789abcdef\"}', b'x' * 1400):\n"
+            "    s.sendto(p, ('239.255.42.99', 7077))\n")], capture_output=True, text=True)
+        self.assertEqual(g.returncode, 0, g.stderr)
+        sn.wait_for("oversize query dropped", timeout=WAIT)
+        self.assertEqual(on.stop(), 0)
+        on2 = self.start(inns + [self.bin("ordinarynode"), "-d", "-c", self.cfg["carol"], "-o",
+                                 "lan_discovery_if=127.0.0.1"])
+        self.addCleanup(lambda: (on2.stop(), self.daemons.remove(on2)))
+        self.assertIn("found through: multicast", on2.wait_for("attached to super node", WAIT))
 
 
 if __name__ == "__main__":
