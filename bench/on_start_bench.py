@@ -101,7 +101,7 @@ def main():
         sns = ["sn1", "sn2", "sn3"]
         for u in sns + ["user"]:
             subprocess.run(ls + ["user", "add", u] + (["--no-supernode"] if u == "user" else []),
-                           input="pw-" + u + "\n", text=True, capture_output=True, check=True)
+                           input="password-" + u + "\n", text=True, capture_output=True, check=True)
         p = Proc(ls + ["-d"])
         procs.append(p)
         p.wait_for("serving on")
@@ -111,7 +111,7 @@ def main():
             prog = "ordinarynode" if u == "user" else "supernode"
             subprocess.run([b(prog), "-o", "state_dir=" + d, "-o", "overlay=" + OVERLAY,
                             "enroll", "--login", "https://127.0.0.1:%d" % ls_port, "--pin", pin,
-                            "--user", u], input="pw-" + u + "\n", text=True,
+                            "--user", u], input="password-" + u + "\n", text=True,
                            capture_output=True, check=True)
             conf = {"overlay": OVERLAY, "state_dir": d, "log_level": "info"}
             if u != "user":

@@ -539,6 +539,8 @@ static void attached(struct onode *o, const struct msg *m)
     o->ka_tid[0] = '\0';
     o->ka_sent = now_s(o);
     ev_timer_start(o->loop, &o->ka_timer);
+    if (o->p.on_attached)
+        o->p.on_attached(o->p.ud, o->sn.id, o->sn.addr, o->sn.source);
     req_send_queued(o);
     /* A new super node: the user's location names it, so it is stored again at once. */
     for (struct pub *p = o->pubs; p; p = p->next)

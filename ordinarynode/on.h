@@ -38,6 +38,9 @@ struct on_params {
     const char *lan_group; /* LAN discovery group "239.x.y.z:port" (overlay document) */
     const char *lan_iface; /* IPv4 address of the interface to query on; NULL: no LAN query */
     double lan_timeout_s;  /* how long answers are collected */
+    /* Optional: told of every attachment (tools and tests that run many nodes). */
+    void (*on_attached)(void *ud, const char *sn_id, const char *sn_addr, const char *source);
+    void *ud;
 };
 
 struct onode;
