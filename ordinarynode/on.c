@@ -1080,11 +1080,16 @@ struct rm_op {
     struct onode *o;
     on_result_fn cb;
     void *ud;
+    char what[REC_TYPE_MAX + REC_NAME_MAX + 2];
 };
 
 static void rm_done(void *ud, const struct on_result *r)
 {
     struct rm_op *op = ud;
+    if (r->ok)
+        log_info(LOGM, "removed %s", op->what);
+    else
+        log_warn(LOGM, "removing %s failed: %s: %s", op->what, r->code, r->reason);
     if (op->cb)
         op->cb(op->ud, r);
     struct onode *o = op->o;
@@ -1118,6 +1123,7 @@ static int send_removal(struct onode *o, const char *type, const char *name, on_
     op->o = o;
     op->cb = cb;
     op->ud = ud;
+    snprintf(op->what, sizeof(op->what), "%s|%s", type, name);
     json_t *body = json_pack("{s:s,s:O}", "mode", "remove", "record", rec.envelope);
     rec_free(&rec);
     onode_request(o, "store", body, rm_done, op);

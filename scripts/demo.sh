@@ -129,10 +129,12 @@ echo '{ "overlay": "x", "lsiten": "127.0.0.1:7000" }' > "$state/typo.json"
 note "  $("$build/supernode/supernode" -n -c "$state/typo.json" 2>&1 || true)"
 
 say "4. Starting the other daemons (foreground, logs in the state directory)"
+declare -A pid_of
 start() { # name binary
   local name=$1 bin=$2
   "$build/$bin/$bin" -d -c "$state/$name.json" > "$state/$name.log" 2>&1 &
   pids+=($!)
+  pid_of[$name]=$!
   for _ in $(seq 100); do
     grep -q "started" "$state/$name.log" && break
     kill -0 "${pids[-1]}" 2>/dev/null || { cat "$state/$name.log"; echo "$name failed to start"; exit 1; }
@@ -175,10 +177,39 @@ note "bob may not overwrite alice's note (the store refuses a non-owner):"
 "$dhtctl" --state "$state/bob" --sn 127.0.0.1:7002 put --type note --name greeting \
   --value '{"text":"bob was here"}' 2>&1 | sed 's/^/      /' || true
 
-say "8. Stopping everything with SIGTERM"
+say "8. Ordinary nodes: attached, registered, and finding each other"
+on="$build/ordinarynode/ordinarynode"
+for n in alice bob; do
+  for _ in $(seq 200); do grep -q "published user location" "$state/$n.log" && break; sleep 0.05; done
+  note "$n: $(grep -m1 'attached to super node' "$state/$n.log" | sed 's/^.*info  on: //')"
+  note "$n: $(grep -m1 'published user location' "$state/$n.log" | sed 's/^.*info  on: //')"
+done
+note "alice's node, as 'ordinarynode status' shows it:"
+"$on" -c "$state/alice.json" status | sed 's/^/      /'
+note "bob looks alice up; his node checks her signature and certificate:"
+"$on" -c "$state/bob.json" get "user location" "alice@$overlay" | sed 's/^/      /'
+sn_addr=$("$on" -c "$state/alice.json" status --json | sed -n 's/.*"supernode":{[^}]*"addr":"\([^"]*\)".*/\1/p')
+case $sn_addr in 127.0.0.1:7001) victim=sn1 ;; 127.0.0.1:7002) victim=sn2 ;; *) victim=sn3 ;; esac
+note "alice's super node is $victim ($sn_addr); killing it with SIGKILL:"
+kill -KILL "${pid_of[$victim]}"
+wait "${pid_of[$victim]}" 2>/dev/null || true
+left=()
+for p in "${pids[@]}"; do [ "$p" != "${pid_of[$victim]}" ] && left+=("$p"); done
+pids=("${left[@]}")
+for _ in $(seq 100); do
+  [ "$(grep -c 'attached to super node' "$state/alice.log")" -ge 2 ] && break; sleep 0.05
+done
+grep 'lost\|attached to super node' "$state/alice.log" | tail -2 | sed 's/^.*  on: /      alice: /'
+for _ in $(seq 100); do [ "$(grep -c 'published user location' "$state/alice.log")" -ge 2 ] && break; sleep 0.05; done
+note "bob looks alice up again: her record now names her new super node:"
+"$on" -c "$state/bob.json" get "user location" "alice@$overlay" --json |
+  sed -n 's/.*"sn":{"id":"\([0-9a-f]\{8\}\)[0-9a-f]*","addr":"\([^"]*\)".*/      re-attached: super node \1... at \2/p'
+
+say "9. Stopping everything with SIGTERM"
 for p in "${pids[@]}"; do kill -TERM "$p"; done
 for p in "${pids[@]}"; do wait "$p" || { echo "a daemon exited with status $?"; exit 1; }; done
 for f in loginserver bootstrap sn1 sn2 sn3 alice bob; do
+  [ "$f" = "$victim" ] && continue
   note "$f: $(grep -m1 'stopped' "$state/$f.log" | sed 's/^.*info  //')"
 done
 pids=()

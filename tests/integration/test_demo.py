@@ -90,7 +90,11 @@ class Demo(unittest.TestCase):
         self.assertIn("renewed: sip:alice@demo.p2psip (node-id %s" % alice_id, out)
         self.assertIn("peer refused our certificate", out)
         self.assertIn("peer sent no certificate acceptable for the overlay CA", out)
-        self.assertEqual(out.count("stopped"), 7, out)
+        # Ordinary nodes: registered, found and verified, re-attached after their SN's SIGKILL.
+        self.assertRegex(out, r"alice: published user location\|alice@demo\.p2psip")
+        self.assertRegex(out, r"sip:alice@demo\.p2psip  seq \d+  expires \d+  verified")
+        self.assertRegex(out, r"re-attached: super node [0-9a-f]{8}\.\.\. at ")
+        self.assertEqual(out.count("stopped"), 6, out)  # the killed super node did not stop
         self.assertIn("Everything this demo started has exited", out)
         self.assert_clean(out)
 
