@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""500 ordinary nodes (bench/on_swarm: the daemon's own core, 500 instances in one process)
+"""500 ordinary nodes (250 in a sanitizer build) (bench/on_swarm: the daemon's own core, 500 instances in one process)
 attached to one super node of three; that super node is SIGKILLed. Every node must attach
 elsewhere, the nodes must spread over both survivors, and the reconnections must be spread in
 time (the jittered back-off of docs/operations.md), not one synchronized spike."""
@@ -21,8 +21,11 @@ import harness  # noqa: E402
 
 BINDIR = None
 OVERLAY = "swarm.p2psip"
-NODES = 500
-WAIT = 60
+# Under the sanitizers (scripts/test.sh sets ASAN_OPTIONS) every handshake costs several times
+# more: fewer nodes, and only the spread is judged, not how fast 2 cores get through them.
+SANITIZED = "ASAN_OPTIONS" in os.environ
+NODES = 250 if SANITIZED else 500
+WAIT = 120 if SANITIZED else 60
 
 
 class Swarm:
@@ -154,7 +157,8 @@ class Failover(unittest.TestCase):
         # tenth in each 100 ms), the middle half spans a good part of the back-off window.
         self.assertLessEqual(max(buckets.values()), len(moved) // 4, sorted(buckets.items()))
         self.assertGreaterEqual(q(0.75) - q(0.25), 0.2)
-        self.assertLess(q(0.5), 10.0)  # the handshakes of 500 nodes queue on 2 cores
+        if not SANITIZED:
+            self.assertLess(q(0.5), 10.0)  # the handshakes of 500 nodes queue on 2 cores
         self.assertEqual(self.swarm.stop(), 0, "".join(self.swarm.err[-20:]))
         self.swarm = None
 
