@@ -359,12 +359,18 @@ class Bootstrap(unittest.TestCase):
         st, js, _ = self.announce(self.port, "sn3", addr)
         self.assertEqual((st, js["state"]), (200, "pending"), js)
         answers = self.announce_until("sn3", addr, want="rejected")
+        t_rejected = time.monotonic()
         self.assertIn(addr, answers[-1]["reason"])
-        # It stays out while it keeps announcing the same dead address.
+        # It stays out while it keeps announcing the same dead address (rejected until a
+        # period has passed, then checked again).
         for _ in range(2):
             time.sleep(POLL)
+            t_sent = time.monotonic()
             st, js, _ = self.announce(self.port, "sn3", addr)
-            self.assertEqual((st, js["state"]), (200, "rejected"), js)
+            if not harness.WRAPPER or t_sent - t_rejected < PERIOD * 0.3:
+                self.assertEqual((st, js["state"]), (200, "rejected"), js)
+            else:  # under valgrind a round trip can outlast the period: checked again
+                self.assertIn(js["state"], ("rejected", "pending"), js)
         self.assertEqual(self.listed(), self.expected("sn1", "sn2"))
 
     def test_3_someone_elses_address_is_rejected(self):
