@@ -149,6 +149,19 @@ static double uniform01(void)
     return (double)r / 4294967296.0;
 }
 
+/* order[0..n) = a random permutation of 0..n-1 (Fisher-Yates). */
+static void shuffled_indices(size_t *order, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        order[i] = i;
+    for (size_t i = n; i > 1; i--) {
+        size_t j = (size_t)(uniform01() * (double)i);
+        size_t t = order[i - 1];
+        order[i - 1] = order[j];
+        order[j] = t;
+    }
+}
+
 static void set_error(struct onode *o, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void set_error(struct onode *o, const char *fmt, ...)
 {
@@ -199,15 +212,8 @@ static void cand_add_alternates(struct onode *o, json_t *alts, const char *sourc
     size_t n = json_array_size(alts);
     if (n == 0)
         return;
-    size_t order[16], k = 0;
-    for (size_t i = 0; i < n && k < 16; i++)
-        order[k++] = i;
-    for (size_t i = k; i > 1; i--) {
-        size_t j = (size_t)(uniform01() * (double)i);
-        size_t t = order[i - 1];
-        order[i - 1] = order[j];
-        order[j] = t;
-    }
+    size_t order[16], k = n < 16 ? n : 16;
+    shuffled_indices(order, k);
     for (size_t i = 0; i < k; i++) {
         json_t *e = json_array_get(alts, order[i]);
         cand_add(o, json_string_value(json_object_get(e, "addr")),
@@ -255,14 +261,7 @@ static void round_start(struct onode *o)
     o->bs_asked = false;
     /* 2: the host cache's alternates, shuffled. */
     size_t order[HOSTCACHE_MAX];
-    for (size_t i = 0; i < o->hc.n_alt; i++)
-        order[i] = i;
-    for (size_t i = o->hc.n_alt; i > 1; i--) {
-        size_t j = (size_t)(uniform01() * (double)i);
-        size_t t = order[i - 1];
-        order[i - 1] = order[j];
-        order[j] = t;
-    }
+    shuffled_indices(order, o->hc.n_alt);
     for (size_t i = 0; i < o->hc.n_alt; i++)
         cand_add(o, o->hc.alt[order[i]].addr, o->hc.alt[order[i]].id, "cache", false);
     /* 3: the last super node. */
@@ -1224,8 +1223,7 @@ static void lookup_done(void *ud, const struct on_result *r)
             log_warn(LOGM, "a record found does not verify: %s: %s", rec_strcode(rc), err);
             e = json_pack("{s:b,s:s,s:s}", "verified", 0, "code", rec_strcode(rc), "error", err);
         }
-        if (rc == REC_OK || rc != REC_E_MALFORMED)
-            rec_free(&rec);
+        rec_free(&rec); /* rec_parse zeroes it on failure: always safe */
         json_array_append_new(out, e);
     }
     json_t *body = json_pack("{s:o,s:O,s:O}", "records", out, "hops",
