@@ -914,10 +914,15 @@ class Ring(unittest.TestCase):
             self.assertEqual(held[sn.name]["primary"], own, sn.name)
             self.assertGreater(held[sn.name]["primary"] + held[sn.name]["replica"], 0,
                                "%s holds no records" % sn.name)
+        # Every new node whose arc of the ring holds keys became their primary. (How many arcs
+        # hold keys is chance: with the valgrind variant's 40 records a new node's arc was
+        # once empty, and a fixed "at least half of them" failed.)
         with_primary = sum(1 for sn in news if held[sn.name]["primary"] > 0)
-        self.assertGreaterEqual(with_primary, (len(news) + 1) // 2,
-                                "few new nodes became responsible for records: %r"
-                                % {s.name: held[s.name] for s in news})
+        expected = sum(1 for sn in news
+                       if any(self.holders(ring_ids, ring, k)[0] is sn for k in self.keys))
+        self.assertEqual(with_primary, expected,
+                         "new nodes responsible for records: %r"
+                         % {s.name: held[s.name] for s in news})
         self.check_through(news + rng.sample([s for s in sns if s not in news], 1),
                            "after the joins")
         note("all %d readable through the new nodes", N_RECORDS)
