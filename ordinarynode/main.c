@@ -17,6 +17,7 @@
 #include "login_client.h"
 #include "nodeid.h"
 #include "on.h"
+#include "promo.h"
 #include "record.h"
 #include "renewer.h"
 
@@ -42,6 +43,9 @@ struct on_config {
     bool stun;
     char *lan_discovery_if;
     long long lan_discovery_ms;
+    char *advertise;
+    bool never_promote;
+    long long sn_max_attached;
 };
 
 static const struct cfg_field on_fields[] = {
@@ -89,6 +93,12 @@ static const struct cfg_field on_fields[] = {
      "overlay document's group); default: off"},
     {"lan_discovery_ms", CFG_INT, offsetof(struct on_config, lan_discovery_ms), 10, 10000, NULL,
      "300", "how long LAN discovery answers are collected"},
+    {"advertise", CFG_HOSTPORT, offsetof(struct on_config, advertise), 0, 0, NULL, NULL,
+     "address other nodes reach our overlay port at (a port forward, say); default: listen"},
+    {"never_promote", CFG_BOOL, offsetof(struct on_config, never_promote), 0, 0, NULL, "false",
+     "never become a super node, whatever the criteria say (docs/promotion.md)"},
+    {"sn_max_attached", CFG_INT, offsetof(struct on_config, sn_max_attached), 1, 10000000, NULL,
+     "1000", "once promoted: most ordinary nodes attached at once"},
 };
 
 static int on_validate(const void *p, char *err, size_t len)
@@ -102,6 +112,17 @@ static int on_validate(const void *p, char *err, size_t len)
                      i, c->supernodes.items[i]);
             return -1;
         }
+    if (c->advertise && !c->listen) {
+        snprintf(err, len, "key \"advertise\" needs \"listen\" (the port it forwards to)");
+        return -1;
+    }
+    if (c->listen && !c->advertise &&
+        (!strncmp(c->listen, "0.0.0.0:", 8) || !strncmp(c->listen, "[::]:", 5))) {
+        snprintf(err, len,
+                 "key \"listen\" is a wildcard address: set \"advertise\" to the address super "
+                 "nodes reach this node at");
+        return -1;
+    }
     for (size_t i = 0; i < c->bootstrap_urls.n; i++)
         if (strncmp(c->bootstrap_urls.items[i], "https://", 8) != 0) {
             snprintf(err, len,
@@ -175,9 +196,16 @@ struct on_state {
     struct node_creds creds;
     bool have_creds;
     struct onode *on;
+    struct promo *promo;
     struct ctl_server *ctl;
     const char **bs; /* bootstrap URLs in use */
 };
+
+static void on_invite(void *ud, const char *reason)
+{
+    struct on_state *st = ud;
+    promo_invited(st->promo, reason);
+}
 
 static char *control_path(const struct on_config *cfg)
 {
@@ -204,6 +232,8 @@ static void on_control(struct ctl_req *r, json_t *req, void *ud)
     const char *name = json_string_value(json_object_get(req, "name"));
     if (!strcmp(cmd, "status")) {
         json_t *s = onode_status(st->on);
+        if (st->promo)
+            json_object_set_new(s, "promotion", promo_status(st->promo));
         json_object_set_new(s, "ok", json_true());
         ctl_reply(r, s);
         return;
@@ -284,6 +314,7 @@ static int on_start(struct ev_loop *loop, const void *p, void **state)
         .state_dir = cfg->state_dir,
         .creds = &st->creds,
         .listen = cfg->listen,
+        .advertise = cfg->advertise,
         .supernodes = (const char *const *)cfg->supernodes.items,
         .n_supernodes = cfg->supernodes.n,
         .bootstrap_urls = st->bs,
@@ -301,9 +332,25 @@ static int on_start(struct ev_loop *loop, const void *p, void **state)
         .lan_group = st->creds.doc.lan_discovery,
         .lan_iface = cfg->lan_discovery_if,
         .lan_timeout_s = (double)cfg->lan_discovery_ms / 1000.0,
+        .on_invite = on_invite,
+        .ud = st,
     };
     if (!(st->on = onode_new(loop, &op, err, sizeof(err)))) {
         log_error("main", "%s", err);
+        return -1;
+    }
+    struct promo_params pp = {
+        .on = st->on,
+        .creds = &st->creds,
+        .listen = cfg->listen,
+        .advertise = cfg->advertise,
+        .never = cfg->never_promote,
+        .bootstrap_urls = st->bs,
+        .n_bootstrap_urls = nbs,
+        .max_attached = (size_t)cfg->sn_max_attached,
+    };
+    if (!(st->promo = promo_start(loop, &pp))) {
+        log_error("main", "out of memory");
         return -1;
     }
     char *path = control_path(cfg);
@@ -321,9 +368,18 @@ static int on_start(struct ev_loop *loop, const void *p, void **state)
     return 0;
 }
 
-static void on_stopped(void *ud)
+static void promo_stopped(void *ud)
 {
     (void)ud; /* the loop ends once the last watcher is gone */
+}
+
+/* The user's records are removed through our own super node role (if promoted) first; then
+ * the role hands its records over and leaves the ring. */
+static void on_stopped(void *ud)
+{
+    struct on_state *st = ud;
+    if (st->promo)
+        promo_stop(st->promo, promo_stopped, st);
 }
 
 static void on_stop(struct ev_loop *loop, void *p)
@@ -345,6 +401,7 @@ static void on_cleanup(void *p)
     renewer_stop(st->renewer);
     ctl_server_stop(st->ctl);
     onode_free(st->on);
+    promo_free(st->promo);
     if (st->have_creds)
         node_creds_free(&st->creds);
     free(st->bs);
@@ -417,6 +474,19 @@ static int cmd_status(const struct cli_opts *o, const struct on_config *cfg)
         }
         if (json_is_string(json_object_get(res, "last_error")))
             printf("last error   %s\n", json_string_value(json_object_get(res, "last_error")));
+        json_t *pr = json_object_get(res, "promotion");
+        if (pr) {
+            const char *blocked = json_string_value(json_object_get(pr, "blocked"));
+            printf("promotion    %s%s%s (%lld promotions, %lld demotions)\n",
+                   json_string_value(json_object_get(pr, "state")), blocked ? ": " : "",
+                   blocked ? blocked : "", json_integer_value(json_object_get(pr, "promotions")),
+                   json_integer_value(json_object_get(pr, "demotions")));
+            json_t *ps = json_object_get(pr, "supernode");
+            if (ps)
+                printf("as super node %zu ordinary nodes attached, %lld keys\n",
+                       (size_t)json_integer_value(json_object_get(ps, "attached")),
+                       json_integer_value(json_object_get(json_object_get(ps, "store"), "keys")));
+        }
     }
     json_decref(res);
     return rc;

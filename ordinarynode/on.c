@@ -123,6 +123,7 @@ struct onode {
     struct req *reqs;
     struct pub *pubs;
     char last_error[600];
+    char self_sn[128]; /* our own super node role's address while promoted, else "" */
 
     void (*stop_done)(void *ud);
     void *stop_ud;
@@ -191,8 +192,11 @@ static void cand_add(struct onode *o, const char *addr, const char *id, const ch
         return;
     if (cand_known(o, addr, at_cur ? o->cur : 0) || o->n_cands >= MAX_CANDS)
         return;
-    if (o->p.listen && !strcmp(addr, o->p.listen))
-        return;
+    bool self = !strcmp(source, "self");
+    if (!self &&
+        ((o->p.listen && !strcmp(addr, o->p.listen)) ||
+         (o->p.advertise && !strcmp(addr, o->p.advertise)) || (id && !strcmp(id, o->self_id))))
+        return; /* ourselves: only while promoted, as "self" */
     struct cand c = {.source = source};
     snprintf(c.addr, sizeof(c.addr), "%s", addr);
     if (id && strlen(id) == NID_HEX_LEN)
@@ -259,6 +263,9 @@ static void round_start(struct onode *o)
     o->n_cands = 0;
     o->cur = 0;
     o->bs_asked = false;
+    /* Promoted: the super node role of this very process comes before everything else. */
+    if (o->self_sn[0])
+        cand_add(o, o->self_sn, o->self_id, "self", false);
     /* 2: the host cache's alternates, shuffled. */
     size_t order[HOSTCACHE_MAX];
     shuffled_indices(order, o->hc.n_alt);
@@ -462,7 +469,8 @@ static void link_open(struct conn *c, void *ud)
         return;
     }
     snprintf(cd->id, sizeof(cd->id), "%s", hex);
-    json_t *b = o->p.listen ? json_pack("{s:s}", "listen", o->p.listen) : json_object();
+    const char *adv = o->p.advertise ? o->p.advertise : o->p.listen;
+    json_t *b = adv ? json_pack("{s:s}", "listen", adv) : json_object();
     msg_new_tid(o->attach_tid);
     if (conn_send(c, "attach", MSG_REQ, o->attach_tid, b) != 0)
         cand_failed(o, "cannot send attach");
@@ -474,7 +482,8 @@ static void ka_cb(struct ev_loop *loop, ev_timer *w, int revents);
 static void stun_discover(struct onode *o)
 {
     o->mapped[0] = '\0';
-    if (!o->p.stun || !o->stun_addr[0])
+    /* Not against our own role's STUN server: it answers from this loop, which the query blocks. */
+    if (!o->p.stun || !o->stun_addr[0] || !strcmp(o->sn.id, o->self_id))
         return;
     char err[256];
     /* Blocking, bounded: a lost answer costs at most this much of the loop's time. */
@@ -510,15 +519,19 @@ static void attached(struct onode *o, const struct msg *m)
     /* The host cache: this super node and its alternates, for the next start or failover. */
     struct hc_entry last, alt[HOSTCACHE_MAX];
     size_t n = 0;
-    snprintf(last.id, sizeof(last.id), "%s", o->sn.id);
-    snprintf(last.addr, sizeof(last.addr), "%s", o->sn.addr);
+    if (!strcmp(o->sn.id, o->self_id)) {
+        last = o->hc.last; /* our own role is no super node to come back to as an ordinary node */
+    } else {
+        snprintf(last.id, sizeof(last.id), "%s", o->sn.id);
+        snprintf(last.addr, sizeof(last.addr), "%s", o->sn.addr);
+    }
     size_t i;
     json_t *e;
     json_array_foreach(json_object_get(m->body, "alternates"), i, e)
     {
         const char *aid = json_string_value(json_object_get(e, "id"));
         const char *aaddr = json_string_value(json_object_get(e, "addr"));
-        if (n < HOSTCACHE_MAX && hostcache_entry_valid(aid, aaddr)) {
+        if (n < HOSTCACHE_MAX && hostcache_entry_valid(aid, aaddr) && strcmp(aid, o->self_id)) {
             snprintf(alt[n].id, sizeof(alt[n].id), "%s", aid);
             snprintf(alt[n].addr, sizeof(alt[n].addr), "%s", aaddr);
             n++;
@@ -616,10 +629,10 @@ static void on_indication(struct onode *o, const struct msg *m)
         }
         json_decref(alts);
     } else if (!strcmp(m->type, "invite")) {
-        log_info(LOGM,
-                 "super node %.8s invites us to become a super node (%s); promotion is "
-                 "not built yet",
-                 o->sn.id, json_string_value(json_object_get(m->body, "reason")) ?: "");
+        const char *reason = json_string_value(json_object_get(m->body, "reason")) ?: "";
+        log_info(LOGM, "super node %.8s invites us to become a super node (%s)", o->sn.id, reason);
+        if (o->p.on_invite)
+            o->p.on_invite(o->p.ud, reason);
     } else if (!strcmp(m->type, "deliver")) {
         log_info(LOGM, "message delivered from %.8s (no consumer yet)",
                  json_string_value(json_object_get(m->body, "from")) ?: "?");
@@ -747,11 +760,9 @@ static void ka_cb(struct ev_loop *loop, ev_timer *w, int revents)
     conn_send(o->conn, "keepalive", MSG_REQ, o->ka_tid, NULL);
 }
 
-/* The attachment is gone: wait [0, base) and start a new round. */
-static void lost(struct onode *o, const char *why)
+/* Closes the link to the super node (if any) and fails what was sent on it. */
+static void detach(struct onode *o, const char *why)
 {
-    log_warn(LOGM, "%s; re-attaching", why);
-    set_error(o, "%s", why);
     ev_timer_stop(o->loop, &o->ka_timer);
     o->ka_tid[0] = '\0';
     o->state = S_BACKOFF;
@@ -762,6 +773,14 @@ static void lost(struct onode *o, const char *why)
     }
     reqs_fail_sent(o, why);
     o->sn.addr[0] = '\0';
+}
+
+/* The attachment is gone: wait [0, base) and start a new round. */
+static void lost(struct onode *o, const char *why)
+{
+    log_warn(LOGM, "%s; re-attaching", why);
+    set_error(o, "%s", why);
+    detach(o, why);
     double wait = uniform01() * o->p.backoff_base_s;
 
     log_debug(LOGM, "next round in %.3f s", wait);
@@ -925,8 +944,9 @@ static json_t *user_location_value(struct onode *o)
     const char *refl = o->mapped[0] ? o->mapped : o->reflexive;
     if (refl[0])
         json_object_set_new(v, "reflexive", json_string(refl));
-    if (o->p.listen)
-        json_object_set_new(v, "overlay_listen", json_string(o->p.listen));
+    if (o->p.advertise || o->p.listen)
+        json_object_set_new(v, "overlay_listen",
+                            json_string(o->p.advertise ? o->p.advertise : o->p.listen));
     return v;
 }
 
@@ -1498,4 +1518,68 @@ json_t *onode_status(struct onode *o)
                                               p->no_update));
     json_object_set_new(st, "published", pubs);
     return st;
+}
+
+/* ---- promotion's hooks ----------------------------------------------------------------------- */
+
+int onode_set_listening(struct onode *o, bool on, char *err, size_t errlen)
+{
+    if (!on) {
+        listener_free(o->lst);
+        o->lst = NULL;
+        return 0;
+    }
+    if (o->lst || !o->p.listen || o->state == S_STOPPING || o->state == S_STOPPED)
+        return 0;
+    char e[512];
+    if (!(o->lst = conn_listen(o->loop, o->tls, o->p.listen, &probe_cbs, o, e, sizeof(e)))) {
+        errbuf_set(err, errlen, -1, "overlay port %s: %s", o->p.listen, e);
+        return -1;
+    }
+    return 0;
+}
+
+/* Drops the attachment (if any) and starts a round at once, without the failover wait. */
+static void reattach_now(struct onode *o, const char *why)
+{
+    if (o->state == S_STOPPING || o->state == S_STOPPED || o->state == S_IDLE)
+        return;
+    log_info(LOGM, "%s: attaching anew", why);
+    ev_timer_stop(o->loop, &o->attempt_timer);
+    ev_timer_stop(o->loop, &o->backoff_timer);
+    landisc_query_cancel(o->lanq);
+    o->lanq = NULL;
+    detach(o, why);
+    o->failed_rounds = 0;
+    round_start(o);
+}
+
+void onode_attach_self(struct onode *o, const char *addr)
+{
+    bool was = o->self_sn[0] != '\0';
+    snprintf(o->self_sn, sizeof(o->self_sn), "%s", addr ? addr : "");
+    if (addr)
+        reattach_now(o, "promoted: using our own super node role");
+    else if (was && (!strcmp(o->sn.id, o->self_id) || o->state != S_ATTACHED))
+        reattach_now(o, "no longer a super node");
+}
+
+double onode_attached_for(const struct onode *o)
+{
+    if (o->state != S_ATTACHED || !strcmp(o->sn.id, o->self_id))
+        return -1;
+    return now_s(o) - o->attached_at;
+}
+
+size_t onode_known_supernodes(const struct onode *o, const char **out, size_t max)
+{
+    size_t n = 0;
+    if (o->state == S_ATTACHED && o->sn.addr[0] && strcmp(o->sn.id, o->self_id) && n < max)
+        out[n++] = o->sn.addr;
+    if (o->hc.last.addr[0] && strcmp(o->hc.last.id, o->self_id) && n < max)
+        out[n++] = o->hc.last.addr;
+    for (size_t i = 0; i < o->hc.n_alt && n < max; i++)
+        if (strcmp(o->hc.alt[i].id, o->self_id))
+            out[n++] = o->hc.alt[i].addr;
+    return n;
 }

@@ -21,6 +21,7 @@ struct on_params {
     const char *state_dir;          /* host cache; credentials come in `creds` */
     const struct node_creds *creds; /* loaded by the caller, kept alive while the node runs */
     const char *listen;             /* own overlay port for probes ("host:port"), or NULL */
+    const char *advertise;          /* where others reach that port (NULL = listen) */
     const char *const *supernodes;  /* configured super node addresses */
     size_t n_supernodes;
     const char *const *bootstrap_urls; /* https:// base URLs */
@@ -40,6 +41,8 @@ struct on_params {
     double lan_timeout_s;  /* how long answers are collected */
     /* Optional: told of every attachment (tools and tests that run many nodes). */
     void (*on_attached)(void *ud, const char *sn_id, const char *sn_addr, const char *source);
+    /* Optional: the super node invites us to become one (docs/protocol.md 5.6). */
+    void (*on_invite)(void *ud, const char *reason);
     void *ud;
 };
 
@@ -94,5 +97,23 @@ void onode_publish(struct onode *o, const char *mode, const char *type, const ch
  * "error": "..."}], "hops", "node"}.
  */
 void onode_lookup(struct onode *o, const char *key_hex, on_result_fn cb, void *ud);
+
+/* ---- for promotion (promo.c): the super node role in this same process ---- */
+
+/* Opens (true) or closes the own overlay port's listener; the super node role takes the port
+ * over while it runs. 0, or -1 with err. */
+int onode_set_listening(struct onode *o, bool on, char *err, size_t errlen);
+/*
+ * Attaches to the super node role of this process at addr (our advertised
+ * address) from now on: the current attachment is dropped and that address
+ * is tried first in every round. onode_attach_self(o, NULL) ends that: the
+ * node looks for another super node at once.
+ */
+void onode_attach_self(struct onode *o, const char *addr);
+/* Seconds attached to the current (other) super node; -1 when not attached to one. */
+double onode_attached_for(const struct onode *o);
+/* Addresses of super nodes we know (the current one first, then the host cache): at most max,
+ * pointers valid until the next event. */
+size_t onode_known_supernodes(const struct onode *o, const char **out, size_t max);
 
 #endif

@@ -57,15 +57,20 @@ note "state directory: $state"
 say "2. The login server: a new overlay CA, accounts, and the signed configuration document"
 cat > "$state/loginserver.json" <<JSON
 { "overlay": "$overlay", "listen": "127.0.0.1:8440", "state_dir": "$state/loginserver",
-  "bootstrap_urls": ["https://127.0.0.1:8443"] }
+  "bootstrap_urls": ["https://127.0.0.1:8443"],
+  "promotion_min_uptime_s": 3, "promotion_min_cpus": 1, "promotion_min_free_mem_mb": 64,
+  "promotion_min_bandwidth_kbps": 1000, "promotion_sn_target_load": 1 }
 JSON
 ls_cmd() { "$build/loginserver/loginserver" -c "$state/loginserver.json" "$@"; }
 init_out=$(ls_cmd init)
 pin=$(printf '%s\n' "$init_out" | sed -n 's/^CA pin: //p')
 note "loginserver init: CA pin $pin"
-for u in sn1 sn2 sn3 alice bob; do
-  echo "$u-demo-password" | ls_cmd user add "$u" >/dev/null
+for u in sn1 sn2 sn3 alice bob carol; do
+  # alice and bob may never host a super node; carol's node may be promoted.
+  case $u in alice|bob) extra=--no-supernode ;; *) extra= ;; esac
+  echo "$u-demo-password" | ls_cmd user add "$u" $extra >/dev/null
 done
+note "the overlay document's promotion thresholds (low, for the demo): up 3 s, 1 core, 64 MiB free, 1 Mbit/s, more than 1 ordinary node per super node"
 note "accounts: $(ls_cmd user list | awk '{print $1}' | tr '\n' ' ')"
 "$build/loginserver/loginserver" -d -c "$state/loginserver.json" > "$state/loginserver.log" 2>&1 &
 pids+=($!)
@@ -87,7 +92,11 @@ for on in alice bob; do
   "supernodes": ["127.0.0.1:7001", "127.0.0.1:7002"] }
 JSON
 done
-for n in sn1 sn2 sn3 alice bob; do
+cat > "$state/carol.json" <<JSON
+{ "overlay": "$overlay", "state_dir": "$state/carol", "sip_listen": "127.0.0.1:5063",
+  "listen": "127.0.0.1:7011", "supernodes": ["127.0.0.1:7002"], "bootstrap_urls": [] }
+JSON
+for n in sn1 sn2 sn3 alice bob carol; do
   case $n in sn*) bin=supernode ;; *) bin=ordinarynode ;; esac
   echo "$n-demo-password" | "$build/$bin/$bin" -c "$state/$n.json" enroll \
     --login https://127.0.0.1:8440 --pin "$pin" --user "$n" | head -1 | sed "s/^/    $n: /"
@@ -146,8 +155,6 @@ start bootstrap bootstrap
 start sn1 supernode
 start sn2 supernode
 start sn3 supernode
-start alice ordinarynode
-start bob ordinarynode
 
 say "5. Mutual TLS 1.3 between super nodes, identities from the certificates"
 "$build/supernode/supernode" -c "$state/sn2.json" ping 127.0.0.1:7001 | sed 's/^/    sn2 -> sn1: /'
@@ -179,6 +186,8 @@ note "bob may not overwrite alice's note (the store refuses a non-owner):"
 
 say "8. Ordinary nodes: attached, registered, and finding each other"
 on="$build/ordinarynode/ordinarynode"
+start alice ordinarynode
+start bob ordinarynode
 for n in alice bob; do
   for _ in $(seq 200); do grep -q "published user location" "$state/$n.log" && break; sleep 0.05; done
   note "$n: $(grep -m1 'attached to super node' "$state/$n.log" | sed 's/^.*info  on: //')"
@@ -205,12 +214,47 @@ note "bob looks alice up again: her record now names her new super node:"
 "$on" -c "$state/bob.json" get "user location" "alice@$overlay" --json |
   sed -n 's/.*"sn":{"id":"\([0-9a-f]\{8\}\)[0-9a-f]*","addr":"\([^"]*\)".*/      re-attached: super node \1... at \2/p'
 
-say "9. Stopping everything with SIGTERM"
+say "9. Promotion: carol's node qualifies and becomes a super node in its own process"
+note "carol runs an ordinary node with an overlay port (127.0.0.1:7011); the super nodes probe it by connecting back"
+start carol ordinarynode
+for _ in $(seq 300); do grep -q "promoted: now a super node" "$state/carol.log" && break; sleep 0.05; done
+grep -E "invites us|reachable at|promoting: every|promoted:" "$state/carol.log" | head -4 |
+  sed 's/^.*info  [a-z]*: /      carol: /'
+for _ in $(seq 100); do  # first to sn2, then to its own role
+  [ "$(grep -c 'attached to super node' "$state/carol.log")" -ge 2 ] && break; sleep 0.05
+done
+note "carol's node, as 'ordinarynode status' shows it (its user now goes through its own super node role):"
+"$on" -c "$state/carol.json" status | grep -E "^(node|super node|promotion|as super)" | sed 's/^/      /'
+sn_ring=$([ "$victim" = sn2 ] && echo sn3 || echo sn2)
+for _ in $(seq 100); do
+  "$build/supernode/supernode" -c "$state/$sn_ring.json" status 2>/dev/null | grep -q "127.0.0.1:7011" && break
+  sleep 0.1
+done
+note "the ring as $sn_ring sees it now:"
+"$build/supernode/supernode" -c "$state/$sn_ring.json" status | grep -E "predecessor|successor" | sed 's/^/      /'
+for _ in $(seq 100); do
+  curl -s --cacert "$state/loginserver/ca.pem" "https://127.0.0.1:8443/v1/supernodes" | grep -q 7011 && break
+  sleep 0.1
+done
+note "the bootstrap server lists it (a killed super node's entry stays until it expires):"
+curl -s --cacert "$state/loginserver/ca.pem" "https://127.0.0.1:8443/v1/supernodes" |
+  grep -o '"address":"[^"]*"' | sed 's/^/      /'
+note "bob looks carol up; the answer comes from the ring carol is now part of:"
+for _ in $(seq 100); do "$on" -c "$state/bob.json" get "user location" "carol@$overlay" >/dev/null 2>&1 && break; sleep 0.05; done
+"$on" -c "$state/bob.json" get "user location" "carol@$overlay" | sed 's/^/      /'
+
+say "10. Stopping everything with SIGTERM, carol's node first: it removes her record, hands its keys over and leaves the ring"
+kill -TERM "${pid_of[carol]}"
+wait "${pid_of[carol]}" || { echo "carol's node exited with status $?"; exit 1; }
+grep -E "removing|removed|promotion: (stopping|left)" "$state/carol.log" | sed 's/^.*info  [a-z]*: /      carol: /'
+left=()
+for p in "${pids[@]}"; do [ "$p" != "${pid_of[carol]}" ] && left+=("$p"); done
+pids=("${left[@]}")
 for p in "${pids[@]}"; do kill -TERM "$p"; done
 for p in "${pids[@]}"; do wait "$p" || { echo "a daemon exited with status $?"; exit 1; }; done
-for f in loginserver bootstrap sn1 sn2 sn3 alice bob; do
+for f in loginserver bootstrap sn1 sn2 sn3 alice bob carol; do
   [ "$f" = "$victim" ] && continue
-  note "$f: $(grep -m1 'stopped' "$state/$f.log" | sed 's/^.*info  //')"
+  note "$f: $(grep -m1 -E 'info  (daemon|on): .*stopped$' "$state/$f.log" | sed 's/^.*info  //')"
 done
 pids=()
 

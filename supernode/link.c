@@ -203,6 +203,7 @@ static struct link *link_new(struct sn *s, struct conn *c, bool outgoing)
     l->sn = s;
     l->conn = c;
     l->outgoing = outgoing;
+    l->ring = outgoing;
     l->serial = ++s->next_serial;
     l->hnext = s->link_hash[serial_bucket(l->serial)];
     s->link_hash[serial_bucket(l->serial)] = l;
@@ -230,7 +231,7 @@ static struct link *peer_link(struct sn *s, struct peer *p)
         return p->link;
     p->link = NULL;
     for (struct link *l = s->links.next; l != &s->links; l = l->next)
-        if (!l->closing && l->open && l->has_id && nid_eq(&l->id, &p->id)) {
+        if (!l->closing && l->open && l->ring && !l->on && l->has_id && nid_eq(&l->id, &p->id)) {
             p->link = l;
             l->peer = p;
             return l;
@@ -348,14 +349,19 @@ static void on_open(struct conn *c, void *ud)
         l->closing = true;
         return;
     }
-    l->open = true;
-    if ((l->roles & ROLE_SUPERNODE) && l->has_id) {
-        struct peer *p = peer_find(s, &l->id);
-        if (p && (!p->link || p->link->closing))
-            p->link = l;
-        if (p)
-            l->peer = p;
-    }
+    l->open = true; /* a peer's link only once ring messages come on it (link_ring_traffic) */
+}
+
+void link_ring_traffic(struct sn *s, struct link *l)
+{
+    if (l->ring || l->on || !link_is_sn(l))
+        return;
+    l->ring = true;
+    struct peer *p = peer_find(s, &l->id);
+    if (p && (!p->link || p->link->closing))
+        p->link = l;
+    if (p)
+        l->peer = p;
 }
 
 static void on_message(struct conn *c, const struct msg *m, void *ud)
@@ -452,7 +458,8 @@ static void on_close(struct conn *c, enum conn_close_reason r, const char *detai
     if (p && p->link == l) {
         p->link = NULL;
         for (struct link *x = s->links.next; x != &s->links; x = x->next)
-            if (!x->closing && x->open && x->has_id && nid_eq(&x->id, &p->id)) {
+            if (!x->closing && x->open && x->ring && !x->on && x->has_id &&
+                nid_eq(&x->id, &p->id)) {
                 p->link = x;
                 x->peer = p;
                 break;

@@ -482,22 +482,11 @@ static int sn_start(struct ev_loop *loop, const void *p, void **state)
         }
     }
     raise_fd_limit(cfg->max_connections + 64);
-    size_t need = (size_t)doc->max_record_bytes * 2 + 4096;
-    if (tc.max_frame < need) {
-        log_info("main", "max_frame raised to %zu bytes to carry records of %lld bytes", need,
-                 (long long)doc->max_record_bytes);
-        tc.max_frame = need;
-    }
     struct sn_params sp = {
         .overlay = cfg->overlay,
         .listen = cfg->listen,
         .advertise = cfg->advertise,
         .tls = tc,
-        .replication = (unsigned)doc->replication_factor,
-        .succ_list = (unsigned)doc->successor_list,
-        .stabilize_s = (double)doc->stabilize_s,
-        .max_record_bytes = (size_t)doc->max_record_bytes,
-        .max_lifetime_s = doc->max_record_lifetime_s,
         .quotas = {(size_t)cfg->quota_per_key, (size_t)cfg->quota_per_owner,
                    (size_t)cfg->quota_per_owner_bytes},
         .max_connections = (size_t)cfg->max_connections,
@@ -506,11 +495,12 @@ static int sn_start(struct ev_loop *loop, const void *p, void **state)
         .max_attached = (size_t)cfg->max_attached,
         .on_rate = (double)cfg->on_rate,
         .on_inflight = (unsigned)cfg->on_inflight,
-        .keepalive_s = (double)doc->keepalive_s,
-        .sn_target_load = doc->promotion.sn_target_load,
         .stun = stun_addr[0] ? stun_addr : NULL,
         .ud = st,
     };
+    if (sn_params_from_doc(&sp, doc))
+        log_info("main", "max_frame raised to %zu bytes to carry records of %lld bytes",
+                 sp.tls.max_frame, (long long)doc->max_record_bytes);
     st->sn = sn_new(loop, &sp, err, sizeof(err));
     if (!st->sn) {
         log_error("main", "%s", err);

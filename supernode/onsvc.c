@@ -18,7 +18,8 @@
 #define ROUTE_SILENCE_PERIODS    6 /* ... with no reply at all for this many periods */
 #define INVITE_INTERVAL_S        300.0
 #define PROBE_TIMEOUT_S          5.0
-#define ALONE_PERIODS            12 /* stabilisation periods alone before serving alone */
+#define PROBE_PAD                16384 /* bytes of padding in the probe's ping */
+#define ALONE_PERIODS            12    /* stabilisation periods alone before serving alone */
 
 static size_t bucket(const nid_t *id)
 {
@@ -176,6 +177,11 @@ static void on_attach(struct sn *s, struct link *l, const struct msg *m)
         s->n_attached++;
         l->on = a;
         s->c.attaches++;
+        /* An attach link is the node's ordinary side: never its ring link (link.h, `ring`). */
+        if (l->peer && l->peer->link == l)
+            l->peer->link = NULL;
+        l->peer = NULL;
+        l->ring = false;
     }
     a->last_seen = sn_now(s);
     snprintf(a->listen, sizeof(a->listen), "%s", listen ? listen : "");
@@ -272,6 +278,8 @@ struct probe {
     struct conn *conn;
     ev_timer timer;
     char ping_tid[MSG_TID_LEN + 1];
+    double ping_sent;
+    double kbps; /* the padded ping's size over its round trip, once answered */
     bool answered;
 };
 
@@ -282,17 +290,22 @@ static void probe_answer(struct probe *p, bool ok, const char *reason)
     p->answered = true;
     ev_timer_stop(p->s->loop, &p->timer);
     struct link *l = link_by_serial(p->s, p->client, p->client_serial);
+    if (l)
+        l->probing = false;
     if (l) {
-        json_t *b = ok ? json_pack("{s:b,s:s}", "reachable", 1, "addr", p->addr)
+        json_t *b = ok ? json_pack("{s:b,s:s,s:I}", "reachable", 1, "addr", p->addr, "kbps",
+                                   (json_int_t)p->kbps)
                        : json_pack("{s:b,s:s,s:s}", "reachable", 0, "addr", p->addr, "reason",
                                    reason ? reason : "");
         link_send(l, "probe", MSG_RES, p->tid, b);
         json_decref(b);
-        if (ok && l->on)
-            l->on->reachable = true;
+        if (l->on) /* invitations go only to nodes whose latest probe succeeded */
+            l->on->reachable = ok;
     }
-    log_info("probe", "%s: %s%s%s", p->addr, ok ? "reachable" : "not reachable", ok ? "" : ": ",
-             ok ? "" : reason);
+    if (ok)
+        log_info("probe", "%s: reachable (about %.0f kbit/s)", p->addr, p->kbps);
+    else
+        log_info("probe", "%s: not reachable: %s", p->addr, reason ? reason : "");
 }
 
 static void probe_open(struct conn *c, void *ud)
@@ -304,8 +317,16 @@ static void probe_open(struct conn *c, void *ud)
         conn_close(c);
         return;
     }
+    /* The ping carries PROBE_PAD bytes: its round trip gives a rough bandwidth figure. */
     msg_new_tid(p->ping_tid);
-    if (conn_send(c, "ping", MSG_REQ, p->ping_tid, NULL) != 0) {
+    static char pad[PROBE_PAD + 1];
+    if (!pad[0])
+        memset(pad, 'p', PROBE_PAD);
+    json_t *b = json_pack("{s:s}", "pad", pad);
+    p->ping_sent = ev_time();
+    int rc = conn_send(c, "ping", MSG_REQ, p->ping_tid, b);
+    json_decref(b);
+    if (rc != 0) {
         probe_answer(p, false, "cannot send");
         conn_close(c);
     }
@@ -316,6 +337,8 @@ static void probe_message(struct conn *c, const struct msg *m, void *ud)
     struct probe *p = ud;
     if (strcmp(m->tid, p->ping_tid) != 0)
         return;
+    double rtt = ev_time() - p->ping_sent;
+    p->kbps = PROBE_PAD * 8.0 / 1000.0 / (rtt > 1e-6 ? rtt : 1e-6);
     probe_answer(p, m->kind == MSG_RES, "it refused our ping");
     conn_close(c);
 }
@@ -340,15 +363,38 @@ static const struct conn_cbs probe_cbs = {
 
 static void on_probe(struct sn *s, struct link *l, const struct msg *m)
 {
-    if (!l->on) {
+    /*
+     * An attached ordinary node asks before it may be promoted; a super node
+     * (a promoted one, checking that it is still reachable) asks a ring
+     * neighbour. Either way the probe goes to the asker's own Node-ID.
+     */
+    bool sn_asks = !l->on && link_is_sn(l);
+    if (!l->on && !sn_asks) {
         link_send_error(l, m->tid, "not-attached", "attach first");
         return;
     }
     const char *addr = json_string_value(json_object_get(m->body, "listen"));
-    if (!addr)
+    if (!addr && l->on)
         addr = l->on->listen[0] ? l->on->listen : NULL;
-    if (!addr || strlen(addr) >= SN_ADDR_MAX || cfg_parse_hostport(addr, NULL, 0, NULL) != 0) {
+    char want[SN_ADDR_MAX], from[SN_ADDR_MAX];
+    if (!addr || strlen(addr) >= SN_ADDR_MAX ||
+        cfg_parse_hostport(addr, want, sizeof(want), NULL) != 0) {
         link_send_error(l, m->tid, "invalid-request", "probe needs listen: a numeric host:port");
+        return;
+    }
+    /*
+     * Back, not elsewhere: the probe goes to the address the request came
+     * from (another port is fine: a port forward), so that nobody can make
+     * super nodes open connections to third parties; and one at a time.
+     */
+    if (cfg_parse_hostport(conn_peer_addr(l->conn), from, sizeof(from), NULL) != 0 ||
+        strcmp(want, from) != 0) {
+        link_send_error(l, m->tid, "forbidden",
+                        "a probe connects back to the address the request came from");
+        return;
+    }
+    if (l->probing) {
+        link_send_error(l, m->tid, "rate-limited", "a probe for this link is under way");
         return;
     }
     struct probe *p = calloc(1, sizeof(*p));
@@ -359,6 +405,7 @@ static void on_probe(struct sn *s, struct link *l, const struct msg *m)
     p->s = s;
     p->client = l;
     p->client_serial = l->serial;
+    l->probing = true;
     snprintf(p->tid, sizeof(p->tid), "%s", m->tid);
     p->id = l->id;
     snprintf(p->addr, sizeof(p->addr), "%s", addr);
@@ -475,13 +522,66 @@ void onsvc_tick(struct sn *s)
             (!invite || a->since < invite->since))
             invite = a;
     }
-    /* Overloaded: invite the longest-attached reachable node to become a super node. */
-    if (invite && s->p.sn_target_load > 0 && (long long)s->n_attached > s->p.sn_target_load &&
-        healthy) {
-        json_t *b =
-            json_pack("{s:s,s:I}", "reason", "overloaded", "attached", (json_int_t)s->n_attached);
-        if (link_send(invite->link, "invite", MSG_IND, NULL, b) == 0)
+    /*
+     * The overlay needs another super node when this one carries more than
+     * sn_target_load ordinary nodes, or when the ring is too small to hold
+     * every record `replication` times: invite the longest-attached reachable
+     * node then.
+     */
+    const char *need = NULL;
+    if (s->p.sn_target_load > 0 && (long long)s->n_attached > s->p.sn_target_load)
+        need = "overloaded";
+    else if (s->state == SN_MEMBER && s->n_succ + 1 < s->p.replication)
+        need = "too-few";
+    if (invite && need && healthy) {
+        json_t *b = json_pack("{s:s,s:I,s:I}", "reason", need, "attached",
+                              (json_int_t)s->n_attached, "ring", (json_int_t)(s->n_succ + 1));
+        if (link_send(invite->link, "invite", MSG_IND, NULL, b) == 0) {
             invite->invited_at = now;
+            char hex[NID_HEX_LEN + 1];
+            log_info("on",
+                     "invited %.8s (attached %.0f s, reachable at %s) to become a super node: "
+                     "%s (%zu attached, ring of %u seen)",
+                     nid_to_hex(&invite->id, hex), now - invite->since, invite->listen, need,
+                     s->n_attached, s->n_succ + 1);
+        }
         json_decref(b);
     }
+}
+
+/* ---- a promoted node asks a neighbour to probe it ---- */
+
+static void self_probe_done(struct sn *s, struct preq *r, const struct msg *m, const char *failure)
+{
+    void (*cb)(void *, int, const char *, double) = s->self_probe_cb;
+    void *ud = s->self_probe_ud;
+    s->self_probe_cb = NULL;
+    if (!cb)
+        return;
+    if (!m || m->kind != MSG_RES) {
+        const char *why = failure ? failure : json_string_value(json_object_get(m->body, "reason"));
+        cb(ud, -1, why ? why : "refused", 0);
+    } else if (json_is_true(json_object_get(m->body, "reachable"))) {
+        cb(ud, 1, "", (double)json_integer_value(json_object_get(m->body, "kbps")));
+    } else {
+        cb(ud, 0, json_string_value(json_object_get(m->body, "reason")) ?: "", 0);
+    }
+}
+
+int sn_probe_self(struct sn *s, void (*cb)(void *ud, int verdict, const char *detail, double kbps),
+                  void *ud, char *who, size_t wholen)
+{
+    struct peer *p = s->state == SN_MEMBER ? (s->n_succ ? s->succ[0] : s->pred) : NULL;
+    if (!p || nid_eq(&p->id, &s->id) || s->self_probe_cb)
+        return -1;
+    json_t *b = json_pack("{s:s}", "listen", s->advertise);
+    struct preq *r = peer_request(s, p, "probe", b, PROBE_TIMEOUT_S + 2.0, self_probe_done, NULL);
+    json_decref(b);
+    if (!r)
+        return -1;
+    s->self_probe_cb = cb;
+    s->self_probe_ud = ud;
+    if (who)
+        snprintf(who, wholen, "%s", p->addr);
+    return 0;
 }

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "log.h"
+#include "overlay_doc.h"
 #include "sn_int.h"
 
 static void join_send(struct sn *s, const char *addr);
@@ -910,6 +911,8 @@ void ring_message(struct sn *s, struct link *l, const struct msg *m)
                   !strcmp(t, "reply") || !strcmp(t, "replicate") || !strcmp(t, "sync");
     if (sn_msg && !require_sn(l, m))
         return;
+    if (sn_msg)
+        link_ring_traffic(s, l);
     if (m->kind == MSG_REQ && !strcmp(t, "stabilize"))
         on_stabilize(s, l, m);
     else if (m->kind == MSG_IND && !strcmp(t, "leave"))
@@ -1314,6 +1317,23 @@ void sn_leave(struct sn *s, void (*done)(void *ud), void *ud)
     log_info("ring", "leaving: handing records to %s", succ0(s)->addr);
     repl_handoff(s, succ0(s));
     sn_leave_handoff_done(s);
+}
+
+bool sn_params_from_doc(struct sn_params *p, const struct overlay_doc *doc)
+{
+    p->replication = (unsigned)doc->replication_factor;
+    p->succ_list = (unsigned)doc->successor_list;
+    p->stabilize_s = (double)doc->stabilize_s;
+    p->max_record_bytes = (size_t)doc->max_record_bytes;
+    p->max_lifetime_s = doc->max_record_lifetime_s;
+    p->keepalive_s = (double)doc->keepalive_s;
+    p->sn_target_load = doc->promotion.sn_target_load;
+    size_t need = (size_t)doc->max_record_bytes * 2 + 4096; /* a record in an envelope */
+    size_t have = p->tls.max_frame ? p->tls.max_frame : MSG_MAX_FRAME_DEF;
+    if (have >= need)
+        return false;
+    p->tls.max_frame = need;
+    return true;
 }
 
 void sn_free(struct sn *s)

@@ -47,6 +47,15 @@ struct sn_params {
 };
 
 struct sn;
+struct overlay_doc;
+
+/*
+ * Fills what the overlay document decides (replication, successor list,
+ * stabilisation period, record size and lifetime limits, keepalive, the
+ * promotion target load) and raises p->tls.max_frame to carry the largest
+ * record; returns true when it had to raise it.
+ */
+bool sn_params_from_doc(struct sn_params *p, const struct overlay_doc *doc);
 
 /*
  * Loads credentials, checks that our certificate has the super node role and
@@ -81,13 +90,28 @@ size_t sn_attached(const struct sn *s);
 /* Prometheus text exposition of the node's figures (malloc'd; free()). */
 char *sn_metrics(struct sn *s);
 
+/*
+ * Asks a ring neighbour to connect back to our advertised address
+ * (docs/protocol.md 5.5): how a promoted node verifies that it is still
+ * reachable. cb gets verdict 1 (reachable; kbps = the neighbour's rough
+ * bandwidth figure), 0 (not reachable: detail says why) or -1 (no verdict:
+ * the neighbour did not answer, or the request was cancelled because the
+ * node is leaving). -1 (and no callback) when there is no neighbour to ask
+ * or a probe is still under way; `who` gets the neighbour's address.
+ */
+int sn_probe_self(struct sn *s, void (*cb)(void *ud, int verdict, const char *detail, double kbps),
+                  void *ud, char *who, size_t wholen);
+
 /* Our identity. */
 const struct peer_identity *sn_identity(const struct sn *s);
 bool sn_is_member(const struct sn *s);
 
 /*
  * Frees everything. Links still open are dropped without ceremony: call it
- * after sn_leave() has completed, or when the loop is gone.
+ * after sn_leave() has completed, or when the loop is gone. While the loop
+ * runs on, wait longer than the TLS handshake timeout after sn_leave():
+ * connections accepted just before the listener closed still refer to the
+ * node until their handshake ends.
  */
 void sn_free(struct sn *s);
 

@@ -72,6 +72,15 @@ struct link {
     uint64_t serial;     /* unique, so that answers can tell a link was replaced */
     size_t n_preqs;      /* our requests on it waiting for an answer */
     struct attached *on; /* the ordinary node attached over this link, if any */
+    /*
+     * May carry ring traffic to the super node at the other end: a link we
+     * opened to a peer, or an accepted one on which ring messages came. An
+     * accepted link that only attaches (a promoted node's ordinary side uses
+     * its super node certificate too), probes or asks for records is never
+     * used to reach that node as a ring member.
+     */
+    bool ring;
+    bool probing; /* a connect-back probe asked for on this link is under way */
 };
 
 /* An ordinary node attached to this super node (onsvc.c). */
@@ -228,6 +237,10 @@ struct sn {
     double last_reply_at;    /* when a reply to one of our routed requests last came */
 
     struct sn_counters c;
+
+    /* sn_probe_self(): one at a time */
+    void (*self_probe_cb)(void *ud, int verdict, const char *detail, double kbps);
+    void *self_probe_ud;
 };
 
 /* ---- link.c ---- */
@@ -256,6 +269,8 @@ bool peer_in_ring(const struct sn *s, const struct peer *p);
 void links_gc(struct sn *s);
 struct link *link_by_serial(struct sn *s, struct link *l, uint64_t serial);
 bool link_is_sn(const struct link *l);
+/* A ring message came on an accepted link: the link may now reach its sender as a peer. */
+void link_ring_traffic(struct sn *s, struct link *l);
 void preq_cancel_all(struct sn *s);
 int sn_listen(struct sn *s, char *err, size_t errlen);
 

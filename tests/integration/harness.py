@@ -5,6 +5,7 @@ when the test fails."""
 import argparse
 import atexit
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -141,6 +142,60 @@ def tempdir(prefix="p2psip-test-"):
     return tempfile.TemporaryDirectory(prefix=prefix)
 
 
+BINDIR = None  # the build directory, once main() has parsed it
+
+
+class OverlayScenario:
+    """Helpers of scenarios that run a whole overlay (login server, bootstrap server, super
+    and ordinary nodes) as a person would. The class sets: daemons (a list), ca and bs_port
+    (the bootstrap server), cfg (configuration file by user) and on (running ordinary nodes by
+    user)."""
+
+    @staticmethod
+    def bin(name):
+        return os.path.join(BINDIR, name, name)
+
+    @classmethod
+    def start(cls, argv):
+        """A daemon in the foreground; under P2P_TEST_WRAPPER only ordinary nodes are wrapped."""
+        d = Daemon(argv if argv[1] == "-d" else [argv[0], "-d"] + argv[1:],
+                   wrap=argv[0].endswith("ordinarynode"))
+        cls.daemons.append(d)
+        return d
+
+    @classmethod
+    def listed(cls):
+        """The addresses the bootstrap server lists now."""
+        import http.client
+        import json
+        import ssl
+        ctx = ssl.create_default_context(cafile=cls.ca)
+        conn = http.client.HTTPSConnection("127.0.0.1", cls.bs_port, context=ctx, timeout=10)
+        try:
+            conn.request("GET", "/v1/supernodes?count=50")
+            return {s["address"] for s in json.loads(conn.getresponse().read())["supernodes"]}
+        finally:
+            conn.close()
+
+    def start_on(self, u, *overrides):
+        argv = [self.bin("ordinarynode"), "-d", "-c", self.cfg[u]]
+        for o in overrides:
+            argv += ["-o", o]
+        self.on[u] = self.start(argv)
+        return self.on[u]
+
+    def cli(self, u, *args):
+        """`ordinarynode -c <u's config> args...`: (status, stdout, stderr)."""
+        p = subprocess.run(WRAPPER + [self.bin("ordinarynode"), "-c", self.cfg[u]] + list(args),
+                           capture_output=True, text=True, timeout=60)
+        return p.returncode, p.stdout, p.stderr
+
+    def status(self, u):
+        import json
+        rc, out, _ = self.cli(u, "status", "--json")
+        return json.loads(out) if rc == 0 else None
+
+
 def main(module):
     """Entry point of a scenario file: takes --bindir (the build directory),
     stores it as the module's BINDIR, and runs the module's tests."""
@@ -148,6 +203,8 @@ def main(module):
     ap.add_argument("--bindir", required=True)
     args, rest = ap.parse_known_args()
     module.BINDIR = os.path.abspath(args.bindir)
+    global BINDIR
+    BINDIR = module.BINDIR
     unittest.main(module=module, argv=[sys.argv[0]] + rest, verbosity=2)
 
 
@@ -178,11 +235,47 @@ def post_oversize(port, ctx, path, size, headers=None):
         return resp.status, None
 
 
+def _ephemeral_range():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+            return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_EPHEMERAL = _ephemeral_range()
+_PORT_RNG = random.Random(os.getpid() ^ int(time.time() * 1000))
+
+
+def _port_free(port, kind):
+    with socket.socket(socket.AF_INET, kind) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 def free_port():
-    """A TCP port of 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A port of 127.0.0.1 that nothing is bound to right now, chosen at random *below* the
+    kernel's ephemeral range: a port from bind(0) lies inside that range, and between the pick
+    and the daemon's listen() any outgoing connection of a test running beside this one may take
+    it as its source port (a CI run lost integration_ring that way). Both TCP and UDP must be
+    free, so the port can serve either."""
+    lo = 20000 if _EPHEMERAL[0] > 24000 else 10000
+    hi = _EPHEMERAL[0] - 1 if _EPHEMERAL[0] > lo + 1000 else 65535
+    for _ in range(500):
+        port = _PORT_RNG.randint(lo, hi)
+        if _EPHEMERAL[0] <= port <= _EPHEMERAL[1]:
+            continue
+        if _port_free(port, socket.SOCK_STREAM) and _port_free(port, socket.SOCK_DGRAM):
+            return port
+    raise RuntimeError("no free port found in %d-%d" % (lo, hi))
+
+
+def free_udp_port():
+    return free_port()
 
 
 def wait_until(what, fn, timeout, poll=0.1):

@@ -38,10 +38,7 @@ PROM_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? +'
                        r'([-+]?[0-9.eE+-]+|NaN|[-+]Inf)( +-?[0-9]+)?$')
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+free_port = harness.free_port
 
 
 def certtool(*args):

@@ -77,7 +77,7 @@ class Demo(unittest.TestCase):
     def test_runs_to_the_end(self):
         rc, out = run_on_pty()
         self.assertEqual(rc, 0, out)
-        self.assertEqual(len(started_pids(out)), 7, out)
+        self.assertEqual(len(started_pids(out)), 8, out)
         self.assertRegex(out, r"sn2 -> sn1: reply from 127\.0\.0\.1:7001: node [0-9a-f]{40}")
         self.assertRegex(out, r"sn2 -> sn3 \(IPv6\): reply from \[::1\]:7003")
         self.assertIn("unknown key \"lsiten\" (did you mean \"listen\"?)", out)
@@ -94,7 +94,14 @@ class Demo(unittest.TestCase):
         self.assertRegex(out, r"alice: published user location\|alice@demo\.p2psip")
         self.assertRegex(out, r"sip:alice@demo\.p2psip  seq \d+  expires \d+  verified")
         self.assertRegex(out, r"re-attached: super node [0-9a-f]{8}\.\.\. at ")
-        self.assertEqual(out.count("stopped"), 6, out)  # the killed super node did not stop
+        # Promotion: carol's node becomes a super node, is in the ring and listed, and leaves.
+        self.assertIn("carol: promoted: now a super node of the ring", out)
+        self.assertRegex(out, r"successor \d  [0-9a-f]{40} at 127\.0\.0\.1:7011")
+        self.assertIn('"address":"127.0.0.1:7011"', out)
+        self.assertRegex(out, r"promotion    super node \(1 promotions, 0 demotions\)")
+        self.assertIn("carol: removed user location|carol@demo.p2psip", out)
+        self.assertIn("carol: left the ring", out)
+        self.assertEqual(out.count("stopped"), 7, out)  # the killed super node did not stop
         self.assertIn("Everything this demo started has exited", out)
         self.assert_clean(out)
 

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -52,9 +51,7 @@ class LoginServer(unittest.TestCase):
         cls.state = os.path.join(cls.tmp, "state")
         cls.cfg = os.path.join(cls.tmp, "ls.json")
         # A fixed port (free now), so that the document's login URL is one nodes can use.
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            cls.fixed_port = probe.getsockname()[1]
+        cls.fixed_port = harness.free_port()
         with open(cls.cfg, "w") as f:
             json.dump({"overlay": OVERLAY, "listen": "127.0.0.1:%d" % cls.fixed_port,
                        "state_dir": cls.state,

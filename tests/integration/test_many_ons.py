@@ -30,10 +30,7 @@ SMALL_MAX = 20 if SLOW else 150  # max_attached of sn1 in the redirect test
 WAIT = 120 if SLOW else 30
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+free_port = harness.free_port
 
 
 def wait_until(what, fn, timeout):

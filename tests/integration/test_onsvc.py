@@ -78,10 +78,7 @@ def note(fmt, *args):
     print("  [onsvc] " + (fmt % args if args else fmt), file=sys.stderr, flush=True)
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+free_port = harness.free_port
 
 
 def record_key(rtype, name):
@@ -950,6 +947,14 @@ class OrdinaryNodes(unittest.TestCase):
         self.assertEqual(a.body.get("reachable"), False, a.body)
         self.assertTrue(a.body.get("reason"), a.body)
         self.assertNotIn("ping", other.kinds(), "the super node pinged the wrong node")
+        a = l3.request("probe", {"listen": own.addr})
+        self.assertGreater(a.body.get("kbps", 0), 0, a.body)  # the padded ping's figure
+
+        # Only back to where the request came from: never a third party's address.
+        a = l3.request("probe", {"listen": "127.0.0.2:%d" % free_port()})
+        self.assertEqual(a.kind, "err", a.body)
+        self.assertEqual(a.body.get("code"), "forbidden", a.body)
+        note("probe of another host: %s", json.dumps(a.body))
 
     # ---- 8. keepalives ---------------------------------------------------------------------
 

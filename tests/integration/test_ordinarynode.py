@@ -56,7 +56,7 @@ class QuietServer(http.server.ThreadingHTTPServer):
         pass  # the node hangs up on the huge answer: expected
 
 
-class OrdinaryNode(unittest.TestCase):
+class OrdinaryNode(harness.OverlayScenario, unittest.TestCase):
     daemons = []
 
     @classmethod
@@ -142,36 +142,6 @@ class OrdinaryNode(unittest.TestCase):
         if problems:
             raise AssertionError("; ".join(problems))
 
-    @staticmethod
-    def bin(name):
-        return os.path.join(BINDIR, name, name)
-
-    @classmethod
-    def start(cls, argv):
-        # Under valgrind (P2P_TEST_WRAPPER) only the ordinary nodes run wrapped.
-        d = harness.Daemon(argv if argv[1] == "-d" else [argv[0], "-d"] + argv[1:],
-                           wrap=argv[0].endswith("ordinarynode"))
-        cls.daemons.append(d)
-        return d
-
-    @classmethod
-    def listed(cls):
-        import http.client
-        ctx = ssl.create_default_context(cafile=cls.ca)
-        conn = http.client.HTTPSConnection("127.0.0.1", cls.bs_port, context=ctx, timeout=10)
-        try:
-            conn.request("GET", "/v1/supernodes?count=50")
-            return {s["address"] for s in json.loads(conn.getresponse().read())["supernodes"]}
-        finally:
-            conn.close()
-
-    def start_on(self, u, *overrides):
-        argv = [self.bin("ordinarynode"), "-d", "-c", self.cfg[u]]
-        for o in overrides:
-            argv += ["-o", o]
-        self.on[u] = self.start(argv)
-        return self.on[u]
-
     def stop_on(self, u):
         d = self.on.pop(u, None)
         if d is None:  # an earlier test failed before starting it again
@@ -179,15 +149,6 @@ class OrdinaryNode(unittest.TestCase):
         self.assertEqual(d.stop(signal.SIGTERM), 0)
         self.daemons.remove(d)
         return d
-
-    def cli(self, u, *args):
-        p = subprocess.run(harness.WRAPPER + [self.bin("ordinarynode"), "-c", self.cfg[u]] +
-                           list(args), capture_output=True, text=True, timeout=60)
-        return p.returncode, p.stdout, p.stderr
-
-    def status(self, u):
-        rc, out, err = self.cli(u, "status", "--json")
-        return json.loads(out) if rc == 0 else None
 
     def attached_sn(self, u):
         st = self.status(u)

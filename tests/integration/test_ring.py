@@ -86,10 +86,7 @@ def note(fmt, *args):
     print("  [ring] " + (fmt % args if args else fmt), file=sys.stderr, flush=True)
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+free_port = harness.free_port
 
 
 def record_key(rtype, name):

@@ -30,16 +30,10 @@ PERIOD = 2 if SLOW else 1  # bootstrap announce period
 WAIT = 60 if SLOW else 20
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+free_port = harness.free_port
 
 
-def free_udp_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+free_udp_port = harness.free_udp_port
 
 
 def stun_binding(port, payload=None, timeout=1.0):
