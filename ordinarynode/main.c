@@ -18,6 +18,7 @@
 #include "nodeid.h"
 #include "on.h"
 #include "promo.h"
+#include "registrar.h"
 #include "record.h"
 #include "renewer.h"
 
@@ -44,6 +45,7 @@ struct on_config {
     char *lan_discovery_if;
     long long lan_discovery_ms;
     char *advertise;
+    bool sip;
     bool never_promote;
     long long sn_max_attached;
 };
@@ -95,6 +97,8 @@ static const struct cfg_field on_fields[] = {
      "300", "how long LAN discovery answers are collected"},
     {"advertise", CFG_HOSTPORT, offsetof(struct on_config, advertise), 0, 0, NULL, NULL,
      "address other nodes reach our overlay port at (a port forward, say); default: listen"},
+    {"sip", CFG_BOOL, offsetof(struct on_config, sip), 0, 0, NULL, "true",
+     "run the SIP front end (registrar for this node's user) on sip_listen"},
     {"never_promote", CFG_BOOL, offsetof(struct on_config, never_promote), 0, 0, NULL, "false",
      "never become a super node, whatever the criteria say (docs/promotion.md)"},
     {"sn_max_attached", CFG_INT, offsetof(struct on_config, sn_max_attached), 1, 10000000, NULL,
@@ -197,6 +201,7 @@ struct on_state {
     bool have_creds;
     struct onode *on;
     struct promo *promo;
+    struct registrar *sip;
     struct ctl_server *ctl;
     const char **bs; /* bootstrap URLs in use */
 };
@@ -234,6 +239,8 @@ static void on_control(struct ctl_req *r, json_t *req, void *ud)
         json_t *s = onode_status(st->on);
         if (st->promo)
             json_object_set_new(s, "promotion", promo_status(st->promo));
+        if (st->sip)
+            json_object_set_new(s, "sip", registrar_status(st->sip));
         json_object_set_new(s, "ok", json_true());
         ctl_reply(r, s);
         return;
@@ -353,6 +360,12 @@ static int on_start(struct ev_loop *loop, const void *p, void **state)
         log_error("main", "out of memory");
         return -1;
     }
+    if (cfg->sip &&
+        !(st->sip = registrar_start(loop, st->on, st->creds.id.uri, cfg->sip_listen, NULL,
+                                    st->creds.doc.max_record_lifetime_s, err, sizeof(err)))) {
+        log_error("main", "%s (set sip_listen, or sip: false)", err);
+        return -1;
+    }
     char *path = control_path(cfg);
     st->ctl = path ? ctl_server_start(loop, path, on_control, st, err, sizeof(err)) : NULL;
     if (!st->ctl) {
@@ -389,6 +402,8 @@ static void on_stop(struct ev_loop *loop, void *p)
     st->renewer = NULL;
     ctl_server_stop(st->ctl);
     st->ctl = NULL;
+    registrar_stop(st->sip);
+    st->sip = NULL;
     if (st->on)
         onode_stop(st->on, on_stopped, st);
 }
@@ -400,6 +415,7 @@ static void on_cleanup(void *p)
         return;
     renewer_stop(st->renewer);
     ctl_server_stop(st->ctl);
+    registrar_stop(st->sip);
     onode_free(st->on);
     promo_free(st->promo);
     if (st->have_creds)

@@ -124,6 +124,7 @@ struct onode {
     struct pub *pubs;
     char last_error[600];
     char self_sn[128]; /* our own super node role's address while promoted, else "" */
+    json_t *bindings;  /* SIP registrations for the user location, or NULL */
 
     void (*stop_done)(void *ud);
     void *stop_ud;
@@ -944,6 +945,8 @@ static json_t *user_location_value(struct onode *o)
     const char *refl = o->mapped[0] ? o->mapped : o->reflexive;
     if (refl[0])
         json_object_set_new(v, "reflexive", json_string(refl));
+    if (json_array_size(o->bindings) > 0)
+        json_object_set(v, "bindings", o->bindings);
     if (o->p.advertise || o->p.listen)
         json_object_set_new(v, "overlay_listen",
                             json_string(o->p.advertise ? o->p.advertise : o->p.listen));
@@ -1485,6 +1488,7 @@ void onode_free(struct onode *o)
         http_client_free(o->http);
     rec_verifier_free(o->verifier);
     tls_ctx_free(o->tls);
+    json_decref(o->bindings);
     free(o);
 }
 
@@ -1582,4 +1586,10 @@ size_t onode_known_supernodes(const struct onode *o, const char **out, size_t ma
         if (strcmp(o->hc.alt[i].id, o->self_id))
             out[n++] = o->hc.alt[i].addr;
     return n;
+}
+
+void onode_set_sip_bindings(struct onode *o, json_t *bindings)
+{
+    json_decref(o->bindings);
+    o->bindings = bindings;
 }

@@ -98,6 +98,13 @@ void onode_publish(struct onode *o, const char *mode, const char *type, const ch
  */
 void onode_lookup(struct onode *o, const char *key_hex, on_result_fn cb, void *ud);
 
+/*
+ * The SIP registrations (docs/sip.md) the user location record carries as
+ * "bindings": a JSON array, taken (NULL or empty: none). Call
+ * onode_publish() of the user location (value NULL) afterwards to store it.
+ */
+void onode_set_sip_bindings(struct onode *o, json_t *bindings);
+
 /* ---- for promotion (promo.c): the super node role in this same process ---- */
 
 /* Opens (true) or closes the own overlay port's listener; the super node role takes the port

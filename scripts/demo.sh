@@ -227,7 +227,7 @@ note "carol's node, as 'ordinarynode status' shows it (its user now goes through
 "$on" -c "$state/carol.json" status | grep -E "^(node|super node|promotion|as super)" | sed 's/^/      /'
 sn_ring=$([ "$victim" = sn2 ] && echo sn3 || echo sn2)
 for _ in $(seq 100); do
-  "$build/supernode/supernode" -c "$state/$sn_ring.json" status 2>/dev/null | grep -q "127.0.0.1:7011" && break
+  "$build/supernode/supernode" -c "$state/$sn_ring.json" status 2>/dev/null | grep -q "^successor .* at 127.0.0.1:7011" && break
   sleep 0.1
 done
 note "the ring as $sn_ring sees it now:"

@@ -156,6 +156,94 @@ class OverlayScenario:
         return os.path.join(BINDIR, name, name)
 
     @classmethod
+    def node_conf(cls, u, conf):
+        """Hook: amends user u's daemon configuration before it is written."""
+
+    @classmethod
+    def build_overlay(cls, overlay, sns, ons, no_supernode=(), ls_extra=None, start_sns=None,
+                      wait=20):
+        """In cls.tmp: a login server (started) with these accounts, every node enrolled, a
+        configuration per node (cls.cfg; super nodes listen on cls.addr[u], sn1 seeds, the
+        others join through the bootstrap server; ordinary nodes get a free sip_listen in
+        cls.sip[u]; node_conf() may change any of it), the bootstrap server started, and the
+        super nodes of start_sns (default: all) started and listed. Sets cls.ca, cls.bs_port,
+        cls.svc, cls.node_id, cls.sn (running super nodes) and cls.on ({})."""
+        import json
+        import re
+        cls.bs_port, ls_port = free_port(), free_port()
+        state = os.path.join(cls.tmp, "ls")
+        cls.ca = os.path.join(state, "ca.pem")
+        cfg = os.path.join(cls.tmp, "ls.json")
+        lsc = {"overlay": overlay, "listen": "127.0.0.1:%d" % ls_port, "state_dir": state,
+               "pbkdf2_iterations": 1000, "stabilize_s": 1,
+               "bootstrap_urls": ["https://127.0.0.1:%d" % cls.bs_port]}
+        lsc.update(ls_extra or {})
+        with open(cfg, "w") as f:
+            json.dump(lsc, f)
+        ls = [cls.bin("loginserver"), "-c", cfg]
+        out = subprocess.run(ls + ["init"], capture_output=True, text=True, check=True).stdout
+        pin = re.search(r"CA pin: (sha256:[0-9a-f]{64})", out).group(1)
+        for u in tuple(sns) + tuple(ons):
+            extra = ["--no-supernode"] if u in no_supernode else []
+            subprocess.run(ls + ["user", "add", u] + extra, input=u + "-password\n", text=True,
+                           capture_output=True, check=True)
+        cls.svc = os.path.join(cls.tmp, "svc")
+        subprocess.run(ls + ["issue", "--service", "127.0.0.1", "--out", cls.svc],
+                       capture_output=True, text=True, check=True)
+        cls.start(ls).wait_for("serving on")
+        login = "https://127.0.0.1:%d" % ls_port
+        cls.node_id, cls.addr, cls.cfg, cls.sip, cls.sn, cls.on = {}, {}, {}, {}, {}, {}
+        for u in sns:  # the super nodes' addresses first: node_conf() may name them
+            cls.addr[u] = "127.0.0.1:%d" % free_port()
+        for u in tuple(sns) + tuple(ons):
+            d = os.path.join(cls.tmp, u)
+            prog = "supernode" if u in sns else "ordinarynode"
+            p = subprocess.run([cls.bin(prog), "-o", "state_dir=" + d, "-o", "overlay=" + overlay,
+                                "enroll", "--login", login, "--pin", pin, "--user", u],
+                               input=u + "-password\n", capture_output=True, text=True,
+                               timeout=60)
+            assert p.returncode == 0, p.stderr
+            cls.node_id[u] = re.search(r"node-id ([0-9a-f]{40})", p.stdout).group(1)
+            conf = {"overlay": overlay, "state_dir": d}
+            if u in sns:
+                conf.update({"listen": cls.addr[u], "stun_listen": "127.0.0.1:0"})
+                if u == sns[0]:
+                    conf["seed"] = True
+            else:
+                cls.sip[u] = "127.0.0.1:%d" % free_port()
+                conf["sip_listen"] = cls.sip[u]
+            cls.node_conf(u, conf)
+            cls.cfg[u] = os.path.join(cls.tmp, u + ".json")
+            with open(cls.cfg[u], "w") as f:
+                json.dump(conf, f)
+        cls.start([cls.bin("bootstrap"), "-d", "-o", "overlay=" + overlay,
+                   "-o", "listen=127.0.0.1:%d" % cls.bs_port,
+                   "-o", "state_dir=" + os.path.join(cls.tmp, "bs"), "-o", "ca_file=" + cls.ca,
+                   "-o", "cert_file=" + os.path.join(cls.svc, "127.0.0.1.pem"),
+                   "-o", "key_file=" + os.path.join(cls.svc, "127.0.0.1.key"),
+                   "-o", "announce_period_s=1"]).wait_for("serving on")
+        start_sns = sns if start_sns is None else start_sns
+        for u in start_sns:
+            cls.sn[u] = cls.start([cls.bin("supernode"), "-d", "-c", cls.cfg[u]])
+            cls.sn[u].wait_for("started a new ring" if u == sns[0] else "joined the ring",
+                               timeout=wait)
+        wait_until("%d super nodes listed" % len(start_sns),
+                   lambda: len(cls.listed()) == len(start_sns), wait)
+
+    @classmethod
+    def stop_all(cls):
+        """Stops every daemon still running; a failed or crashed stop is a failure."""
+        problems = []
+        for d in reversed(cls.daemons):
+            try:
+                rc = d.stop()
+                if rc != 0:  # a crash on the way out (a signal is negative) too
+                    problems.append("%s %s exited with status %s" % (d.argv[0], d.argv[3], rc))
+            except AssertionError as e:
+                problems.append(str(e))
+        return problems
+
+    @classmethod
     def start(cls, argv):
         """A daemon in the foreground; under P2P_TEST_WRAPPER only ordinary nodes are wrapped."""
         d = Daemon(argv if argv[1] == "-d" else [argv[0], "-d"] + argv[1:],

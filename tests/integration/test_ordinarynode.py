@@ -10,7 +10,6 @@ the super node role."""
 import http.server
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -71,61 +70,10 @@ class OrdinaryNode(harness.OverlayScenario, unittest.TestCase):
 
     @classmethod
     def _set_up(cls):
-        cls.bs_port, ls_port = free_port(), free_port()
-        state = os.path.join(cls.tmp, "ls")
-        cls.ca = os.path.join(state, "ca.pem")
-        cfg = os.path.join(cls.tmp, "ls.json")
-        with open(cfg, "w") as f:
-            json.dump({"overlay": OVERLAY, "listen": "127.0.0.1:%d" % ls_port, "state_dir": state,
-                       "pbkdf2_iterations": 1000, "stabilize_s": 1,
-                       "bootstrap_urls": ["https://127.0.0.1:%d" % cls.bs_port]}, f)
-        ls = [cls.bin("loginserver"), "-c", cfg]
-        out = subprocess.run(ls + ["init"], capture_output=True, text=True, check=True).stdout
-        pin = re.search(r"CA pin: (sha256:[0-9a-f]{64})", out).group(1)
-        sns, ons = ("sn1", "sn2", "sn3", "sn4"), ("alice", "bob", "carol")
-        for u in sns + ons:
-            extra = ["--no-supernode"] if u in ons else []
-            subprocess.run(ls + ["user", "add", u] + extra, input=u + "-password\n", text=True,
-                           capture_output=True, check=True)
-        cls.svc = os.path.join(cls.tmp, "svc")
-        subprocess.run(ls + ["issue", "--service", "127.0.0.1", "--out", cls.svc],
-                       capture_output=True, text=True, check=True)
-        cls.start(ls).wait_for("serving on")
-        login = "https://127.0.0.1:%d" % ls_port
-        cls.node_id, cls.addr, cls.cfg, cls.sn = {}, {}, {}, {}
-        for u in sns + ons:
-            d = os.path.join(cls.tmp, u)
-            prog = "supernode" if u in sns else "ordinarynode"
-            p = subprocess.run([cls.bin(prog), "-o", "state_dir=" + d, "-o", "overlay=" + OVERLAY,
-                                "enroll", "--login", login, "--pin", pin, "--user", u],
-                               input=u + "-password\n", capture_output=True, text=True,
-                               timeout=60)
-            assert p.returncode == 0, p.stderr
-            cls.node_id[u] = re.search(r"node-id ([0-9a-f]{40})", p.stdout).group(1)
-            conf = {"overlay": OVERLAY, "state_dir": d}
-            if u in sns:
-                cls.addr[u] = "127.0.0.1:%d" % free_port()
-                conf.update({"listen": cls.addr[u], "stun_listen": "127.0.0.1:0"})
-                if u == "sn1":
-                    conf["seed"] = True
-            else:
-                conf["sip_listen"] = "127.0.0.1:%d" % free_port()
-            cls.cfg[u] = os.path.join(cls.tmp, u + ".json")
-            with open(cls.cfg[u], "w") as f:
-                json.dump(conf, f)
-        cls.start([cls.bin("bootstrap"), "-d", "-o", "overlay=" + OVERLAY,
-                   "-o", "listen=127.0.0.1:%d" % cls.bs_port,
-                   "-o", "state_dir=" + os.path.join(cls.tmp, "bs"), "-o", "ca_file=" + cls.ca,
-                   "-o", "cert_file=" + os.path.join(cls.svc, "127.0.0.1.pem"),
-                   "-o", "key_file=" + os.path.join(cls.svc, "127.0.0.1.key"),
-                   "-o", "announce_period_s=1"]).wait_for("serving on")
-        for u in sns[:3]:  # sn4 runs alone in a network namespace (test_7)
-            cls.sn[u] = cls.start([cls.bin("supernode"), "-d", "-c", cls.cfg[u]])
-            cls.sn[u].wait_for("started a new ring" if u == "sn1" else "joined the ring",
-                               timeout=WAIT)
-        # Every super node listed before the ordinary nodes come.
-        wait_until("3 super nodes listed", lambda: len(cls.listed()) == 3, WAIT)
-        cls.on = {}
+        ons = ("alice", "bob", "carol")
+        # sn4 runs alone in a network namespace (test_7).
+        cls.build_overlay(OVERLAY, ("sn1", "sn2", "sn3", "sn4"), ons, no_supernode=ons,
+                          start_sns=("sn1", "sn2", "sn3"), wait=WAIT)
 
     @classmethod
     def tearDownClass(cls):

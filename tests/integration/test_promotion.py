@@ -15,12 +15,10 @@ as a firewall or a lost port forward would."""
 
 import json
 import os
-import re
 import select
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -143,95 +141,43 @@ class Promotion(harness.OverlayScenario, unittest.TestCase):
 
     @classmethod
     def _set_up(cls):
-        cls.bs_port, ls_port = free_port(), free_port()
-        state = os.path.join(cls.tmp, "ls")
-        cls.ca = os.path.join(state, "ca.pem")
-        cfg = os.path.join(cls.tmp, "ls.json")
-        with open(cfg, "w") as f:
-            json.dump({"overlay": OVERLAY, "listen": "127.0.0.1:%d" % ls_port, "state_dir": state,
-                       "pbkdf2_iterations": 1000, "stabilize_s": 1,
-                       "promotion_min_uptime_s": MIN_UPTIME, "promotion_min_cpus": 1,
-                       "promotion_min_free_mem_mb": 1, "promotion_min_bandwidth_kbps": 100,
-                       "promotion_sn_target_load": 1,
-                       "bootstrap_urls": ["https://127.0.0.1:%d" % cls.bs_port]}, f)
-        ls = [cls.bin("loginserver"), "-c", cfg]
-        out = subprocess.run(ls + ["init"], capture_output=True, text=True, check=True).stdout
-        pin = re.search(r"CA pin: (sha256:[0-9a-f]{64})", out).group(1)
-        sns = ("sn1", "sn2", "sn3")
+        cls.relay, cls.listen = {}, {}
         plain = ("alice", "bob", "carol")        # accounts that may not host a super node
-        cands = ("pat", "quinn", "flo", "nora")  # accounts that may
-        for u in sns + plain + cands:
-            extra = ["--no-supernode"] if u in plain else []
-            subprocess.run(ls + ["user", "add", u] + extra, input=u + "-password\n", text=True,
-                           capture_output=True, check=True)
-        svc = os.path.join(cls.tmp, "svc")
-        subprocess.run(ls + ["issue", "--service", "127.0.0.1", "--out", svc],
-                       capture_output=True, text=True, check=True)
-        cls.start(ls).wait_for("serving on")
-        login = "https://127.0.0.1:%d" % ls_port
-        cls.node_id, cls.addr, cls.cfg, cls.relay, cls.listen = {}, {}, {}, {}, {}
-        for u in sns + plain + cands:
-            d = os.path.join(cls.tmp, u)
-            prog = "supernode" if u in sns else "ordinarynode"
-            p = subprocess.run([cls.bin(prog), "-o", "state_dir=" + d, "-o", "overlay=" + OVERLAY,
-                                "enroll", "--login", login, "--pin", pin, "--user", u],
-                               input=u + "-password\n", capture_output=True, text=True,
-                               timeout=60)
-            assert p.returncode == 0, p.stderr
-            cls.node_id[u] = re.search(r"node-id ([0-9a-f]{40})", p.stdout).group(1)
-            conf = {"overlay": OVERLAY, "state_dir": d, "log_level": "debug"}
-            if u in sns:
-                cls.addr[u] = "127.0.0.1:%d" % free_port()
-                conf.update({"listen": cls.addr[u], "stun_listen": "127.0.0.1:0"})
-                if u == "sn1":
-                    conf["seed"] = True
-            else:
-                conf["sip_listen"] = "127.0.0.1:%d" % free_port()
-                # Every ordinary node starts on sn1, so that sn1 carries more than
-                # promotion_sn_target_load (1) and invites the reachable ones.
-                conf["supernodes"] = [cls.addr["sn1"]]
-            if u in cands:
-                lport = free_port()
-                cls.listen[u] = lport
-                if u == "quinn":  # nothing ever answers at the advertised port
-                    adv = free_port()
-                else:
-                    cls.relay[u] = Relay(lport)
-                    cls.relays.append(cls.relay[u])
-                    adv = cls.relay[u].port
-                cls.addr[u] = "127.0.0.1:%d" % adv
-                conf.update({"listen": "127.0.0.1:%d" % lport, "advertise": cls.addr[u]})
-            cls.cfg[u] = os.path.join(cls.tmp, u + ".json")
-            with open(cls.cfg[u], "w") as f:
-                json.dump(conf, f)
-        cls.start([cls.bin("bootstrap"), "-d", "-o", "overlay=" + OVERLAY,
-                   "-o", "listen=127.0.0.1:%d" % cls.bs_port,
-                   "-o", "state_dir=" + os.path.join(cls.tmp, "bs"), "-o", "ca_file=" + cls.ca,
-                   "-o", "cert_file=" + os.path.join(svc, "127.0.0.1.pem"),
-                   "-o", "key_file=" + os.path.join(svc, "127.0.0.1.key"),
-                   "-o", "announce_period_s=1"]).wait_for("serving on")
-        cls.sn = {}
-        for u in sns:
-            cls.sn[u] = cls.start([cls.bin("supernode"), "-d", "-c", cls.cfg[u]])
-            cls.sn[u].wait_for("started a new ring" if u == "sn1" else "joined the ring",
-                               timeout=WAIT)
-        wait_until("3 super nodes listed", lambda: len(cls.listed()) == 3, WAIT)
-        cls.on = {}
+        cands = ("pat", "quinn", "flo", "nora", "vic")  # accounts that may
+        cls.build_overlay(OVERLAY, ("sn1", "sn2", "sn3"), plain + cands, no_supernode=plain,
+                          ls_extra={"promotion_min_uptime_s": MIN_UPTIME,
+                                    "promotion_min_cpus": 1, "promotion_min_free_mem_mb": 1,
+                                    "promotion_min_bandwidth_kbps": 100,
+                                    "promotion_sn_target_load": 1}, wait=WAIT)
         for u in ("alice", "bob"):
             cls.on[u] = cls.start([cls.bin("ordinarynode"), "-d", "-c", cls.cfg[u]])
         for u in ("alice", "bob"):
             cls.on[u].wait_for("attached to super node", timeout=WAIT)
 
     @classmethod
+    def node_conf(cls, u, conf):
+        if u.startswith("sn"):
+            return
+        conf["log_level"] = "debug"
+        # Every ordinary node starts on sn1, so that sn1 carries more than
+        # promotion_sn_target_load (1) and invites the reachable ones.
+        conf["supernodes"] = [cls.addr["sn1"]]
+        if u in ("alice", "bob", "carol"):
+            return
+        lport = free_port()
+        cls.listen[u] = lport
+        if u == "quinn":  # nothing ever answers at the advertised port
+            adv = free_port()
+        else:
+            cls.relay[u] = Relay(lport)
+            cls.relays.append(cls.relay[u])
+            adv = cls.relay[u].port
+        cls.addr[u] = "127.0.0.1:%d" % adv
+        conf.update({"listen": "127.0.0.1:%d" % lport, "advertise": cls.addr[u]})
+
+    @classmethod
     def tearDownClass(cls):
-        problems = []
-        for d in reversed(cls.daemons):
-            try:
-                rc = d.stop()
-                if rc != 0:  # a crash on the way out (a signal is negative) is a failure
-                    problems.append("%s %s exited with status %s" % (d.argv[0], d.argv[3], rc))
-            except AssertionError as e:
-                problems.append(str(e))
+        problems = cls.stop_all()
         for r in cls.relays:
             r.close()
         if BINDIR:  # for reading after a failure (CI keeps the build directory's files)
@@ -422,6 +368,18 @@ class Promotion(harness.OverlayScenario, unittest.TestCase):
         wait_until("nora's location removed",
                    lambda: self.lookup("alice", "user location", "nora@" + OVERLAY) is None or
                    not self.lookup("alice", "user location", "nora@" + OVERLAY)["records"], WAIT)
+
+    def test_6_never_promote(self):
+        """vic qualifies in every way but its user set never_promote: it stays ordinary and is
+        not even probed."""
+        vic = self.start_on("vic", "never_promote=true")
+        vic.wait_for("will not become a super node: never_promote is set", timeout=WAIT)
+        vic.wait_for("published user location", timeout=WAIT)
+        time.sleep(2 * MIN_UPTIME)
+        pr = self.promotion("vic")
+        self.assertEqual((pr["state"], pr["promotions"]), ("off", 0))
+        self.assertEqual(pr["blocked"], "never_promote is set")
+        self.assertNotIn("reachable at", vic.log())
 
 
 if __name__ == "__main__":

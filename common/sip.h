@@ -1,0 +1,79 @@
+/*
+ * The SIP front end's transport (RFC 3261 section 18) on libosip2's parser:
+ * UDP and TCP on one address, TCP framed by Content-Length, with bounded
+ * message size, header count and per-source rate. Every message that parses
+ * and carries the mandatory headers reaches the owner's callback; the rest is
+ * answered 400 (TCP; a stream that cannot be framed any more is closed) or
+ * dropped (UDP), and logged. Transactions, the registrar and the proxy are the
+ * owner's (docs/sip.md).
+ *
+ * Everything runs on the caller's libev loop; nothing blocks.
+ */
+#ifndef P2P_SIP_H
+#define P2P_SIP_H
+
+#include <ev.h>
+#include <osipparser2/osip_parser.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct sip_limits {
+    size_t max_message;   /* bytes of one message, headers and body (0: 16384) */
+    unsigned max_headers; /* header lines (0: 64) */
+    double rate;          /* messages per second from one source address, bursts of twice that
+                             (0: 200) */
+    unsigned max_tcp;     /* simultaneous TCP connections (0: 256) */
+    double tcp_idle_s;    /* a TCP connection idle this long is closed (0: 300) */
+};
+
+struct sip_endpoint;
+
+/* Where a message came from, enough to answer it on the same path. */
+struct sip_source {
+    bool tcp;
+    char addr[64];       /* "ip:port" ("[v6]:port") */
+    uint64_t tcp_serial; /* the TCP connection (0 for UDP) */
+};
+
+/* A message that parsed. msg stays the callback's: sip_* do not keep it. */
+typedef void (*sip_message_fn)(void *ud, osip_message_t *msg, const struct sip_source *from);
+
+struct sip_counters {
+    uint64_t received, sent, dropped_garbage, dropped_rate, dropped_size, tcp_accepted, tcp_refused;
+};
+
+/* Listens on UDP and TCP at "host:port" (port 0: one port picked for both). NULL + err. */
+struct sip_endpoint *sip_endpoint_start(struct ev_loop *loop, const char *hostport,
+                                        const struct sip_limits *limits, sip_message_fn fn,
+                                        void *ud, char *err, size_t errlen);
+/* "host:port" actually bound. */
+const char *sip_endpoint_addr(const struct sip_endpoint *e);
+void sip_endpoint_counters(const struct sip_endpoint *e, struct sip_counters *out);
+void sip_endpoint_stop(struct sip_endpoint *e);
+
+/*
+ * Sends msg (serialised here; msg is not taken): back to `to` (an incoming
+ * message's source: its TCP connection if still open, else the address), or
+ * to a new destination with to->tcp_serial 0. 0, or -1 with err.
+ */
+int sip_send(struct sip_endpoint *e, osip_message_t *msg, const struct sip_source *to, char *err,
+             size_t errlen);
+
+/*
+ * A response to req (RFC 3261 8.2.6): Via, From, To (with a To-tag added for
+ * codes above 100 when the request had none), Call-ID and CSeq copied,
+ * Content-Length 0. reason NULL: the standard phrase. NULL on allocation
+ * failure.
+ */
+osip_message_t *sip_response_for(const osip_message_t *req, int code, const char *reason);
+
+/* sip_response_for() and sip_send() to the request's source; logs failures. */
+void sip_reply(struct sip_endpoint *e, const osip_message_t *req, const struct sip_source *from,
+               int code, const char *reason);
+
+/* Parses one message the way the endpoint does (limits included): 0, or -1 with err. */
+int sip_parse(const char *buf, size_t len, const struct sip_limits *limits, osip_message_t **out,
+              char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""The ordinary node's SIP registrar (issue 8, first part) against a real SIP
+client: sipp (Debian's sip-tester) registers as the node's user over UDP and
+TCP; the registration becomes the bindings of the user's signed location
+record, which another node finds and verifies; a REGISTER for another user
+gets 403, a too short one 423, Expires: 0 removes the binding; garbage over
+UDP and TCP is dropped or answered 400 and the front end keeps serving."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+BINDIR = None
+OVERLAY = "sip-test.p2psip"
+SLOW = bool(harness.WRAPPER)
+WAIT = 60 if SLOW else 20
+SCENARIOS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sipp")
+
+free_port = harness.free_port
+wait_until = harness.wait_until
+
+
+def say(fmt, *args):
+    print("  [sip] " + (fmt % args if args else fmt), file=sys.stderr, flush=True)
+
+
+class Registrar(harness.OverlayScenario, unittest.TestCase):
+    daemons = []
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="p2psip-sip-")
+        try:
+            cls._set_up()
+        except BaseException:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def _set_up(cls):
+        cls.build_overlay(OVERLAY, ("sn1", "sn2"), ("alice", "bob"), wait=WAIT)
+        for u in ("alice", "bob"):
+            cls.on[u] = cls.start([cls.bin("ordinarynode"), "-d", "-c", cls.cfg[u]])
+        for u in ("alice", "bob"):
+            cls.on[u].wait_for("published user location", timeout=WAIT)
+
+    @classmethod
+    def node_conf(cls, u, conf):
+        if u in ("alice", "bob"):
+            conf["supernodes"] = [cls.addr["sn1"]]
+
+    @classmethod
+    def tearDownClass(cls):
+        problems = cls.stop_all()
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+        if problems:
+            raise AssertionError("; ".join(problems))
+
+    def sipp(self, scenario, node, user, expires, transport="u1"):
+        """Runs one sipp call of tests/sipp/<scenario>.xml against node's front end; returns
+        (exit status, output). sipp exits 0 when every call succeeded."""
+        argv = ["sipp", "-sf", os.path.join(SCENARIOS, scenario + ".xml"), "-m", "1",
+                "-key", "user", user, "-key", "domain", OVERLAY, "-key", "expires", str(expires),
+                "-i", "127.0.0.1", "-p", str(free_port()), "-t", transport,
+                "-timeout", "15", "-timeout_error", "-nostdin", "-trace_err",
+                "-error_file", os.path.join(self.tmp, "sipp-errors.log"), self.sip[node]]
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=self.tmp)
+        return p.returncode, p.stdout + p.stderr
+
+    def assert_sipp(self, *args, **kw):
+        rc, out = self.sipp(*args, **kw)
+        self.assertEqual(rc, 0, "sipp %r failed:\n%s" % (args, out[-3000:]))
+        # sipp's own counters: one successful call, no failed one.
+        succ = re.search(r"Successful call\s+\|\s+\d+\s+\|\s+(\d+)", out)
+        failed = re.search(r"Failed call\s+\|\s+\d+\s+\|\s+(\d+)", out)
+        self.assertTrue(succ and failed, "no call counters in sipp's output:\n" + out[-3000:])
+        self.assertEqual(int(succ.group(1)), 1, out[-3000:])
+        self.assertEqual(int(failed.group(1)), 0, out[-3000:])
+        return out
+
+    def lookup_alice(self):
+        rc, out, err = self.cli("bob", "get", "user location", "alice@" + OVERLAY, "--json")
+        self.assertEqual(rc, 0, err)
+        [rec] = json.loads(out)["records"]
+        self.assertTrue(rec["verified"], rec)
+        return rec["value"]
+
+    def test_1_register_over_udp(self):
+        self.assert_sipp("register_200", "alice", "alice", 600)
+        st = self.status("alice")["sip"]
+        self.assertEqual(len(st["bindings"]), 1, st)
+        self.assertIn("sip:alice@127.0.0.1:", st["bindings"][0]["contact"])
+        self.assertGreater(st["bindings"][0]["expires_in"], 500)
+        # Another node finds the binding in alice's signed location record.
+        v = self.lookup_alice()
+        self.assertEqual(len(v["bindings"]), 1, v)
+        self.assertEqual(v["bindings"][0]["contact"], st["bindings"][0]["contact"])
+        say("alice registered over UDP: %s", v["bindings"][0]["contact"])
+
+    def test_2_another_user_is_forbidden(self):
+        self.assert_sipp("register_403", "alice", "bob", 600)
+        self.on["alice"].wait_for("REGISTER for bob@%s refused" % OVERLAY, timeout=WAIT)
+        self.assertEqual(self.status("alice")["sip"]["counters"]["forbidden"], 1)
+
+    def test_3_too_brief_is_423(self):
+        self.assert_sipp("register_423", "alice", "alice", 30)
+
+    def test_4_register_over_tcp(self):
+        self.assert_sipp("register_200", "bob", "bob", 600, transport="t1")
+        st = self.status("bob")["sip"]
+        self.assertEqual(len(st["bindings"]), 1, st)
+        self.assertIn("transport=tcp", st["bindings"][0]["contact"].lower())
+
+    def test_5_expires_0_unregisters(self):
+        port = free_port()
+        for expires in (600, 0):
+            rc, out = self.sipp_at("register_200", "alice", "alice", expires, port)
+            self.assertEqual(rc, 0, out[-3000:])
+        wait_until("alice's bindings of that contact gone",
+                   lambda: not any(":%d;" % port in b["contact"] or b["contact"].endswith(
+                       ":%d" % port) for b in self.lookup_alice().get("bindings", [])), WAIT)
+
+    def sipp_at(self, scenario, node, user, expires, local_port):
+        argv = ["sipp", "-sf", os.path.join(SCENARIOS, scenario + ".xml"), "-m", "1",
+                "-key", "user", user, "-key", "domain", OVERLAY, "-key", "expires", str(expires),
+                "-i", "127.0.0.1", "-p", str(local_port), "-t", "u1", "-timeout", "15",
+                "-timeout_error", "-nostdin", self.sip[node]]
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=self.tmp)
+        return p.returncode, p.stdout + p.stderr
+
+    def test_6_garbage_does_not_stop_the_front_end(self):
+        host, port = self.sip["alice"].rsplit(":", 1)
+        port = int(port)
+        # UDP: noise, an oversize datagram, a request without Call-ID: all dropped, no answer.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.settimeout(0.5)
+            for junk in (os.urandom(300), b"INVITE x\r\n\r\n", b"A" * 30000,
+                         b"REGISTER sip:x SIP/2.0\r\nVia: SIP/2.0/UDP 1.2.3.4\r\n\r\n"):
+                u.sendto(junk, (host, port))
+            with self.assertRaises(socket.timeout):
+                u.recvfrom(4096)
+        # TCP: a message that parses to nothing gets 400 and the stream goes on; one without
+        # Content-Length gets 400 and is closed; an oversize one gets 513.
+        with socket.create_connection((host, port), timeout=5) as t:
+            t.sendall(b"NOT SIP AT ALL\r\nContent-Length: 0\r\n\r\n")
+            self.assertTrue(t.recv(4096).startswith(b"SIP/2.0 400"))
+            t.sendall(b"OPTIONS sip:x SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:9;branch=z9hG4bKx\r\n"
+                      b"From: <sip:a@x>;tag=1\r\nTo: <sip:a@x>\r\nCall-ID: 1@x\r\n"
+                      b"CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
+            self.assertTrue(t.recv(4096).startswith(b"SIP/2.0 200"), "the stream did not go on")
+        with socket.create_connection((host, port), timeout=5) as t:
+            t.sendall(b"OPTIONS sip:x SIP/2.0\r\nVia: SIP/2.0/TCP 1.2.3.4\r\n\r\n")
+            self.assertIn(b"400", t.recv(4096))
+            self.assertEqual(t.recv(4096), b"", "not closed")
+        with socket.create_connection((host, port), timeout=5) as t:
+            t.sendall(b"OPTIONS sip:x SIP/2.0\r\nContent-Length: 100000\r\n\r\n")
+            self.assertTrue(t.recv(4096).startswith(b"SIP/2.0 513"))
+        log = self.on["alice"].log()
+        self.assertIn("dropped: not a SIP message libosip2 can parse", log)
+        self.assertIn("answered 400", log)
+        # Still serving: a registration right after.
+        self.assert_sipp("register_200", "alice", "alice", 600)
+
+
+if __name__ == "__main__":
+    harness.main(sys.modules[__name__])
