@@ -10,6 +10,7 @@
 #include <time.h>
 
 #include "log.h"
+#include "proxy.h"
 #include "record.h"
 
 #define LOGM            "sip"
@@ -33,11 +34,12 @@ struct registrar {
     char aor[256]; /* user@host of our user */
     int64_t max_expires;
     struct sip_endpoint *ep;
+    struct proxy *px;
     struct binding b[MAX_BINDINGS];
     size_t n;
     struct pending *pending;
     ev_timer expiry;
-    uint64_t registers, ok, forbidden, failed, other;
+    uint64_t registers, ok, forbidden, failed;
 };
 
 struct pending {
@@ -267,23 +269,30 @@ static void on_register(struct registrar *r, osip_message_t *m, const struct sip
     publish(r, m, from, old, n_old);
 }
 
+/* The phone to ring for our user: the binding registered (or refreshed) last. */
+static const char *current_binding(void *ud)
+{
+    struct registrar *r = ud;
+    const struct binding *best = NULL;
+    for (size_t i = 0; i < r->n; i++)
+        if (!best || r->b[i].expires > best->expires)
+            best = &r->b[i];
+    return best ? best->contact : NULL;
+}
+
 static void on_message(void *ud, osip_message_t *m, const struct sip_source *from)
 {
     struct registrar *r = ud;
     if (!MSG_IS_REQUEST(m)) {
-        log_debug(LOGM, "%s: response %d ignored", from->addr, m->status_code);
+        proxy_response(r->px, m, from);
         return;
     }
-    if (MSG_IS_REGISTER(m)) {
+    if (MSG_IS_REGISTER(m))
         on_register(r, m, from);
-    } else if (MSG_IS_OPTIONS(m)) {
+    else if (MSG_IS_OPTIONS(m) && !m->req_uri->username) /* a phone's keepalive to us */
         sip_reply(r->ep, m, from, 200, NULL);
-    } else if (!MSG_IS_ACK(m)) {
-        r->other++;
-        log_info(LOGM, "%s: %s answered 501: calls through the overlay are not built yet",
-                 from->addr, m->sip_method);
-        sip_reply(r->ep, m, from, 501, NULL);
-    }
+    else
+        proxy_request(r->px, m, from);
 }
 
 static void expiry_cb(struct ev_loop *loop, ev_timer *w, int revents)
@@ -324,6 +333,12 @@ struct registrar *registrar_start(struct ev_loop *loop, struct onode *on, const 
         free(r);
         return NULL;
     }
+    if (!(r->px = proxy_new(loop, on, r->ep, r->aor, current_binding, r))) {
+        snprintf(err, errlen, "out of memory");
+        sip_endpoint_stop(r->ep);
+        free(r);
+        return NULL;
+    }
     ev_timer_init(&r->expiry, expiry_cb, 1., 1.);
     r->expiry.data = r;
     ev_timer_start(loop, &r->expiry);
@@ -339,13 +354,13 @@ json_t *registrar_status(struct registrar *r)
                                            (json_int_t)(r->b[i].expires - now)));
     struct sip_counters c;
     sip_endpoint_counters(r->ep, &c);
-    return json_pack("{s:s,s:s,s:o,s:{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}}", "listen",
-                     sip_endpoint_addr(r->ep), "aor", r->aor, "bindings", b, "counters", "received",
-                     (json_int_t)c.received, "malformed", (json_int_t)c.dropped_garbage,
-                     "rate_limited", (json_int_t)c.dropped_rate, "oversize",
-                     (json_int_t)c.dropped_size, "registers", (json_int_t)r->registers,
-                     "registered", (json_int_t)r->ok, "forbidden", (json_int_t)r->forbidden,
-                     "store_failed", (json_int_t)r->failed);
+    return json_pack("{s:s,s:s,s:o,s:o,s:{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}}", "listen",
+                     sip_endpoint_addr(r->ep), "aor", r->aor, "bindings", b, "proxy",
+                     proxy_status(r->px), "counters", "received", (json_int_t)c.received,
+                     "malformed", (json_int_t)c.dropped_garbage, "rate_limited",
+                     (json_int_t)c.dropped_rate, "oversize", (json_int_t)c.dropped_size,
+                     "registers", (json_int_t)r->registers, "registered", (json_int_t)r->ok,
+                     "forbidden", (json_int_t)r->forbidden, "store_failed", (json_int_t)r->failed);
 }
 
 void registrar_stop(struct registrar *r)
@@ -355,6 +370,7 @@ void registrar_stop(struct registrar *r)
     if (r->pending)
         r->pending->r = NULL; /* its answer comes (the node fails it at the latest) and is freed */
     ev_timer_stop(r->loop, &r->expiry);
+    proxy_free(r->px);
     sip_endpoint_stop(r->ep);
     free(r);
 }

@@ -3,8 +3,8 @@
  * node's own user (RFC 3261 section 10.3). A REGISTER from the user's phone
  * becomes the "bindings" of the user's signed location record in the
  * overlay; refreshes and Expires: 0 update it; 200 OK lists the bindings
- * that hold. Requests for another user get 403. Calls through the overlay
- * (the proxy) come next; until then other requests get 501.
+ * that hold. Requests for another user get 403. Every other request goes
+ * to the proxy (proxy.h), which shares the front end's port.
  */
 #ifndef P2P_REGISTRAR_H
 #define P2P_REGISTRAR_H

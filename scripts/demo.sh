@@ -243,7 +243,38 @@ note "bob looks carol up; the answer comes from the ring carol is now part of:"
 for _ in $(seq 100); do "$on" -c "$state/bob.json" get "user location" "carol@$overlay" >/dev/null 2>&1 && break; sleep 0.05; done
 "$on" -c "$state/bob.json" get "user location" "carol@$overlay" | sed 's/^/      /'
 
-say "10. Stopping everything with SIGTERM, carol's node first: it removes her record, hands its keys over and leaves the ring"
+say "10. A SIP call through the overlay: two sipp phones register at their own nodes, alice calls bob"
+sipp_run() { # scenario local-port [sipp arguments...]; its output goes to the state directory
+  local sc=$1 port=$2
+  shift 2
+  sipp -sf "$top/tests/sipp/$sc.xml" -m 1 -i 127.0.0.1 -p "$port" -t u1 -timeout 20 \
+    -timeout_error -nostdin "$@" > "$state/sipp-$sc-$port.log" 2>&1
+}
+sipp_run register_200 5071 -key user alice -key domain "$overlay" -key expires 600 127.0.0.1:5061
+note "alice's phone (sipp at 127.0.0.1:5071) REGISTERed at alice's node (127.0.0.1:5061): 200 OK"
+sipp_run register_200 5072 -key user bob -key domain "$overlay" -key expires 600 127.0.0.1:5062
+note "bob's phone (sipp at 127.0.0.1:5072) REGISTERed at bob's node (127.0.0.1:5062): 200 OK"
+note "the registration is part of bob's signed location record; alice's node reads it from the overlay:"
+"$on" -c "$state/alice.json" get "user location" "bob@$overlay" --json |
+  sed -n 's/.*"bindings":\[{"contact":"\([^"]*\)".*/      bob is bound at \1 (signature verified)/p'
+sipp_run uas_answer 5072 &
+uas=$!
+pids+=("$uas")
+sleep 0.3
+note "alice's phone calls sip:bob@$overlay through her node:"
+sipp_run uac_call 5071 -s alice -key callee bob -key domain "$overlay" 127.0.0.1:5061
+wait "$uas"
+left=()
+for p in "${pids[@]}"; do [ "$p" != "$uas" ] && left+=("$p"); done
+pids=("${left[@]}")
+grep -m1 "INVITE for bob@" "$state/alice.log" | sed 's/^.*info  sip: /      alice'"'"'s node: /'
+for side in "caller:uac_call-5071" "callee:uas_answer-5072"; do
+  f="$state/sipp-${side#*:}.log"
+  note "${side%%:*} (sipp): $(grep -oE 'Successful call +\| +[0-9]+ +\| +[0-9]+' "$f" | awk '{print $NF}') successful call, $(grep -oE 'Failed call +\| +[0-9]+ +\| +[0-9]+' "$f" | awk '{print $NF}') failed"
+done
+note "the messages: INVITE -> 100 (each node) -> 180 -> 200 -> ACK -> BYE -> 200, via both nodes (Via and Record-Route)"
+
+say "11. Stopping everything with SIGTERM, carol's node first: it removes her record, hands its keys over and leaves the ring"
 kill -TERM "${pid_of[carol]}"
 wait "${pid_of[carol]}" || { echo "carol's node exited with status $?"; exit 1; }
 grep -E "removing|removed|promotion: (stopping|left)" "$state/carol.log" | sed 's/^.*info  [a-z]*: /      carol: /'

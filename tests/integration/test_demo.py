@@ -101,6 +101,11 @@ class Demo(unittest.TestCase):
         self.assertRegex(out, r"promotion    super node \(1 promotions, 0 demotions\)")
         self.assertIn("carol: removed user location|carol@demo.p2psip", out)
         self.assertIn("carol: left the ring", out)
+        # The SIP call: both sipp phones count one successful call.
+        self.assertRegex(out, r"bob is bound at sip:bob@127\.0\.0\.1:5072;transport=UDP \(signature")
+        self.assertIn("INVITE for bob@demo.p2psip: found in the overlay", out)
+        self.assertIn("caller (sipp): 1 successful call, 0 failed", out)
+        self.assertIn("callee (sipp): 1 successful call, 0 failed", out)
         self.assertEqual(out.count("stopped"), 7, out)  # the killed super node did not stop
         self.assertIn("Everything this demo started has exited", out)
         self.assert_clean(out)

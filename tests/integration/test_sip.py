@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -94,7 +95,7 @@ class Registrar(harness.OverlayScenario, unittest.TestCase):
         self.assertTrue(rec["verified"], rec)
         return rec["value"]
 
-    def test_1_register_over_udp(self):
+    def test_01_register_over_udp(self):
         self.assert_sipp("register_200", "alice", "alice", 600)
         st = self.status("alice")["sip"]
         self.assertEqual(len(st["bindings"]), 1, st)
@@ -106,21 +107,21 @@ class Registrar(harness.OverlayScenario, unittest.TestCase):
         self.assertEqual(v["bindings"][0]["contact"], st["bindings"][0]["contact"])
         say("alice registered over UDP: %s", v["bindings"][0]["contact"])
 
-    def test_2_another_user_is_forbidden(self):
+    def test_02_another_user_is_forbidden(self):
         self.assert_sipp("register_403", "alice", "bob", 600)
         self.on["alice"].wait_for("REGISTER for bob@%s refused" % OVERLAY, timeout=WAIT)
         self.assertEqual(self.status("alice")["sip"]["counters"]["forbidden"], 1)
 
-    def test_3_too_brief_is_423(self):
+    def test_03_too_brief_is_423(self):
         self.assert_sipp("register_423", "alice", "alice", 30)
 
-    def test_4_register_over_tcp(self):
+    def test_04_register_over_tcp(self):
         self.assert_sipp("register_200", "bob", "bob", 600, transport="t1")
         st = self.status("bob")["sip"]
         self.assertEqual(len(st["bindings"]), 1, st)
         self.assertIn("transport=tcp", st["bindings"][0]["contact"].lower())
 
-    def test_5_expires_0_unregisters(self):
+    def test_05_expires_0_unregisters(self):
         port = free_port()
         for expires in (600, 0):
             rc, out = self.sipp_at("register_200", "alice", "alice", expires, port)
@@ -137,7 +138,7 @@ class Registrar(harness.OverlayScenario, unittest.TestCase):
         p = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=self.tmp)
         return p.returncode, p.stdout + p.stderr
 
-    def test_6_garbage_does_not_stop_the_front_end(self):
+    def test_06_garbage_does_not_stop_the_front_end(self):
         host, port = self.sip["alice"].rsplit(":", 1)
         port = int(port)
         # UDP: noise, an oversize datagram, a request without Call-ID: all dropped, no answer.
@@ -169,6 +170,97 @@ class Registrar(harness.OverlayScenario, unittest.TestCase):
         self.assertIn("answered 400", log)
         # Still serving: a registration right after.
         self.assert_sipp("register_200", "alice", "alice", 600)
+
+    # ---- calls through the overlay: sipp as both phones ----
+
+    def run_sipp(self, scenario, local_port, target=None, keys=(), service=None, wait=True):
+        argv = ["sipp", "-sf", os.path.join(SCENARIOS, scenario + ".xml"), "-m", "1",
+                "-i", "127.0.0.1", "-p", str(local_port), "-t", "u1", "-timeout", "30",
+                "-timeout_error", "-nostdin"]
+        for k, v in keys:
+            argv += ["-key", k, v]
+        if service:
+            argv += ["-s", service]
+        if target:
+            argv.append(target)
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             cwd=self.tmp)
+        if not wait:
+            return p
+        out, _ = p.communicate(timeout=60)
+        return p.returncode, out
+
+    def finish(self, p, what):
+        try:
+            out, _ = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, _ = p.communicate()
+        self.assertEqual(p.returncode, 0, "%s failed:\n%s" % (what, out[-3000:]))
+        self.assertRegex(out, r"Successful call\s+\|\s+\d+\s+\|\s+1\b", out[-3000:])
+        return out
+
+    def register_phone(self, node, user, port, expires=600):
+        rc, out = self.sipp_at("register_200", node, user, expires, port)
+        self.assertEqual(rc, 0, out[-3000:])
+
+    def call(self, uac, uas, callee="bob"):
+        """alice's phone calls callee: the UAS scenario runs on bob's registered port."""
+        uas_p = self.run_sipp(uas, self.bob_port, wait=False) if uas else None
+        time.sleep(0.3)  # the UAS is listening
+        uac_p = self.run_sipp(uac, self.alice_port, target=self.sip["alice"],
+                              keys=(("callee", callee), ("domain", OVERLAY)), service="alice",
+                              wait=False)
+        out = self.finish(uac_p, "the caller (%s)" % uac)
+        if uas_p:
+            self.finish(uas_p, "the callee (%s)" % uas)
+        return out
+
+    @classmethod
+    def phones(cls):
+        if not hasattr(cls, "bob_port"):
+            cls.alice_port, cls.bob_port = free_port(), free_port()
+
+    def test_07_call_through_the_overlay(self):
+        self.phones()
+        self.register_phone("alice", "alice", self.alice_port)
+        self.register_phone("bob", "bob", self.bob_port)
+        t0 = time.monotonic()
+        self.call("uac_call", "uas_answer")
+        say("call alice -> bob (INVITE/100/180/200/ACK/BYE/200) through both nodes in %.2f s",
+            time.monotonic() - t0)
+        for u in ("alice", "bob"):
+            px = self.status(u)["sip"]["proxy"]
+            self.assertGreaterEqual(px["forwarded"], 3, px)  # INVITE, ACK, BYE at least
+        self.on["alice"].wait_for("INVITE for bob@%s: found in the overlay" % OVERLAY)
+
+    def test_08_unknown_callee_gets_404(self):
+        self.phones()
+        self.register_phone("alice", "alice", self.alice_port)
+        self.call("uac_404", None, callee="nobody")
+        self.assertGreaterEqual(self.status("alice")["sip"]["proxy"]["not_found"], 1)
+
+    def test_09_ringing_call_is_cancelled(self):
+        self.phones()
+        self.register_phone("alice", "alice", self.alice_port)
+        self.register_phone("bob", "bob", self.bob_port)
+        self.call("uac_cancel", "uas_ring")
+        self.assertGreaterEqual(self.status("alice")["sip"]["proxy"]["cancelled"], 1)
+
+    def test_10_unregistered_callee_gets_404(self):
+        self.phones()
+        self.register_phone("alice", "alice", self.alice_port)
+        rc, out = self.sipp_at("unregister_all", "bob", "bob", 0, free_port())
+        self.assertEqual(rc, 0, out[-3000:])
+        self.assertEqual(self.status("bob")["sip"]["bindings"], [])
+        wait_until("bob's record without bindings",
+                   lambda: not self.lookup_bob().get("bindings"), WAIT)
+        self.call("uac_404", None, callee="bob")
+
+    def lookup_bob(self):
+        rc, out, err = self.cli("alice", "get", "user location", "bob@" + OVERLAY, "--json")
+        self.assertEqual(rc, 0, err)
+        return json.loads(out)["records"][0]["value"]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,663 @@
+/*
+ * The ordinary node's SIP proxy (proxy.h).
+ *
+ * One transaction (struct ptxn) per request forwarded: the server side is
+ * matched by the branch of the Via the request arrived with, the client side
+ * by the branch of the Via we add. Responses come back on our Via, which is
+ * taken off before they go to where the request came from.
+ */
+#include "proxy.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include <gnutls/crypto.h>
+
+#include "config.h"
+#include "log.h"
+#include "nodeid.h"
+#include "record.h"
+
+#define LOGM      "sip"
+#define T1_S      0.5   /* RFC 3261 timer T1 */
+#define T2_S      4.0   /* RFC 3261 timer T2 */
+#define TIMER_B_S 32.0  /* no answer at all to a forwarded request: 480 */
+#define TIMER_C_S 180.0 /* an INVITE ringing this long is cancelled: 408 */
+#define LINGER_S  32.0  /* a finished transaction absorbs retransmissions this long */
+#define MAX_TXNS  4096
+
+struct ptxn {
+    struct ptxn *next;
+    struct proxy *px; /* NULL once the proxy is gone (a lookup may still be out) */
+    char in_branch[128];
+    char method[16];
+    struct sip_source from;
+    osip_message_t *req; /* as received */
+    osip_message_t *fwd; /* as forwarded, NULL until then */
+    char out_branch[48];
+    struct sip_source to;
+    int best; /* highest code passed upstream */
+    bool provisional, cancelled, lookup_pending;
+    osip_message_t *last; /* the last response sent upstream, for retransmitted requests */
+    ev_timer retrans, timeout;
+    double rto;
+};
+
+struct proxy {
+    struct ev_loop *loop;
+    struct onode *on;
+    struct sip_endpoint *ep;
+    char aor[256];
+    char self[80]; /* our host:port, as Via sent-by and Record-Route */
+    proxy_binding_fn binding;
+    void *ud;
+    struct ptxn *txns;
+    size_t n_txns;
+    uint64_t forwarded, not_found, unavailable, cancelled, looked_up, timeouts;
+};
+
+/* ---- helpers --------------------------------------------------------------------------------- */
+
+static void new_branch(char *out, size_t len)
+{
+    uint8_t r[8];
+    gnutls_rnd(GNUTLS_RND_NONCE, r, sizeof(r));
+    snprintf(out, len, "z9hG4bKp2p%02x%02x%02x%02x%02x%02x%02x%02x", r[0], r[1], r[2], r[3], r[4],
+             r[5], r[6], r[7]);
+}
+
+static const char *top_branch(const osip_message_t *m)
+{
+    osip_via_t *v = osip_list_get(&m->vias, 0);
+    osip_generic_param_t *b = NULL;
+    if (v && osip_via_param_get_byname(v, "branch", &b) == 0 && b && b->gvalue)
+        return b->gvalue;
+    return NULL;
+}
+
+/* "host:port" of a URI (port 5060 when absent); -1 when the host is no literal address. */
+static int uri_hostport(const osip_uri_t *u, char *out, size_t len)
+{
+    if (!u || !u->host)
+        return -1;
+    char tmp[300];
+    const char *port = u->port && *u->port ? u->port : "5060";
+    snprintf(tmp, sizeof(tmp), strchr(u->host, ':') && u->host[0] != '[' ? "[%s]:%s" : "%s:%s",
+             u->host, port);
+    if (cfg_parse_hostport(tmp, NULL, 0, NULL) != 0)
+        return -1;
+    snprintf(out, len, "%s", tmp);
+    return 0;
+}
+
+static struct ptxn *find_in(struct proxy *px, const char *branch, const char *method)
+{
+    for (struct ptxn *t = px->txns; t; t = t->next)
+        if (!strcmp(t->in_branch, branch) && (!method || !strcmp(t->method, method)))
+            return t;
+    return NULL;
+}
+
+static struct ptxn *find_out(struct proxy *px, const char *branch)
+{
+    for (struct ptxn *t = px->txns; t; t = t->next)
+        if (t->fwd && !strcmp(t->out_branch, branch))
+            return t;
+    return NULL;
+}
+
+static void txn_free(struct ptxn *t)
+{
+    struct proxy *px = t->px;
+    if (px) {
+        for (struct ptxn **pp = &px->txns; *pp; pp = &(*pp)->next)
+            if (*pp == t) {
+                *pp = t->next;
+                break;
+            }
+        px->n_txns--;
+        ev_timer_stop(px->loop, &t->retrans);
+        ev_timer_stop(px->loop, &t->timeout);
+    }
+    if (t->req)
+        osip_message_free(t->req);
+    if (t->fwd)
+        osip_message_free(t->fwd);
+    if (t->last)
+        osip_message_free(t->last);
+    free(t);
+}
+
+/* Sends a response of ours upstream (and keeps finals for retransmissions). */
+static void answer(struct ptxn *t, int code, const char *reason)
+{
+    struct proxy *px = t->px;
+    if (!strcmp(t->method, "ACK")) { /* an ACK is never answered: it just ends here */
+        if (code >= 200) {
+            t->best = code;
+            ev_timer_stop(px->loop, &t->retrans);
+            ev_timer_stop(px->loop, &t->timeout);
+            ev_timer_set(&t->timeout, LINGER_S, 0.);
+            ev_timer_start(px->loop, &t->timeout);
+        }
+        return;
+    }
+    osip_message_t *r = sip_response_for(t->req, code, reason);
+    if (!r)
+        return;
+    char err[256];
+    if (sip_send(px->ep, r, &t->from, err, sizeof(err)) != 0)
+        log_info(LOGM, "%d to %s not sent: %s", code, t->from.addr, err);
+    if (code >= 200) {
+        if (t->last)
+            osip_message_free(t->last);
+        t->last = r;
+        t->best = code;
+        ev_timer_stop(px->loop, &t->retrans);
+        ev_timer_stop(px->loop, &t->timeout);
+        ev_timer_set(&t->timeout, LINGER_S, 0.);
+        ev_timer_start(px->loop, &t->timeout);
+    } else {
+        osip_message_free(r);
+    }
+}
+
+/* ---- forwarding (RFC 3261 16.6) -------------------------------------------------------------- */
+
+static void retrans_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct ptxn *t = w->data;
+    char err[256];
+    if (!t->fwd || t->provisional || t->best >= 200)
+        return;
+    sip_send(t->px->ep, t->fwd, &t->to, err, sizeof(err));
+    t->rto = t->rto * 2 > T2_S ? T2_S : t->rto * 2;
+    ev_timer_set(w, t->rto, 0.);
+    ev_timer_start(loop, w);
+}
+
+static void send_cancel(struct ptxn *t);
+
+static void timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct ptxn *t = w->data;
+    if (t->best >= 200) { /* lingered long enough */
+        txn_free(t);
+        return;
+    }
+    t->px->timeouts++;
+    if (t->provisional) {
+        log_info(LOGM, "%s %s rang for %.0f s: cancelled", t->method, t->req->req_uri->host,
+                 TIMER_C_S);
+        send_cancel(t);
+        answer(t, 408, "Request Timeout");
+    } else {
+        log_info(LOGM, "%s to %s: no answer within %.0f s", t->method, t->to.addr, TIMER_B_S);
+        answer(t, 480, "No Answer From The Callee");
+    }
+}
+
+static void forward(struct ptxn *t, const char *target, const char *new_ruri)
+{
+    struct proxy *px = t->px;
+    osip_message_t *f = NULL;
+    if (osip_message_clone(t->req, &f) != 0) {
+        answer(t, 500, "Out Of Memory");
+        return;
+    }
+    if (new_ruri) {
+        osip_uri_t *u = NULL;
+        osip_uri_init(&u);
+        if (osip_uri_parse(u, new_ruri) != 0) {
+            osip_uri_free(u);
+            osip_message_free(f);
+            answer(t, 500, "Bad Binding");
+            return;
+        }
+        osip_uri_free(f->req_uri);
+        f->req_uri = u;
+    }
+    /* Max-Forwards, one less (70 when absent). */
+    osip_header_t *mf = NULL;
+    if (osip_message_get_max_forwards(f, 0, &mf) >= 0 && mf && mf->hvalue) {
+        char n[24];
+        snprintf(n, sizeof(n), "%ld", strtol(mf->hvalue, NULL, 10) - 1);
+        osip_free(mf->hvalue);
+        mf->hvalue = osip_strdup(n);
+    } else {
+        osip_message_set_max_forwards(f, "70");
+    }
+    /* Record-Route on dialog-creating INVITEs, so that ACK and BYE come this way too. */
+    osip_generic_param_t *tag = NULL;
+    if (!strcmp(t->method, "INVITE") && osip_to_get_tag(f->to, &tag) != 0) {
+        char rr[120];
+        snprintf(rr, sizeof(rr), "<sip:%s;lr>", px->self);
+        osip_record_route_t *r = NULL;
+        osip_record_route_init(&r);
+        if (osip_record_route_parse(r, rr) == 0)
+            osip_list_add(&f->record_routes, r, 0);
+        else
+            osip_record_route_free(r);
+    }
+    new_branch(t->out_branch, sizeof(t->out_branch));
+    char via[200];
+    snprintf(via, sizeof(via), "SIP/2.0/UDP %s;branch=%s;rport", px->self, t->out_branch);
+    osip_via_t *v = NULL;
+    osip_via_init(&v);
+    if (osip_via_parse(v, via) != 0) {
+        osip_via_free(v);
+        osip_message_free(f);
+        answer(t, 500, "Internal Error");
+        return;
+    }
+    osip_list_add(&f->vias, v, 0);
+    t->fwd = f;
+    t->to = (struct sip_source){.tcp = false};
+    snprintf(t->to.addr, sizeof(t->to.addr), "%s", target);
+    char err[256];
+    if (sip_send(px->ep, f, &t->to, err, sizeof(err)) != 0) {
+        log_info(LOGM, "%s to %s not forwarded: %s", t->method, target, err);
+        answer(t, 480, "Callee Unreachable");
+        return;
+    }
+    px->forwarded++;
+    log_debug(LOGM, "%s %s forwarded to %s", t->method, t->req->call_id->number, target);
+    t->rto = T1_S;
+    ev_timer_set(&t->retrans, T1_S, 0.);
+    ev_timer_start(px->loop, &t->retrans);
+    ev_timer_set(&t->timeout, TIMER_B_S, 0.);
+    ev_timer_start(px->loop, &t->timeout);
+}
+
+/* A CANCEL (or ACK) of ours for what we forwarded: same Request-URI, Via branch, Call-ID. */
+static osip_message_t *hop_request(const struct ptxn *t, const char *method,
+                                   const osip_message_t *resp)
+{
+    osip_message_t *m = NULL;
+    if (osip_message_init(&m) != 0)
+        return NULL;
+    osip_message_set_method(m, osip_strdup(method));
+    osip_message_set_version(m, osip_strdup("SIP/2.0"));
+    osip_uri_clone(t->fwd->req_uri, &m->req_uri);
+    osip_via_t *v = osip_list_get(&t->fwd->vias, 0), *vc = NULL;
+    osip_via_clone(v, &vc);
+    osip_list_add(&m->vias, vc, 0);
+    osip_from_clone(t->fwd->from, &m->from);
+    osip_to_clone(resp ? resp->to : t->fwd->to, &m->to);
+    osip_call_id_clone(t->fwd->call_id, &m->call_id);
+    osip_cseq_init(&m->cseq);
+    osip_cseq_set_number(m->cseq, osip_strdup(t->fwd->cseq->number));
+    osip_cseq_set_method(m->cseq, osip_strdup(method));
+    osip_list_clone(&t->fwd->routes, &m->routes, (int (*)(void *, void **))osip_from_clone);
+    osip_message_set_max_forwards(m, "70");
+    osip_message_set_content_length(m, "0");
+    return m;
+}
+
+static void send_cancel(struct ptxn *t)
+{
+    if (!t->fwd || t->best >= 200)
+        return;
+    osip_message_t *c = hop_request(t, "CANCEL", NULL);
+    char err[256];
+    if (c && sip_send(t->px->ep, c, &t->to, err, sizeof(err)) != 0)
+        log_info(LOGM, "CANCEL to %s not sent: %s", t->to.addr, err);
+    if (c)
+        osip_message_free(c);
+}
+
+/* ---- routing ----------------------------------------------------------------------------------
+ */
+
+struct lookup {
+    struct ptxn *t;
+    char aor[300];
+};
+
+static void looked_up(void *ud, const struct on_result *r)
+{
+    struct lookup *lk = ud;
+    struct ptxn *t = lk->t;
+    t->lookup_pending = false;
+    if (!t->px) { /* the proxy stopped meanwhile */
+        txn_free(t);
+        free(lk);
+        return;
+    }
+    struct proxy *px = t->px;
+    if (t->cancelled || t->best >= 200) {
+        free(lk);
+        return;
+    }
+    if (!r->ok) {
+        log_info(LOGM, "looking up %s failed: %s: %s", lk->aor, r->code, r->reason);
+        px->unavailable++;
+        answer(t, 503, "Overlay Lookup Failed");
+        free(lk);
+        return;
+    }
+    char target[80] = "";
+    size_t i;
+    json_t *rec;
+    json_array_foreach(json_object_get(r->body, "records"), i, rec)
+    {
+        json_t *v = json_object_get(rec, "value");
+        if (!json_is_true(json_object_get(rec, "verified")) ||
+            json_array_size(json_object_get(v, "bindings")) == 0)
+            continue;
+        size_t k;
+        json_t *c;
+        json_array_foreach(json_object_get(v, "contacts"), k, c)
+        {
+            const char *tr = json_string_value(json_object_get(c, "transport"));
+            const char *host = json_string_value(json_object_get(c, "host"));
+            json_int_t port = json_integer_value(json_object_get(c, "port"));
+            if (tr && !strcasecmp(tr, "udp") && host && port > 0 && port < 65536) {
+                snprintf(target, sizeof(target), strchr(host, ':') ? "[%s]:%lld" : "%s:%lld", host,
+                         (long long)port);
+                break;
+            }
+        }
+        if (target[0])
+            break;
+    }
+    if (!target[0]) {
+        px->not_found++;
+        log_info(LOGM, "%s %s: no registered phone found in the overlay: 404", t->method, lk->aor);
+        answer(t, 404, "Not Found In The Overlay");
+        free(lk);
+        return;
+    }
+    log_info(LOGM, "%s for %s: found in the overlay, forwarded to its node at %s", t->method,
+             lk->aor, target);
+    forward(t, target, NULL);
+    free(lk);
+}
+
+static bool is_self(const struct proxy *px, const osip_uri_t *u)
+{
+    char hp[300];
+    return uri_hostport(u, hp, sizeof(hp)) == 0 && !strcmp(hp, px->self);
+}
+
+static void route(struct ptxn *t)
+{
+    struct proxy *px = t->px;
+    osip_message_t *m = t->req;
+    /* Loose routing (16.4): a Route naming us is ours to remove; the next one is the way. */
+    osip_route_t *rt = osip_list_get(&m->routes, 0);
+    if (rt && is_self(px, rt->url)) {
+        osip_list_remove(&m->routes, 0);
+        osip_route_free(rt);
+        rt = osip_list_get(&m->routes, 0);
+    }
+    char target[300];
+    if (rt) {
+        if (uri_hostport(rt->url, target, sizeof(target)) != 0) {
+            answer(t, 404, "Route To An Unknown Host");
+            return;
+        }
+        forward(t, target, NULL);
+        return;
+    }
+    const osip_uri_t *ru = m->req_uri;
+    char aor[300] = "";
+    if (ru->username)
+        snprintf(aor, sizeof(aor), "%s@%s", ru->username, ru->host);
+    const char *at = strchr(px->aor, '@');
+    bool ours =
+        ru->username && *ru->username && at && strlen(ru->username) == (size_t)(at - px->aor) &&
+        !strncmp(ru->username, px->aor, (size_t)(at - px->aor)) && !strcasecmp(ru->host, at + 1);
+    if (ours) { /* for our own user: the phone registered here */
+        const char *b = px->binding(px->ud);
+        osip_uri_t *bu = NULL;
+        if (!b) {
+            px->unavailable++;
+            answer(t, 480, "No Phone Registered");
+            return;
+        }
+        osip_uri_init(&bu);
+        int rc = osip_uri_parse(bu, b) == 0 ? uri_hostport(bu, target, sizeof(target)) : -1;
+        osip_uri_free(bu);
+        if (rc != 0) {
+            answer(t, 480, "Binding Unusable");
+            return;
+        }
+        forward(t, target, b);
+        return;
+    }
+    if (uri_hostport(ru, target, sizeof(target)) == 0) { /* a literal address: a phone's Contact */
+        if (!strcmp(target, px->self)) {
+            answer(t, 404, "Not Here");
+            return;
+        }
+        forward(t, target, NULL);
+        return;
+    }
+    if (!at || strcasecmp(ru->host, at + 1) != 0 || !ru->username) {
+        px->not_found++;
+        answer(t, 404, "Unknown Domain");
+        return;
+    }
+    if (!strcmp(t->method, "ACK")) { /* an ACK that matched nothing: nowhere to go */
+        answer(t, 200, NULL);
+        return;
+    }
+    /* A user of the overlay: their signed location record says where to go. */
+    nid_t k;
+    char hex[NID_HEX_LEN + 1];
+    struct lookup *lk = calloc(1, sizeof(*lk));
+    if (!lk || nid_key(&k, REC_TYPE_USER_LOCATION, aor) != 0) {
+        free(lk);
+        answer(t, 500, "Internal Error");
+        return;
+    }
+    lk->t = t;
+    snprintf(lk->aor, sizeof(lk->aor), "%s", aor);
+    t->lookup_pending = true;
+    px->looked_up++;
+    onode_lookup(px->on, nid_to_hex(&k, hex), looked_up, lk);
+}
+
+/* ---- requests and responses ---------------------------------------------------------------------
+ */
+
+void proxy_request(struct proxy *px, osip_message_t *req, const struct sip_source *from)
+{
+    const char *branch = top_branch(req);
+    const char *method = req->sip_method;
+    osip_header_t *mf = NULL;
+    if (osip_message_get_max_forwards(req, 0, &mf) >= 0 && mf && mf->hvalue &&
+        strtol(mf->hvalue, NULL, 10) <= 0) {
+        sip_reply(px->ep, req, from, 483, NULL);
+        return;
+    }
+    if (!branch) {
+        sip_reply(px->ep, req, from, 400, "Via Without Branch");
+        return;
+    }
+    if (!strcmp(method, "ACK")) {
+        struct ptxn *t = find_in(px, branch, "INVITE");
+        if (t && t->best >= 300)
+            return; /* the ACK of a failure we passed on: ours was sent downstream already */
+    } else if (!strcmp(method, "CANCEL")) {
+        struct ptxn *t = find_in(px, branch, "INVITE");
+        if (!t) {
+            sip_reply(px->ep, req, from, 481, NULL);
+            return;
+        }
+        sip_reply(px->ep, req, from, 200, NULL);
+        if (t->best >= 200 || t->cancelled)
+            return;
+        t->cancelled = true;
+        px->cancelled++;
+        if (t->fwd && t->provisional) {
+            send_cancel(t); /* the 487 comes back from the callee's side */
+        } else {
+            send_cancel(t);
+            answer(t, 487, NULL);
+        }
+        return;
+    } else {
+        struct ptxn *t = find_in(px, branch, method);
+        if (t) { /* a retransmission */
+            if (t->last) {
+                char err[200];
+                sip_send(px->ep, t->last, &t->from, err, sizeof(err));
+            }
+            return;
+        }
+    }
+    if (px->n_txns >= MAX_TXNS) {
+        sip_reply(px->ep, req, from, 503, "Too Busy");
+        return;
+    }
+    struct ptxn *t = calloc(1, sizeof(*t));
+    if (!t || osip_message_clone(req, &t->req) != 0) {
+        free(t);
+        sip_reply(px->ep, req, from, 500, "Out Of Memory");
+        return;
+    }
+    t->px = px;
+    snprintf(t->in_branch, sizeof(t->in_branch), "%s", branch);
+    snprintf(t->method, sizeof(t->method), "%s", method);
+    t->from = *from;
+    ev_timer_init(&t->retrans, retrans_cb, T1_S, 0.);
+    t->retrans.data = t;
+    ev_timer_init(&t->timeout, timeout_cb, TIMER_B_S, 0.);
+    t->timeout.data = t;
+    t->next = px->txns;
+    px->txns = t;
+    px->n_txns++;
+    if (!strcmp(method, "INVITE"))
+        answer(t, 100, NULL);
+    route(t);
+    if (!strcmp(method, "ACK") && t->best < 200 && !t->lookup_pending) {
+        /* An ACK gets no answer: nothing to wait for once it is on its way. */
+        ev_timer_stop(px->loop, &t->retrans);
+        t->best = 200;
+        ev_timer_stop(px->loop, &t->timeout);
+        ev_timer_set(&t->timeout, LINGER_S, 0.);
+        ev_timer_start(px->loop, &t->timeout);
+    }
+}
+
+void proxy_response(struct proxy *px, osip_message_t *resp, const struct sip_source *from)
+{
+    osip_via_t *v = osip_list_get(&resp->vias, 0);
+    const char *branch = top_branch(resp);
+    char sent_by[300] = "";
+    if (v && v->host)
+        snprintf(sent_by, sizeof(sent_by), "%s:%s", v->host, v->port ? v->port : "5060");
+    if (!branch || strcmp(sent_by, px->self) != 0) {
+        log_debug(LOGM, "%s: response %d not for us: dropped", from->addr, resp->status_code);
+        return;
+    }
+    struct ptxn *t = find_out(px, branch);
+    osip_list_remove(&resp->vias, 0);
+    osip_via_free(v);
+    if (!t) {
+        /* A 2xx retransmission after the transaction ended: forward by the next Via. */
+        osip_via_t *nv = osip_list_get(&resp->vias, 0);
+        osip_generic_param_t *rp = NULL, *rc = NULL;
+        if (!nv || !nv->host)
+            return;
+        struct sip_source to = {.tcp = false};
+        osip_via_param_get_byname(nv, "received", &rc);
+        osip_via_param_get_byname(nv, "rport", &rp);
+        snprintf(to.addr, sizeof(to.addr), "%s:%s", rc && rc->gvalue ? rc->gvalue : nv->host,
+                 rp && rp->gvalue ? rp->gvalue : (nv->port ? nv->port : "5060"));
+        char err[200];
+        if (resp->status_code >= 200 && resp->status_code < 300)
+            sip_send(px->ep, resp, &to, err, sizeof(err));
+        return;
+    }
+    if (strcasecmp(resp->cseq->method, t->method) != 0)
+        return; /* the answer to a CANCEL of ours (same branch): nothing to pass on */
+    ev_timer_stop(px->loop, &t->retrans);
+    int code = resp->status_code;
+    /* The Vias below ours are those the request came with: take them from it. */
+    osip_list_special_free(&resp->vias, (void (*)(void *))osip_via_free);
+    osip_list_clone(&t->req->vias, &resp->vias, (int (*)(void *, void **))osip_via_clone);
+    if (code < 200) {
+        if (!t->provisional && !strcmp(t->method, "INVITE")) {
+            t->provisional = true;
+            ev_timer_stop(px->loop, &t->timeout);
+            ev_timer_set(&t->timeout, TIMER_C_S, 0.);
+            ev_timer_start(px->loop, &t->timeout);
+            if (t->cancelled)
+                send_cancel(t);
+        }
+        if (code == 100)
+            return; /* hop by hop: we sent our own */
+    } else if (!strcmp(t->method, "INVITE") && code >= 300) {
+        /* The ACK of a failure is ours to send (17.1.1.3). */
+        osip_message_t *ack = hop_request(t, "ACK", resp);
+        char err[200];
+        if (ack) {
+            sip_send(px->ep, ack, &t->to, err, sizeof(err));
+            osip_message_free(ack);
+        }
+    }
+    if (t->best >= 200 && code >= 300)
+        return; /* a retransmitted failure: ACKed again above, passed on once */
+    char err[256];
+    if (sip_send(px->ep, resp, &t->from, err, sizeof(err)) != 0)
+        log_info(LOGM, "%d to %s not passed on: %s", code, t->from.addr, err);
+    if (code >= 200 && t->best < 200) {
+        t->best = code;
+        if (code >= 300) {
+            if (t->last)
+                osip_message_free(t->last);
+            osip_message_clone(resp, &t->last);
+        }
+        ev_timer_stop(px->loop, &t->timeout);
+        ev_timer_set(&t->timeout, LINGER_S, 0.);
+        ev_timer_start(px->loop, &t->timeout);
+    }
+}
+
+/* ---- life ------------------------------------------------------------------------------------ */
+
+struct proxy *proxy_new(struct ev_loop *loop, struct onode *on, struct sip_endpoint *ep,
+                        const char *aor, proxy_binding_fn binding, void *ud)
+{
+    struct proxy *px = calloc(1, sizeof(*px));
+    if (!px)
+        return NULL;
+    px->loop = loop;
+    px->on = on;
+    px->ep = ep;
+    px->binding = binding;
+    px->ud = ud;
+    snprintf(px->aor, sizeof(px->aor), "%s", aor);
+    snprintf(px->self, sizeof(px->self), "%s", sip_endpoint_addr(ep));
+    return px;
+}
+
+json_t *proxy_status(struct proxy *px)
+{
+    return json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "transactions", (json_int_t)px->n_txns,
+                     "forwarded", (json_int_t)px->forwarded, "looked_up", (json_int_t)px->looked_up,
+                     "not_found", (json_int_t)px->not_found, "unavailable",
+                     (json_int_t)px->unavailable, "cancelled", (json_int_t)px->cancelled,
+                     "timeouts", (json_int_t)px->timeouts);
+}
+
+void proxy_free(struct proxy *px)
+{
+    if (!px)
+        return;
+    while (px->txns) {
+        struct ptxn *t = px->txns;
+        px->txns = t->next;
+        ev_timer_stop(px->loop, &t->retrans);
+        ev_timer_stop(px->loop, &t->timeout);
+        t->px = NULL;
+        if (!t->lookup_pending) /* else the lookup's answer frees it */
+            txn_free(t);
+    }
+    free(px);
+}

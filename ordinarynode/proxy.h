@@ -1,0 +1,31 @@
+/*
+ * The ordinary node's SIP proxy (RFC 3261 section 16, docs/sip.md): a
+ * request for a user of the overlay is routed by looking up the callee's
+ * signed location record and forwarded to the callee's node, which forwards
+ * it to the phone registered there; Via and Record-Route keep responses and
+ * in-dialog requests on that path. Transaction stateful: retransmissions,
+ * CANCEL, the ACK of a non-2xx answer, 100 Trying, UDP retransmission of what
+ * it forwards, and a timeout answered 480.
+ */
+#ifndef P2P_PROXY_H
+#define P2P_PROXY_H
+
+#include <ev.h>
+
+#include "on.h"
+#include "sip.h"
+
+struct proxy;
+
+/* The phone registered here for our own user (most recent binding), or NULL. */
+typedef const char *(*proxy_binding_fn)(void *ud);
+
+struct proxy *proxy_new(struct ev_loop *loop, struct onode *on, struct sip_endpoint *ep,
+                        const char *aor, proxy_binding_fn binding, void *ud);
+void proxy_request(struct proxy *px, osip_message_t *req, const struct sip_source *from);
+void proxy_response(struct proxy *px, osip_message_t *resp, const struct sip_source *from);
+/* Counters for status: {"forwarded", "not_found", "unavailable", ...} (new reference). */
+json_t *proxy_status(struct proxy *px);
+void proxy_free(struct proxy *px);
+
+#endif
