@@ -48,7 +48,8 @@ struct tcp_conn {
     size_t in_len, in_cap;
     char *out;
     size_t out_len, out_cap;
-    bool closing; /* close once out is flushed */
+    bool closing;    /* close once out is flushed */
+    bool connecting; /* ours, the connect not finished yet */
 };
 
 struct sip_endpoint {
@@ -337,6 +338,10 @@ static void tcp_free(struct tcp_conn *c)
 
 static void tcp_flush(struct tcp_conn *c)
 {
+    if (c->connecting) {
+        ev_io_start(c->e->loop, &c->wio);
+        return;
+    }
     while (c->out_len > 0) {
         ssize_t n = send(c->fd, c->out, c->out_len, MSG_NOSIGNAL);
         if (n < 0) {
@@ -358,7 +363,23 @@ static void tcp_flush(struct tcp_conn *c)
 
 static void tcp_write_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
-    tcp_flush(w->data);
+    struct tcp_conn *c = w->data;
+    if (c->connecting) {
+        int e = 0;
+        socklen_t el = sizeof(e);
+        getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &e, &el);
+        if (e != 0) {
+            log_info(LOGM, "TCP %s: cannot connect: %s (%zu bytes dropped)", c->addr, strerror(e),
+                     c->out_len);
+            tcp_free(c);
+            return;
+        }
+        c->connecting = false;
+        c->e->c.tcp_connected++;
+        ev_io_start(loop, &c->rio);
+        log_debug(LOGM, "TCP %s: connected", c->addr);
+    }
+    tcp_flush(c);
 }
 
 static int tcp_queue(struct tcp_conn *c, const char *buf, size_t len)
@@ -529,6 +550,70 @@ static void tcp_idle_cb(struct ev_loop *loop, ev_timer *w, int revents)
     tcp_free(c);
 }
 
+static struct tcp_conn *tcp_new(struct sip_endpoint *e, int fd, const char *addr, bool connecting)
+{
+    struct tcp_conn *c = calloc(1, sizeof(*c));
+    if (!c)
+        return NULL;
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    c->e = e;
+    c->fd = fd;
+    c->serial = ++e->next_serial;
+    c->connecting = connecting;
+    snprintf(c->addr, sizeof(c->addr), "%s", addr);
+    ev_io_init(&c->rio, tcp_read_cb, fd, EV_READ);
+    c->rio.data = c;
+    ev_io_init(&c->wio, tcp_write_cb, fd, EV_WRITE);
+    c->wio.data = c;
+    ev_init(&c->idle, tcp_idle_cb);
+    c->idle.repeat = e->lim.tcp_idle_s;
+    c->idle.data = c;
+    if (connecting)
+        ev_io_start(e->loop, &c->wio);
+    else
+        ev_io_start(e->loop, &c->rio);
+    ev_timer_again(e->loop, &c->idle);
+    c->next = e->conns;
+    e->conns = c;
+    e->n_conns++;
+    return c;
+}
+
+/* A connection to addr: one open already (ours or the peer's), or a new one of ours. */
+static struct tcp_conn *tcp_to(struct sip_endpoint *e, const char *addr, char *err, size_t errlen)
+{
+    for (struct tcp_conn *c = e->conns; c; c = c->next)
+        if (!c->closing && !strcmp(c->addr, addr))
+            return c;
+    if (e->n_conns >= e->lim.max_tcp) {
+        errbuf_set(err, errlen, -1, "%zu TCP connections open already", e->n_conns);
+        return NULL;
+    }
+    struct sockaddr_storage ss;
+    socklen_t sl;
+    if (resolve(addr, &ss, &sl) != 0) {
+        errbuf_set(err, errlen, -1, "not a numeric address: %s", addr);
+        return NULL;
+    }
+    int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        errbuf_set(err, errlen, -1, "socket: %s", strerror(errno));
+        return NULL;
+    }
+    if (connect(fd, (struct sockaddr *)&ss, sl) != 0 && errno != EINPROGRESS) {
+        errbuf_set(err, errlen, -1, "TCP to %s: %s", addr, strerror(errno));
+        close(fd);
+        return NULL;
+    }
+    struct tcp_conn *c = tcp_new(e, fd, addr, true);
+    if (!c) {
+        close(fd);
+        errbuf_set(err, errlen, -1, "out of memory");
+    }
+    return c;
+}
+
 static void tcp_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
     struct sip_endpoint *e = w->data;
@@ -546,29 +631,10 @@ static void tcp_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
             close(fd);
             continue;
         }
-        struct tcp_conn *c = calloc(1, sizeof(*c));
-        if (!c) {
+        if (!tcp_new(e, fd, addr, false)) {
             close(fd);
             continue;
         }
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-        c->e = e;
-        c->fd = fd;
-        c->serial = ++e->next_serial;
-        snprintf(c->addr, sizeof(c->addr), "%s", addr);
-        ev_io_init(&c->rio, tcp_read_cb, fd, EV_READ);
-        c->rio.data = c;
-        ev_io_init(&c->wio, tcp_write_cb, fd, EV_WRITE);
-        c->wio.data = c;
-        ev_init(&c->idle, tcp_idle_cb);
-        c->idle.repeat = e->lim.tcp_idle_s;
-        c->idle.data = c;
-        ev_io_start(loop, &c->rio);
-        ev_timer_again(loop, &c->idle);
-        c->next = e->conns;
-        e->conns = c;
-        e->n_conns++;
         e->c.tcp_accepted++;
         log_debug(LOGM, "TCP %s: accepted", addr);
     }
@@ -594,8 +660,11 @@ int sip_send(struct sip_endpoint *e, osip_message_t *msg, const struct sip_sourc
         else if (tcp_queue(c, text, len) != 0)
             rc = errbuf_set(err, errlen, -1, "TCP %s: too much queued", to->addr);
     } else if (to->tcp) {
-        rc = errbuf_set(err, errlen, -1, "TCP to %s: only answers on open connections so far",
-                        to->addr);
+        struct tcp_conn *c = tcp_to(e, to->addr, err, errlen);
+        if (!c)
+            rc = -1;
+        else if (tcp_queue(c, text, len) != 0)
+            rc = errbuf_set(err, errlen, -1, "TCP %s: too much queued", to->addr);
     } else {
         struct sockaddr_storage ss;
         socklen_t sl;

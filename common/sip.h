@@ -40,7 +40,8 @@ struct sip_source {
 typedef void (*sip_message_fn)(void *ud, osip_message_t *msg, const struct sip_source *from);
 
 struct sip_counters {
-    uint64_t received, sent, dropped_garbage, dropped_rate, dropped_size, tcp_accepted, tcp_refused;
+    uint64_t received, sent, dropped_garbage, dropped_rate, dropped_size, tcp_accepted, tcp_refused,
+        tcp_connected;
 };
 
 /* Listens on UDP and TCP at "host:port" (port 0: one port picked for both). NULL + err. */
@@ -54,8 +55,10 @@ void sip_endpoint_stop(struct sip_endpoint *e);
 
 /*
  * Sends msg (serialised here; msg is not taken): back to `to` (an incoming
- * message's source: its TCP connection if still open, else the address), or
- * to a new destination with to->tcp_serial 0. 0, or -1 with err.
+ * message's source: its TCP connection if still open), or to a destination
+ * with to->tcp_serial 0: over UDP, or over TCP on a connection to that
+ * address (one already open, else a new one, connected in the background:
+ * what cannot be delivered is logged). 0, or -1 with err.
  */
 int sip_send(struct sip_endpoint *e, osip_message_t *msg, const struct sip_source *to, char *err,
              size_t errlen);

@@ -199,7 +199,15 @@ static void timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
     }
 }
 
-static void forward(struct ptxn *t, const char *target, const char *new_ruri)
+/* Whether a URI asks for TCP (";transport=tcp"). */
+static bool uri_tcp(const osip_uri_t *u)
+{
+    osip_uri_param_t *p = NULL;
+    return u && osip_uri_uparam_get_byname((osip_uri_t *)u, "transport", &p) == 0 && p &&
+           p->gvalue && !strcasecmp(p->gvalue, "tcp");
+}
+
+static void forward(struct ptxn *t, const char *target, const char *new_ruri, bool tcp)
 {
     struct proxy *px = t->px;
     osip_message_t *f = NULL;
@@ -243,7 +251,8 @@ static void forward(struct ptxn *t, const char *target, const char *new_ruri)
     }
     new_branch(t->out_branch, sizeof(t->out_branch));
     char via[200];
-    snprintf(via, sizeof(via), "SIP/2.0/UDP %s;branch=%s;rport", px->self, t->out_branch);
+    snprintf(via, sizeof(via), "SIP/2.0/%s %s;branch=%s;rport", tcp ? "TCP" : "UDP", px->self,
+             t->out_branch);
     osip_via_t *v = NULL;
     osip_via_init(&v);
     if (osip_via_parse(v, via) != 0) {
@@ -254,7 +263,7 @@ static void forward(struct ptxn *t, const char *target, const char *new_ruri)
     }
     osip_list_add(&f->vias, v, 0);
     t->fwd = f;
-    t->to = (struct sip_source){.tcp = false};
+    t->to = (struct sip_source){.tcp = tcp};
     snprintf(t->to.addr, sizeof(t->to.addr), "%s", target);
     char err[256];
     if (sip_send(px->ep, f, &t->to, err, sizeof(err)) != 0) {
@@ -265,8 +274,10 @@ static void forward(struct ptxn *t, const char *target, const char *new_ruri)
     px->forwarded++;
     log_debug(LOGM, "%s %s forwarded to %s", t->method, t->req->call_id->number, target);
     t->rto = T1_S;
-    ev_timer_set(&t->retrans, T1_S, 0.);
-    ev_timer_start(px->loop, &t->retrans);
+    if (!tcp) { /* TCP does its own retransmitting */
+        ev_timer_set(&t->retrans, T1_S, 0.);
+        ev_timer_start(px->loop, &t->retrans);
+    }
     ev_timer_set(&t->timeout, TIMER_B_S, 0.);
     ev_timer_start(px->loop, &t->timeout);
 }
@@ -372,7 +383,7 @@ static void looked_up(void *ud, const struct on_result *r)
     }
     log_info(LOGM, "%s for %s: found in the overlay, forwarded to its node at %s", t->method,
              lk->aor, target);
-    forward(t, target, NULL);
+    forward(t, target, NULL, false);
     free(lk);
 }
 
@@ -399,7 +410,7 @@ static void route(struct ptxn *t)
             answer(t, 404, "Route To An Unknown Host");
             return;
         }
-        forward(t, target, NULL);
+        forward(t, target, NULL, uri_tcp(rt->url));
         return;
     }
     const osip_uri_t *ru = m->req_uri;
@@ -420,12 +431,13 @@ static void route(struct ptxn *t)
         }
         osip_uri_init(&bu);
         int rc = osip_uri_parse(bu, b) == 0 ? uri_hostport(bu, target, sizeof(target)) : -1;
+        bool tcp = rc == 0 && uri_tcp(bu);
         osip_uri_free(bu);
         if (rc != 0) {
             answer(t, 480, "Binding Unusable");
             return;
         }
-        forward(t, target, b);
+        forward(t, target, b, tcp);
         return;
     }
     if (uri_hostport(ru, target, sizeof(target)) == 0) { /* a literal address: a phone's Contact */
@@ -433,7 +445,7 @@ static void route(struct ptxn *t)
             answer(t, 404, "Not Here");
             return;
         }
-        forward(t, target, NULL);
+        forward(t, target, NULL, uri_tcp(ru));
         return;
     }
     if (!at || strcasecmp(ru->host, at + 1) != 0 || !ru->username) {

@@ -17,6 +17,8 @@
 #define MAX_BINDINGS    8
 #define REG_MIN_EXPIRES 60   /* shorter registrations get 423 (RFC 3261 10.3 step 7) */
 #define REG_DEF_EXPIRES 3600 /* when neither the Contact nor the request says */
+#define BUSY_RETRY_S    0.05 /* a store found the record being stored: again this much later */
+#define BUSY_TRIES      40
 
 struct binding {
     char contact[256]; /* the Contact URI, as the phone wrote it */
@@ -39,11 +41,13 @@ struct registrar {
     size_t n;
     struct pending *pending;
     ev_timer expiry;
+    ev_timer retry; /* the pending store again, after a "busy" */
     uint64_t registers, ok, forbidden, failed;
 };
 
 struct pending {
     struct registrar *r; /* NULL once the registrar stopped */
+    unsigned tries;      /* stores found the record busy */
     osip_message_t *req; /* NULL for a publication after expiry */
     struct sip_source from;
     struct binding old[MAX_BINDINGS];
@@ -82,6 +86,12 @@ static void stored(void *ud, const struct on_result *res)
 {
     struct pending *p = ud;
     struct registrar *r = p->r;
+    if (r && !res->ok && !strcmp(res->code, "busy") && p->tries++ < BUSY_TRIES) {
+        /* The node is refreshing the same record right now: store ours right after it. */
+        ev_timer_set(&r->retry, BUSY_RETRY_S, 0.);
+        ev_timer_start(r->loop, &r->retry);
+        return;
+    }
     if (r) {
         r->pending = NULL;
         if (res->ok) {
@@ -108,6 +118,14 @@ static void stored(void *ud, const struct on_result *res)
     if (p->req)
         osip_message_free(p->req);
     free(p);
+}
+
+static void retry_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct registrar *r = w->data;
+    if (r->pending)
+        onode_publish(r->on, "update", REC_TYPE_USER_LOCATION, r->aor, NULL, 0, false, stored,
+                      r->pending);
 }
 
 /* Stores the bindings as they are now; answers req (if any) when the overlay has answered. */
@@ -339,6 +357,8 @@ struct registrar *registrar_start(struct ev_loop *loop, struct onode *on, const 
         free(r);
         return NULL;
     }
+    ev_timer_init(&r->retry, retry_cb, BUSY_RETRY_S, 0.);
+    r->retry.data = r;
     ev_timer_init(&r->expiry, expiry_cb, 1., 1.);
     r->expiry.data = r;
     ev_timer_start(loop, &r->expiry);
@@ -354,13 +374,14 @@ json_t *registrar_status(struct registrar *r)
                                            (json_int_t)(r->b[i].expires - now)));
     struct sip_counters c;
     sip_endpoint_counters(r->ep, &c);
-    return json_pack("{s:s,s:s,s:o,s:o,s:{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}}", "listen",
+    return json_pack("{s:s,s:s,s:o,s:o,s:{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}}", "listen",
                      sip_endpoint_addr(r->ep), "aor", r->aor, "bindings", b, "proxy",
                      proxy_status(r->px), "counters", "received", (json_int_t)c.received,
                      "malformed", (json_int_t)c.dropped_garbage, "rate_limited",
                      (json_int_t)c.dropped_rate, "oversize", (json_int_t)c.dropped_size,
-                     "registers", (json_int_t)r->registers, "registered", (json_int_t)r->ok,
-                     "forbidden", (json_int_t)r->forbidden, "store_failed", (json_int_t)r->failed);
+                     "tcp_connected", (json_int_t)c.tcp_connected, "registers",
+                     (json_int_t)r->registers, "registered", (json_int_t)r->ok, "forbidden",
+                     (json_int_t)r->forbidden, "store_failed", (json_int_t)r->failed);
 }
 
 void registrar_stop(struct registrar *r)
@@ -370,6 +391,13 @@ void registrar_stop(struct registrar *r)
     if (r->pending)
         r->pending->r = NULL; /* its answer comes (the node fails it at the latest) and is freed */
     ev_timer_stop(r->loop, &r->expiry);
+    if (r->pending && ev_is_active(&r->retry)) { /* waiting to retry: nothing else will free it */
+        if (r->pending->req)
+            osip_message_free(r->pending->req);
+        free(r->pending);
+        r->pending = NULL;
+    }
+    ev_timer_stop(r->loop, &r->retry);
     proxy_free(r->px);
     sip_endpoint_stop(r->ep);
     free(r);

@@ -345,19 +345,63 @@ def _port_free(port, kind):
             return False
 
 
+PORT_LOCKS = os.path.join(tempfile.gettempdir(), "p2psip-test-ports")
+_my_ports = []
+
+
+def _release_ports():
+    for path in _my_ports:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+atexit.register(_release_ports)
+
+
+def _reserve(port):
+    """Claims port for this process among every test process of the machine: a file named
+    after it holds the claimer's pid; a claim whose process is gone is taken over."""
+    os.makedirs(PORT_LOCKS, exist_ok=True)
+    path = os.path.join(PORT_LOCKS, str(port))
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        try:
+            with open(path) as f:
+                pid = int(f.read().strip() or "0")
+            os.kill(pid, 0)
+            return False  # held by a live test process
+        except (OSError, ValueError):
+            pass  # stale: its process is gone
+        try:
+            os.unlink(path)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except OSError:
+            return False
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    _my_ports.append(path)
+    return True
+
+
 def free_port():
-    """A port of 127.0.0.1 that nothing is bound to right now, chosen at random *below* the
-    kernel's ephemeral range: a port from bind(0) lies inside that range, and between the pick
-    and the daemon's listen() any outgoing connection of a test running beside this one may take
-    it as its source port (a CI run lost integration_ring that way). Both TCP and UDP must be
-    free, so the port can serve either."""
+    """A port of 127.0.0.1 that nothing is bound to right now and that no other test process
+    has claimed, chosen at random *below* the kernel's ephemeral range. A port from bind(0) lies
+    inside that range, and between the pick and the daemon's listen() any outgoing connection
+    may take it as its source port; a port picked at random can be picked by a test running
+    beside this one (CI runs two at once) and bound first: both lost integration_ring a run.
+    The claim lasts as long as this process. TCP and UDP must both be free."""
     lo = 20000 if _EPHEMERAL[0] > 24000 else 10000
     hi = _EPHEMERAL[0] - 1 if _EPHEMERAL[0] > lo + 1000 else 65535
-    for _ in range(500):
+    for _ in range(2000):
         port = _PORT_RNG.randint(lo, hi)
         if _EPHEMERAL[0] <= port <= _EPHEMERAL[1]:
             continue
-        if _port_free(port, socket.SOCK_STREAM) and _port_free(port, socket.SOCK_DGRAM):
+        if not (_port_free(port, socket.SOCK_STREAM) and _port_free(port, socket.SOCK_DGRAM)):
+            continue
+        if _reserve(port):
             return port
     raise RuntimeError("no free port found in %d-%d" % (lo, hi))
 

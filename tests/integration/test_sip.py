@@ -173,9 +173,10 @@ class Registrar(harness.OverlayScenario, unittest.TestCase):
 
     # ---- calls through the overlay: sipp as both phones ----
 
-    def run_sipp(self, scenario, local_port, target=None, keys=(), service=None, wait=True):
+    def run_sipp(self, scenario, local_port, target=None, keys=(), service=None, wait=True,
+                 transport="u1"):
         argv = ["sipp", "-sf", os.path.join(SCENARIOS, scenario + ".xml"), "-m", "1",
-                "-i", "127.0.0.1", "-p", str(local_port), "-t", "u1", "-timeout", "30",
+                "-i", "127.0.0.1", "-p", str(local_port), "-t", transport, "-timeout", "30",
                 "-timeout_error", "-nostdin"]
         for k, v in keys:
             argv += ["-key", k, v]
@@ -204,9 +205,10 @@ class Registrar(harness.OverlayScenario, unittest.TestCase):
         rc, out = self.sipp_at("register_200", node, user, expires, port)
         self.assertEqual(rc, 0, out[-3000:])
 
-    def call(self, uac, uas, callee="bob"):
+    def call(self, uac, uas, callee="bob", uas_port=None, uas_transport="u1"):
         """alice's phone calls callee: the UAS scenario runs on bob's registered port."""
-        uas_p = self.run_sipp(uas, self.bob_port, wait=False) if uas else None
+        uas_p = self.run_sipp(uas, uas_port or self.bob_port, wait=False,
+                              transport=uas_transport) if uas else None
         time.sleep(0.3)  # the UAS is listening
         uac_p = self.run_sipp(uac, self.alice_port, target=self.sip["alice"],
                               keys=(("callee", callee), ("domain", OVERLAY)), service="alice",
@@ -256,6 +258,18 @@ class Registrar(harness.OverlayScenario, unittest.TestCase):
         wait_until("bob's record without bindings",
                    lambda: not self.lookup_bob().get("bindings"), WAIT)
         self.call("uac_404", None, callee="bob")
+
+    def test_11_call_to_a_phone_on_tcp(self):
+        """bob's phone registered over TCP: its node connects to it over TCP to ring it."""
+        self.phones()
+        self.register_phone("alice", "alice", self.alice_port)
+        port = free_port()
+        rc, out = self.run_sipp("register_200", port, target=self.sip["bob"],
+                                keys=(("user", "bob"), ("domain", OVERLAY), ("expires", "600")),
+                                transport="t1")
+        self.assertEqual(rc, 0, out[-3000:])
+        self.call("uac_call", "uas_answer", uas_port=port, uas_transport="t1")
+        self.assertGreaterEqual(self.status("bob")["sip"]["counters"]["tcp_connected"], 1)
 
     def lookup_bob(self):
         rc, out, err = self.cli("alice", "get", "user location", "bob@" + OVERLAY, "--json")
