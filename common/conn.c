@@ -1449,6 +1449,16 @@ const char *conn_peer_addr(const struct conn *c)
     return c->addr;
 }
 
+int conn_local_addr(const struct conn *c, char *buf, size_t len)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+    if (c->fd < 0 || getsockname(c->fd, (struct sockaddr *)&ss, &sl) != 0)
+        return -1;
+    format_addr((const struct sockaddr *)&ss, buf, len);
+    return 0;
+}
+
 size_t conn_queued_bytes(const struct conn *c)
 {
     return c->wbytes;

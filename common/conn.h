@@ -163,6 +163,8 @@ bool conn_is_outgoing(const struct conn *c);
 const struct peer_identity *conn_peer(const struct conn *c);
 /* "203.0.113.5:7000" or "[2001:db8::1]:7000". */
 const char *conn_peer_addr(const struct conn *c);
+/* Our own end of the connection ("ip:port"), as the kernel bound it; 0 or -1. */
+int conn_local_addr(const struct conn *c, char *buf, size_t len);
 size_t conn_queued_bytes(const struct conn *c);
 void conn_set_userdata(struct conn *c, void *ud);
 void *conn_get_userdata(const struct conn *c);

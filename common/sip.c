@@ -651,7 +651,10 @@ int sip_send(struct sip_endpoint *e, osip_message_t *msg, const struct sip_sourc
     if (osip_message_to_str(msg, &text, &len) != 0 || !text)
         return errbuf_set(err, errlen, -1, "cannot serialise the message");
     int rc = 0;
-    if (to->tcp && to->tcp_serial) {
+    if (to->node[0]) {
+        rc = errbuf_set(err, errlen, -1, "%s is reached through the overlay, not by sip_send",
+                        to->addr);
+    } else if (to->tcp && to->tcp_serial) {
         struct tcp_conn *c = e->conns;
         while (c && c->serial != to->tcp_serial)
             c = c->next;

@@ -34,6 +34,9 @@ struct sip_source {
     bool tcp;
     char addr[64];       /* "ip:port" ("[v6]:port") */
     uint64_t tcp_serial; /* the TCP connection (0 for UDP) */
+    /* Set by the owner for messages that travel through the overlay (sip_send refuses them):
+     * the other node's Node-ID and its super node's, 40 hex each. */
+    char node[41], sn[41];
 };
 
 /* A message that parsed. msg stays the callback's: sip_* do not keep it. */

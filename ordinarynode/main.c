@@ -46,6 +46,7 @@ struct on_config {
     long long lan_discovery_ms;
     char *advertise;
     bool sip;
+    bool sip_via_overlay;
     bool never_promote;
     long long sn_max_attached;
 };
@@ -99,6 +100,9 @@ static const struct cfg_field on_fields[] = {
      "address other nodes reach our overlay port at (a port forward, say); default: listen"},
     {"sip", CFG_BOOL, offsetof(struct on_config, sip), 0, 0, NULL, "true",
      "run the SIP front end (registrar for this node's user) on sip_listen"},
+    {"sip_via_overlay", CFG_BOOL, offsetof(struct on_config, sip_via_overlay), 0, 0, NULL, "false",
+     "have calls reach this node through the overlay (its super node and the attach link) "
+     "rather than directly: for nodes that others cannot reach (behind NAT or a firewall)"},
     {"never_promote", CFG_BOOL, offsetof(struct on_config, never_promote), 0, 0, NULL, "false",
      "never become a super node, whatever the criteria say (docs/promotion.md)"},
     {"sn_max_attached", CFG_INT, offsetof(struct on_config, sn_max_attached), 1, 10000000, NULL,
@@ -205,6 +209,13 @@ struct on_state {
     struct ctl_server *ctl;
     const char **bs; /* bootstrap URLs in use */
 };
+
+static void on_deliver(void *ud, const char *from, json_t *payload)
+{
+    struct on_state *st = ud;
+    if (st->sip)
+        registrar_deliver(st->sip, from, payload);
+}
 
 static void on_invite(void *ud, const char *reason)
 {
@@ -340,6 +351,8 @@ static int on_start(struct ev_loop *loop, const void *p, void **state)
         .lan_iface = cfg->lan_discovery_if,
         .lan_timeout_s = (double)cfg->lan_discovery_ms / 1000.0,
         .on_invite = on_invite,
+        .on_deliver = on_deliver,
+        .sip_via_overlay = cfg->sip && cfg->sip_via_overlay,
         .ud = st,
     };
     if (!(st->on = onode_new(loop, &op, err, sizeof(err)))) {

@@ -114,6 +114,8 @@ struct onode {
     char attach_tid[MSG_TID_LEN + 1];
     struct cand sn; /* the super node attached to (addr "" when none) */
     char reflexive[128], mapped[128], stun_addr[128];
+    char local[128]; /* our end of the link to the super node */
+    bool nat;        /* the super node sees another address than ours: we are behind NAT */
     double attached_at, keepalive_s;
     unsigned failed_rounds, attachments;
     ev_timer attempt_timer, backoff_timer, ka_timer, pub_timer, stop_timer;
@@ -544,6 +546,14 @@ static void attached(struct onode *o, const struct msg *m)
         log_warn(LOGM, "%s", err);
 
     stun_discover(o);
+    /* NAT discovery (seed 004 5.5): the address the super node sees against our own. */
+    if (o->conn && conn_local_addr(o->conn, o->local, sizeof(o->local)) == 0 && o->reflexive[0]) {
+        bool nat = strcmp(o->local, o->reflexive) != 0;
+        if (nat != o->nat || o->attachments == 1)
+            log_info(LOGM, "%s: our address %s, the super node sees %s",
+                     nat ? "behind NAT" : "not behind NAT", o->local, o->reflexive);
+        o->nat = nat;
+    }
     log_info(LOGM,
              "attached to super node %.8s at %s (found through: %s); %zu alternates; "
              "reflexive address %s%s%s",
@@ -635,8 +645,12 @@ static void on_indication(struct onode *o, const struct msg *m)
         if (o->p.on_invite)
             o->p.on_invite(o->p.ud, reason);
     } else if (!strcmp(m->type, "deliver")) {
-        log_info(LOGM, "message delivered from %.8s (no consumer yet)",
-                 json_string_value(json_object_get(m->body, "from")) ?: "?");
+        const char *from = json_string_value(json_object_get(m->body, "from"));
+        json_t *payload = json_object_get(m->body, "payload");
+        if (o->p.on_deliver && from && payload)
+            o->p.on_deliver(o->p.ud, from, payload);
+        else
+            log_info(LOGM, "message delivered from %.8s: nobody takes it", from ? from : "?");
     } else {
         log_debug(LOGM, "indication %s ignored", m->type);
     }
@@ -947,6 +961,8 @@ static json_t *user_location_value(struct onode *o)
         json_object_set_new(v, "reflexive", json_string(refl));
     if (json_array_size(o->bindings) > 0)
         json_object_set(v, "bindings", o->bindings);
+    if (onode_reach_via_overlay(o))
+        json_object_set_new(v, "sip_via_overlay", json_true());
     if (o->p.advertise || o->p.listen)
         json_object_set_new(v, "overlay_listen",
                             json_string(o->p.advertise ? o->p.advertise : o->p.listen));
@@ -1506,6 +1522,8 @@ json_t *onode_status(struct onode *o)
         json_object_set_new(st, "reflexive",
                             o->reflexive[0] ? json_string(o->reflexive) : json_null());
         json_object_set_new(st, "stun_mapped", o->mapped[0] ? json_string(o->mapped) : json_null());
+        json_object_set_new(st, "local", o->local[0] ? json_string(o->local) : json_null());
+        json_object_set_new(st, "nat", json_boolean(o->nat));
         json_object_set_new(st, "keepalive_s", json_real(o->keepalive_s));
     }
     if (o->last_error[0])
@@ -1592,4 +1610,19 @@ void onode_set_sip_bindings(struct onode *o, json_t *bindings)
 {
     json_decref(o->bindings);
     o->bindings = bindings;
+}
+
+const char *onode_sn_id(const struct onode *o)
+{
+    return o->state == S_ATTACHED && o->sn.id[0] ? o->sn.id : NULL;
+}
+
+const char *onode_id(const struct onode *o)
+{
+    return o->self_id;
+}
+
+bool onode_reach_via_overlay(const struct onode *o)
+{
+    return o->p.sip_via_overlay || o->nat;
 }

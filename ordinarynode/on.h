@@ -43,6 +43,10 @@ struct on_params {
     void (*on_attached)(void *ud, const char *sn_id, const char *sn_addr, const char *source);
     /* Optional: the super node invites us to become one (docs/protocol.md 5.6). */
     void (*on_invite)(void *ud, const char *reason);
+    /* Optional: a message delivered through the overlay (protocol.md 5.4) from node `from`. */
+    void (*on_deliver)(void *ud, const char *from, json_t *payload);
+    /* The user location says: reach this node's SIP front end through the overlay. */
+    bool sip_via_overlay;
     void *ud;
 };
 
@@ -104,6 +108,13 @@ void onode_lookup(struct onode *o, const char *key_hex, on_result_fn cb, void *u
  * onode_publish() of the user location (value NULL) afterwards to store it.
  */
 void onode_set_sip_bindings(struct onode *o, json_t *bindings);
+
+/* The Node-ID (hex) of the super node we are attached to, or NULL when not attached. */
+const char *onode_sn_id(const struct onode *o);
+/* Our own Node-ID (hex). */
+const char *onode_id(const struct onode *o);
+/* Calls must reach us through the overlay: configured so, or we are behind NAT. */
+bool onode_reach_via_overlay(const struct onode *o);
 
 /* ---- for promotion (promo.c): the super node role in this same process ---- */
 

@@ -55,7 +55,7 @@ struct proxy {
     void *ud;
     struct ptxn *txns;
     size_t n_txns;
-    uint64_t forwarded, not_found, unavailable, cancelled, looked_up, timeouts;
+    uint64_t forwarded, not_found, unavailable, cancelled, looked_up, timeouts, via_overlay;
 };
 
 /* ---- helpers --------------------------------------------------------------------------------- */
@@ -66,6 +66,64 @@ static void new_branch(char *out, size_t len)
     gnutls_rnd(GNUTLS_RND_NONCE, r, sizeof(r));
     snprintf(out, len, "z9hG4bKp2p%02x%02x%02x%02x%02x%02x%02x%02x", r[0], r[1], r[2], r[3], r[4],
              r[5], r[6], r[7]);
+}
+
+/* ---- sending: directly, or through the overlay to a node (protocol.md 5.4) ---------------- */
+
+static void delivered(void *ud, const struct on_result *r)
+{
+    (void)ud;
+    if (!r->ok)
+        log_info(LOGM, "SIP message through the overlay not delivered: %s: %s", r->code, r->reason);
+}
+
+static int px_send(struct proxy *px, osip_message_t *m, const struct sip_source *to, char *err,
+                   size_t errlen)
+{
+    if (!to->node[0])
+        return sip_send(px->ep, m, to, err, errlen);
+    char *text = NULL;
+    size_t len = 0;
+    osip_message_force_update(m);
+    if (osip_message_to_str(m, &text, &len) != 0 || !text) {
+        snprintf(err, errlen, "cannot serialise the message");
+        return -1;
+    }
+    const char *my_sn = onode_sn_id(px->on);
+    json_t *payload = json_pack("{s:s%,s:s}", "sip", text, len, "sn", my_sn ? my_sn : "");
+    osip_free(text);
+    json_t *body = json_pack("{s:s,s:s,s:o}", "to", to->node, "sn", to->sn, "payload", payload);
+    onode_request(px->on, "deliver", body, delivered, NULL);
+    json_decref(body);
+    px->via_overlay++;
+    return 0;
+}
+
+static void px_reply(struct proxy *px, const osip_message_t *req, const struct sip_source *to,
+                     int code, const char *reason)
+{
+    osip_message_t *r = sip_response_for(req, code, reason);
+    char err[256];
+    if (r && px_send(px, r, to, err, sizeof(err)) != 0)
+        log_info(LOGM, "%d to %s not sent: %s", code, to->addr, err);
+    if (r)
+        osip_message_free(r);
+}
+
+/* A destination through the overlay: node and its super node. */
+static void overlay_target(struct sip_source *to, const char *node, const char *sn)
+{
+    memset(to, 0, sizeof(*to));
+    snprintf(to->node, sizeof(to->node), "%s", node);
+    snprintf(to->sn, sizeof(to->sn), "%s", sn);
+    snprintf(to->addr, sizeof(to->addr), "node %.8s (overlay)", node);
+}
+
+static void direct_target(struct sip_source *to, const char *hostport, bool tcp)
+{
+    memset(to, 0, sizeof(*to));
+    to->tcp = tcp;
+    snprintf(to->addr, sizeof(to->addr), "%.63s", hostport);
 }
 
 static const char *top_branch(const osip_message_t *m)
@@ -148,7 +206,7 @@ static void answer(struct ptxn *t, int code, const char *reason)
     if (!r)
         return;
     char err[256];
-    if (sip_send(px->ep, r, &t->from, err, sizeof(err)) != 0)
+    if (px_send(px, r, &t->from, err, sizeof(err)) != 0)
         log_info(LOGM, "%d to %s not sent: %s", code, t->from.addr, err);
     if (code >= 200) {
         if (t->last)
@@ -172,7 +230,7 @@ static void retrans_cb(struct ev_loop *loop, ev_timer *w, int revents)
     char err[256];
     if (!t->fwd || t->provisional || t->best >= 200)
         return;
-    sip_send(t->px->ep, t->fwd, &t->to, err, sizeof(err));
+    px_send(t->px, t->fwd, &t->to, err, sizeof(err));
     t->rto = t->rto * 2 > T2_S ? T2_S : t->rto * 2;
     ev_timer_set(w, t->rto, 0.);
     ev_timer_start(loop, w);
@@ -207,8 +265,9 @@ static bool uri_tcp(const osip_uri_t *u)
            p->gvalue && !strcasecmp(p->gvalue, "tcp");
 }
 
-static void forward(struct ptxn *t, const char *target, const char *new_ruri, bool tcp)
+static void forward(struct ptxn *t, const struct sip_source *to, const char *new_ruri)
 {
+    bool tcp = to->tcp && !to->node[0];
     struct proxy *px = t->px;
     osip_message_t *f = NULL;
     if (osip_message_clone(t->req, &f) != 0) {
@@ -240,8 +299,13 @@ static void forward(struct ptxn *t, const char *target, const char *new_ruri, bo
     /* Record-Route on dialog-creating INVITEs, so that ACK and BYE come this way too. */
     osip_generic_param_t *tag = NULL;
     if (!strcmp(t->method, "INVITE") && osip_to_get_tag(f->to, &tag) != 0) {
-        char rr[120];
-        snprintf(rr, sizeof(rr), "<sip:%s;lr>", px->self);
+        char rr[240];
+        const char *my_sn = onode_sn_id(px->on);
+        if (onode_reach_via_overlay(px->on) && my_sn) /* in-dialog requests: the overlay's way */
+            snprintf(rr, sizeof(rr), "<sip:%s;lr;p2p-node=%s;p2p-sn=%s>", px->self,
+                     onode_id(px->on), my_sn);
+        else
+            snprintf(rr, sizeof(rr), "<sip:%s;lr>", px->self);
         osip_record_route_t *r = NULL;
         osip_record_route_init(&r);
         if (osip_record_route_parse(r, rr) == 0)
@@ -263,18 +327,17 @@ static void forward(struct ptxn *t, const char *target, const char *new_ruri, bo
     }
     osip_list_add(&f->vias, v, 0);
     t->fwd = f;
-    t->to = (struct sip_source){.tcp = tcp};
-    snprintf(t->to.addr, sizeof(t->to.addr), "%s", target);
+    t->to = *to;
     char err[256];
-    if (sip_send(px->ep, f, &t->to, err, sizeof(err)) != 0) {
-        log_info(LOGM, "%s to %s not forwarded: %s", t->method, target, err);
+    if (px_send(px, f, &t->to, err, sizeof(err)) != 0) {
+        log_info(LOGM, "%s to %s not forwarded: %s", t->method, to->addr, err);
         answer(t, 480, "Callee Unreachable");
         return;
     }
     px->forwarded++;
-    log_debug(LOGM, "%s %s forwarded to %s", t->method, t->req->call_id->number, target);
+    log_debug(LOGM, "%s %s forwarded to %s", t->method, t->req->call_id->number, to->addr);
     t->rto = T1_S;
-    if (!tcp) { /* TCP does its own retransmitting */
+    if (!tcp && !to->node[0]) { /* TCP and the overlay do their own retransmitting */
         ev_timer_set(&t->retrans, T1_S, 0.);
         ev_timer_start(px->loop, &t->retrans);
     }
@@ -313,7 +376,7 @@ static void send_cancel(struct ptxn *t)
         return;
     osip_message_t *c = hop_request(t, "CANCEL", NULL);
     char err[256];
-    if (c && sip_send(t->px->ep, c, &t->to, err, sizeof(err)) != 0)
+    if (c && px_send(t->px, c, &t->to, err, sizeof(err)) != 0)
         log_info(LOGM, "CANCEL to %s not sent: %s", t->to.addr, err);
     if (c)
         osip_message_free(c);
@@ -350,6 +413,8 @@ static void looked_up(void *ud, const struct on_result *r)
         return;
     }
     char target[80] = "";
+    struct sip_source to;
+    bool overlay = false;
     size_t i;
     json_t *rec;
     json_array_foreach(json_object_get(r->body, "records"), i, rec)
@@ -358,6 +423,15 @@ static void looked_up(void *ud, const struct on_result *r)
         if (!json_is_true(json_object_get(rec, "verified")) ||
             json_array_size(json_object_get(v, "bindings")) == 0)
             continue;
+        const char *node = json_string_value(json_object_get(v, "node_id"));
+        const char *sn = json_string_value(json_object_get(json_object_get(v, "sn"), "id"));
+        if (json_is_true(json_object_get(v, "sip_via_overlay")) && node && sn &&
+            strlen(node) == NID_HEX_LEN && strlen(sn) == NID_HEX_LEN) {
+            overlay_target(&to, node, sn);
+            snprintf(target, sizeof(target), "%s", to.addr);
+            overlay = true;
+            break;
+        }
         size_t k;
         json_t *c;
         json_array_foreach(json_object_get(v, "contacts"), k, c)
@@ -383,7 +457,9 @@ static void looked_up(void *ud, const struct on_result *r)
     }
     log_info(LOGM, "%s for %s: found in the overlay, forwarded to its node at %s", t->method,
              lk->aor, target);
-    forward(t, target, NULL, false);
+    if (!overlay)
+        direct_target(&to, target, false);
+    forward(t, &to, NULL);
     free(lk);
 }
 
@@ -405,12 +481,21 @@ static void route(struct ptxn *t)
         rt = osip_list_get(&m->routes, 0);
     }
     char target[300];
+    struct sip_source to;
     if (rt) {
-        if (uri_hostport(rt->url, target, sizeof(target)) != 0) {
+        osip_uri_param_t *pn = NULL, *ps = NULL;
+        osip_uri_uparam_get_byname(rt->url, "p2p-node", &pn);
+        osip_uri_uparam_get_byname(rt->url, "p2p-sn", &ps);
+        if (pn && ps && pn->gvalue && ps->gvalue && strlen(pn->gvalue) == NID_HEX_LEN &&
+            strlen(ps->gvalue) == NID_HEX_LEN) {
+            overlay_target(&to, pn->gvalue, ps->gvalue);
+        } else if (uri_hostport(rt->url, target, sizeof(target)) == 0) {
+            direct_target(&to, target, uri_tcp(rt->url));
+        } else {
             answer(t, 404, "Route To An Unknown Host");
             return;
         }
-        forward(t, target, NULL, uri_tcp(rt->url));
+        forward(t, &to, NULL);
         return;
     }
     const osip_uri_t *ru = m->req_uri;
@@ -437,7 +522,8 @@ static void route(struct ptxn *t)
             answer(t, 480, "Binding Unusable");
             return;
         }
-        forward(t, target, b, tcp);
+        direct_target(&to, target, tcp);
+        forward(t, &to, b);
         return;
     }
     if (uri_hostport(ru, target, sizeof(target)) == 0) { /* a literal address: a phone's Contact */
@@ -445,7 +531,8 @@ static void route(struct ptxn *t)
             answer(t, 404, "Not Here");
             return;
         }
-        forward(t, target, NULL, uri_tcp(ru));
+        direct_target(&to, target, uri_tcp(ru));
+        forward(t, &to, NULL);
         return;
     }
     if (!at || strcasecmp(ru->host, at + 1) != 0 || !ru->username) {
@@ -483,11 +570,11 @@ void proxy_request(struct proxy *px, osip_message_t *req, const struct sip_sourc
     osip_header_t *mf = NULL;
     if (osip_message_get_max_forwards(req, 0, &mf) >= 0 && mf && mf->hvalue &&
         strtol(mf->hvalue, NULL, 10) <= 0) {
-        sip_reply(px->ep, req, from, 483, NULL);
+        px_reply(px, req, from, 483, NULL);
         return;
     }
     if (!branch) {
-        sip_reply(px->ep, req, from, 400, "Via Without Branch");
+        px_reply(px, req, from, 400, "Via Without Branch");
         return;
     }
     if (!strcmp(method, "ACK")) {
@@ -497,10 +584,10 @@ void proxy_request(struct proxy *px, osip_message_t *req, const struct sip_sourc
     } else if (!strcmp(method, "CANCEL")) {
         struct ptxn *t = find_in(px, branch, "INVITE");
         if (!t) {
-            sip_reply(px->ep, req, from, 481, NULL);
+            px_reply(px, req, from, 481, NULL);
             return;
         }
-        sip_reply(px->ep, req, from, 200, NULL);
+        px_reply(px, req, from, 200, NULL);
         if (t->best >= 200 || t->cancelled)
             return;
         t->cancelled = true;
@@ -517,19 +604,19 @@ void proxy_request(struct proxy *px, osip_message_t *req, const struct sip_sourc
         if (t) { /* a retransmission */
             if (t->last) {
                 char err[200];
-                sip_send(px->ep, t->last, &t->from, err, sizeof(err));
+                px_send(px, t->last, &t->from, err, sizeof(err));
             }
             return;
         }
     }
     if (px->n_txns >= MAX_TXNS) {
-        sip_reply(px->ep, req, from, 503, "Too Busy");
+        px_reply(px, req, from, 503, "Too Busy");
         return;
     }
     struct ptxn *t = calloc(1, sizeof(*t));
     if (!t || osip_message_clone(req, &t->req) != 0) {
         free(t);
-        sip_reply(px->ep, req, from, 500, "Out Of Memory");
+        px_reply(px, req, from, 500, "Out Of Memory");
         return;
     }
     t->px = px;
@@ -583,7 +670,7 @@ void proxy_response(struct proxy *px, osip_message_t *resp, const struct sip_sou
                  rp && rp->gvalue ? rp->gvalue : (nv->port ? nv->port : "5060"));
         char err[200];
         if (resp->status_code >= 200 && resp->status_code < 300)
-            sip_send(px->ep, resp, &to, err, sizeof(err));
+            px_send(px, resp, &to, err, sizeof(err));
         return;
     }
     if (strcasecmp(resp->cseq->method, t->method) != 0)
@@ -609,14 +696,14 @@ void proxy_response(struct proxy *px, osip_message_t *resp, const struct sip_sou
         osip_message_t *ack = hop_request(t, "ACK", resp);
         char err[200];
         if (ack) {
-            sip_send(px->ep, ack, &t->to, err, sizeof(err));
+            px_send(px, ack, &t->to, err, sizeof(err));
             osip_message_free(ack);
         }
     }
     if (t->best >= 200 && code >= 300)
         return; /* a retransmitted failure: ACKed again above, passed on once */
     char err[256];
-    if (sip_send(px->ep, resp, &t->from, err, sizeof(err)) != 0)
+    if (px_send(px, resp, &t->from, err, sizeof(err)) != 0)
         log_info(LOGM, "%d to %s not passed on: %s", code, t->from.addr, err);
     if (code >= 200 && t->best < 200) {
         t->best = code;
@@ -651,7 +738,8 @@ struct proxy *proxy_new(struct ev_loop *loop, struct onode *on, struct sip_endpo
 
 json_t *proxy_status(struct proxy *px)
 {
-    return json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "transactions", (json_int_t)px->n_txns,
+    return json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "through_overlay",
+                     (json_int_t)px->via_overlay, "transactions", (json_int_t)px->n_txns,
                      "forwarded", (json_int_t)px->forwarded, "looked_up", (json_int_t)px->looked_up,
                      "not_found", (json_int_t)px->not_found, "unavailable",
                      (json_int_t)px->unavailable, "cancelled", (json_int_t)px->cancelled,

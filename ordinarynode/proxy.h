@@ -20,6 +20,7 @@ struct proxy;
 /* The phone registered here for our own user (most recent binding), or NULL. */
 typedef const char *(*proxy_binding_fn)(void *ud);
 
+/* A node reached through the overlay (onode_reach_via_overlay) says so in its Record-Route. */
 struct proxy *proxy_new(struct ev_loop *loop, struct onode *on, struct sip_endpoint *ep,
                         const char *aor, proxy_binding_fn binding, void *ud);
 void proxy_request(struct proxy *px, osip_message_t *req, const struct sip_source *from);

@@ -10,6 +10,7 @@
 #include <time.h>
 
 #include "log.h"
+#include "nodeid.h"
 #include "proxy.h"
 #include "record.h"
 
@@ -311,6 +312,34 @@ static void on_message(void *ud, osip_message_t *m, const struct sip_source *fro
         sip_reply(r->ep, m, from, 200, NULL);
     else
         proxy_request(r->px, m, from);
+}
+
+void registrar_deliver(struct registrar *r, const char *from, json_t *payload)
+{
+    const char *text = json_string_value(json_object_get(payload, "sip"));
+    const char *sn = json_string_value(json_object_get(payload, "sn"));
+    struct sip_source src = {.tcp = false};
+    if (!r || !text || !sn || strlen(from) != NID_HEX_LEN || strlen(sn) != NID_HEX_LEN) {
+        log_info(LOGM, "message through the overlay from %.8s: not SIP for us: dropped", from);
+        return;
+    }
+    snprintf(src.node, sizeof(src.node), "%s", from);
+    snprintf(src.sn, sizeof(src.sn), "%s", sn);
+    snprintf(src.addr, sizeof(src.addr), "node %.8s (overlay)", from);
+    osip_message_t *m = NULL;
+    char err[256];
+    if (sip_parse(text, json_string_length(json_object_get(payload, "sip")), NULL, &m, err,
+                  sizeof(err)) != 0) {
+        log_warn(LOGM, "SIP through the overlay from node %.8s: %s: dropped", from, err);
+        return;
+    }
+    if (!MSG_IS_REQUEST(m))
+        proxy_response(r->px, m, &src);
+    else if (MSG_IS_REGISTER(m)) /* a binding is made by the user's own phone, here only */
+        sip_reply(r->ep, m, &src, 403, "Register Locally");
+    else
+        proxy_request(r->px, m, &src);
+    osip_message_free(m);
 }
 
 static void expiry_cb(struct ev_loop *loop, ev_timer *w, int revents)

@@ -21,6 +21,8 @@ struct registrar;
 struct registrar *registrar_start(struct ev_loop *loop, struct onode *on, const char *uri,
                                   const char *listen, const struct sip_limits *limits,
                                   int64_t max_expires, char *err, size_t errlen);
+/* A SIP message another node delivered through the overlay: {"sip": text, "sn": its SN}. */
+void registrar_deliver(struct registrar *r, const char *from, json_t *payload);
 /* {"listen", "bindings": [{"contact", "expires_in"}], "counters": {...}} */
 json_t *registrar_status(struct registrar *r);
 void registrar_stop(struct registrar *r);

@@ -485,6 +485,12 @@ static void on_close(struct conn *c, enum conn_close_reason r, const char *detai
 static void on_accept_open(struct conn *c, void *ud)
 {
     struct sn *s = ud;
+    if (s->state == SN_LEFT) {
+        /* Accepted before the listener closed, handshake done after we left: nothing here
+         * would ever close it, and an open link keeps the loop (and the process) alive. */
+        conn_close_with_error(c, NULL, "unavailable", "this super node has left the ring");
+        return;
+    }
     struct link *l = link_new(s, c, false);
     if (!l) {
         conn_close(c);

@@ -117,6 +117,9 @@ class OrdinaryNode(harness.OverlayScenario, unittest.TestCase):
         a.wait_for("published user location|alice@" + OVERLAY, timeout=WAIT)
         sn = self.attached_sn("alice")
         self.assertIn(sn["addr"], self.addr.values())
+        st = self.status("alice")  # NAT discovery: on loopback the super node sees our address
+        self.assertIs(st["nat"], False, st)
+        self.assertEqual(st["local"], st["reflexive"], st)
         self.start_on("bob").wait_for("published user location|bob@", timeout=WAIT)
         # bob looks alice up and verifies her signature.
         rc, ans = self.lookup("bob", "user location", "alice@" + OVERLAY)

@@ -355,6 +355,9 @@ class Promotion(harness.OverlayScenario, unittest.TestCase):
         nora = self.start_on("nora")
         nora.wait_for("promoted: now a super node", timeout=WAIT)
         wait_until("nora in the ring", lambda: self.node_id["nora"] in self.ring_ids(), WAIT)
+        wait_until("nora attached to itself",
+                   lambda: (self.status("nora") or {}).get("supernode", {}).get("id")
+                   == self.node_id["nora"], WAIT)
         wait_until("nora's location found",
                    lambda: self.verified("alice", "user location", "nora@" + OVERLAY), WAIT)
         self.assertEqual(nora.stop(signal.SIGTERM), 0)

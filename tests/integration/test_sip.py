@@ -48,16 +48,18 @@ class Registrar(harness.OverlayScenario, unittest.TestCase):
 
     @classmethod
     def _set_up(cls):
-        cls.build_overlay(OVERLAY, ("sn1", "sn2"), ("alice", "bob"), wait=WAIT)
-        for u in ("alice", "bob"):
+        cls.build_overlay(OVERLAY, ("sn1", "sn2"), ("alice", "bob", "carol"), wait=WAIT)
+        for u in ("alice", "bob", "carol"):
             cls.on[u] = cls.start([cls.bin("ordinarynode"), "-d", "-c", cls.cfg[u]])
-        for u in ("alice", "bob"):
+        for u in ("alice", "bob", "carol"):
             cls.on[u].wait_for("published user location", timeout=WAIT)
 
     @classmethod
     def node_conf(cls, u, conf):
         if u in ("alice", "bob"):
             conf["supernodes"] = [cls.addr["sn1"]]
+        elif u == "carol":  # reached through the overlay only, and on the other super node
+            conf.update({"supernodes": [cls.addr["sn2"]], "sip_via_overlay": True})
 
     @classmethod
     def tearDownClass(cls):
@@ -270,6 +272,31 @@ class Registrar(harness.OverlayScenario, unittest.TestCase):
         self.assertEqual(rc, 0, out[-3000:])
         self.call("uac_call", "uas_answer", uas_port=port, uas_transport="t1")
         self.assertGreaterEqual(self.status("bob")["sip"]["counters"]["tcp_connected"], 1)
+
+    def test_12_call_delivered_through_the_overlay(self):
+        """carol's node says to reach it through the overlay: the call's messages travel as
+        `deliver` requests through both super nodes and carol's attach link."""
+        self.phones()
+        self.register_phone("alice", "alice", self.alice_port)
+        port = free_port()
+        self.register_phone("carol", "carol", port)
+        before = self.sn_delivered()
+        self.call("uac_call", "uas_answer", callee="carol", uas_port=port)
+        a = self.status("alice")["sip"]["proxy"]["through_overlay"]
+        c = self.status("carol")["sip"]["proxy"]["through_overlay"]
+        say("call alice -> carol through the overlay: alice's node sent %d messages that way, "
+            "carol's %d; the super nodes delivered %d", a, c, self.sn_delivered() - before)
+        self.assertGreaterEqual(a, 3)  # INVITE, ACK, BYE
+        self.assertGreaterEqual(c, 3)  # 180, 200 (to INVITE), 200 (to BYE)
+        self.assertGreaterEqual(self.sn_delivered() - before, 6)
+
+    def sn_delivered(self):
+        total = 0
+        for u in ("sn1", "sn2"):
+            p = subprocess.run([self.bin("supernode"), "-c", self.cfg[u], "status", "--json"],
+                               capture_output=True, text=True, timeout=30)
+            total += json.loads(p.stdout)["ordinary_nodes"]["delivered"]
+        return total
 
     def lookup_bob(self):
         rc, out, err = self.cli("alice", "get", "user location", "bob@" + OVERLAY, "--json")
