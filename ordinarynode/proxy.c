@@ -20,16 +20,19 @@
 #include "nodeid.h"
 #include "record.h"
 
-#define LOGM      "sip"
-#define T1_S      0.5   /* RFC 3261 timer T1 */
-#define T2_S      4.0   /* RFC 3261 timer T2 */
-#define TIMER_B_S 32.0  /* no answer at all to a forwarded request: 480 */
-#define TIMER_C_S 180.0 /* an INVITE ringing this long is cancelled: 408 */
-#define LINGER_S  32.0  /* a finished transaction absorbs retransmissions this long */
-#define MAX_TXNS  4096
+#define LOGM        "sip"
+#define T1_S        0.5   /* RFC 3261 timer T1 */
+#define T2_S        4.0   /* RFC 3261 timer T2 */
+#define TIMER_B_S   32.0  /* no answer at all to a forwarded request: 480 */
+#define TIMER_C_S   180.0 /* an INVITE ringing this long is cancelled: 408 */
+#define LINGER_S    32.0  /* a finished transaction absorbs retransmissions this long */
+#define MAX_TXNS    65536
+#define TXN_BUCKETS 8192 /* hash chains by Via branch, ours and theirs */
 
 struct ptxn {
-    struct ptxn *next;
+    struct ptxn *next, **pprev;      /* every transaction */
+    struct ptxn *in_next, *out_next; /* hash chains by in_branch and out_branch */
+    bool in_out_hash;
     struct proxy *px; /* NULL once the proxy is gone (a lookup may still be out) */
     char in_branch[128];
     char method[16];
@@ -55,6 +58,7 @@ struct proxy {
     void *ud;
     struct ptxn *txns;
     size_t n_txns;
+    struct ptxn *by_in[TXN_BUCKETS], *by_out[TXN_BUCKETS];
     uint64_t forwarded, not_found, unavailable, cancelled, looked_up, timeouts, via_overlay;
 };
 
@@ -150,9 +154,17 @@ static int uri_hostport(const osip_uri_t *u, char *out, size_t len)
     return 0;
 }
 
+static size_t bucket(const char *branch)
+{
+    uint32_t h = 2166136261u;
+    for (const char *p = branch; *p; p++)
+        h = (h ^ (uint8_t)*p) * 16777619u;
+    return h % TXN_BUCKETS;
+}
+
 static struct ptxn *find_in(struct proxy *px, const char *branch, const char *method)
 {
-    for (struct ptxn *t = px->txns; t; t = t->next)
+    for (struct ptxn *t = px->by_in[bucket(branch)]; t; t = t->in_next)
         if (!strcmp(t->in_branch, branch) && (!method || !strcmp(t->method, method)))
             return t;
     return NULL;
@@ -160,21 +172,31 @@ static struct ptxn *find_in(struct proxy *px, const char *branch, const char *me
 
 static struct ptxn *find_out(struct proxy *px, const char *branch)
 {
-    for (struct ptxn *t = px->txns; t; t = t->next)
+    for (struct ptxn *t = px->by_out[bucket(branch)]; t; t = t->out_next)
         if (t->fwd && !strcmp(t->out_branch, branch))
             return t;
     return NULL;
+}
+
+static void unchain(struct ptxn **head, struct ptxn *t, bool out)
+{
+    for (struct ptxn **pp = head; *pp; pp = out ? &(*pp)->out_next : &(*pp)->in_next)
+        if (*pp == t) {
+            *pp = out ? t->out_next : t->in_next;
+            return;
+        }
 }
 
 static void txn_free(struct ptxn *t)
 {
     struct proxy *px = t->px;
     if (px) {
-        for (struct ptxn **pp = &px->txns; *pp; pp = &(*pp)->next)
-            if (*pp == t) {
-                *pp = t->next;
-                break;
-            }
+        *t->pprev = t->next;
+        if (t->next)
+            t->next->pprev = t->pprev;
+        unchain(&px->by_in[bucket(t->in_branch)], t, false);
+        if (t->in_out_hash)
+            unchain(&px->by_out[bucket(t->out_branch)], t, true);
         px->n_txns--;
         ev_timer_stop(px->loop, &t->retrans);
         ev_timer_stop(px->loop, &t->timeout);
@@ -314,6 +336,12 @@ static void forward(struct ptxn *t, const struct sip_source *to, const char *new
             osip_record_route_free(r);
     }
     new_branch(t->out_branch, sizeof(t->out_branch));
+    if (!t->in_out_hash) {
+        size_t b = bucket(t->out_branch);
+        t->out_next = px->by_out[b];
+        px->by_out[b] = t;
+        t->in_out_hash = true;
+    }
     char via[200];
     snprintf(via, sizeof(via), "SIP/2.0/%s %s;branch=%s;rport", tcp ? "TCP" : "UDP", px->self,
              t->out_branch);
@@ -628,7 +656,13 @@ void proxy_request(struct proxy *px, osip_message_t *req, const struct sip_sourc
     ev_timer_init(&t->timeout, timeout_cb, TIMER_B_S, 0.);
     t->timeout.data = t;
     t->next = px->txns;
+    if (t->next)
+        t->next->pprev = &t->next;
+    t->pprev = &px->txns;
     px->txns = t;
+    size_t b = bucket(t->in_branch);
+    t->in_next = px->by_in[b];
+    px->by_in[b] = t;
     px->n_txns++;
     if (!strcmp(method, "INVITE"))
         answer(t, 100, NULL);

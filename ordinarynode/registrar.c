@@ -26,6 +26,7 @@ struct binding {
     int64_t expires;   /* epoch seconds */
     char call_id[128];
     unsigned long cseq;
+    uint64_t order; /* when it was registered or refreshed, in registrations counted */
 };
 
 struct pending; /* a REGISTER waiting for the overlay's answer */
@@ -41,6 +42,7 @@ struct registrar {
     struct binding b[MAX_BINDINGS];
     size_t n;
     struct pending *pending;
+    uint64_t registrations;
     ev_timer expiry;
     ev_timer retry; /* the pending store again, after a "busy" */
     uint64_t registers, ok, forbidden, failed;
@@ -276,6 +278,7 @@ static void on_register(struct registrar *r, osip_message_t *m, const struct sip
                 snprintf(b->contact, sizeof(b->contact), "%s", u);
             }
             b->expires = now + exp;
+            b->order = ++r->registrations;
             snprintf(b->call_id, sizeof(b->call_id), "%s", call_id);
             b->cseq = cseq;
         }
@@ -294,7 +297,7 @@ static const char *current_binding(void *ud)
     struct registrar *r = ud;
     const struct binding *best = NULL;
     for (size_t i = 0; i < r->n; i++)
-        if (!best || r->b[i].expires > best->expires)
+        if (!best || r->b[i].order > best->order)
             best = &r->b[i];
     return best ? best->contact : NULL;
 }

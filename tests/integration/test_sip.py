@@ -63,6 +63,13 @@ class Registrar(harness.OverlayScenario, unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
+        if BINDIR and cls.daemons:  # the daemons' logs, for reading after a failure
+            out = os.path.join(BINDIR, "test_sip-logs")
+            shutil.rmtree(out, ignore_errors=True)
+            os.makedirs(out, exist_ok=True)
+            for i, d in enumerate(cls.daemons):
+                with open(os.path.join(out, "%02d.log" % i), "w") as f:
+                    f.write(" ".join(d.argv) + "\n" + d.log() + "\n")
         problems = cls.stop_all()
         shutil.rmtree(cls.tmp, ignore_errors=True)
         if problems:
@@ -172,6 +179,29 @@ class Registrar(harness.OverlayScenario, unittest.TestCase):
         self.assertIn("answered 400", log)
         # Still serving: a registration right after.
         self.assert_sipp("register_200", "alice", "alice", 600)
+
+    def test_06b_a_flooding_source_is_rate_limited(self):
+        """One source sending far above the per-source rate (200/s, bursts of 400) has the
+        excess dropped and counted; the front end goes on serving (others and, later, it)."""
+        host, port = self.sip["bob"].rsplit(":", 1)
+        c0 = self.status("bob")["sip"]["counters"]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            for i in range(1500):
+                u.sendto(b"OPTIONS sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;"
+                         b"branch=z9hG4bKflood%d\r\nFrom: <sip:f@x>;tag=1\r\nTo: <sip:f@x>\r\n"
+                         b"Call-ID: flood%d\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+                         % (i, i), (host, int(port)))
+        time.sleep(0.5)  # everything the kernel kept has been read by then
+        c = self.status("bob")["sip"]["counters"]
+        taken, dropped = c["received"] - c0["received"], c["rate_limited"] - c0["rate_limited"]
+        say("1500 OPTIONS at once from one source: %d taken, %d dropped by the rate limit (the "
+            "kernel's socket buffer dropped the rest)", taken, dropped)
+        # The burst (400) and what the bucket refilled meanwhile got through, nothing more.
+        self.assertLessEqual(taken, 450, c)
+        self.assertGreater(dropped, 0, c)
+        self.on["bob"].wait_for("over 200 messages per second: dropped")
+        time.sleep(2.5)  # the bucket refills
+        self.assert_sipp("register_200", "bob", "bob", 600)
 
     # ---- calls through the overlay: sipp as both phones ----
 
