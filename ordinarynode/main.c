@@ -1,8 +1,10 @@
 /*
  * ordinarynode: what a person runs on their own device (seed 004 sections
- * 5-7): it finds a super node, stays attached, publishes the user's location
- * and keeps it fresh; `status`, `get`, `add`, `update` and `remove` talk to
- * the running daemon over its control socket. The core is on.c.
+ * 4-7): it finds a super node, stays attached, publishes the user's location
+ * and keeps it fresh, runs the SIP front end for the user's phone
+ * (registrar.c, proxy.c), and may be promoted to a super node (promo.c);
+ * `status`, `get`, `add`, `update` and `remove` talk to the running daemon
+ * over its control socket. The core is on.c.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -99,7 +101,8 @@ static const struct cfg_field on_fields[] = {
     {"advertise", CFG_HOSTPORT, offsetof(struct on_config, advertise), 0, 0, NULL, NULL,
      "address other nodes reach our overlay port at (a port forward, say); default: listen"},
     {"sip", CFG_BOOL, offsetof(struct on_config, sip), 0, 0, NULL, "true",
-     "run the SIP front end (registrar for this node's user) on sip_listen"},
+     "run the SIP front end (registrar for this node's user, proxy for its calls) on "
+     "sip_listen"},
     {"sip_via_overlay", CFG_BOOL, offsetof(struct on_config, sip_via_overlay), 0, 0, NULL, "false",
      "have calls reach this node through the overlay (its super node and the attach link) "
      "rather than directly: for nodes that others cannot reach (behind NAT or a firewall)"},
@@ -182,8 +185,9 @@ static const struct cli_command on_commands[] = {
 
 static const struct cli_prog on_prog = {
     .name = "ordinarynode",
-    .summary = "Ordinary node of the p2psip overlay: attaches to a super node and publishes "
-               "the user's location.",
+    .summary = "Ordinary node of the p2psip overlay: attaches to a super node, publishes the "
+               "user's location, serves the user's SIP phone as registrar and proxy, and becomes "
+               "a super node itself when the overlay needs one and the host qualifies.",
     .commands = on_commands,
     .epilog = "Examples:\n"
               "  ordinarynode -c alice.json enroll --login https://ls:7443 --pin sha256:... "

@@ -110,6 +110,19 @@ class Failover(unittest.TestCase):
             line = sn[u].wait_for("as node ", timeout=WAIT)
             ids[re.search(r"as node ([0-9a-f]{40})", line).group(1)] = u
             sn[u].wait_for("started a new ring" if i == 1 else "joined the ring", timeout=WAIT)
+        # The whole ring first: the alternates an attach answer gives are the ring neighbours
+        # sn1 knows, and a CI run started the nodes while sn1 knew only one of the two others
+        # (482 of 500 then moved to that one).
+        def full_ring():
+            for i in (1, 2, 3):
+                p = subprocess.run([self.bin("supernode"), "-o", "overlay=" + OVERLAY,
+                                    "-o", "state_dir=" + os.path.join(self.tmp, "sns", "sn%d" % i),
+                                    "status", "--json"], capture_output=True, text=True,
+                                   timeout=30)
+                if p.returncode != 0 or len(json.loads(p.stdout).get("succ", [])) != 2:
+                    return False
+            return True
+        harness.wait_until("a ring of three", full_ring, WAIT)
         # sn1 first in every node's list: all attach there.
         self.swarm = Swarm(harness.WRAPPER + [self.bin("on_swarm", "bench"), "--base", nodes_dir,
                                               "--prefix", "on", "--count", str(NODES),
