@@ -210,18 +210,24 @@ static void txn_free(struct ptxn *t)
     free(t);
 }
 
+/* A final answer went upstream: no more retransmitting; linger for retransmitted requests. */
+static void finished(struct ptxn *t, int code)
+{
+    struct ev_loop *loop = t->px->loop;
+    t->best = code;
+    ev_timer_stop(loop, &t->retrans);
+    ev_timer_stop(loop, &t->timeout);
+    ev_timer_set(&t->timeout, LINGER_S, 0.);
+    ev_timer_start(loop, &t->timeout);
+}
+
 /* Sends a response of ours upstream (and keeps finals for retransmissions). */
 static void answer(struct ptxn *t, int code, const char *reason)
 {
     struct proxy *px = t->px;
     if (!strcmp(t->method, "ACK")) { /* an ACK is never answered: it just ends here */
-        if (code >= 200) {
-            t->best = code;
-            ev_timer_stop(px->loop, &t->retrans);
-            ev_timer_stop(px->loop, &t->timeout);
-            ev_timer_set(&t->timeout, LINGER_S, 0.);
-            ev_timer_start(px->loop, &t->timeout);
-        }
+        if (code >= 200)
+            finished(t, code);
         return;
     }
     osip_message_t *r = sip_response_for(t->req, code, reason);
@@ -234,11 +240,7 @@ static void answer(struct ptxn *t, int code, const char *reason)
         if (t->last)
             osip_message_free(t->last);
         t->last = r;
-        t->best = code;
-        ev_timer_stop(px->loop, &t->retrans);
-        ev_timer_stop(px->loop, &t->timeout);
-        ev_timer_set(&t->timeout, LINGER_S, 0.);
-        ev_timer_start(px->loop, &t->timeout);
+        finished(t, code);
     } else {
         osip_message_free(r);
     }
@@ -667,14 +669,8 @@ void proxy_request(struct proxy *px, osip_message_t *req, const struct sip_sourc
     if (!strcmp(method, "INVITE"))
         answer(t, 100, NULL);
     route(t);
-    if (!strcmp(method, "ACK") && t->best < 200 && !t->lookup_pending) {
-        /* An ACK gets no answer: nothing to wait for once it is on its way. */
-        ev_timer_stop(px->loop, &t->retrans);
-        t->best = 200;
-        ev_timer_stop(px->loop, &t->timeout);
-        ev_timer_set(&t->timeout, LINGER_S, 0.);
-        ev_timer_start(px->loop, &t->timeout);
-    }
+    if (!strcmp(method, "ACK") && t->best < 200 && !t->lookup_pending)
+        finished(t, 200); /* an ACK gets no answer: nothing to wait for once it is on its way */
 }
 
 void proxy_response(struct proxy *px, osip_message_t *resp, const struct sip_source *from)
@@ -740,15 +736,12 @@ void proxy_response(struct proxy *px, osip_message_t *resp, const struct sip_sou
     if (px_send(px, resp, &t->from, err, sizeof(err)) != 0)
         log_info(LOGM, "%d to %s not passed on: %s", code, t->from.addr, err);
     if (code >= 200 && t->best < 200) {
-        t->best = code;
         if (code >= 300) {
             if (t->last)
                 osip_message_free(t->last);
             osip_message_clone(resp, &t->last);
         }
-        ev_timer_stop(px->loop, &t->timeout);
-        ev_timer_set(&t->timeout, LINGER_S, 0.);
-        ev_timer_start(px->loop, &t->timeout);
+        finished(t, code);
     }
 }
 

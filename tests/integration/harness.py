@@ -143,6 +143,7 @@ def tempdir(prefix="p2psip-test-"):
 
 
 BINDIR = None  # the build directory, once main() has parsed it
+SIPP_SCENARIOS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sipp")
 
 
 class OverlayScenario:
@@ -282,6 +283,46 @@ class OverlayScenario:
         import json
         rc, out, _ = self.cli(u, "status", "--json")
         return json.loads(out) if rc == 0 else None
+
+    # ---- sipp (Debian's sip-tester) as a phone ----
+
+    def start_sipp(self, scenario, port, ip="127.0.0.1", target=None, keys=(), service=None,
+                   transport="u1", timeout=30, ns=None):
+        """Starts one call of tests/sipp/<scenario>.xml from ip:port (in network namespace ns);
+        keys are sipp's -key substitutions. Returns the process for finish_sipp()."""
+        argv = ["sipp", "-sf", os.path.join(SIPP_SCENARIOS, scenario + ".xml"), "-m", "1",
+                "-i", ip, "-p", str(port), "-t", transport, "-timeout", str(timeout),
+                "-timeout_error", "-nostdin"]
+        for k, v in keys:
+            argv += ["-key", k, str(v)]
+        if service:
+            argv += ["-s", service]
+        if target:
+            argv.append(target)
+        if ns:
+            argv = ["ip", "netns", "exec", ns] + argv
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=self.tmp)
+
+    def finish_sipp(self, p, what):
+        """Waits for a sipp started by start_sipp(): it must exit 0 and its own counters must
+        show one successful call and no failed one. Returns its output."""
+        import re
+        try:
+            out, _ = p.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, _ = p.communicate()
+        self.assertEqual(p.returncode, 0, "sipp %s failed:\n%s" % (what, out[-3000:]))
+        succ = re.search(r"Successful call\s+\|\s+\d+\s+\|\s+(\d+)", out)
+        failed = re.search(r"Failed call\s+\|\s+\d+\s+\|\s+(\d+)", out)
+        self.assertTrue(succ and failed, "no call counters in sipp's output:\n" + out[-3000:])
+        self.assertEqual(int(succ.group(1)), 1, out[-3000:])
+        self.assertEqual(int(failed.group(1)), 0, out[-3000:])
+        return out
+
+    def run_sipp(self, scenario, port, **kw):
+        return self.finish_sipp(self.start_sipp(scenario, port, **kw), scenario)
 
 
 def main(module):

@@ -28,7 +28,6 @@ BINDIR = None
 OVERLAY = "nat-test.p2psip"
 SLOW = bool(harness.WRAPPER)
 WAIT = 60 if SLOW else 20
-SCENARIOS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sipp")
 PUB, NAT_WAN, NAT_LAN, HOME = "10.77.1.1", "10.77.1.2", "10.77.2.1", "10.77.2.2"
 
 
@@ -131,35 +130,9 @@ class NatCall(harness.OverlayScenario, unittest.TestCase):
         if problems:
             raise AssertionError("; ".join(problems))
 
-    def sipp(self, where, scenario, ip, port, target=None, keys=(), service=None, wait=True):
-        argv = self.in_ns(where, ["sipp", "-sf", os.path.join(SCENARIOS, scenario + ".xml"),
-                                  "-m", "1", "-i", ip, "-p", str(port), "-t", "u1",
-                                  "-timeout", "30", "-timeout_error", "-nostdin"])
-        for k, v in keys:
-            argv += ["-key", k, v]
-        if service:
-            argv += ["-s", service]
-        if target:
-            argv.append(target)
-        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             cwd=self.tmp)
-        if not wait:
-            return p
-        return self.finish(p, scenario)
-
-    def finish(self, p, what):
-        try:
-            out, _ = p.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out, _ = p.communicate()
-        self.assertEqual(p.returncode, 0, "sipp %s failed:\n%s" % (what, out[-3000:]))
-        self.assertRegex(out, r"Successful call\s+\|\s+\d+\s+\|\s+1\b", out[-3000:])
-        return out
-
     def register(self, who, where, ip, port):
-        self.sipp(where, "register_200", ip, port, target=self.sip[who],
-                  keys=(("user", who), ("domain", OVERLAY), ("expires", "600")))
+        self.run_sipp("register_200", port, ip=ip, ns=self.ns[where], target=self.sip[who],
+                      keys=(("user", who), ("domain", OVERLAY), ("expires", 600)))
 
     def test_1_nat_is_detected(self):
         bob, alice = self.status("bob"), self.status("alice")
@@ -177,12 +150,12 @@ class NatCall(harness.OverlayScenario, unittest.TestCase):
         self.assertEqual(rc, 0, err)
         value = json.loads(out)["records"][0]["value"]
         self.assertTrue(value.get("sip_via_overlay"), value)
-        uas = self.sipp("home", "uas_answer", HOME, 5072, wait=False)
+        uas = self.start_sipp("uas_answer", 5072, ip=HOME, ns=self.ns["home"])
         time.sleep(0.3)
         t0 = time.monotonic()
-        self.sipp("pub", "uac_call", PUB, 5071, target=self.sip["alice"],
-                  keys=(("callee", "bob"), ("domain", OVERLAY)), service="alice")
-        self.finish(uas, "uas_answer")
+        self.run_sipp("uac_call", 5071, ip=PUB, ns=self.ns["pub"], target=self.sip["alice"],
+                      keys=(("callee", "bob"), ("domain", OVERLAY)), service="alice")
+        self.finish_sipp(uas, "uas_answer")
         px = self.status("alice")["sip"]["proxy"]
         say("alice -> bob behind NAT: call completed in %.2f s, %d messages from alice's node "
             "through the overlay", time.monotonic() - t0, px["through_overlay"])
@@ -192,11 +165,11 @@ class NatCall(harness.OverlayScenario, unittest.TestCase):
         """bob calls alice: out through the NAT, directly to alice's node."""
         self.register("alice", "pub", PUB, 5073)
         self.register("bob", "home", HOME, 5074)
-        uas = self.sipp("pub", "uas_answer", PUB, 5073, wait=False)
+        uas = self.start_sipp("uas_answer", 5073, ip=PUB, ns=self.ns["pub"])
         time.sleep(0.3)
-        self.sipp("home", "uac_call", HOME, 5074, target=self.sip["bob"],
-                  keys=(("callee", "alice"), ("domain", OVERLAY)), service="bob")
-        self.finish(uas, "uas_answer")
+        self.run_sipp("uac_call", 5074, ip=HOME, ns=self.ns["home"], target=self.sip["bob"],
+                      keys=(("callee", "alice"), ("domain", OVERLAY)), service="bob")
+        self.finish_sipp(uas, "uas_answer")
 
 
 if __name__ == "__main__":
