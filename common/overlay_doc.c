@@ -242,6 +242,16 @@ char *overlay_doc_build(const struct overlay_doc *in)
     if (set_new(o, "lan_discovery", json_string(in->lan_discovery)) < 0 ||
         set_new(o, "cert_validity_days", json_integer(in->cert_validity_days)) < 0)
         goto out;
+    if (in->n_sip_proxies > 0) { /* optional: absent when no domain has a P2P proxy */
+        json_t *a = json_array();
+        if (set_new(o, "sip_proxies", a) < 0)
+            goto out;
+        for (size_t i = 0; i < in->n_sip_proxies; i++)
+            if (!in->sip_proxies[i].domain || !in->sip_proxies[i].uri ||
+                json_array_append_new(a, json_pack("{s:s,s:s}", "domain", in->sip_proxies[i].domain,
+                                                   "uri", in->sip_proxies[i].uri)) < 0)
+                goto out;
+    }
     /* jansson keeps insertion order, so the output is the table's order. */
     text = json_dumps(o, JSON_COMPACT);
 out:
@@ -400,6 +410,48 @@ static int get_urls(json_t *obj, const char *key, char ***out, size_t *nout, cha
     return 0;
 }
 
+#define MAX_SIP_PROXIES 256
+
+/* The optional "sip_proxies": [{"domain", "uri"}]. */
+static int get_sip_proxies(json_t *d, struct overlay_doc *out, char *err, size_t errlen)
+{
+    json_t *a = json_object_get(d, "sip_proxies");
+    if (!a)
+        return 0;
+    if (!json_is_array(a))
+        return fail(err, errlen, OVERLAY_DOC_ERR_MALFORMED,
+                    "member \"sip_proxies\" is not an array");
+    size_t n = json_array_size(a);
+    if (n > MAX_SIP_PROXIES)
+        return fail(err, errlen, OVERLAY_DOC_ERR_MALFORMED,
+                    "member \"sip_proxies\" has more than %d entries", MAX_SIP_PROXIES);
+    if (n == 0)
+        return 0;
+    if (!(out->sip_proxies = calloc(n, sizeof(*out->sip_proxies))))
+        return fail(err, errlen, OVERLAY_DOC_ERR_NOMEM, "out of memory");
+    for (size_t i = 0; i < n; i++) {
+        json_t *e = json_array_get(a, i), *dom, *uri;
+        int r;
+        if (!json_is_object(e))
+            return fail(err, errlen, OVERLAY_DOC_ERR_MALFORMED, "sip_proxies[%zu] is not an object",
+                        i);
+        if ((r = get_str(e, "domain", MAX_NAME_LEN, &dom, err, errlen)) < 0 ||
+            (r = get_str(e, "uri", MAX_NAME_LEN, &uri, err, errlen)) < 0)
+            return r;
+        if (has_space_or_control(json_string_value(dom), json_string_length(dom)) ||
+            has_space_or_control(json_string_value(uri), json_string_length(uri)) ||
+            strncmp(json_string_value(uri), "sip:", 4) != 0)
+            return fail(err, errlen, OVERLAY_DOC_ERR_MALFORMED,
+                        "sip_proxies[%zu] needs a domain and a sip: URI without spaces", i);
+        if (!(out->sip_proxies[i].domain =
+                  dup_n(json_string_value(dom), json_string_length(dom))) ||
+            !(out->sip_proxies[i].uri = dup_n(json_string_value(uri), json_string_length(uri))))
+            return fail(err, errlen, OVERLAY_DOC_ERR_NOMEM, "out of memory");
+        out->n_sip_proxies = i + 1;
+    }
+    return 0;
+}
+
 /* "YYYY-MM-DDTHH:MM:SS[.fraction]Z" */
 static bool is_rfc3339_utc(const char *s, size_t n)
 {
@@ -517,7 +569,7 @@ static int parse_members(json_t *d, struct overlay_doc *out, char *err, size_t e
                     "member \"lan_discovery\" contains spaces or control characters");
     if (!(out->lan_discovery = dup_n(json_string_value(s), json_string_length(s))))
         return fail(err, errlen, OVERLAY_DOC_ERR_NOMEM, "out of memory");
-    return 0;
+    return get_sip_proxies(d, out, err, errlen);
 }
 
 int overlay_doc_verify(const char *envelope, size_t len, const char *pin, int64_t min_sequence,
@@ -664,6 +716,11 @@ void overlay_doc_free(struct overlay_doc *d)
         free(d->bootstrap_urls[i]);
     free(d->bootstrap_urls);
     free(d->lan_discovery);
+    for (size_t i = 0; i < d->n_sip_proxies; i++) {
+        free(d->sip_proxies[i].domain);
+        free(d->sip_proxies[i].uri);
+    }
+    free(d->sip_proxies);
     free(d->document_text);
     gnutls_x509_crt_deinit(d->ca_crt);
     memset(d, 0, sizeof(*d));

@@ -40,6 +40,14 @@ struct overlay_promotion {
     int64_t sn_target_load; /* attached ONs per SN above which more SNs are wanted */
 };
 
+/* A super node certificate that serves a SIP domain as its P2P registrar and proxy (seed 004
+ * sections 4.2, 4.3; docs/sip.md): it may write that domain's "proxy location" record and, when
+ * the domain is not the overlay's own, the "user location" records of the domain's users. */
+struct overlay_sip_proxy {
+    char *domain; /* "pbx.example.org" */
+    char *uri;    /* the certificate's URI, "sip:sn1@example.org" */
+};
+
 /*
  * One document. Strings and arrays are malloc'd and owned by the struct
  * (overlay_doc_free() releases them).
@@ -63,6 +71,8 @@ struct overlay_doc {
     struct overlay_promotion promotion;
     char *lan_discovery; /* "239.255.42.99:7077" */
     int64_t cert_validity_days;
+    struct overlay_sip_proxy *sip_proxies; /* optional member "sip_proxies" */
+    size_t n_sip_proxies;
 
     /* Filled by overlay_doc_verify() only (ignored by overlay_doc_build()): */
     char *document_text;       /* the exact signed document bytes, NUL-terminated */

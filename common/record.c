@@ -508,6 +508,7 @@ struct vcert {
     bool ed25519; /* then ed_pub is the raw key, and libsodium verifies */
     unsigned char ed_pub[crypto_sign_PUBLICKEYBYTES];
     char uri[256];
+    unsigned roles;               /* ROLE_* of the certificate */
     time_t not_before, not_after; /* the leaf's window narrowed by the CA's */
     struct vcert *hnext;
     struct vcert *lru_prev, *lru_next; /* lru_prev toward the most recent */
@@ -523,7 +524,52 @@ struct rec_verifier {
     unsigned char hkey[crypto_shorthash_KEYBYTES]; /* random: bucket choice is not predictable */
     struct vcert *lru_head, *lru_tail;             /* head = most recently used */
     uint64_t hits, misses;
+    struct overlay_sip_proxy *proxies; /* the overlay document's "sip_proxies", copied */
+    size_t n_proxies;
 };
+
+static void free_proxies(struct rec_verifier *v)
+{
+    for (size_t i = 0; i < v->n_proxies; i++) {
+        free(v->proxies[i].domain);
+        free(v->proxies[i].uri);
+    }
+    free(v->proxies);
+    v->proxies = NULL;
+    v->n_proxies = 0;
+}
+
+int rec_verifier_set_proxies(struct rec_verifier *v, const struct overlay_sip_proxy *p, size_t n)
+{
+    free_proxies(v);
+    if (n == 0)
+        return 0;
+    if (!(v->proxies = calloc(n, sizeof(*v->proxies))))
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        if (!(v->proxies[i].domain = strdup(p[i].domain)) ||
+            !(v->proxies[i].uri = strdup(p[i].uri))) {
+            free(v->proxies[i].domain);
+            v->n_proxies = i;
+            free_proxies(v);
+            return -1;
+        }
+        v->n_proxies = i + 1;
+    }
+    return 0;
+}
+
+/* Whether the certificate `c` is a P2P proxy of `domain` (the document says so, and it has the
+ * super node role). */
+static bool is_domain_proxy(const struct rec_verifier *v, const struct vcert *c, const char *domain)
+{
+    if (!(c->roles & ROLE_SUPERNODE))
+        return false;
+    for (size_t i = 0; i < v->n_proxies; i++)
+        if (!strcasecmp(v->proxies[i].domain, domain) && !strcmp(v->proxies[i].uri, c->uri))
+            return true;
+    return false;
+}
 
 static void vcert_free(struct vcert *c)
 {
@@ -575,6 +621,7 @@ void rec_verifier_free(struct rec_verifier *v)
         vcert_free(c);
     }
     free(v->buckets);
+    free_proxies(v);
     if (v->ca)
         gnutls_x509_crt_deinit(v->ca);
     free(v->overlay);
@@ -734,6 +781,7 @@ static struct vcert *check_cert(struct rec_verifier *v, const gnutls_datum_t *de
         goto fail;
     }
     memcpy(c->uri, id.uri, sizeof(c->uri));
+    c->roles = id.roles;
     c->not_before = gnutls_x509_crt_get_activation_time(crt);
     c->not_after = gnutls_x509_crt_get_expiration_time(crt);
     if (c->not_before == (time_t)-1 || c->not_after == (time_t)-1) {
@@ -924,18 +972,23 @@ int rec_verify(struct rec_verifier *v, const struct record *r, time_t now, int64
     }
 
     if (!strcmp(r->type, REC_TYPE_USER_LOCATION)) {
-        if (strcmp(r->name, rec_uri_aor(c->uri)) != 0) {
+        /* The user's own record; or, for a domain other than the overlay's own, one written by
+         * a P2P registrar the document names for that domain (seed 004 section 4.3). */
+        char dom[256];
+        if (strcmp(r->name, rec_uri_aor(c->uri)) != 0 &&
+            !(uri_domain(r->name, dom, sizeof(dom)) && strcasecmp(dom, v->overlay) != 0 &&
+              strchr(r->name, '@') && is_domain_proxy(v, c, dom))) {
             ret = errbuf_set(err, errlen, REC_E_FORBIDDEN,
                              "%s: %s may not write the user location of %s", what, c->uri,
                              quote(r->name, strlen(r->name), q, sizeof(q)));
             goto out;
         }
     } else if (!strcmp(r->type, REC_TYPE_PROXY_LOCATION)) {
-        char dom[256];
-        if (!uri_domain(c->uri, dom, sizeof(dom)) || strcmp(r->name, dom) != 0) {
+        if (!is_domain_proxy(v, c, r->name)) {
             ret = errbuf_set(err, errlen, REC_E_FORBIDDEN,
-                             "%s: %s may not write the proxy location of %s", what, c->uri,
-                             quote(r->name, strlen(r->name), q, sizeof(q)));
+                             "%s: %s may not write the proxy location of %s (not its P2P proxy in "
+                             "the overlay document)",
+                             what, c->uri, quote(r->name, strlen(r->name), q, sizeof(q)));
             goto out;
         }
     }

@@ -36,6 +36,7 @@
 #include <time.h>
 
 #include "nodeid.h"
+#include "overlay_doc.h"
 
 #define REC_TYPE_MAX  64  /* bytes of a resource type */
 #define REC_NAME_MAX  255 /* bytes of a resource name */
@@ -128,6 +129,9 @@ struct rec_verifier;
 /* `ca` is copied (the caller keeps its own). NULL on allocation failure. */
 struct rec_verifier *rec_verifier_new(gnutls_x509_crt_t ca, const char *overlay, size_t cache_size);
 void rec_verifier_free(struct rec_verifier *v);
+/* The overlay document's "sip_proxies" (copied): which super node certificates serve which SIP
+ * domain as P2P registrar and proxy (docs/sip.md). 0, or -1 when out of memory. */
+int rec_verifier_set_proxies(struct rec_verifier *v, const struct overlay_sip_proxy *p, size_t n);
 
 /*
  * Full check of a parsed record at time `now`: the overlay matches; the
@@ -138,8 +142,10 @@ void rec_verifier_free(struct rec_verifier *v);
  * max_lifetime_s (0 = no cap); and the type's policy holds:
  *   "user location":  name == the owner's URI without its "sip:"/"sips:"
  *                      scheme (key = SHA-1("user location|alice@example.org")
- *                      may be written only by sip:alice@example.org);
- *   "proxy location": name == the domain part of the owner's URI;
+ *                      may be written only by sip:alice@example.org); or the
+ *                      name's domain is not the overlay's and the owner is a
+ *                      P2P proxy of that domain (rec_verifier_set_proxies);
+ *   "proxy location": the owner is a P2P proxy of the domain `name`;
  *   any other type:    any owner.
  * REC_OK, or a negative code with `err` (one line, for logs and the wire).
  */

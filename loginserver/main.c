@@ -49,6 +49,7 @@ struct ls_config {
     long long promotion_min_bandwidth_kbps;
     long long promotion_sn_target_load;
     char *lan_discovery;
+    struct cfg_strlist sip_proxies;
 };
 
 #define F(key, type, member, lo, hi, def, help)                                                    \
@@ -103,6 +104,9 @@ static const struct cfg_field ls_fields[] = {
       "document: attached ONs per SN above which more SNs are wanted"),
     F("lan_discovery", CFG_HOSTPORT, lan_discovery, 0, 0, "239.255.42.99:7077",
       "document: multicast group for LAN service discovery"),
+    F("sip_proxies", CFG_STRLIST, sip_proxies, 0, 0, NULL,
+      "document: \"domain=NAME\" items: the super node account NAME (or a sip: URI) is a P2P "
+      "registrar/proxy of SIP domain `domain` (docs/sip.md)"),
 };
 #undef F
 
@@ -118,6 +122,17 @@ static int ls_validate(const void *p, char *err, size_t len)
                          names[k], i, lists[k]->items[i]);
                 return -1;
             }
+    for (size_t i = 0; i < c->sip_proxies.n; i++) {
+        const char *it = c->sip_proxies.items[i], *eq = strchr(it, '=');
+        const char *bad = strpbrk(it, " \t@");
+        if (!eq || eq == it || !eq[1] || (bad && bad < eq) || strchr(eq + 1, ' ')) {
+            snprintf(err, len,
+                     "key \"sip_proxies\": item %zu \"%.80s\" must be domain=NAME (or "
+                     "domain=sip:NAME@overlay)",
+                     i, it);
+            return -1;
+        }
+    }
     return 0;
 }
 
@@ -211,6 +226,21 @@ static char *build_document(const struct ls_config *c, const struct ls_ca *ca, l
     d.promotion.sn_target_load = c->promotion_sn_target_load;
     d.lan_discovery = c->lan_discovery;
     d.cert_validity_days = c->cert_validity_days;
+    /* "domain=NAME" or "domain=sip:NAME@overlay": split into the document's pairs. */
+    static struct overlay_sip_proxy px[256];
+    static char buf[256][2][300];
+    for (size_t i = 0; i < c->sip_proxies.n && i < 256; i++) {
+        const char *it = c->sip_proxies.items[i], *eq = strchr(it, '=');
+        snprintf(buf[i][0], sizeof(buf[i][0]), "%.*s", (int)(eq - it), it);
+        if (!strncmp(eq + 1, "sip:", 4))
+            snprintf(buf[i][1], sizeof(buf[i][1]), "%s", eq + 1);
+        else
+            snprintf(buf[i][1], sizeof(buf[i][1]), "sip:%.120s@%.160s", eq + 1, ca->overlay);
+        px[i].domain = buf[i][0];
+        px[i].uri = buf[i][1];
+    }
+    d.sip_proxies = px;
+    d.n_sip_proxies = c->sip_proxies.n < 256 ? c->sip_proxies.n : 256;
     return overlay_doc_build(&d); /* d borrows everything: nothing to free */
 }
 

@@ -33,6 +33,7 @@
 #include "msg.h"
 #include "nodeid.h"
 #include "record.h"
+#include "sip_bindings.h"
 #include "stun.h"
 
 #define LOGM          "on"
@@ -943,15 +944,7 @@ static int64_t lifetime_cap(const struct onode *o, int64_t want)
 /* The user location value (seed 004 section 8, in JSON). */
 static json_t *user_location_value(struct onode *o)
 {
-    json_t *contacts = json_array();
-    char host[128];
-    unsigned port = 0;
-    if (o->p.sip_contact && cfg_parse_hostport(o->p.sip_contact, host, sizeof(host), &port) == 0) {
-        json_array_append_new(contacts, json_pack("{s:s,s:s,s:i}", "transport", "udp", "host", host,
-                                                  "port", (int)port));
-        json_array_append_new(contacts, json_pack("{s:s,s:s,s:i}", "transport", "tcp", "host", host,
-                                                  "port", (int)port));
-    }
+    json_t *contacts = sip_contacts_json(o->p.sip_contact);
     json_t *v = json_pack("{s:s,s:s,s:o}", "uri", o->p.creds->id.uri, "node_id", o->self_id,
                           "contacts", contacts);
     if (o->sn.addr[0])
@@ -1363,7 +1356,8 @@ struct onode *onode_new(struct ev_loop *loop, const struct on_params *p, char *e
                                 (unsigned)(o->p.attach_timeout_s * 1000) + 1000};
     if (!(o->tls = tls_ctx_new(&tc, err, errlen)))
         goto fail;
-    if (!(o->verifier = rec_verifier_new(cr->doc.ca_crt, cr->doc.overlay, VERIFY_CACHE))) {
+    if (!(o->verifier = rec_verifier_new(cr->doc.ca_crt, cr->doc.overlay, VERIFY_CACHE)) ||
+        rec_verifier_set_proxies(o->verifier, cr->doc.sip_proxies, cr->doc.n_sip_proxies) != 0) {
         errbuf_set(err, errlen, -1, "out of memory");
         goto fail;
     }

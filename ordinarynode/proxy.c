@@ -52,8 +52,9 @@ struct proxy {
     struct ev_loop *loop;
     struct onode *on;
     struct sip_endpoint *ep;
-    char aor[256];
-    char self[80]; /* our host:port, as Via sent-by and Record-Route */
+    char domain[256]; /* the overlay's own SIP domain */
+    char served[256]; /* a domain this proxy is the P2P proxy of ("" = none) */
+    char self[80];    /* our host:port, as Via sent-by and Record-Route */
     proxy_binding_fn binding;
     void *ud;
     struct ptxn *txns;
@@ -418,7 +419,11 @@ static void send_cancel(struct ptxn *t)
 struct lookup {
     struct ptxn *t;
     char aor[300];
+    char domain[256]; /* another domain's: its proxy location is looked up if the user's is not */
+    bool proxy;       /* this is the proxy location lookup */
 };
+
+static void lookup_key(struct proxy *px, struct lookup *lk, const char *type, const char *name);
 
 static void looked_up(void *ud, const struct on_result *r)
 {
@@ -451,8 +456,8 @@ static void looked_up(void *ud, const struct on_result *r)
     {
         json_t *v = json_object_get(rec, "value");
         if (!json_is_true(json_object_get(rec, "verified")) ||
-            json_array_size(json_object_get(v, "bindings")) == 0)
-            continue;
+            (!lk->proxy && json_array_size(json_object_get(v, "bindings")) == 0))
+            continue; /* a user's record without a registered phone */
         const char *node = json_string_value(json_object_get(v, "node_id"));
         const char *sn = json_string_value(json_object_get(json_object_get(v, "sn"), "id"));
         if (json_is_true(json_object_get(v, "sip_via_overlay")) && node && sn &&
@@ -478,15 +483,30 @@ static void looked_up(void *ud, const struct on_result *r)
         if (target[0])
             break;
     }
+    if (!target[0] && lk->domain[0] && !lk->proxy) {
+        /* A user of another domain without a location of their own: that domain's P2P proxy. */
+        lk->proxy = true;
+        lookup_key(px, lk, REC_TYPE_PROXY_LOCATION, lk->domain);
+        return;
+    }
     if (!target[0]) {
         px->not_found++;
         log_info(LOGM, "%s %s: no registered phone found in the overlay: 404", t->method, lk->aor);
-        answer(t, 404, "Not Found In The Overlay");
+        answer(t, 404,
+               lk->proxy ? "No Proxy For The Domain In The Overlay" : "Not Found In The Overlay");
         free(lk);
         return;
     }
-    log_info(LOGM, "%s for %s: found in the overlay, forwarded to its node at %s", t->method,
-             lk->aor, target);
+    if (!overlay && !strcmp(target, px->self)) { /* a stale record naming us: no loop */
+        px->unavailable++;
+        log_info(LOGM, "%s %s: the overlay names this proxy, which has no binding: 480", t->method,
+                 lk->aor);
+        answer(t, 480, "No Phone Registered");
+        free(lk);
+        return;
+    }
+    log_info(LOGM, "%s for %s: found in the overlay, forwarded to %s at %s", t->method, lk->aor,
+             lk->proxy ? "the domain's proxy" : "its node", target);
     if (!overlay)
         direct_target(&to, target, false);
     forward(t, &to, NULL);
@@ -532,12 +552,9 @@ static void route(struct ptxn *t)
     char aor[300] = "";
     if (ru->username)
         snprintf(aor, sizeof(aor), "%s@%s", ru->username, ru->host);
-    const char *at = strchr(px->aor, '@');
-    bool ours =
-        ru->username && *ru->username && at && strlen(ru->username) == (size_t)(at - px->aor) &&
-        !strncmp(ru->username, px->aor, (size_t)(at - px->aor)) && !strcasecmp(ru->host, at + 1);
-    if (ours) { /* for our own user: the phone registered here */
-        const char *b = px->binding(px->ud);
+    bool local = false;
+    const char *b = ru->username && *ru->username ? px->binding(px->ud, aor, &local) : NULL;
+    if (local) { /* for a user registered here: the phone */
         osip_uri_t *bu = NULL;
         if (!b) {
             px->unavailable++;
@@ -565,27 +582,40 @@ static void route(struct ptxn *t)
         forward(t, &to, NULL);
         return;
     }
-    if (!at || strcasecmp(ru->host, at + 1) != 0 || !ru->username) {
+    if (!ru->username || !*ru->username || !ru->host) {
         px->not_found++;
-        answer(t, 404, "Unknown Domain");
+        answer(t, 404, "No User In The Request-URI");
         return;
     }
     if (!strcmp(t->method, "ACK")) { /* an ACK that matched nothing: nowhere to go */
         answer(t, 200, NULL);
         return;
     }
-    /* A user of the overlay: their signed location record says where to go. */
-    nid_t k;
-    char hex[NID_HEX_LEN + 1];
+    /* The callee's signed location record says where to go; for another domain, failing that,
+     * the domain's P2P proxy (seed 004 sections 4.1, 4.2). */
     struct lookup *lk = calloc(1, sizeof(*lk));
-    if (!lk || nid_key(&k, REC_TYPE_USER_LOCATION, aor) != 0) {
-        free(lk);
-        answer(t, 500, "Internal Error");
+    if (!lk) {
+        answer(t, 500, "Out Of Memory");
         return;
     }
     lk->t = t;
     snprintf(lk->aor, sizeof(lk->aor), "%s", aor);
-    t->lookup_pending = true;
+    if (strcasecmp(ru->host, px->domain) != 0 && strcasecmp(ru->host, px->served) != 0)
+        snprintf(lk->domain, sizeof(lk->domain), "%s", ru->host);
+    lookup_key(px, lk, REC_TYPE_USER_LOCATION, aor);
+}
+
+static void lookup_key(struct proxy *px, struct lookup *lk, const char *type, const char *name)
+{
+    nid_t k;
+    char hex[NID_HEX_LEN + 1];
+    if (nid_key(&k, type, name) != 0) {
+        lk->t->lookup_pending = false;
+        answer(lk->t, 404, "Unusable Name");
+        free(lk);
+        return;
+    }
+    lk->t->lookup_pending = true;
     px->looked_up++;
     onode_lookup(px->on, nid_to_hex(&k, hex), looked_up, lk);
 }
@@ -748,7 +778,7 @@ void proxy_response(struct proxy *px, osip_message_t *resp, const struct sip_sou
 /* ---- life ------------------------------------------------------------------------------------ */
 
 struct proxy *proxy_new(struct ev_loop *loop, struct onode *on, struct sip_endpoint *ep,
-                        const char *aor, proxy_binding_fn binding, void *ud)
+                        const char *domain, proxy_binding_fn binding, void *ud)
 {
     struct proxy *px = calloc(1, sizeof(*px));
     if (!px)
@@ -758,9 +788,14 @@ struct proxy *proxy_new(struct ev_loop *loop, struct onode *on, struct sip_endpo
     px->ep = ep;
     px->binding = binding;
     px->ud = ud;
-    snprintf(px->aor, sizeof(px->aor), "%s", aor);
+    snprintf(px->domain, sizeof(px->domain), "%s", domain);
     snprintf(px->self, sizeof(px->self), "%s", sip_endpoint_addr(ep));
     return px;
+}
+
+void proxy_serve_domain(struct proxy *px, const char *domain)
+{
+    snprintf(px->served, sizeof(px->served), "%s", domain);
 }
 
 json_t *proxy_status(struct proxy *px)

@@ -17,12 +17,18 @@
 
 struct proxy;
 
-/* The phone registered here for our own user (most recent binding), or NULL. */
-typedef const char *(*proxy_binding_fn)(void *ud);
+/* For address-of-record `aor` ("alice@example.org"): *local = whether its phones register here
+ * (then the call goes to the phone returned: the most recent binding, or NULL for none); else
+ * the overlay is asked. */
+typedef const char *(*proxy_binding_fn)(void *ud, const char *aor, bool *local);
 
-/* A node reached through the overlay (onode_reach_via_overlay) says so in its Record-Route. */
+/* `domain`: the overlay's own SIP domain; a user of another one is looked up, then that domain's
+ * P2P proxy (its "proxy location" record). A node reached through the overlay
+ * (onode_reach_via_overlay) says so in its Record-Route. */
 struct proxy *proxy_new(struct ev_loop *loop, struct onode *on, struct sip_endpoint *ep,
-                        const char *aor, proxy_binding_fn binding, void *ud);
+                        const char *domain, proxy_binding_fn binding, void *ud);
+/* This proxy is the P2P proxy of `domain`: its users are looked up, never sent to a proxy. */
+void proxy_serve_domain(struct proxy *px, const char *domain);
 void proxy_request(struct proxy *px, osip_message_t *req, const struct sip_source *from);
 void proxy_response(struct proxy *px, osip_message_t *resp, const struct sip_source *from);
 /* Counters for status: {"forwarded", "not_found", "unavailable", ...} (new reference). */

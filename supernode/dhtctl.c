@@ -796,8 +796,12 @@ static void free_creds(struct ctx *x)
 
 static struct rec_verifier *verifier(struct ctx *x)
 {
-    if (!x->verifier)
+    if (!x->verifier) {
         x->verifier = rec_verifier_new(x->ca, x->overlay, VERIFY_CACHE_SIZE);
+        if (x->verifier && x->have_creds)
+            rec_verifier_set_proxies(x->verifier, x->creds.doc.sip_proxies,
+                                     x->creds.doc.n_sip_proxies);
+    }
     return x->verifier;
 }
 

@@ -21,6 +21,8 @@
 #include "log.h"
 #include "login_client.h"
 #include "renewer.h"
+#include "on.h"
+#include "sipfront.h"
 #include "sn.h"
 #include "stun.h"
 
@@ -52,6 +54,11 @@ struct sn_config {
     char *metrics_listen;
     char *stun_listen;
     char *lan_discovery_if;
+    char *sip_listen;
+    char *sip_advertise;
+    char *sip_domain;
+    char *sip_users;
+    long long sip_max_expires;
 };
 
 /* The transport settings of this node, from its configuration. */
@@ -76,6 +83,17 @@ static int sn_validate(const void *p, char *err, size_t len)
         snprintf(err, len,
                  "keys \"ca_file\", \"cert_file\" and \"key_file\" go together: "
                  "set all three or none");
+        return -1;
+    }
+    if (c->sip_listen && (!c->sip_domain || !c->sip_users)) {
+        snprintf(err, len, "key \"sip_listen\" needs \"sip_domain\" and \"sip_users\"");
+        return -1;
+    }
+    if (c->sip_listen && !c->sip_advertise &&
+        (!strncmp(c->sip_listen, "0.0.0.0:", 8) || !strncmp(c->sip_listen, "[::]:", 5))) {
+        snprintf(err, len,
+                 "sip_listen is a wildcard: set \"sip_advertise\" to the address "
+                 "phones and other nodes reach it at");
         return -1;
     }
     return 0;
@@ -136,6 +154,19 @@ static const struct cfg_field sn_fields[] = {
      "plain-HTTP address for GET /metrics (Prometheus text); keep it local (default: off)"},
     {"peer_idle_s", CFG_INT, offsetof(struct sn_config, peer_idle_s), 1, 86400, NULL, "60",
      "close super node links the ring does not need after this long unused"},
+    {"sip_listen", CFG_HOSTPORT, offsetof(struct sn_config, sip_listen), 0, 0, NULL, NULL,
+     "UDP+TCP address of the public SIP front end: P2P registrar and proxy of sip_domain for "
+     "classical phones (docs/sip.md; default: off)"},
+    {"sip_advertise", CFG_HOSTPORT, offsetof(struct sn_config, sip_advertise), 0, 0, NULL, NULL,
+     "address the overlay's records give for the SIP front end (default: sip_listen)"},
+    {"sip_domain", CFG_STR, offsetof(struct sn_config, sip_domain), 0, 0, NULL, NULL,
+     "SIP domain the front end serves; the overlay document's sip_proxies must name this node "
+     "for it"},
+    {"sip_users", CFG_PATH, offsetof(struct sn_config, sip_users), 0, 0, NULL, NULL,
+     "file of \"user:HA1\" lines for Digest authentication, HA1 = MD5(user:sip_domain:password) "
+     "(`supernode sip-user NAME` prints one)"},
+    {"sip_max_expires", CFG_INT, offsetof(struct sn_config, sip_max_expires), 60, 86400, NULL,
+     "3600", "longest registration the front end grants, in seconds"},
 };
 
 static const struct cfg_schema sn_schema = {sn_fields, sizeof(sn_fields) / sizeof(sn_fields[0]),
@@ -159,6 +190,10 @@ static const struct cli_command sn_commands[] = {
      status_options},
     {"enroll", "get this node's certificate from the login server (once)", enroll_options},
     {"renew", "renew this node's certificate (same Node-ID, new key)", renew_options},
+    {"sip-user",
+     "sip-user NAME: read a password (one line on standard input) and print the sip_users line "
+     "for NAME in sip_domain",
+     NULL},
     {"ping",
      "ping ADDR: connect to the node at host:port with this node's credentials, "
      "print its verified identity and the round-trip time",
@@ -205,6 +240,10 @@ struct sn_state {
     struct stun_server *stun;
     struct landisc_responder *lan;
     char id_hex[NID_HEX_LEN + 1];
+    /* The public SIP front end and its client of the overlay (sipfront.h). */
+    struct onode *on;
+    struct sipfront *sip;
+    const char *self_addr;
 };
 
 static void sn_renewed(void *ud)
@@ -222,9 +261,12 @@ static void on_control(struct ctl_req *r, json_t *req, void *ud)
 {
     struct sn_state *st = ud;
     const char *cmd = json_string_value(json_object_get(req, "cmd"));
-    if (!strcmp(cmd, "status"))
-        ctl_reply(r, sn_status(st->sn));
-    else if (!strcmp(cmd, "records"))
+    if (!strcmp(cmd, "status")) {
+        json_t *s = sn_status(st->sn);
+        if (st->sip)
+            json_object_set_new(s, "sip", sipfront_status(st->sip));
+        ctl_reply(r, s);
+    } else if (!strcmp(cmd, "records"))
         ctl_reply(r, json_pack("{s:b,s:o}", "ok", 1, "records", sn_records(st->sn)));
     else
         ctl_reply_error(r, "unknown command \"%s\" (status, records)", cmd);
@@ -395,6 +437,56 @@ static void bs_retry_cb(struct ev_loop *loop, ev_timer *w, int revents)
     struct sn_state *st = w->data;
     bs_found_free(st);
     bs_round(st);
+}
+
+/* The public SIP front end (sipfront.h) and the overlay client it works through, attached to
+ * this very node first. */
+static int start_sip(struct sn_state *st, struct ev_loop *loop, const struct overlay_doc *doc,
+                     const char *hex)
+{
+    const struct sn_config *cfg = st->cfg;
+    char err[512];
+    if (!st->have_creds) {
+        log_error("main", "the SIP front end signs records as this node: it needs the enrolled "
+                          "credentials of state_dir");
+        return -1;
+    }
+    st->self_addr = cfg->advertise ? cfg->advertise : cfg->listen;
+    struct on_params op = {
+        .state_dir = cfg->state_dir,
+        .creds = &st->creds,
+        .supernodes = &st->self_addr,
+        .n_supernodes = 1,
+        .bootstrap_urls = (const char *const *)doc->bootstrap_urls,
+        .n_bootstrap_urls = doc->n_bootstrap_urls,
+        .sn_timeout_s = 3.0,
+        .attach_timeout_s = 3.0,
+        .request_timeout_s = 10.0,
+        .backoff_base_s = 0.5,
+        .backoff_max_s = 10.0,
+        .record_lifetime_s = 3600,
+        .ud = st,
+    };
+    if (!(st->on = onode_new(loop, &op, err, sizeof(err)))) {
+        log_error("main", "SIP front end: %s", err);
+        return -1;
+    }
+    onode_start(st->on);
+    struct sipfront_params fp = {
+        .listen = cfg->sip_listen,
+        .advertise = cfg->sip_advertise,
+        .domain = cfg->sip_domain,
+        .users_file = cfg->sip_users,
+        .overlay = doc->overlay,
+        .registrar = st->creds.id.uri,
+        .node_id = hex,
+        .max_expires = cfg->sip_max_expires,
+    };
+    if (!(st->sip = sipfront_start(loop, st->on, &fp, err, sizeof(err)))) {
+        log_error("main", "SIP front end: %s", err);
+        return -1;
+    }
+    return 0;
 }
 
 static int sn_start(struct ev_loop *loop, const void *p, void **state)
@@ -581,7 +673,7 @@ static int sn_start(struct ev_loop *loop, const void *p, void **state)
         sn_start_join(st->sn, addrs);
         free(addrs);
     }
-    return 0;
+    return cfg->sip_listen ? start_sip(st, loop, doc, hex) : 0;
 }
 
 static void sn_left(void *ud)
@@ -589,9 +681,29 @@ static void sn_left(void *ud)
     (void)ud; /* the loop ends once the links have closed */
 }
 
+static void sn_stop_rest(struct sn_state *st);
+
+/* The front end's records are removed through the ring before this node leaves it. */
+static void sip_stopped(void *ud)
+{
+    sn_stop_rest(ud);
+}
+
 static void sn_stop(struct ev_loop *loop, void *p)
 {
     struct sn_state *st = p;
+    sipfront_stop(st->sip);
+    st->sip = NULL;
+    if (st->on) {
+        onode_stop(st->on, sip_stopped, st);
+        return;
+    }
+    sn_stop_rest(st);
+}
+
+static void sn_stop_rest(struct sn_state *st)
+{
+    struct ev_loop *loop = st->loop;
     renewer_stop(st->renewer);
     st->renewer = NULL;
     ctl_server_stop(st->ctl);
@@ -626,6 +738,8 @@ static void sn_cleanup(void *p)
     stun_server_stop(st->stun);
     landisc_responder_stop(st->lan);
     bs_found_free(st);
+    sipfront_stop(st->sip);
+    onode_free(st->on);
     sn_free(st->sn);
     if (st->have_creds)
         node_creds_free(&st->creds);
@@ -833,6 +947,32 @@ static int sn_ping(const struct cli_opts *o, const struct sn_config *cfg)
     return ps.status == 0 ? 0 : 1;
 }
 
+/* "supernode sip-user NAME": the users-file line, from a password on standard input. */
+static int sn_sip_user(const struct cli_opts *o, const struct sn_config *c)
+{
+    if (o->argc != 1) {
+        fprintf(stderr, "supernode: sip-user NAME (the password comes on standard input)\n");
+        return 2;
+    }
+    if (!c->sip_domain) {
+        fprintf(stderr, "supernode: sip-user: set sip_domain first (the password is hashed with "
+                        "it)\n");
+        return 2;
+    }
+    char pw[512];
+    if (!fgets(pw, sizeof(pw), stdin) || !(pw[strcspn(pw, "\r\n")] = '\0', pw[0])) {
+        fprintf(stderr, "supernode: sip-user: no password on standard input\n");
+        return 1;
+    }
+    char ha1[33];
+    if (strchr(o->argv[0], ':') || sipfront_ha1(o->argv[0], c->sip_domain, pw, ha1) != 0) {
+        fprintf(stderr, "supernode: sip-user: unusable name\n");
+        return 1;
+    }
+    printf("%s:%s\n", o->argv[0], ha1);
+    return 0;
+}
+
 static int sn_command(const struct cli_opts *o, void *cfg)
 {
     const struct sn_config *c = cfg;
@@ -844,6 +984,8 @@ static int sn_command(const struct cli_opts *o, void *cfg)
         return renew_command(&sn_prog, o, c->state_dir);
     if (strcmp(o->command, "status") == 0)
         return sn_status_cmd(o, c);
+    if (strcmp(o->command, "sip-user") == 0)
+        return sn_sip_user(o, c);
     return 2;
 }
 

@@ -1189,7 +1189,8 @@ struct sn *sn_new(struct ev_loop *loop, const struct sn_params *p, char *err, si
     }
     s->verifier = rec_verifier_new(s->ca, s->overlay, 4096);
     s->store = store_new(&p->quotas);
-    if (!s->verifier || !s->store) {
+    if (!s->verifier || !s->store ||
+        rec_verifier_set_proxies(s->verifier, p->sip_proxies, p->n_sip_proxies) != 0) {
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
@@ -1328,6 +1329,8 @@ bool sn_params_from_doc(struct sn_params *p, const struct overlay_doc *doc)
     p->max_lifetime_s = doc->max_record_lifetime_s;
     p->keepalive_s = (double)doc->keepalive_s;
     p->sn_target_load = doc->promotion.sn_target_load;
+    p->sip_proxies = doc->sip_proxies;
+    p->n_sip_proxies = doc->n_sip_proxies;
     size_t need = (size_t)doc->max_record_bytes * 2 + 4096; /* a record in an envelope */
     size_t have = p->tls.max_frame ? p->tls.max_frame : MSG_MAX_FRAME_DEF;
     if (have >= need)

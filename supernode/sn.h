@@ -39,6 +39,9 @@ struct sn_params {
     double keepalive_s;       /* an attached node silent for 3 of these is dropped */
     const char *stun;         /* "host:port" of our STUN server, told to attaching nodes, or NULL */
     long long sn_target_load; /* attached nodes above which we invite one to become a super node */
+    /* The overlay document's P2P proxies (record policy, docs/sip.md); copied by sn_new(). */
+    const struct overlay_sip_proxy *sip_proxies;
+    size_t n_sip_proxies;
     /* Optional: called when the node becomes a member of a ring, and when it stops being one. */
     void (*on_membership)(void *ud, bool member);
     /* Optional: called when health changes (sn_is_healthy). */

@@ -287,9 +287,10 @@ class OverlayScenario:
     # ---- sipp (Debian's sip-tester) as a phone ----
 
     def start_sipp(self, scenario, port, ip="127.0.0.1", target=None, keys=(), service=None,
-                   transport="u1", timeout=30, ns=None):
+                   transport="u1", timeout=30, ns=None, extra=()):
         """Starts one call of tests/sipp/<scenario>.xml from ip:port (in network namespace ns);
-        keys are sipp's -key substitutions. Returns the process for finish_sipp()."""
+        keys are sipp's -key substitutions, extra more sipp options (e.g. -au/-ap). Returns
+        the process for finish_sipp()."""
         argv = ["sipp", "-sf", os.path.join(SIPP_SCENARIOS, scenario + ".xml"), "-m", "1",
                 "-i", ip, "-p", str(port), "-t", transport, "-timeout", str(timeout),
                 "-timeout_error", "-nostdin"]
@@ -297,6 +298,7 @@ class OverlayScenario:
             argv += ["-key", k, str(v)]
         if service:
             argv += ["-s", service]
+        argv += list(extra)
         if target:
             argv.append(target)
         if ns:

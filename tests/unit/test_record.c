@@ -623,14 +623,47 @@ static void test_policy(void **state)
     assert_int_equal(rec_verify(v, &r, f->now, DAY, err, sizeof(err)), REC_E_FORBIDDEN);
     rec_free(&r);
 
-    /* Proxy location: the owner's domain only. */
+    /* Proxy location: only a P2P proxy the overlay document names for the domain. */
     sign_ok(f, &f->alice, REC_TYPE_PROXY_LOCATION, "test.example", 1, f->now + 60, false, &r);
+    assert_int_equal(rec_verify(v, &r, f->now, DAY, err, sizeof(err)), REC_E_FORBIDDEN);
+    assert_non_null(strstr(err, "overlay document"));
+    rec_free(&r);
+    struct overlay_sip_proxy px[] = {{"pbx.example", "sip:alice@test.example"},
+                                     {"test.example", "sip:alice@test.example"},
+                                     {"pbx.example", "sip:dave@test.example"}};
+    assert_int_equal(rec_verifier_set_proxies(v, px, 3), 0);
+    sign_ok(f, &f->alice, REC_TYPE_PROXY_LOCATION, "test.example", 1, f->now + 60, false, &r);
+    assert_int_equal(rec_verify(v, &r, f->now, DAY, err, sizeof(err)), REC_OK);
+    rec_free(&r);
+    sign_ok(f, &f->alice, REC_TYPE_PROXY_LOCATION, "PBX.example", 1, f->now + 60, false, &r);
     assert_int_equal(rec_verify(v, &r, f->now, DAY, err, sizeof(err)), REC_OK);
     rec_free(&r);
     sign_ok(f, &f->alice, REC_TYPE_PROXY_LOCATION, "other.example", 1, f->now + 60, false, &r);
     assert_int_equal(rec_verify(v, &r, f->now, DAY, err, sizeof(err)), REC_E_FORBIDDEN);
     rec_free(&r);
-    sign_ok(f, &f->alice, REC_TYPE_PROXY_LOCATION, "alice@test.example", 1, f->now + 60, false, &r);
+    sign_ok(f, &f->bob, REC_TYPE_PROXY_LOCATION, "pbx.example", 1, f->now + 60, false, &r);
+    assert_int_equal(rec_verify(v, &r, f->now, DAY, err, sizeof(err)), REC_E_FORBIDDEN);
+    rec_free(&r);
+    /* A named proxy without the super node role is no proxy. */
+    sign_ok(f, &f->dave_p256, REC_TYPE_PROXY_LOCATION, "pbx.example", 1, f->now + 60, false, &r);
+    assert_int_equal(rec_verify(v, &r, f->now, DAY, err, sizeof(err)), REC_E_FORBIDDEN);
+    rec_free(&r);
+    /* The P2P registrar writes the locations of its domain's classical phones... */
+    sign_ok(f, &f->alice, REC_TYPE_USER_LOCATION, "carol@pbx.example", 1, f->now + 60, false, &r);
+    assert_int_equal(rec_verify(v, &r, f->now, DAY, err, sizeof(err)), REC_OK);
+    rec_free(&r);
+    /* ... but not those of another domain, nor of the overlay's own users, even when it is
+     * named as the overlay domain's proxy. */
+    sign_ok(f, &f->alice, REC_TYPE_USER_LOCATION, "carol@other.example", 1, f->now + 60, false, &r);
+    assert_int_equal(rec_verify(v, &r, f->now, DAY, err, sizeof(err)), REC_E_FORBIDDEN);
+    rec_free(&r);
+    sign_ok(f, &f->alice, REC_TYPE_USER_LOCATION, "bob@test.example", 1, f->now + 60, false, &r);
+    assert_int_equal(rec_verify(v, &r, f->now, DAY, err, sizeof(err)), REC_E_FORBIDDEN);
+    rec_free(&r);
+    sign_ok(f, &f->bob, REC_TYPE_USER_LOCATION, "carol@pbx.example", 1, f->now + 60, false, &r);
+    assert_int_equal(rec_verify(v, &r, f->now, DAY, err, sizeof(err)), REC_E_FORBIDDEN);
+    rec_free(&r);
+    sign_ok(f, &f->alice, REC_TYPE_USER_LOCATION, "pbx.example", 1, f->now + 60, false, &r);
     assert_int_equal(rec_verify(v, &r, f->now, DAY, err, sizeof(err)), REC_E_FORBIDDEN);
     rec_free(&r);
 

@@ -1,0 +1,49 @@
+/*
+ * The super node's public SIP front end (docs/sip.md, seed 004 sections
+ * 4.2-4.4.2, scenario (b) of its Table 1): the P2P registrar and proxy of a
+ * SIP domain for classical phones, which know nothing of the overlay.
+ *
+ * A REGISTER, authenticated by HTTP Digest (RFC 3261 section 22, RFC 2617
+ * MD5 with qop=auth) against the users file, becomes the "user location"
+ * record of the phone's address-of-record, signed by this super node and
+ * stored in the overlay like any other; the overlay document must name this
+ * node as a P2P proxy of the domain ("sip_proxies"), or the ring refuses the
+ * record. The node also publishes the domain's "proxy location" record.
+ * Requests go through the same proxy as an ordinary node's (proxy.h): to a
+ * phone registered here, or to wherever the overlay says.
+ *
+ * The overlay is reached through an ordinary-node client (on.h) attached to
+ * this very super node, so records and lookups take the usual path.
+ */
+#ifndef P2P_SIPFRONT_H
+#define P2P_SIPFRONT_H
+
+#include <ev.h>
+#include <jansson.h>
+
+#include "on.h"
+
+struct sipfront_params {
+    const char *listen;     /* "host:port", UDP and TCP */
+    const char *advertise;  /* what records name (NULL: listen, which must not be a wildcard) */
+    const char *domain;     /* the SIP domain served, "pbx.example.org" */
+    const char *users_file; /* "user:HA1" lines, HA1 = MD5(user ":" domain ":" password) */
+    const char *overlay;    /* the overlay's own domain (its users register on their nodes) */
+    const char *registrar;  /* this node's certificate URI, written into records */
+    const char *node_id;    /* this node's Node-ID (hex) */
+    int64_t max_expires;    /* longest registration granted */
+};
+
+struct sipfront;
+
+/* NULL with one line in err (users file, listener, ...). `on` must outlive the front end. */
+struct sipfront *sipfront_start(struct ev_loop *loop, struct onode *on,
+                                const struct sipfront_params *p, char *err, size_t errlen);
+/* {"listen", "domain", "users", "registered", "bindings", "counters", "proxy"} */
+json_t *sipfront_status(struct sipfront *f);
+void sipfront_stop(struct sipfront *f);
+
+/* "user:HA1" for a users file: HA1 = hex MD5 of user:domain:password. 0, or -1. */
+int sipfront_ha1(const char *user, const char *domain, const char *password, char out[33]);
+
+#endif
