@@ -6,8 +6,8 @@
 # timeout or out-of-memory; the input that caused it is kept in
 # build-fuzz/artifacts/ and its libFuzzer log in build-fuzz/fuzz_<target>.log.
 #   scripts/fuzz.sh [--sip-seconds N] [--msg-seconds N] [-- LIBFUZZER_FLAG...]
-#     --sip-seconds N   run fuzz_sip for N s (default 40, or $P2P_FUZZ_SIP_SECONDS)
-#     --msg-seconds N   run fuzz_msg for N s (default 20, or $P2P_FUZZ_MSG_SECONDS)
+#     --sip-seconds N   run fuzz_sip for N s (default 30, or $P2P_FUZZ_SIP_SECONDS)
+#     --msg-seconds N   run fuzz_msg for N s (default 15, or $P2P_FUZZ_MSG_SECONDS)
 #                       N = 0 skips that target
 #     -- FLAG...        passed to both fuzzers (e.g. -seed=1 -only_ascii=1)
 # Each input may take at most $P2P_FUZZ_TIMEOUT s (default 10). The corpus
@@ -16,8 +16,8 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 dir="$top/build-fuzz"
 
-sip_s=${P2P_FUZZ_SIP_SECONDS:-40}
-msg_s=${P2P_FUZZ_MSG_SECONDS:-20}
+sip_s=${P2P_FUZZ_SIP_SECONDS:-30}
+msg_s=${P2P_FUZZ_MSG_SECONDS:-15}
 per_input=${P2P_FUZZ_TIMEOUT:-10}
 extra=()
 while [ $# -gt 0 ]; do
