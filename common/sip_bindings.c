@@ -217,6 +217,12 @@ int sip_reg_wait_done(struct sip_reg_wait *w, struct sip_endpoint *ep, struct si
     return rc;
 }
 
+bool sip_reg_wait_same(const struct sip_reg_wait *w, const osip_message_t *m)
+{
+    return w->req && !strcmp(w->req->call_id->number, m->call_id->number) &&
+           !strcmp(w->req->cseq->number, m->cseq->number);
+}
+
 void sip_reply_busy(struct sip_endpoint *ep, const osip_message_t *req,
                     const struct sip_source *from)
 {

@@ -71,6 +71,8 @@ int sip_reg_wait_keep(struct sip_reg_wait *w, const osip_message_t *req,
  */
 int sip_reg_wait_done(struct sip_reg_wait *w, struct sip_endpoint *ep, struct sip_bindings *bs,
                       const char *aor, bool ok, const char *code, const char *reason);
+/* Whether m is a retransmission of the REGISTER w waits with (same Call-ID and CSeq). */
+bool sip_reg_wait_same(const struct sip_reg_wait *w, const osip_message_t *m);
 /* 500 with Retry-After: 1 while a registration of the same address-of-record is being stored. */
 void sip_reply_busy(struct sip_endpoint *ep, const osip_message_t *req,
                     const struct sip_source *from);

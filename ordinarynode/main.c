@@ -49,6 +49,7 @@ struct on_config {
     char *advertise;
     bool sip;
     bool sip_via_overlay;
+    long long sip_rate;
     bool never_promote;
     long long sn_max_attached;
 };
@@ -106,6 +107,9 @@ static const struct cfg_field on_fields[] = {
     {"sip_via_overlay", CFG_BOOL, offsetof(struct on_config, sip_via_overlay), 0, 0, NULL, "false",
      "have calls reach this node through the overlay (its super node and the attach link) "
      "rather than directly: for nodes that others cannot reach (behind NAT or a firewall)"},
+    {"sip_rate", CFG_INT, offsetof(struct on_config, sip_rate), 1, 1000000, NULL, "200",
+     "SIP messages per second the front end takes from one source address (bursts of twice "
+     "that); more are dropped"},
     {"never_promote", CFG_BOOL, offsetof(struct on_config, never_promote), 0, 0, NULL, "false",
      "never become a super node, whatever the criteria say (docs/promotion.md)"},
     {"sn_max_attached", CFG_INT, offsetof(struct on_config, sn_max_attached), 1, 10000000, NULL,
@@ -377,8 +381,9 @@ static int on_start(struct ev_loop *loop, const void *p, void **state)
         log_error("main", "out of memory");
         return -1;
     }
+    struct sip_limits sl = {.rate = (double)cfg->sip_rate};
     if (cfg->sip &&
-        !(st->sip = registrar_start(loop, st->on, st->creds.id.uri, cfg->sip_listen, NULL,
+        !(st->sip = registrar_start(loop, st->on, st->creds.id.uri, cfg->sip_listen, &sl,
                                     st->creds.doc.max_record_lifetime_s, err, sizeof(err)))) {
         log_error("main", "%s (set sip_listen, or sip: false)", err);
         return -1;

@@ -18,6 +18,7 @@
 #define LOGM         "sip"
 #define BUSY_RETRY_S 0.05 /* a store found the record being stored: again this much later */
 #define BUSY_TRIES   40
+#define REG_BATCH    64 /* REGISTERs answered by one store (those that came while one was out) */
 
 struct pending; /* a REGISTER waiting for the overlay's answer */
 
@@ -30,7 +31,8 @@ struct registrar {
     struct sip_endpoint *ep;
     struct proxy *px;
     struct sip_bindings bs;
-    struct pending *pending;
+    struct pending *pending; /* the store in flight */
+    struct pending *next;    /* the REGISTERs that came meanwhile: stored together after it */
     uint64_t registrations;
     ev_timer expiry;
     ev_timer retry; /* the pending store again, after a "busy" */
@@ -40,8 +42,35 @@ struct registrar {
 struct pending {
     struct registrar *r; /* NULL once the registrar stopped */
     unsigned tries;      /* stores found the record busy */
-    struct sip_reg_wait w;
+    struct sip_reg_wait w[REG_BATCH];
+    size_t nw;
 };
+
+static void stored(void *ud, const struct on_result *res);
+
+static void store(struct registrar *r, struct pending *p)
+{
+    r->pending = p;
+    onode_set_sip_bindings(r->on, sip_bindings_json(&r->bs));
+    onode_publish(r->on, "update", REC_TYPE_USER_LOCATION, r->aor, NULL, 0, false, stored, p);
+}
+
+/* Answers a batch, last first: a failure leaves the bindings as they were before the first. */
+static bool answer_batch(struct registrar *r, struct pending *p, bool ok, const char *code,
+                         const char *reason)
+{
+    bool failed = false;
+    for (size_t i = p->nw; i-- > 0;) {
+        int rc = sip_reg_wait_done(&p->w[i], r ? r->ep : NULL, r ? &r->bs : NULL, r ? r->aor : "",
+                                   ok, code, reason);
+        if (r && rc > 0)
+            r->ok++;
+        failed |= rc < 0;
+    }
+    if (r && !ok)
+        r->failed++;
+    return failed;
+}
 
 static void stored(void *ud, const struct on_result *res)
 {
@@ -53,17 +82,20 @@ static void stored(void *ud, const struct on_result *res)
         ev_timer_start(r->loop, &r->retry);
         return;
     }
+    struct pending *next = r ? r->next : NULL;
     if (r)
-        r->pending = NULL;
-    int rc = sip_reg_wait_done(&p->w, r ? r->ep : NULL, r ? &r->bs : NULL, r ? r->aor : "", res->ok,
-                               res->code, res->reason);
-    if (r && rc > 0)
-        r->ok++;
-    if (r && rc < 0) {
-        r->failed++;
-        onode_set_sip_bindings(r->on, sip_bindings_json(&r->bs));
+        r->pending = r->next = NULL;
+    if (!res->ok && next) { /* what came after it was applied on top: undone first */
+        answer_batch(r, next, false, res->code, res->reason);
+        free(next);
+        next = NULL;
     }
+    answer_batch(r, p, res->ok, res->code, res->reason);
+    if (r && !res->ok)
+        onode_set_sip_bindings(r->on, sip_bindings_json(&r->bs));
     free(p);
+    if (next)
+        store(r, next);
 }
 
 static void retry_cb(struct ev_loop *loop, ev_timer *w, int revents)
@@ -74,21 +106,41 @@ static void retry_cb(struct ev_loop *loop, ev_timer *w, int revents)
                       r->pending);
 }
 
-/* Stores the bindings as they are now; answers req (if any) when the overlay has answered. */
-static void publish(struct registrar *r, const osip_message_t *req, const struct sip_source *from,
-                    const struct sip_bindings *old)
+/* Whether m is a retransmission of a REGISTER still waiting for its store (its answer comes). */
+static bool waiting(const struct pending *p, const osip_message_t *m)
 {
-    struct pending *p = calloc(1, sizeof(*p));
-    if (!p || sip_reg_wait_keep(&p->w, req, from, old) != 0) {
-        free(p);
-        if (req)
-            sip_reply(r->ep, req, from, 500, "Out Of Memory");
-        return;
-    }
+    for (size_t i = 0; p && i < p->nw; i++)
+        if (sip_reg_wait_same(&p->w[i], m))
+            return true;
+    return false;
+}
+
+/*
+ * The bindings as they are now go into the overlay: at once, or right after
+ * the store in flight. req (if any) is answered when the overlay has; old:
+ * the bindings before it. -1 when the batch is full or memory is short (the
+ * caller answers).
+ */
+static int publish(struct registrar *r, const osip_message_t *req, const struct sip_source *from,
+                   const struct sip_bindings *old)
+{
+    struct pending *p = r->pending ? r->next : NULL;
+    bool fresh = !p;
+    if (fresh && !(p = calloc(1, sizeof(*p))))
+        return -1;
     p->r = r;
-    r->pending = p;
-    onode_set_sip_bindings(r->on, sip_bindings_json(&r->bs));
-    onode_publish(r->on, "update", REC_TYPE_USER_LOCATION, r->aor, NULL, 0, false, stored, p);
+    if (req && (p->nw == REG_BATCH || sip_reg_wait_keep(&p->w[p->nw], req, from, old) != 0)) {
+        if (fresh)
+            free(p);
+        return -1;
+    }
+    if (req)
+        p->nw++;
+    if (!r->pending)
+        store(r, p);
+    else
+        r->next = p;
+    return 0;
 }
 
 static void on_register(struct registrar *r, osip_message_t *m, const struct sip_source *from)
@@ -110,10 +162,8 @@ static void on_register(struct registrar *r, osip_message_t *m, const struct sip
         sip_reply(r->ep, m, from, 403, why);
         return;
     }
-    if (r->pending) {
-        sip_reply_busy(r->ep, m, from);
+    if (waiting(r->pending, m) || waiting(r->next, m))
         return;
-    }
     struct sip_bindings old = r->bs;
     const char *why = NULL;
     int rc =
@@ -122,8 +172,10 @@ static void on_register(struct registrar *r, osip_message_t *m, const struct sip
         sip_bindings_reply(r->ep, &r->bs, m, from, (int64_t)time(NULL));
     else if (rc != 0)
         sip_bindings_refuse(r->ep, m, from, rc, why);
-    else
-        publish(r, m, from, &old);
+    else if (publish(r, m, from, &old) != 0) {
+        r->bs = old;
+        sip_reply_busy(r->ep, m, from);
+    }
 }
 
 /* The phone to ring for our user: the binding registered (or refreshed) last. */
@@ -188,7 +240,7 @@ static void expiry_cb(struct ev_loop *loop, ev_timer *w, int revents)
     size_t gone = sip_bindings_expire(&r->bs, now);
     if (gone)
         log_info(LOGM, "%zu binding%s of %s expired", gone, gone == 1 ? "" : "s", r->aor);
-    if (gone && !r->pending)
+    if (gone)
         publish(r, NULL, NULL, NULL);
 }
 
@@ -249,13 +301,16 @@ void registrar_stop(struct registrar *r)
 {
     if (!r)
         return;
-    if (r->pending)
-        r->pending->r = NULL; /* its answer comes (the node fails it at the latest) and is freed */
     ev_timer_stop(r->loop, &r->expiry);
-    if (r->pending && ev_is_active(&r->retry)) { /* waiting to retry: nothing else will free it */
-        sip_reg_wait_done(&r->pending->w, NULL, NULL, "", false, "", "");
+    if (r->next) { /* never sent: nothing else will free it */
+        answer_batch(NULL, r->next, false, "", "");
+        free(r->next);
+    }
+    if (r->pending && ev_is_active(&r->retry)) { /* waiting to retry: likewise */
+        answer_batch(NULL, r->pending, false, "", "");
         free(r->pending);
-        r->pending = NULL;
+    } else if (r->pending) {
+        r->pending->r = NULL; /* its answer comes (the node fails it at the latest) and frees it */
     }
     ev_timer_stop(r->loop, &r->retry);
     proxy_free(r->px);

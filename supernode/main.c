@@ -59,6 +59,7 @@ struct sn_config {
     char *sip_domain;
     char *sip_users;
     long long sip_max_expires;
+    long long sip_rate;
 };
 
 /* The transport settings of this node, from its configuration. */
@@ -167,6 +168,9 @@ static const struct cfg_field sn_fields[] = {
      "(`supernode sip-user NAME` prints one)"},
     {"sip_max_expires", CFG_INT, offsetof(struct sn_config, sip_max_expires), 60, 86400, NULL,
      "3600", "longest registration the front end grants, in seconds"},
+    {"sip_rate", CFG_INT, offsetof(struct sn_config, sip_rate), 1, 1000000, NULL, "200",
+     "SIP messages per second the front end takes from one source address (bursts of twice "
+     "that; phones behind one NAT share it)"},
 };
 
 static const struct cfg_schema sn_schema = {sn_fields, sizeof(sn_fields) / sizeof(sn_fields[0]),
@@ -481,6 +485,7 @@ static int start_sip(struct sn_state *st, struct ev_loop *loop, const struct ove
         .registrar = st->creds.id.uri,
         .node_id = hex,
         .max_expires = cfg->sip_max_expires,
+        .rate = (double)cfg->sip_rate,
     };
     if (!(st->sip = sipfront_start(loop, st->on, &fp, err, sizeof(err)))) {
         log_error("main", "SIP front end: %s", err);

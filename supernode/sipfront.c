@@ -451,8 +451,9 @@ static void on_register(struct sipfront *f, osip_message_t *m, const struct sip_
         sip_reply(f->ep, m, from, 500, "Out Of Memory");
         return;
     }
-    if (a->pending) {
-        sip_reply_busy(f->ep, m, from);
+    if (a->pending) { /* its own retransmission waits for the answer; another is told to */
+        if (!sip_reg_wait_same(&a->pending->w, m))
+            sip_reply_busy(f->ep, m, from);
         return;
     }
     struct sip_bindings old = a->bs;
@@ -543,7 +544,8 @@ struct sipfront *sipfront_start(struct ev_loop *loop, struct onode *on,
     }
     if (load_users(f, p->users_file, err, errlen) != 0)
         goto fail;
-    if (!(f->ep = sip_endpoint_start(loop, p->listen, NULL, on_message, f, err, errlen)))
+    struct sip_limits lim = {.rate = p->rate};
+    if (!(f->ep = sip_endpoint_start(loop, p->listen, &lim, on_message, f, err, errlen)))
         goto fail;
     snprintf(f->advertise, sizeof(f->advertise), "%s",
              p->advertise ? p->advertise : sip_endpoint_addr(f->ep));

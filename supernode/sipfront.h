@@ -32,6 +32,7 @@ struct sipfront_params {
     const char *registrar;  /* this node's certificate URI, written into records */
     const char *node_id;    /* this node's Node-ID (hex) */
     int64_t max_expires;    /* longest registration granted */
+    double rate;            /* messages per second per source address (0: sip.h's default) */
 };
 
 struct sipfront;
