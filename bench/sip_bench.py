@@ -142,11 +142,14 @@ def say(fmt, *a):
 
 
 def users_csv(path, users, passwords=None):
-    """sipp's -inf file: one "user;password;" line per call, in order."""
+    """sipp's -inf file, one line per call in order: "user;" or, with passwords,
+    "user;[authentication username=user password=...];" (sipp expands a keyword that comes
+    from a field, not one with a field inside it)."""
     with open(path, "w") as f:
         f.write("SEQUENTIAL\n")
         for u in users:
-            f.write("%s;%s\n" % (u, passwords[u] + ";" if passwords else ""))
+            f.write("%s;%s\n" % (u, "[authentication username=%s password=%s];" % (
+                u, passwords[u]) if passwords else ""))
     return path
 
 
@@ -475,32 +478,6 @@ class Overlay(Target):
                 for u in self.reg_users]
 
 
-class Frontend(Overlay):
-    """The same overlay; REGISTERs of many distinct users (classical phones, Digest
-    authentication) at sn1's public front end, each a record signed by sn1 with 3 replicas."""
-    name = "frontend"
-    reg_scenario = "register_auth.xml"
-    reg_domain = None  # set in __init__ (PBX)
-
-    def __init__(self, tmp, args):
-        super().__init__(tmp, args)
-        self.reg_domain = PBX
-        self.sc.sn["sn1"].wait_for("P2P registrar and proxy of %s" % PBX, timeout=30)
-
-    def reg_streams(self, wdir):
-        return [("fe%d" % i, self.sc.fe_sip,
-                 users_csv(os.path.join(wdir, "fe%d_users.csv" % i), us, self.fe_passwords),
-                 len(us)) for i, us in enumerate(self.fe_users)]
-
-    def counters(self, users):
-        p = subprocess.run([self.sc.bin("supernode"), "-c", self.sc.cfg["sn1"], "status",
-                            "--json"], capture_output=True, text=True, timeout=30)
-        try:
-            st = json.loads(p.stdout).get("sip", {})
-        except ValueError:
-            return {}
-        return dict(st.get("counters", {}), registered_users=st.get("registered", 0))
-
     def call_pairs(self, n):
         return [(a, b, self.sc.sip[a], self.sc.sip[b]) for a, b in self.pairs[:n]]
 
@@ -551,6 +528,33 @@ class Frontend(Overlay):
         problems = self.sc.stop_all()
         if problems:
             say("stopping the overlay: %s", "; ".join(problems))
+
+
+class Frontend(Overlay):
+    """The same overlay; REGISTERs of many distinct users (classical phones, Digest
+    authentication) at sn1's public front end, each a record signed by sn1 with 3 replicas."""
+    name = "frontend"
+    reg_scenario = "register_auth.xml"
+    reg_domain = None  # set in __init__ (PBX)
+
+    def __init__(self, tmp, args):
+        super().__init__(tmp, args)
+        self.reg_domain = PBX
+        self.sc.sn["sn1"].wait_for("P2P registrar and proxy of %s" % PBX, timeout=30)
+
+    def reg_streams(self, wdir):
+        return [("fe%d" % i, self.sc.fe_sip,
+                 users_csv(os.path.join(wdir, "fe%d_users.csv" % i), us, self.fe_passwords),
+                 len(us)) for i, us in enumerate(self.fe_users)]
+
+    def counters(self, users):
+        p = subprocess.run([self.sc.bin("supernode"), "-c", self.sc.cfg["sn1"], "status",
+                            "--json"], capture_output=True, text=True, timeout=30)
+        try:
+            st = json.loads(p.stdout).get("sip", {})
+        except ValueError:
+            return {}
+        return dict(st.get("counters", {}), registered_users=st.get("registered", 0))
 
 
 # ---- loads -------------------------------------------------------------------------------------

@@ -65,8 +65,11 @@ struct cand {
     const char *source;       /* "multicast", "cache", "last", "config", "bootstrap", "redirect" */
 };
 
+#define REQ_BUCKETS 1024 /* requests on the wire, by tid */
+
 struct req {
-    struct req *next;
+    struct req *next, **pprev; /* every request, sent or queued */
+    struct req *hnext;         /* sent ones, hashed by tid */
     struct onode *o;
     char tid[MSG_TID_LEN + 1];
     char type[16];
@@ -77,8 +80,11 @@ struct req {
     void *ud;
 };
 
+#define PUB_BUCKETS 4096 /* published records, by type and name */
+
 struct pub {
-    struct pub *next;
+    struct pub *next, **pprev; /* every published record */
+    struct pub *hnext;         /* hash chain by (type, name) */
     struct onode *o;
     char type[REC_TYPE_MAX + 1];
     char name[REC_NAME_MAX + 1];
@@ -124,6 +130,8 @@ struct onode {
     double ka_sent;
 
     struct req *reqs;
+    struct req *sent_by_tid[REQ_BUCKETS];
+    struct pub *pub_tab[PUB_BUCKETS];
     struct pub *pubs;
     char last_error[600];
     char self_sn[128]; /* our own super node role's address while promoted, else "" */
@@ -592,16 +600,45 @@ static void refused(struct onode *o, const struct msg *m)
     try_next(o);
 }
 
+static size_t tid_bucket(const char *tid)
+{
+    uint32_t h = 2166136261u;
+    for (const char *p = tid; *p; p++)
+        h = (h ^ (uint8_t)*p) * 16777619u;
+    return h % REQ_BUCKETS;
+}
+
+static void req_link(struct onode *o, struct req *r)
+{
+    r->next = o->reqs;
+    if (r->next)
+        r->next->pprev = &r->next;
+    r->pprev = &o->reqs;
+    o->reqs = r;
+}
+
+/* Out of the list, and of the hash when it was sent; its timer stopped. */
+static void req_unlink(struct onode *o, struct req *r)
+{
+    *r->pprev = r->next;
+    if (r->next)
+        r->next->pprev = r->pprev;
+    if (r->sent)
+        for (struct req **pp = &o->sent_by_tid[tid_bucket(r->tid)]; *pp; pp = &(*pp)->hnext)
+            if (*pp == r) {
+                *pp = r->hnext;
+                break;
+            }
+    ev_timer_stop(o->loop, &r->timer);
+}
+
 static struct req *req_take(struct onode *o, const char *tid)
 {
-    for (struct req **pp = &o->reqs; *pp; pp = &(*pp)->next) {
-        struct req *r = *pp;
-        if (r->sent && !strcmp(r->tid, tid)) {
-            *pp = r->next;
-            ev_timer_stop(o->loop, &r->timer);
+    for (struct req *r = o->sent_by_tid[tid_bucket(tid)]; r; r = r->hnext)
+        if (!strcmp(r->tid, tid)) {
+            req_unlink(o, r);
             return r;
         }
-    }
     return NULL;
 }
 
@@ -700,15 +737,12 @@ static void link_message(struct conn *c, const struct msg *m, void *ud)
 static void reqs_fail_sent(struct onode *o, const char *why)
 {
     struct req *list = NULL;
-    for (struct req **pp = &o->reqs; *pp;) {
-        struct req *r = *pp;
+    for (struct req *r = o->reqs, *next; r; r = next) {
+        next = r->next;
         if (r->sent) {
-            *pp = r->next;
-            ev_timer_stop(o->loop, &r->timer);
+            req_unlink(o, r);
             r->next = list;
             list = r;
-        } else {
-            pp = &r->next;
         }
     }
     while (list) {
@@ -834,11 +868,7 @@ static void req_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
     struct req *r = w->data;
     struct onode *o = r->o;
-    for (struct req **pp = &o->reqs; *pp; pp = &(*pp)->next)
-        if (*pp == r) {
-            *pp = r->next;
-            break;
-        }
+    req_unlink(o, r);
     char why[200];
     snprintf(why, sizeof(why), "no answer within %.1f s%s", o->p.request_timeout_s,
              r->sent ? "" : " (not attached to a super node)");
@@ -851,6 +881,9 @@ static void req_send(struct onode *o, struct req *r)
     msg_new_tid(r->tid);
     if (conn_send(o->conn, r->type, MSG_REQ, r->tid, r->body) == 0) {
         r->sent = true;
+        size_t b = tid_bucket(r->tid);
+        r->hnext = o->sent_by_tid[b];
+        o->sent_by_tid[b] = r;
         json_decref(r->body);
         r->body = NULL;
     }
@@ -923,8 +956,7 @@ void onode_request(struct onode *o, const char *type, json_t *body, on_result_fn
     ev_timer_init(&r->timer, req_timeout_cb, o->p.request_timeout_s, 0.);
     r->timer.data = r;
     ev_timer_start(o->loop, &r->timer);
-    r->next = o->reqs;
-    o->reqs = r;
+    req_link(o, r);
     if (o->state == S_ATTACHED && o->conn)
         req_send(o, r);
 }
@@ -970,11 +1002,37 @@ static void pub_free(struct pub *p)
     }
 }
 
+static size_t pub_bucket(const char *type, const char *name)
+{
+    uint32_t h = 2166136261u;
+    for (const char *p = type; *p; p++)
+        h = (h ^ (uint8_t)*p) * 16777619u;
+    h = (h ^ '|') * 16777619u;
+    for (const char *p = name; *p; p++)
+        h = (h ^ (uint8_t)*p) * 16777619u;
+    return h % PUB_BUCKETS;
+}
+
+static void pub_link(struct onode *o, struct pub *p)
+{
+    p->next = o->pubs;
+    if (p->next)
+        p->next->pprev = &p->next;
+    p->pprev = &o->pubs;
+    o->pubs = p;
+    size_t b = pub_bucket(p->type, p->name);
+    p->hnext = o->pub_tab[b];
+    o->pub_tab[b] = p;
+}
+
 static void pub_unlink(struct onode *o, struct pub *p)
 {
-    for (struct pub **pp = &o->pubs; *pp; pp = &(*pp)->next)
+    *p->pprev = p->next;
+    if (p->next)
+        p->next->pprev = p->pprev;
+    for (struct pub **pp = &o->pub_tab[pub_bucket(p->type, p->name)]; *pp; pp = &(*pp)->hnext)
         if (*pp == p) {
-            *pp = p->next;
+            *pp = p->hnext;
             return;
         }
 }
@@ -1100,7 +1158,7 @@ static void pub_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 static struct pub *pub_find(struct onode *o, const char *type, const char *name)
 {
-    for (struct pub *p = o->pubs; p; p = p->next)
+    for (struct pub *p = o->pub_tab[pub_bucket(type, name)]; p; p = p->hnext)
         if (!strcmp(p->type, type) && !strcmp(p->name, name))
             return p;
     return NULL;
@@ -1188,8 +1246,7 @@ void onode_publish(struct onode *o, const char *mode, const char *type, const ch
         snprintf(p->name, sizeof(p->name), "%s", name);
         p->user_location = !strcmp(type, REC_TYPE_USER_LOCATION) &&
                            !strcmp(name, rec_uri_aor(o->p.creds->id.uri)) && !value;
-        p->next = o->pubs;
-        o->pubs = p;
+        pub_link(o, p);
     }
     if (value) {
         json_decref(p->value);
@@ -1421,8 +1478,7 @@ static void stop_finish(struct onode *o)
     ev_timer_stop(o->loop, &o->pub_timer);
     while (o->reqs) {
         struct req *r = o->reqs;
-        o->reqs = r->next;
-        ev_timer_stop(o->loop, &r->timer);
+        req_unlink(o, r);
         struct on_result res = {.code = "stopping", .reason = "the node stopped"};
         req_finish(r, &res);
     }

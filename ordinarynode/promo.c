@@ -302,7 +302,7 @@ static void promote(struct promo *pr)
         .listen = pr->p.listen,
         .advertise = advertised(pr),
         .tls = tc,
-        .quotas = {32, 10000, 16u << 20},
+        .quotas = {32, 10000, 16u << 20, 1000000, (size_t)2 << 30},
         .max_connections = pr->p.max_connections,
         .peer_idle_s = 60,
         .max_attached = pr->p.max_attached,

@@ -47,6 +47,8 @@ struct sn_config {
     long long quota_per_key;
     long long quota_per_owner;
     long long quota_per_owner_bytes;
+    long long quota_per_proxy;
+    long long quota_per_proxy_bytes;
     long long peer_idle_s;
     long long max_attached;
     long long on_rate;
@@ -140,6 +142,12 @@ static const struct cfg_field sn_fields[] = {
      "10000", "most records (and tombstones) one owner may have on this node"},
     {"quota_per_owner_bytes", CFG_INT, offsetof(struct sn_config, quota_per_owner_bytes), 1024,
      1LL << 40, NULL, "16777216", "most bytes of records one owner may have on this node"},
+    {"quota_per_proxy", CFG_INT, offsetof(struct sn_config, quota_per_proxy), 1, 1000000000, NULL,
+     "1000000",
+     "most records one P2P proxy of the overlay document (sip_proxies) may have on this node: "
+     "it writes for every phone of its domain"},
+    {"quota_per_proxy_bytes", CFG_INT, offsetof(struct sn_config, quota_per_proxy_bytes), 1024,
+     1LL << 40, NULL, "2147483648", "most bytes of records one P2P proxy may have on this node"},
     {"max_attached", CFG_INT, offsetof(struct sn_config, max_attached), 1, 10000000, NULL, "1000",
      "most ordinary nodes attached at once (announced to the bootstrap servers as capacity)"},
     {"on_rate", CFG_INT, offsetof(struct sn_config, on_rate), 1, 1000000, NULL, "50",
@@ -585,7 +593,8 @@ static int sn_start(struct ev_loop *loop, const void *p, void **state)
         .advertise = cfg->advertise,
         .tls = tc,
         .quotas = {(size_t)cfg->quota_per_key, (size_t)cfg->quota_per_owner,
-                   (size_t)cfg->quota_per_owner_bytes},
+                   (size_t)cfg->quota_per_owner_bytes, (size_t)cfg->quota_per_proxy,
+                   (size_t)cfg->quota_per_proxy_bytes},
         .max_connections = (size_t)cfg->max_connections,
         .peer_idle_s = (double)cfg->peer_idle_s,
         .on_health = on_health,

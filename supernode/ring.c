@@ -1189,8 +1189,13 @@ struct sn *sn_new(struct ev_loop *loop, const struct sn_params *p, char *err, si
     }
     s->verifier = rec_verifier_new(s->ca, s->overlay, 4096);
     s->store = store_new(&p->quotas);
+    const char *px_uris[256];
+    size_t n_px = 0;
+    for (size_t i = 0; i < p->n_sip_proxies && n_px < 256; i++)
+        px_uris[n_px++] = p->sip_proxies[i].uri;
     if (!s->verifier || !s->store ||
-        rec_verifier_set_proxies(s->verifier, p->sip_proxies, p->n_sip_proxies) != 0) {
+        rec_verifier_set_proxies(s->verifier, p->sip_proxies, p->n_sip_proxies) != 0 ||
+        store_set_proxies(s->store, px_uris, n_px) != 0) {
         snprintf(err, errlen, "out of memory");
         goto fail;
     }

@@ -49,6 +49,10 @@ struct reg {
     struct sipfront *f; /* NULL once the front end stopped */
     struct aor *a;
     struct sip_reg_wait w;
+    json_t *value; /* the record's value; NULL: a removal */
+    int64_t lifetime_s;
+    unsigned tries; /* stores that found the record busy (the node refreshing it) */
+    ev_timer retry;
 };
 
 struct sipfront {
@@ -68,6 +72,33 @@ struct sipfront {
     ev_timer expiry;
     uint64_t registers, challenged, auth_failed, registered, forbidden, store_failed;
 };
+
+#define BUSY_RETRY_S 0.05
+#define BUSY_TRIES   40
+
+static void stored(void *ud, const struct on_result *res);
+
+static void send_store(struct sipfront *f, struct reg *g)
+{
+    if (g->value)
+        onode_publish(f->on, "update", REC_TYPE_USER_LOCATION, g->a->aor, g->value, g->lifetime_s,
+                      false, stored, g);
+    else
+        onode_publish(f->on, "remove", REC_TYPE_USER_LOCATION, g->a->aor, NULL, 0, false, stored,
+                      g);
+}
+
+static void retry_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct reg *g = w->data;
+    send_store(g->f, g);
+}
+
+static void reg_free(struct reg *g)
+{
+    json_decref(g->value);
+    free(g);
+}
 
 /* ---- small helpers --------------------------------------------------------------------------- */
 
@@ -381,6 +412,10 @@ static void stored(void *ud, const struct on_result *res)
 {
     struct reg *g = ud;
     struct sipfront *f = g->f;
+    if (f && !res->ok && !strcmp(res->code, "busy") && g->tries++ < BUSY_TRIES) {
+        ev_timer_start(f->loop, &g->retry); /* the node refreshes it right now: after that */
+        return;
+    }
     struct aor *a = f ? g->a : NULL;
     if (a)
         a->pending = NULL;
@@ -392,7 +427,7 @@ static void stored(void *ud, const struct on_result *res)
         f->registered++;
     if (f && rc < 0)
         f->store_failed++;
-    free(g);
+    reg_free(g);
 }
 
 /* Stores a's bindings as they are now (or removes its record when none is left). */
@@ -408,23 +443,22 @@ static void publish(struct sipfront *f, struct aor *a, const osip_message_t *req
     }
     g->f = f;
     g->a = a;
+    ev_timer_init(&g->retry, retry_cb, BUSY_RETRY_S, 0.);
+    g->retry.data = g;
     a->pending = g;
-    if (a->bs.n == 0) {
-        onode_publish(f->on, "remove", REC_TYPE_USER_LOCATION, a->aor, NULL, 0, false, stored, g);
-        return;
+    if (a->bs.n > 0) {
+        int64_t now = (int64_t)time(NULL), last = now;
+        for (size_t i = 0; i < a->bs.n; i++)
+            if (a->bs.b[i].expires > last)
+                last = a->bs.b[i].expires;
+        char uri[sizeof(a->aor) + 8];
+        snprintf(uri, sizeof(uri), "sip:%s", a->aor);
+        g->value = json_pack("{s:s,s:s,s:s,s:o,s:o}", "uri", uri, "registrar", f->registrar,
+                             "node_id", f->node_id, "contacts", sip_contacts_json(f->advertise),
+                             "bindings", sip_bindings_json(&a->bs));
+        g->lifetime_s = last - now + RECORD_SLACK;
     }
-    int64_t now = (int64_t)time(NULL), last = now;
-    for (size_t i = 0; i < a->bs.n; i++)
-        if (a->bs.b[i].expires > last)
-            last = a->bs.b[i].expires;
-    char uri[sizeof(a->aor) + 8];
-    snprintf(uri, sizeof(uri), "sip:%s", a->aor);
-    json_t *v = json_pack("{s:s,s:s,s:s,s:o,s:o}", "uri", uri, "registrar", f->registrar, "node_id",
-                          f->node_id, "contacts", sip_contacts_json(f->advertise), "bindings",
-                          sip_bindings_json(&a->bs));
-    onode_publish(f->on, "update", REC_TYPE_USER_LOCATION, a->aor, v, last - now + RECORD_SLACK,
-                  false, stored, g);
-    json_decref(v);
+    send_store(f, g);
 }
 
 static void on_register(struct sipfront *f, osip_message_t *m, const struct sip_source *from)
@@ -599,8 +633,13 @@ void sipfront_stop(struct sipfront *f)
         ev_timer_stop(f->loop, &f->expiry);
     for (struct aor *a = f->all, *next; a; a = next) {
         next = a->all_next;
-        if (a->pending)
+        if (a->pending && ev_is_active(&a->pending->retry)) { /* waiting: nothing else frees it */
+            ev_timer_stop(f->loop, &a->pending->retry);
+            sip_reg_wait_done(&a->pending->w, NULL, NULL, "", false, "", "");
+            reg_free(a->pending);
+        } else if (a->pending) {
             a->pending->f = NULL; /* its answer comes (the node fails it at the latest) */
+        }
         free(a);
     }
     for (size_t b = 0; b < BUCKETS; b++)

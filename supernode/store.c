@@ -125,7 +125,43 @@ struct store {
     struct store_limits lim;
     uint64_t seed;
     struct htab keys, owners;
+    char **proxies;
+    size_t n_proxies;
 };
+
+static void free_proxies(struct store *s)
+{
+    for (size_t i = 0; i < s->n_proxies; i++)
+        free(s->proxies[i]);
+    free(s->proxies);
+    s->proxies = NULL;
+    s->n_proxies = 0;
+}
+
+int store_set_proxies(struct store *s, const char *const *uris, size_t n)
+{
+    free_proxies(s);
+    if (n == 0)
+        return 0;
+    if (!(s->proxies = calloc(n, sizeof(char *))))
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        if (!(s->proxies[i] = strdup(uris[i]))) {
+            free_proxies(s);
+            return -1;
+        }
+        s->n_proxies = i + 1;
+    }
+    return 0;
+}
+
+static bool is_proxy(const struct store *s, const char *owner)
+{
+    for (size_t i = 0; i < s->n_proxies; i++)
+        if (!strcmp(s->proxies[i], owner))
+            return true;
+    return false;
+}
 
 const char *store_strcode(int status)
 {
@@ -217,6 +253,7 @@ void store_free(struct store *s)
 {
     if (!s)
         return;
+    free_proxies(s);
     for (size_t i = 0; i < s->keys.nb; i++) {
         for (struct hnode *x = s->keys.b[i], *next; x; x = next) {
             next = x->next;
@@ -414,13 +451,16 @@ int store_put(struct store *s, struct record *r, enum store_mode mode, double no
     struct ownerslot *o = owner_find(s, r->owner);
     size_t ocount = o ? o->count : 0, obytes = o ? o->bytes : 0;
     size_t old_size = cur ? cur->rec.size : 0;
-    if (s->lim.per_owner && !cur && ocount + 1 > s->lim.per_owner)
+    bool px = s->n_proxies && is_proxy(s, r->owner);
+    size_t max_n = px ? s->lim.per_proxy : s->lim.per_owner;
+    size_t max_b = px ? s->lim.per_proxy_bytes : s->lim.per_owner_bytes;
+    if (max_n && !cur && ocount + 1 > max_n)
         return errbuf_set(err, errlen, STORE_E_QUOTA_OWNER,
                           "%s already has %zu records here, the most allowed", r->owner, ocount);
-    if (s->lim.per_owner_bytes && obytes - old_size + r->size > s->lim.per_owner_bytes)
+    if (max_b && obytes - old_size + r->size > max_b)
         return errbuf_set(err, errlen, STORE_E_QUOTA_OWNER,
                           "%s's records would take %zu bytes here, above the limit of %zu",
-                          r->owner, obytes - old_size + r->size, s->lim.per_owner_bytes);
+                          r->owner, obytes - old_size + r->size, max_b);
 
     /* Every allocation before any change, so that a failure leaves the store as it was. */
     struct sentry *ne = NULL;

@@ -71,6 +71,9 @@ struct store_limits {
     size_t per_key;
     size_t per_owner;
     size_t per_owner_bytes;
+    /* Owners named by store_set_proxies(): P2P proxies write for a whole SIP domain. */
+    size_t per_proxy;
+    size_t per_proxy_bytes;
 };
 
 /* One stored entry, as iteration and lookups show it (read-only). */
@@ -82,6 +85,9 @@ struct store_entry {
 struct store;
 struct store *store_new(const struct store_limits *lim);
 void store_free(struct store *s);
+/* The owner URIs that get the per_proxy quotas instead of per_owner (the overlay document's
+ * P2P proxies); copied. 0, or -1 when out of memory. */
+int store_set_proxies(struct store *s, const char *const *uris, size_t n);
 
 /*
  * Applies a verified record (the caller ran rec_verify). On STORE_OK the

@@ -296,6 +296,22 @@ static void test_quota_owner(void **state)
     store_free(s);
 }
 
+/* A P2P proxy the overlay document names writes for a whole domain: its own, larger quota. */
+static void test_quota_proxy(void **state)
+{
+    (void)state;
+    struct store_limits lim = {.per_owner = 1, .per_proxy = 2};
+    struct store *s = store_new(&lim);
+    const char *px[] = {B};
+    assert_int_equal(store_set_proxies(s, px, 1), 0);
+    assert_int_equal(put(s, STORE_ADD, NOW, SP(K1, A, 1)), STORE_OK);
+    assert_int_equal(put(s, STORE_ADD, NOW, SP(K2, A, 1)), STORE_E_QUOTA_OWNER);
+    assert_int_equal(put(s, STORE_ADD, NOW, SP(K1, B, 1)), STORE_OK);
+    assert_int_equal(put(s, STORE_ADD, NOW, SP(K2, B, 1)), STORE_OK);
+    assert_int_equal(put(s, STORE_ADD, NOW, SP(K3, B, 1)), STORE_E_QUOTA_OWNER);
+    store_free(s);
+}
+
 static void test_quota_bytes(void **state)
 {
     (void)state;
@@ -683,6 +699,7 @@ int main(void)
         cmocka_unit_test(test_quota_key),
         cmocka_unit_test(test_quota_owner),
         cmocka_unit_test(test_quota_bytes),
+        cmocka_unit_test(test_quota_proxy),
         cmocka_unit_test(test_expire_and_stats),
         cmocka_unit_test(test_get_order),
         cmocka_unit_test(test_foreach_range),
