@@ -805,7 +805,7 @@ def main():
     ap.add_argument("--bindir", default=os.path.join(ROOT, "build-release"),
                     help="build directory with the daemons (default: build-release)")
     ap.add_argument("--step-s", type=float, default=5, help="seconds per rate step (5)")
-    ap.add_argument("--reg-rates-on", type=rates, default=rates("100,200,400,800,1200,1600"),
+    ap.add_argument("--reg-rates-on", type=rates, default=rates("200,400,800,1600,2400,3200,4800"),
                     help="overlay REGISTER/s steps, in total over --reg-ons nodes")
     ap.add_argument("--reg-rates-kam", type=rates,
                     default=rates("2000,5000,10000,15000,20000,25000"),

@@ -20,6 +20,7 @@
 #include "nodeid.h"
 #include "on.h"
 #include "promo.h"
+#include "dns.h"
 #include "registrar.h"
 #include "record.h"
 #include "renewer.h"
@@ -50,6 +51,8 @@ struct on_config {
     bool sip;
     bool sip_via_overlay;
     long long sip_rate;
+    bool sip_dns;
+    char *sip_dns_server;
     bool never_promote;
     long long sn_max_attached;
 };
@@ -110,6 +113,11 @@ static const struct cfg_field on_fields[] = {
     {"sip_rate", CFG_INT, offsetof(struct on_config, sip_rate), 1, 1000000, NULL, "200",
      "SIP messages per second the front end takes from one source address (bursts of twice "
      "that); more are dropped"},
+    {"sip_dns", CFG_BOOL, offsetof(struct on_config, sip_dns), 0, 0, NULL, "false",
+     "call users of domains the overlay knows nothing of (no user or proxy location) at the "
+     "SIP server DNS names (RFC 3263: SRV, then A); off: 404"},
+    {"sip_dns_server", CFG_HOSTPORT, offsetof(struct on_config, sip_dns_server), 0, 0, NULL, NULL,
+     "IPv4 address:port of the DNS server for sip_dns (default: /etc/resolv.conf's first)"},
     {"never_promote", CFG_BOOL, offsetof(struct on_config, never_promote), 0, 0, NULL, "false",
      "never become a super node, whatever the criteria say (docs/promotion.md)"},
     {"sn_max_attached", CFG_INT, offsetof(struct on_config, sn_max_attached), 1, 10000000, NULL,
@@ -214,6 +222,7 @@ struct on_state {
     struct onode *on;
     struct promo *promo;
     struct registrar *sip;
+    struct dns_resolver *dns;
     struct ctl_server *ctl;
     const char **bs; /* bootstrap URLs in use */
 };
@@ -388,6 +397,13 @@ static int on_start(struct ev_loop *loop, const void *p, void **state)
         log_error("main", "%s (set sip_listen, or sip: false)", err);
         return -1;
     }
+    if (st->sip && cfg->sip_dns) {
+        if (!(st->dns = dns_new(loop, cfg->sip_dns_server, err, sizeof(err)))) {
+            log_error("main", "sip_dns: %s", err);
+            return -1;
+        }
+        registrar_use_dns(st->sip, st->dns);
+    }
     char *path = control_path(cfg);
     st->ctl = path ? ctl_server_start(loop, path, on_control, st, err, sizeof(err)) : NULL;
     if (!st->ctl) {
@@ -426,6 +442,8 @@ static void on_stop(struct ev_loop *loop, void *p)
     st->ctl = NULL;
     registrar_stop(st->sip);
     st->sip = NULL;
+    dns_free(st->dns);
+    st->dns = NULL;
     if (st->on)
         onode_stop(st->on, on_stopped, st);
 }
@@ -438,6 +456,7 @@ static void on_cleanup(void *p)
     renewer_stop(st->renewer);
     ctl_server_stop(st->ctl);
     registrar_stop(st->sip);
+    dns_free(st->dns);
     onode_free(st->on);
     promo_free(st->promo);
     if (st->have_creds)

@@ -16,6 +16,7 @@
 #include <gnutls/crypto.h>
 
 #include "config.h"
+#include "dns.h"
 #include "log.h"
 #include "nodeid.h"
 #include "record.h"
@@ -52,15 +53,17 @@ struct proxy {
     struct ev_loop *loop;
     struct onode *on;
     struct sip_endpoint *ep;
-    char domain[256]; /* the overlay's own SIP domain */
-    char served[256]; /* a domain this proxy is the P2P proxy of ("" = none) */
-    char self[80];    /* our host:port, as Via sent-by and Record-Route */
+    char domain[256];         /* the overlay's own SIP domain */
+    char served[256];         /* a domain this proxy is the P2P proxy of ("" = none) */
+    struct dns_resolver *dns; /* RFC 3263 for other domains, or NULL */
+    char self[80];            /* our host:port, as Via sent-by and Record-Route */
     proxy_binding_fn binding;
     void *ud;
     struct ptxn *txns;
     size_t n_txns;
     struct ptxn *by_in[TXN_BUCKETS], *by_out[TXN_BUCKETS];
-    uint64_t forwarded, not_found, unavailable, cancelled, looked_up, timeouts, via_overlay;
+    uint64_t forwarded, not_found, unavailable, cancelled, looked_up, timeouts, via_overlay,
+        dns_located;
 };
 
 /* ---- helpers --------------------------------------------------------------------------------- */
@@ -425,6 +428,38 @@ struct lookup {
 
 static void lookup_key(struct proxy *px, struct lookup *lk, const char *type, const char *name);
 
+/* DNS's answer for a domain the overlay knows nothing of. */
+static void dns_located(void *ud, const char *hostport, const char *err)
+{
+    struct lookup *lk = ud;
+    struct ptxn *t = lk->t;
+    t->lookup_pending = false;
+    if (!t->px) {
+        txn_free(t);
+        free(lk);
+        return;
+    }
+    struct proxy *px = t->px;
+    if (t->cancelled || t->best >= 200) {
+        free(lk);
+        return;
+    }
+    if (!hostport) {
+        bool down = err && !strncmp(err, "no answer", 9);
+        px->not_found += !down;
+        px->unavailable += down;
+        answer(t, down ? 503 : 404, down ? "DNS Unavailable" : "No SIP Server For The Domain");
+        free(lk);
+        return;
+    }
+    px->dns_located++;
+    log_info(LOGM, "%s for %s: not in the overlay; DNS names %s", t->method, lk->aor, hostport);
+    struct sip_source to;
+    direct_target(&to, hostport, false);
+    forward(t, &to, NULL);
+    free(lk);
+}
+
 static void looked_up(void *ud, const struct on_result *r)
 {
     struct lookup *lk = ud;
@@ -487,6 +522,13 @@ static void looked_up(void *ud, const struct on_result *r)
         /* A user of another domain without a location of their own: that domain's P2P proxy. */
         lk->proxy = true;
         lookup_key(px, lk, REC_TYPE_PROXY_LOCATION, lk->domain);
+        return;
+    }
+    if (!target[0] && lk->proxy && px->dns) { /* RFC 3263, where configured */
+        const char *port = t->req->req_uri->port;
+        t->lookup_pending = true;
+        dns_locate_sip(px->dns, lk->domain, port ? (unsigned)strtoul(port, NULL, 10) : 0,
+                       dns_located, lk);
         return;
     }
     if (!target[0]) {
@@ -793,6 +835,11 @@ struct proxy *proxy_new(struct ev_loop *loop, struct onode *on, struct sip_endpo
     return px;
 }
 
+void proxy_use_dns(struct proxy *px, struct dns_resolver *dns)
+{
+    px->dns = dns;
+}
+
 void proxy_serve_domain(struct proxy *px, const char *domain)
 {
     snprintf(px->served, sizeof(px->served), "%s", domain);
@@ -800,12 +847,12 @@ void proxy_serve_domain(struct proxy *px, const char *domain)
 
 json_t *proxy_status(struct proxy *px)
 {
-    return json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "through_overlay",
-                     (json_int_t)px->via_overlay, "transactions", (json_int_t)px->n_txns,
-                     "forwarded", (json_int_t)px->forwarded, "looked_up", (json_int_t)px->looked_up,
-                     "not_found", (json_int_t)px->not_found, "unavailable",
-                     (json_int_t)px->unavailable, "cancelled", (json_int_t)px->cancelled,
-                     "timeouts", (json_int_t)px->timeouts);
+    return json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "dns_located",
+                     (json_int_t)px->dns_located, "through_overlay", (json_int_t)px->via_overlay,
+                     "transactions", (json_int_t)px->n_txns, "forwarded", (json_int_t)px->forwarded,
+                     "looked_up", (json_int_t)px->looked_up, "not_found", (json_int_t)px->not_found,
+                     "unavailable", (json_int_t)px->unavailable, "cancelled",
+                     (json_int_t)px->cancelled, "timeouts", (json_int_t)px->timeouts);
 }
 
 void proxy_free(struct proxy *px)

@@ -27,6 +27,10 @@ typedef const char *(*proxy_binding_fn)(void *ud, const char *aor, bool *local);
  * (onode_reach_via_overlay) says so in its Record-Route. */
 struct proxy *proxy_new(struct ev_loop *loop, struct onode *on, struct sip_endpoint *ep,
                         const char *domain, proxy_binding_fn binding, void *ud);
+struct dns_resolver;
+/* Other domains the overlay knows nothing of are located through DNS (RFC 3263, dns.h); NULL:
+ * they get 404. The resolver is the caller's and outlives the proxy. */
+void proxy_use_dns(struct proxy *px, struct dns_resolver *dns);
 /* This proxy is the P2P proxy of `domain`: its users are looked up, never sent to a proxy. */
 void proxy_serve_domain(struct proxy *px, const char *domain);
 void proxy_request(struct proxy *px, osip_message_t *req, const struct sip_source *from);

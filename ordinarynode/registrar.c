@@ -281,6 +281,11 @@ struct registrar *registrar_start(struct ev_loop *loop, struct onode *on, const 
     return r;
 }
 
+void registrar_use_dns(struct registrar *r, struct dns_resolver *dns)
+{
+    proxy_use_dns(r->px, dns);
+}
+
 json_t *registrar_status(struct registrar *r)
 {
     int64_t now = (int64_t)time(NULL);

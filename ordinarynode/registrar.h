@@ -25,6 +25,9 @@ struct registrar *registrar_start(struct ev_loop *loop, struct onode *on, const 
 void registrar_deliver(struct registrar *r, const char *from, json_t *payload);
 /* {"listen", "bindings": [{"contact", "expires_in"}], "counters": {...}} */
 json_t *registrar_status(struct registrar *r);
+struct dns_resolver;
+/* Calls to domains the overlay knows nothing of go where DNS says (proxy_use_dns()). */
+void registrar_use_dns(struct registrar *r, struct dns_resolver *dns);
 void registrar_stop(struct registrar *r);
 
 #endif

@@ -13,6 +13,7 @@
 #include "conn.h"
 #include "ctlsock.h"
 #include "daemon.h"
+#include "dns.h"
 #include "enroll.h"
 #include "fsutil.h"
 #include "http_client.h"
@@ -62,6 +63,8 @@ struct sn_config {
     char *sip_users;
     long long sip_max_expires;
     long long sip_rate;
+    bool sip_dns;
+    char *sip_dns_server;
 };
 
 /* The transport settings of this node, from its configuration. */
@@ -179,6 +182,11 @@ static const struct cfg_field sn_fields[] = {
     {"sip_rate", CFG_INT, offsetof(struct sn_config, sip_rate), 1, 1000000, NULL, "200",
      "SIP messages per second the front end takes from one source address (bursts of twice "
      "that; phones behind one NAT share it)"},
+    {"sip_dns", CFG_BOOL, offsetof(struct sn_config, sip_dns), 0, 0, NULL, "false",
+     "send requests for domains the overlay knows nothing of to the SIP server DNS names (RFC "
+     "3263: SRV, then A); off: 404"},
+    {"sip_dns_server", CFG_HOSTPORT, offsetof(struct sn_config, sip_dns_server), 0, 0, NULL, NULL,
+     "IPv4 address:port of the DNS server for sip_dns (default: /etc/resolv.conf's first)"},
 };
 
 static const struct cfg_schema sn_schema = {sn_fields, sizeof(sn_fields) / sizeof(sn_fields[0]),
@@ -255,6 +263,7 @@ struct sn_state {
     /* The public SIP front end and its client of the overlay (sipfront.h). */
     struct onode *on;
     struct sipfront *sip;
+    struct dns_resolver *dns;
     const char *self_addr;
 };
 
@@ -495,6 +504,11 @@ static int start_sip(struct sn_state *st, struct ev_loop *loop, const struct ove
         .max_expires = cfg->sip_max_expires,
         .rate = (double)cfg->sip_rate,
     };
+    if (cfg->sip_dns &&
+        !(fp.dns = st->dns = dns_new(loop, cfg->sip_dns_server, err, sizeof(err)))) {
+        log_error("main", "sip_dns: %s", err);
+        return -1;
+    }
     if (!(st->sip = sipfront_start(loop, st->on, &fp, err, sizeof(err)))) {
         log_error("main", "SIP front end: %s", err);
         return -1;
@@ -708,6 +722,8 @@ static void sn_stop(struct ev_loop *loop, void *p)
     struct sn_state *st = p;
     sipfront_stop(st->sip);
     st->sip = NULL;
+    dns_free(st->dns);
+    st->dns = NULL;
     if (st->on) {
         onode_stop(st->on, sip_stopped, st);
         return;
@@ -753,6 +769,7 @@ static void sn_cleanup(void *p)
     landisc_responder_stop(st->lan);
     bs_found_free(st);
     sipfront_stop(st->sip);
+    dns_free(st->dns);
     onode_free(st->on);
     sn_free(st->sn);
     if (st->have_creds)

@@ -588,6 +588,7 @@ struct sipfront *sipfront_start(struct ev_loop *loop, struct onode *on,
         goto fail;
     }
     proxy_serve_domain(f->px, f->domain);
+    proxy_use_dns(f->px, p->dns);
     ev_timer_init(&f->expiry, expiry_cb, 1., 1.);
     f->expiry.data = f;
     ev_timer_start(loop, &f->expiry);

@@ -24,15 +24,16 @@
 #include "on.h"
 
 struct sipfront_params {
-    const char *listen;     /* "host:port", UDP and TCP */
-    const char *advertise;  /* what records name (NULL: listen, which must not be a wildcard) */
-    const char *domain;     /* the SIP domain served, "pbx.example.org" */
-    const char *users_file; /* "user:HA1" lines, HA1 = MD5(user ":" domain ":" password) */
-    const char *overlay;    /* the overlay's own domain (its users register on their nodes) */
-    const char *registrar;  /* this node's certificate URI, written into records */
-    const char *node_id;    /* this node's Node-ID (hex) */
-    int64_t max_expires;    /* longest registration granted */
-    double rate;            /* messages per second per source address (0: sip.h's default) */
+    const char *listen;       /* "host:port", UDP and TCP */
+    const char *advertise;    /* what records name (NULL: listen, which must not be a wildcard) */
+    const char *domain;       /* the SIP domain served, "pbx.example.org" */
+    const char *users_file;   /* "user:HA1" lines, HA1 = MD5(user ":" domain ":" password) */
+    const char *overlay;      /* the overlay's own domain (its users register on their nodes) */
+    const char *registrar;    /* this node's certificate URI, written into records */
+    const char *node_id;      /* this node's Node-ID (hex) */
+    int64_t max_expires;      /* longest registration granted */
+    double rate;              /* messages per second per source address (0: sip.h's default) */
+    struct dns_resolver *dns; /* RFC 3263 for domains the overlay does not know, or NULL */
 };
 
 struct sipfront;

@@ -14,7 +14,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import struct
 import tempfile
+import threading
 import time
 import unittest
 
@@ -36,6 +38,60 @@ def say(fmt, *args):
     print("  [sip-classic] " + (fmt % args if args else fmt), file=sys.stderr, flush=True)
 
 
+class TinyDNS:
+    """A DNS server on 127.0.0.1 for the RFC 3263 test, answering from `srv` ({name: (port,
+    target)}) and `a` ({name: "a.b.c.d"}); everything else NXDOMAIN."""
+
+    def __init__(self):
+        self.srv, self.a, self.asked = {}, {}, []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", harness.free_udp_port()))
+        self.addr = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @staticmethod
+    def _name(data, off):
+        labels = []
+        while data[off]:
+            n = data[off]
+            labels.append(data[off + 1:off + 1 + n].decode())
+            off += 1 + n
+        return ".".join(labels), off + 1
+
+    @staticmethod
+    def _enc(name):
+        return b"".join(bytes([len(p)]) + p.encode() for p in name.split(".") if p) + b"\0"
+
+    def _serve(self):
+        while True:
+            try:
+                data, peer = self.sock.recvfrom(512)
+            except OSError:
+                return
+            qid = data[:2]
+            name, off = self._name(data, 12)
+            qtype = struct.unpack("!H", data[off:off + 2])[0]
+            question = data[12:off + 4]
+            self.asked.append((name, qtype))
+            ans, add = [], []
+            if qtype == 33 and name in self.srv:  # SRV, with the target's A as additional
+                port, target = self.srv[name]
+                rd = struct.pack("!HHH", 10, 5, port) + self._enc(target)
+                ans.append(self._enc(name) + struct.pack("!HHIH", 33, 1, 60, len(rd)) + rd)
+                if target in self.a:
+                    add.append(self._enc(target) + struct.pack("!HHIH", 1, 1, 60, 4) +
+                               socket.inet_aton(self.a[target]))
+            elif qtype == 1 and name in self.a:
+                ans.append(self._enc(name) + struct.pack("!HHIH", 1, 1, 60, 4) +
+                           socket.inet_aton(self.a[name]))
+            rcode = 0 if ans or name in self.a else 3
+            hdr = qid + struct.pack("!HHHHH", 0x8180 | rcode, 1, len(ans), 0, len(add))
+            self.sock.sendto(hdr + question + b"".join(ans) + b"".join(add), peer)
+
+    def close(self):
+        self.sock.close()
+
+
 class ClassicalPhones(harness.OverlayScenario, unittest.TestCase):
     daemons = []
 
@@ -50,6 +106,7 @@ class ClassicalPhones(harness.OverlayScenario, unittest.TestCase):
                     f.write("%s:%s\n" % (u, hashlib.md5(("%s:%s:%s" % (u, PBX, pw)).encode())
                                          .hexdigest()))
             cls.sn_sip = {}
+            cls.dns = TinyDNS()
             cls.build_overlay(OVERLAY, ("sn1", "sn2"), ("alice", "bob"), wait=WAIT,
                               ls_extra={"sip_proxies": [PBX + "=sn1"]})
             for u in ("alice", "bob"):
@@ -69,6 +126,8 @@ class ClassicalPhones(harness.OverlayScenario, unittest.TestCase):
                          "sip_users": cls.users_file})
         else:
             conf["supernodes"] = [cls.addr["sn1"] if u == "alice" else cls.addr["sn2"]]
+            if u == "alice":  # other domains through DNS (RFC 3263)
+                conf.update({"sip_dns": True, "sip_dns_server": cls.dns.addr})
 
     @classmethod
     def tearDownClass(cls):
@@ -80,6 +139,8 @@ class ClassicalPhones(harness.OverlayScenario, unittest.TestCase):
                 with open(os.path.join(out, "%02d.log" % i), "w") as f:
                     f.write(" ".join(d.argv) + "\n" + d.log() + "\n")
         problems = cls.stop_all()
+        if getattr(cls, "dns", None):
+            cls.dns.close()
         shutil.rmtree(cls.tmp, ignore_errors=True)
         if problems:
             raise AssertionError("; ".join(problems))
@@ -194,6 +255,30 @@ class ClassicalPhones(harness.OverlayScenario, unittest.TestCase):
         # A domain with no proxy at all: 404 at alice's node.
         self.call("alice", self.alice_port, self.sip["alice"], "x", "nowhere.test",
                   uac="uac_404", uas=None)
+
+    def test_06b_other_domain_through_dns(self):
+        """far.test is unknown to the overlay (no user, no proxy location): alice's node asks
+        DNS (RFC 3263): the SRV record _sip._udp.far.test names a server, where a phone
+        answers; near.test has no SRV record: its A record and the URI's port."""
+        self.ports()
+        uas = free_port()
+        self.dns.srv["_sip._udp.far.test"] = (uas, "sip1.far.test")
+        self.dns.a["sip1.far.test"] = "127.0.0.1"
+        self.call("alice", self.alice_port, self.sip["alice"], "dan", "far.test", uas_port=uas)
+        self.on["alice"].wait_for("INVITE for dan@far.test: not in the overlay; DNS names "
+                                  "127.0.0.1:%d" % uas)
+        self.assertIn(("_sip._udp.far.test", 33), self.dns.asked)
+        # near.test: no SRV record asked for, since the URI has a port: the A record.
+        uas2 = free_port()
+        self.dns.a["near.test"] = "127.0.0.1"
+        self.call("alice", self.alice_port, self.sip["alice"], "erin", "near.test:%d" % uas2,
+                  uas_port=uas2)
+        self.assertIn(("near.test", 1), self.dns.asked)
+        self.assertNotIn(("_sip._udp.near.test", 33), self.dns.asked)
+        # A domain DNS does not know: 404.
+        self.call("alice", self.alice_port, self.sip["alice"], "x", "nowhere.test",
+                  uac="uac_404", uas=None)
+        self.assertIn(("nowhere.test", 1), self.dns.asked)  # SRV, then A, both NXDOMAIN
 
     def test_07_unnamed_super_node_cannot_register(self):
         """sn2 runs a front end for pbx.test too, but the document does not name it: the ring
