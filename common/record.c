@@ -396,6 +396,87 @@ fail:
 
 /* Signing */
 
+/*
+ * What signing with one (key, certificate) pair needs and costs the same
+ * every time: the certificate's identity and base64 text, the check that
+ * the key is the certificate's, and for Ed25519 libsodium's expanded secret
+ * key (deriving it is a scalar multiplication). Kept for the pair used last
+ * (a node signs with one pair), recognised by the key and the certificate's
+ * DER; the daemons are single-threaded.
+ */
+static struct {
+    gnutls_x509_privkey_t key;
+    unsigned char *der;
+    size_t der_len;
+    struct peer_identity id;
+    char *cert_b64;
+    bool ed25519;
+    unsigned char sk[crypto_sign_SECRETKEYBYTES];
+} signer;
+
+static void signer_clear(void)
+{
+    free(signer.der);
+    free(signer.cert_b64);
+    sodium_memzero(signer.sk, sizeof(signer.sk));
+    memset(&signer, 0, sizeof(signer));
+}
+
+/* Fills the cache for (key, cert) unless it holds them already. REC_OK or an error code. */
+static int signer_for(gnutls_x509_privkey_t key, gnutls_x509_crt_t cert, char *err, size_t errlen)
+{
+    gnutls_datum_t der = {NULL, 0};
+    int gr = gnutls_x509_crt_export2(cert, GNUTLS_X509_FMT_DER, &der);
+    if (gr < 0)
+        return errbuf_set(err, errlen, REC_E_CERT, "record: cannot export the certificate: %s",
+                          gnutls_strerror(gr));
+    if (signer.key == key && signer.der && signer.der_len == der.size &&
+        !memcmp(signer.der, der.data, der.size)) {
+        gnutls_free(der.data);
+        return REC_OK;
+    }
+    signer_clear();
+    int ret = REC_OK;
+    if ((gr = cred_identity(cert, &signer.id)) < 0) {
+        ret = errbuf_set(err, errlen, REC_E_CERT, "record: cannot read the certificate: %s",
+                         gnutls_strerror(gr));
+    } else if (!signer.id.uri[0]) {
+        ret = errbuf_set(err, errlen, REC_E_CERT, "record: the certificate has no URI");
+    } else if (strlen(signer.id.uri) > REC_OWNER_MAX) {
+        ret = errbuf_set(err, errlen, REC_E_CERT, "record: the certificate's URI is too long");
+    } else if (cred_key_matches(key, cert) < 0) {
+        /* A key that does not match the certificate would make records nobody accepts. */
+        ret = errbuf_set(err, errlen, REC_E_SIGNATURE,
+                         "record: the signing key does not match the certificate of %s",
+                         signer.id.uri);
+    } else if (!(signer.cert_b64 = overlay_b64_encode(der.data, der.size)) ||
+               !(signer.der = malloc(der.size))) {
+        ret = errbuf_set(err, errlen, REC_E_NOMEM, "record: out of memory while signing");
+    }
+    if (ret == REC_OK && gnutls_x509_privkey_get_pk_algorithm(key) == GNUTLS_PK_EDDSA_ED25519) {
+        gnutls_ecc_curve_t curve;
+        gnutls_datum_t x = {NULL, 0}, k = {NULL, 0};
+        unsigned char pk[crypto_sign_PUBLICKEYBYTES];
+        if (gnutls_x509_privkey_export_ecc_raw(key, &curve, &x, NULL, &k) >= 0 &&
+            k.size == crypto_sign_SEEDBYTES && crypto_sign_seed_keypair(pk, signer.sk, k.data) == 0)
+            signer.ed25519 = true; /* else GnuTLS signs (cred_sign) */
+        if (k.data) {
+            sodium_memzero(k.data, k.size);
+            gnutls_free(k.data);
+        }
+        gnutls_free(x.data);
+    }
+    if (ret == REC_OK) {
+        memcpy(signer.der, der.data, der.size);
+        signer.der_len = der.size;
+        signer.key = key;
+    } else {
+        signer_clear();
+    }
+    gnutls_free(der.data);
+    return ret;
+}
+
 int rec_sign(const struct rec_params *p, gnutls_x509_privkey_t key, gnutls_x509_crt_t cert,
              struct record *out, char *err, size_t errlen)
 {
@@ -414,15 +495,10 @@ int rec_sign(const struct rec_params *p, gnutls_x509_privkey_t key, gnutls_x509_
     if (!p->removal && (!p->value || json_is_null(p->value)))
         return errbuf_set(err, errlen, REC_E_MALFORMED, "record: a record needs a non-null value");
 
-    struct peer_identity id;
-    int gr = cred_identity(cert, &id);
-    if (gr < 0)
-        return errbuf_set(err, errlen, REC_E_CERT, "record: cannot read the certificate: %s",
-                          gnutls_strerror(gr));
-    if (!id.uri[0])
-        return errbuf_set(err, errlen, REC_E_CERT, "record: the certificate has no URI");
-    if (strlen(id.uri) > REC_OWNER_MAX)
-        return errbuf_set(err, errlen, REC_E_CERT, "record: the certificate's URI is too long");
+    int gr, sr = signer_for(key, cert, err, errlen);
+    if (sr != REC_OK)
+        return sr;
+    const struct peer_identity *id = &signer.id;
 
     nid_t k;
     char khex[NID_HEX_LEN + 1], seq[24];
@@ -433,11 +509,12 @@ int rec_sign(const struct rec_params *p, gnutls_x509_privkey_t key, gnutls_x509_
 
     int ret = REC_E_NOMEM;
     json_t *so = NULL, *env = NULL;
-    char *text = NULL, *cert_b64 = NULL, *sig_b64 = NULL;
-    gnutls_datum_t der = {NULL, 0}, sig = {NULL, 0};
+    char *text = NULL, *sig_b64 = NULL;
+    gnutls_datum_t sig = {NULL, 0};
+    unsigned char edsig[crypto_sign_BYTES];
 
     so = json_pack("{s:s, s:s, s:s, s:s, s:s, s:s, s:I}", "overlay", p->overlay, "key", khex,
-                   "type", p->type, "name", p->name, "owner", id.uri, "seq", seq, "expires",
+                   "type", p->type, "name", p->name, "owner", id->uri, "seq", seq, "expires",
                    (json_int_t)p->expires);
     if (!so) {
         ret =
@@ -455,26 +532,19 @@ int rec_sign(const struct rec_params *p, gnutls_x509_privkey_t key, gnutls_x509_
         goto nomem;
 
     size_t tlen = strlen(text);
-    if ((gr = cred_sign(key, text, tlen, &sig)) < 0) {
+    if (signer.ed25519) {
+        crypto_sign_detached(edsig, NULL, (const unsigned char *)text, tlen, signer.sk);
+        sig_b64 = overlay_b64_encode(edsig, sizeof(edsig));
+    } else if ((gr = cred_sign(key, text, tlen, &sig)) < 0) {
         ret = errbuf_set(err, errlen, REC_E_SIGNATURE, "record: cannot sign: %s",
                          gnutls_strerror(gr));
         goto out;
+    } else {
+        sig_b64 = overlay_b64_encode(sig.data, sig.size);
     }
-    /* A key that does not match the certificate would make records nobody accepts. */
-    if ((gr = cred_key_matches(key, cert)) < 0) {
-        ret = errbuf_set(err, errlen, REC_E_SIGNATURE,
-                         "record: the signing key does not match the certificate of %s", id.uri);
-        goto out;
-    }
-    if ((gr = gnutls_x509_crt_export2(cert, GNUTLS_X509_FMT_DER, &der)) < 0) {
-        ret = errbuf_set(err, errlen, REC_E_CERT, "record: cannot export the certificate: %s",
-                         gnutls_strerror(gr));
-        goto out;
-    }
-    if (!(cert_b64 = overlay_b64_encode(der.data, der.size)) ||
-        !(sig_b64 = overlay_b64_encode(sig.data, sig.size)))
+    if (!sig_b64)
         goto nomem;
-    env = json_pack("{s:s, s:s, s:s}", "signed", text, "cert", cert_b64, "sig", sig_b64);
+    env = json_pack("{s:s, s:s, s:s}", "signed", text, "cert", signer.cert_b64, "sig", sig_b64);
     if (!env)
         goto nomem;
     ret = rec_parse(env, 0, out, err, errlen);
@@ -485,9 +555,7 @@ out:
     json_decref(env);
     json_decref(so);
     free(text);
-    free(cert_b64);
     free(sig_b64);
-    gnutls_free(der.data);
     gnutls_free(sig.data);
     return ret;
 }
