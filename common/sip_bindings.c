@@ -199,8 +199,9 @@ int sip_reg_wait_done(struct sip_reg_wait *w, struct sip_endpoint *ep, struct si
 {
     int rc = ok ? (w->req ? 1 : 0) : -1;
     if (ep && ok && w->req) {
-        log_info(LOGM, "%s: %zu binding%s of %s stored in the overlay", w->from.addr, bs->n,
-                 bs->n == 1 ? "" : "s", aor);
+        /* debug: a registrar serving many phones would log every refresh */
+        log_debug(LOGM, "%s: %zu binding%s of %s stored in the overlay", w->from.addr, bs->n,
+                  bs->n == 1 ? "" : "s", aor);
         sip_bindings_reply(ep, bs, w->req, &w->from, (int64_t)time(NULL));
     } else if (ep && !ok) {
         log_warn(LOGM, "registration of %s not stored in the overlay: %s: %s", aor, code, reason);

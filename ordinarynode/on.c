@@ -1077,9 +1077,14 @@ static void pub_stored(void *ud, const struct on_result *r)
         p->expires = op->expires;
         /* Refreshed when a third of its lifetime is left. */
         p->next_at = now_s(o) + (double)p->lifetime_s * 2.0 / 3.0;
-        if (first || p->user_location)
+        /* The node's own user location at info (operators and tests watch it); records stored
+         * for others (a P2P registrar's thousands) at debug. */
+        if (p->user_location)
             log_info(LOGM, "published %s|%s (%s, expires in %" PRId64 " s)", p->type, p->name,
                      op->mode, op->expires - (int64_t)time(NULL));
+        else if (first)
+            log_debug(LOGM, "published %s|%s (%s, expires in %" PRId64 " s)", p->type, p->name,
+                      op->mode, op->expires - (int64_t)time(NULL));
         json_object_set_new(r->body, "expires", json_integer(op->expires));
         pub_answer(p, r);
     } else {

@@ -44,14 +44,27 @@ bool ring_is_primary(const struct sn *s, const nid_t *key)
     return nid_in_open_closed(key, &s->pred->id, &s->id);
 }
 
-/* Are we the target's successor? `final`: the sender believes so. */
+/*
+ * Are we the target's successor? `final`: the sender believes so. Without a
+ * predecessor (it has just failed) the sender is believed unless we heard
+ * lately from a node between the target and us, which is then closer to the
+ * target's successor than we are: answering from our store would say
+ * "not found" for a key we do not hold.
+ */
 static bool responsible(const struct sn *s, const nid_t *t, bool final)
 {
     if (s->n_succ == 0)
         return true;
     if (s->pred)
         return nid_in_open_closed(t, &s->pred->id, &s->id);
-    return final;
+    if (!final)
+        return false;
+    double now = ev_now(s->loop), fresh = 3 * s->p.stabilize_s;
+    for (const struct peer *p = s->peers; p; p = p->next)
+        if (!p->anon && p->addr[0] && p->dead_at <= 0 && now - p->heard_at <= fresh &&
+            !nid_eq(&p->id, &s->id) && (nid_eq(&p->id, t) || nid_in_open(&p->id, t, &s->id)))
+            return false;
+    return true;
 }
 
 /* The known node closest before t (fingers and successors), or NULL. */
