@@ -29,6 +29,32 @@ struct sip_limits {
 
 struct sip_endpoint;
 
+/* The settings both daemons' SIP front ends share (members sip_rate, sip_dns, sip_dns_server of
+ * the daemon's configuration struct T), for its cfg_field table. */
+#define SIP_FRONT_FIELDS(T)                                                                        \
+    {"sip_rate",                                                                                   \
+     CFG_INT,                                                                                      \
+     offsetof(T, sip_rate),                                                                        \
+     1,                                                                                            \
+     1000000,                                                                                      \
+     NULL,                                                                                         \
+     "200",                                                                                        \
+     "SIP messages per second the front end takes from one source address (bursts of twice "       \
+     "that; every phone behind one NAT address shares it); more are dropped"},                     \
+        {"sip_dns",                                                                                \
+         CFG_BOOL,                                                                                 \
+         offsetof(T, sip_dns),                                                                     \
+         0,                                                                                        \
+         0,                                                                                        \
+         NULL,                                                                                     \
+         "false",                                                                                  \
+         "send calls for domains the overlay knows nothing of (no user or proxy location) to "     \
+         "the SIP server DNS names (RFC 3263: SRV, then A); off: 404"},                            \
+    {                                                                                              \
+        "sip_dns_server", CFG_HOSTPORT, offsetof(T, sip_dns_server), 0, 0, NULL, NULL,             \
+            "IPv4 address:port of the DNS server for sip_dns (default: /etc/resolv.conf's first)"  \
+    }
+
 /* Where a message came from, enough to answer it on the same path. */
 struct sip_source {
     bool tcp;

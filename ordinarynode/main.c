@@ -110,14 +110,7 @@ static const struct cfg_field on_fields[] = {
     {"sip_via_overlay", CFG_BOOL, offsetof(struct on_config, sip_via_overlay), 0, 0, NULL, "false",
      "have calls reach this node through the overlay (its super node and the attach link) "
      "rather than directly: for nodes that others cannot reach (behind NAT or a firewall)"},
-    {"sip_rate", CFG_INT, offsetof(struct on_config, sip_rate), 1, 1000000, NULL, "200",
-     "SIP messages per second the front end takes from one source address (bursts of twice "
-     "that); more are dropped"},
-    {"sip_dns", CFG_BOOL, offsetof(struct on_config, sip_dns), 0, 0, NULL, "false",
-     "call users of domains the overlay knows nothing of (no user or proxy location) at the "
-     "SIP server DNS names (RFC 3263: SRV, then A); off: 404"},
-    {"sip_dns_server", CFG_HOSTPORT, offsetof(struct on_config, sip_dns_server), 0, 0, NULL, NULL,
-     "IPv4 address:port of the DNS server for sip_dns (default: /etc/resolv.conf's first)"},
+    SIP_FRONT_FIELDS(struct on_config),
     {"never_promote", CFG_BOOL, offsetof(struct on_config, never_promote), 0, 0, NULL, "false",
      "never become a super node, whatever the criteria say (docs/promotion.md)"},
     {"sn_max_attached", CFG_INT, offsetof(struct on_config, sn_max_attached), 1, 10000000, NULL,

@@ -428,22 +428,32 @@ struct lookup {
 
 static void lookup_key(struct proxy *px, struct lookup *lk, const char *type, const char *name);
 
+/* An answer (overlay or DNS) to lk came: the proxy if the transaction still wants it; else NULL,
+ * with the lookup (and the transaction, when the proxy is gone) freed. */
+static struct proxy *lookup_answered(struct lookup *lk)
+{
+    struct ptxn *t = lk->t;
+    t->lookup_pending = false;
+    if (!t->px) { /* the proxy stopped meanwhile */
+        txn_free(t);
+        free(lk);
+        return NULL;
+    }
+    if (t->cancelled || t->best >= 200) {
+        free(lk);
+        return NULL;
+    }
+    return t->px;
+}
+
 /* DNS's answer for a domain the overlay knows nothing of. */
 static void dns_located(void *ud, const char *hostport, const char *err)
 {
     struct lookup *lk = ud;
     struct ptxn *t = lk->t;
-    t->lookup_pending = false;
-    if (!t->px) {
-        txn_free(t);
-        free(lk);
+    struct proxy *px = lookup_answered(lk);
+    if (!px)
         return;
-    }
-    struct proxy *px = t->px;
-    if (t->cancelled || t->best >= 200) {
-        free(lk);
-        return;
-    }
     if (!hostport) {
         bool down = err && !strncmp(err, "no answer", 9);
         px->not_found += !down;
@@ -464,17 +474,9 @@ static void looked_up(void *ud, const struct on_result *r)
 {
     struct lookup *lk = ud;
     struct ptxn *t = lk->t;
-    t->lookup_pending = false;
-    if (!t->px) { /* the proxy stopped meanwhile */
-        txn_free(t);
-        free(lk);
+    struct proxy *px = lookup_answered(lk);
+    if (!px)
         return;
-    }
-    struct proxy *px = t->px;
-    if (t->cancelled || t->best >= 200) {
-        free(lk);
-        return;
-    }
     if (!r->ok) {
         log_info(LOGM, "looking up %s failed: %s: %s", lk->aor, r->code, r->reason);
         px->unavailable++;

@@ -23,6 +23,7 @@
 #include "login_client.h"
 #include "renewer.h"
 #include "on.h"
+#include "sip.h"
 #include "sipfront.h"
 #include "sn.h"
 #include "stun.h"
@@ -179,14 +180,7 @@ static const struct cfg_field sn_fields[] = {
      "(`supernode sip-user NAME` prints one)"},
     {"sip_max_expires", CFG_INT, offsetof(struct sn_config, sip_max_expires), 60, 86400, NULL,
      "3600", "longest registration the front end grants, in seconds"},
-    {"sip_rate", CFG_INT, offsetof(struct sn_config, sip_rate), 1, 1000000, NULL, "200",
-     "SIP messages per second the front end takes from one source address (bursts of twice "
-     "that; phones behind one NAT share it)"},
-    {"sip_dns", CFG_BOOL, offsetof(struct sn_config, sip_dns), 0, 0, NULL, "false",
-     "send requests for domains the overlay knows nothing of to the SIP server DNS names (RFC "
-     "3263: SRV, then A); off: 404"},
-    {"sip_dns_server", CFG_HOSTPORT, offsetof(struct sn_config, sip_dns_server), 0, 0, NULL, NULL,
-     "IPv4 address:port of the DNS server for sip_dns (default: /etc/resolv.conf's first)"},
+    SIP_FRONT_FIELDS(struct sn_config),
 };
 
 static const struct cfg_schema sn_schema = {sn_fields, sizeof(sn_fields) / sizeof(sn_fields[0]),
