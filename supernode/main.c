@@ -218,7 +218,8 @@ static const struct cli_command sn_commands[] = {
 static const struct cli_prog sn_prog = {
     .name = "supernode",
     .summary = "Super node of the p2psip overlay: a member of the DHT that stores and routes "
-               "records.",
+               "records; with sip_listen, also the public SIP registrar and proxy of a domain for "
+               "classical phones (docs/sip.md).",
     .commands = sn_commands,
     .schema = &sn_schema,
     .epilog = "Credentials and the overlay document come from state_dir (after `enroll`) unless\n"
