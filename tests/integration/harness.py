@@ -232,6 +232,20 @@ class OverlayScenario:
                    lambda: len(cls.listed()) == len(start_sns), wait)
 
     @classmethod
+    def save_logs(cls, name):
+        """Every daemon's command line and log into <build dir>/<name>-logs/NN.log, for reading
+        after a failure."""
+        if not BINDIR or not cls.daemons:
+            return
+        out = os.path.join(BINDIR, name + "-logs")
+        import shutil
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out, exist_ok=True)
+        for i, d in enumerate(cls.daemons):
+            with open(os.path.join(out, "%02d.log" % i), "w") as f:
+                f.write(" ".join(d.argv) + "\n" + d.log() + "\n")
+
+    @classmethod
     def stop_all(cls):
         """Stops every daemon still running; a failed or crashed stop is a failure."""
         problems = []

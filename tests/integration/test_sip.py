@@ -61,13 +61,7 @@ class Registrar(harness.OverlayScenario, unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
-        if BINDIR and cls.daemons:  # the daemons' logs, for reading after a failure
-            out = os.path.join(BINDIR, "test_sip-logs")
-            shutil.rmtree(out, ignore_errors=True)
-            os.makedirs(out, exist_ok=True)
-            for i, d in enumerate(cls.daemons):
-                with open(os.path.join(out, "%02d.log" % i), "w") as f:
-                    f.write(" ".join(d.argv) + "\n" + d.log() + "\n")
+        cls.save_logs("test_sip")
         problems = cls.stop_all()
         shutil.rmtree(cls.tmp, ignore_errors=True)
         if problems:

@@ -131,13 +131,7 @@ class ClassicalPhones(harness.OverlayScenario, unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
-        if BINDIR and cls.daemons:
-            out = os.path.join(BINDIR, "test_sip_classic-logs")
-            shutil.rmtree(out, ignore_errors=True)
-            os.makedirs(out, exist_ok=True)
-            for i, d in enumerate(cls.daemons):
-                with open(os.path.join(out, "%02d.log" % i), "w") as f:
-                    f.write(" ".join(d.argv) + "\n" + d.log() + "\n")
+        cls.save_logs("test_sip_classic")
         problems = cls.stop_all()
         if getattr(cls, "dns", None):
             cls.dns.close()
