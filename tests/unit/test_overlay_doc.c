@@ -589,6 +589,53 @@ static void check_with_ca(struct fx *f, gnutls_x509_privkey_t key, gnutls_x509_c
     free(pem);
 }
 
+static void set_member(json_t *doc, const void *arg)
+{
+    json_object_set_new(doc, "sip_proxies", json_loads((const char *)arg, 0, NULL));
+}
+
+/* The optional "sip_proxies": round trip, absent, and refused when malformed. */
+static void test_sip_proxies(void **state)
+{
+    struct fx *f = *state;
+    struct overlay_sip_proxy px[] = {{"pbx.example", "sip:sn1@test.example"},
+                                     {"pbx.example", "sip:sn2@test.example"}};
+    f->doc.sip_proxies = px;
+    f->doc.n_sip_proxies = 2;
+    char *env = good_envelope(f);
+    f->doc.sip_proxies = NULL;
+    f->doc.n_sip_proxies = 0;
+    struct overlay_doc out;
+    char err[512];
+    assert_int_equal(overlay_doc_verify(env, strlen(env), f->pin, 0, &out, err, sizeof(err)), 0);
+    assert_int_equal(out.n_sip_proxies, 2);
+    assert_string_equal(out.sip_proxies[1].domain, "pbx.example");
+    assert_string_equal(out.sip_proxies[1].uri, "sip:sn2@test.example");
+    overlay_doc_free(&out);
+    free(env);
+    /* Absent: none (documents of before the member verify as they did). */
+    env = good_envelope(f);
+    assert_non_null(env);
+    assert_null(strstr(env, "sip_proxies"));
+    assert_int_equal(overlay_doc_verify(env, strlen(env), f->pin, 0, &out, err, sizeof(err)), 0);
+    assert_int_equal(out.n_sip_proxies, 0);
+    overlay_doc_free(&out);
+    free(env);
+    static const char *const bad[][2] = {
+        {"{}", "member \"sip_proxies\" is not an array"},
+        {"[1]", "sip_proxies[0] is not an object"},
+        {"[{\"domain\": \"pbx.example\"}]", "member \"uri\" is missing"},
+        {"[{\"domain\": \"pbx.example\", \"uri\": 7}]", "member \"uri\" is not a string"},
+        {"[{\"domain\": \"pbx example\", \"uri\": \"sip:a@b\"}]", "without spaces"},
+        {"[{\"domain\": \"pbx.example\", \"uri\": \"tel:+1\"}]", "a sip: URI"},
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        env = edited_envelope(f, set_member, bad[i][0]);
+        expect_refused(env, strlen(env), f->pin, 0, OVERLAY_DOC_ERR_MALFORMED, bad[i][1]);
+        free(env);
+    }
+}
+
 static void test_ca_cert_checks(void **state)
 {
     struct fx *f = *state;
@@ -714,6 +761,7 @@ int main(void)
         cmocka_unit_test(test_rollback),
         cmocka_unit_test(test_malformed_envelope),
         cmocka_unit_test(test_members),
+        cmocka_unit_test(test_sip_proxies),
         cmocka_unit_test(test_ca_cert_checks),
         cmocka_unit_test(test_build_and_sign_inputs),
         cmocka_unit_test(test_base64),
