@@ -196,8 +196,11 @@ static void on_attach(struct sn *s, struct link *l, const struct msg *m)
 
 bool onsvc_admit_request(struct sn *s, struct link *l, const struct msg *m)
 {
-    if (l->roles & ROLE_SUPERNODE)
-        return true; /* super nodes are not rate-limited here: they are the overlay */
+    /* Only the node's own ordinary side (a promoted node, the SIP front end) is exempt. The
+     * super node role is no mark of trust here: every account may be promoted, so it is the
+     * default role of ordinary nodes too. */
+    if (l->has_id && nid_eq(&l->id, &s->id))
+        return true;
     struct attached *a = l->on;
     if (!a) {
         link_send_error(l, m->tid, "not-attached", "attach first");

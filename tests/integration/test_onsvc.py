@@ -68,7 +68,10 @@ ON_RATE = 5
 ON_INFLIGHT = 4
 
 SN_USERS = ("sn1", "sn2", "sn3")
-ON_USERS = ("on1", "on2", "on3", "on4", "on5", "on6")
+ON_USERS = ("on1", "on2", "on3", "on4", "on5", "on6", "on7")
+# Ordinary nodes whose accounts keep the default super node role (any node may be promoted):
+# attached, they are ordinary nodes all the same.
+PROMOTABLE_ONS = ("on7",)
 LOG_LEVEL = os.environ.get("P2P_TEST_LOG_LEVEL", "info")
 ZERO_TID = "0000000000000000"
 
@@ -506,7 +509,7 @@ class OrdinaryNodes(unittest.TestCase):
         assert rc == 0, "loginserver init: %s" % err
         pin = re.search(r"CA pin: (sha256:[0-9a-f]{64})", out).group(1)
         for user in SN_USERS + ON_USERS:
-            extra = ["--no-supernode"] if user in ON_USERS else []
+            extra = ["--no-supernode"] if user in ON_USERS and user not in PROMOTABLE_ONS else []
             rc, _, err = cls.ls("user", "add", user, *extra, stdin=user + "-password\n")
             assert rc == 0, "user add %s: %s" % (user, err)
         ls = harness.Daemon([cls.bin("loginserver"), "-d", "-c", cls.ls_cfg])
@@ -527,7 +530,8 @@ class OrdinaryNodes(unittest.TestCase):
             m = re.search(r"enrolled: (\S+) \(node-id ([0-9a-f]{40}), roles ([a-z,]+)\)", p.stdout)
             assert m, "enroll %s: unexpected output %r" % (user, p.stdout)
             n.uri, n.id = m.group(1), m.group(2)
-            want = "node" if user in ON_USERS else "supernode"
+            want = ("node" if user in ON_USERS and user not in PROMOTABLE_ONS
+                    else "supernode")
             assert (m.group(3) == "node") == (want == "node") and want in m.group(3), \
                 "%s: roles %s" % (user, m.group(3))
             return n
@@ -891,6 +895,18 @@ class OrdinaryNodes(unittest.TestCase):
         self.assertEqual(kinds, [("res", None)] * 10, "on2's gets were not all answered res")
         self.assertLess(max(lat), 0.25 * SCALE, "on2's latency: %s ms"
                         % ["%.0f" % (x * 1000) for x in lat])
+
+        # A node whose certificate also has the super node role is limited the same way once
+        # attached: the role says it may be promoted, not that it is part of the ring.
+        l7, a = self.attach("on7", "sn3")
+        self.assert_res(a, "on7 (super node role) attach to sn3")
+        tids = l7.send_reqs([("get", {"key": "%040x" % random.getrandbits(160)})
+                             for _ in range(3 * ON_RATE)])
+        answers = [l7.answer(t, REQ_S) for t in tids]
+        limited = [x for x in answers if x.kind == "err" and x.body.get("code") == "rate-limited"]
+        note("on7 (roles node,supernode) burst of %d gets: %d rate-limited", len(answers),
+             len(limited))
+        self.assertTrue(limited, "an attached node with the super node role was not rate-limited")
 
     # ---- 6. deliver ------------------------------------------------------------------------
 
