@@ -45,6 +45,7 @@
 #define DEF_WQUEUE       (1024u * 1024u)
 #define LINGER_MAX_MS    2000u
 #define READ_CHUNK       16384 /* one TLS record's worth of plaintext */
+#define COALESCE_MAX     16384 /* queued frames joined into one record up to this */
 #define READS_PER_WAKEUP 64    /* then yield to other connections */
 #define ACCEPT_PAUSE_S   0.5   /* back-off when out of file descriptors */
 #define ZERO_TID         "0000000000000000"
@@ -64,6 +65,7 @@ struct wchunk {
     struct wchunk *next;
     uint8_t *data;
     size_t len, off;
+    bool tried; /* handed to GnuTLS once: its pointer and length are fixed from then on */
 };
 
 enum close_mode {
@@ -80,6 +82,7 @@ struct conn {
     bool outgoing;
     enum conn_state state;
     ev_io rio, wio;
+    ev_prepare flush; /* frames queued this loop iteration are written before it polls */
     ev_timer timer;
     ev_tstamp last_rx;
 
@@ -450,6 +453,7 @@ static void finish(struct conn *c)
         return;
     ev_io_stop(c->loop, &c->rio);
     ev_io_stop(c->loop, &c->wio);
+    ev_prepare_stop(c->loop, &c->flush);
     ev_timer_stop(c->loop, &c->timer);
     if (c->fd >= 0) {
         close(c->fd);
@@ -523,6 +527,7 @@ static int queue_take(struct conn *c, uint8_t *data, size_t len)
     ch->data = data;
     ch->len = len;
     ch->off = 0;
+    ch->tried = false;
     if (c->wtail)
         c->wtail->next = ch;
     else
@@ -532,12 +537,48 @@ static int queue_take(struct conn *c, uint8_t *data, size_t len)
     return 0;
 }
 
+/* Frames queued back to back leave in one TLS record (and one sendmsg) when they fit: the
+ * head chunk, not yet handed to GnuTLS, takes in the chunks after it. On failure to allocate,
+ * the chunks simply go one by one. */
+static void coalesce(struct conn *c)
+{
+    struct wchunk *h = c->whead;
+    if (!h || h->tried || !h->next || h->len + h->next->len > COALESCE_MAX)
+        return;
+    size_t total = h->len;
+    struct wchunk *end = h->next;
+    while (end && total + end->len <= COALESCE_MAX) {
+        total += end->len;
+        end = end->next;
+    }
+    uint8_t *buf = malloc(total);
+    if (!buf)
+        return;
+    size_t at = 0;
+    for (struct wchunk *x = h; x != end;) {
+        struct wchunk *next = x->next;
+        memcpy(buf + at, x->data, x->len);
+        at += x->len;
+        free(x->data);
+        if (x != h)
+            free(x);
+        x = next;
+    }
+    h->data = buf;
+    h->len = total;
+    h->next = end;
+    if (!end)
+        c->wtail = h;
+}
+
 /* 0: queue empty; 1: blocked (E_AGAIN); <0: GnuTLS error. */
 static int flush(struct conn *c)
 {
     while (c->whead) {
+        coalesce(c);
         struct wchunk *ch = c->whead;
         /* After E_AGAIN this repeats the exact same pointer and length, as GnuTLS requires. */
+        ch->tried = true;
         ssize_t n = gnutls_record_send(c->s, ch->data + ch->off, ch->len - ch->off);
         if (n == GNUTLS_E_AGAIN)
             return 1;
@@ -1109,6 +1150,38 @@ static void on_write(struct ev_loop *loop, ev_io *w, int revents)
     conn_leave(c);
 }
 
+/* Frames are written just before the loop polls rather than when the socket says it is
+ * writable: a socket with room (the usual case) then costs neither the two epoll_ctl calls of
+ * starting and stopping the write watcher nor a wake-up of its own, and every frame queued for
+ * a conn in one iteration goes out together. The write watcher is left for a full socket.
+ * Sends made while frames are being written (a drain or close callback) take the write watcher:
+ * libev has already picked the prepare watchers it runs before this poll. */
+static _Thread_local int flushing;
+
+static void on_flush(struct ev_loop *loop, ev_prepare *w, int revents)
+{
+    struct conn *c = w->data;
+    ev_prepare_stop(loop, w);
+    flushing++;
+    conn_enter(c);
+    if (c->state == CONN_HELLO || c->state == CONN_OPEN)
+        write_some(c);
+    else if (c->state == CONN_CLOSING && c->graceful && !c->lingering)
+        closing_step(c);
+    conn_leave(c);
+    flushing--;
+}
+
+static void schedule_flush(struct conn *c)
+{
+    if (ev_is_active(&c->wio) || ev_is_active(&c->flush))
+        return; /* already due */
+    if (flushing)
+        set_wio(c, true);
+    else
+        ev_prepare_start(c->loop, &c->flush);
+}
+
 static void on_timer(struct ev_loop *loop, ev_timer *w, int revents)
 {
     struct conn *c = w->data;
@@ -1159,8 +1232,9 @@ static struct conn *conn_alloc(struct ev_loop *loop, struct tls_ctx *ctx, int fd
     c->ud = ud;
     ev_io_init(&c->rio, on_read, fd, EV_READ);
     ev_io_init(&c->wio, on_write, fd, EV_WRITE);
+    ev_prepare_init(&c->flush, on_flush);
     ev_timer_init(&c->timer, on_timer, ctx->hs_ms / 1000., 0.);
-    c->rio.data = c->wio.data = c->timer.data = c;
+    c->rio.data = c->wio.data = c->flush.data = c->timer.data = c;
     return c;
 }
 
@@ -1358,7 +1432,7 @@ static int queue_checked(struct conn *c, uint8_t *buf, size_t len)
     if (queue_take(c, buf, len) < 0)
         return CONN_ERR_QUEUE_FULL;
     /* Written from the loop: a send failure then closes the conn outside the caller's call. */
-    set_wio(c, true);
+    schedule_flush(c);
     return 0;
 }
 
@@ -1402,6 +1476,7 @@ void conn_abort(struct conn *c)
         return;
     ev_io_stop(c->loop, &c->rio);
     ev_io_stop(c->loop, &c->wio);
+    ev_prepare_stop(c->loop, &c->flush);
     ev_timer_stop(c->loop, &c->timer);
     if (c->fd >= 0) {
         close(c->fd);
