@@ -292,6 +292,9 @@ static size_t envelope_size(json_t *const m[3])
            json_string_encoded_len(m[1]) + json_string_encoded_len(m[2]);
 }
 
+static int adopt_signed(json_t *envelope, json_t *const m[3], json_t *so, size_t max_bytes,
+                        struct record *out, char *err, size_t errlen);
+
 int rec_parse(json_t *envelope, size_t max_bytes, struct record *out, char *err, size_t errlen)
 {
     memset(out, 0, sizeof(*out));
@@ -343,6 +346,14 @@ int rec_parse(json_t *envelope, size_t max_bytes, struct record *out, char *err,
         return errbuf_set(err, errlen, REC_E_MALFORMED, "record: signed text is not JSON: %s",
                           quote(je.text, strlen(je.text), q, sizeof(q)));
     }
+    return adopt_signed(envelope, m, so, max_bytes, out, err, errlen);
+}
+
+/* The checks of rec_parse on the signed object `so` (whose reference it takes) of `envelope`
+ * (members m). */
+static int adopt_signed(json_t *envelope, json_t *const m[3], json_t *so, size_t max_bytes,
+                        struct record *out, char *err, size_t errlen)
+{
     int r = parse_signed(so, out, err, errlen);
     if (r == REC_OK) {
         /* The size of the compact encoding, counted without making it. */
@@ -412,7 +423,50 @@ static struct {
     char *cert_b64;
     bool ed25519;
     unsigned char sk[crypto_sign_SECRETKEYBYTES];
+    unsigned char pk[crypto_sign_PUBLICKEYBYTES];
 } signer;
+
+/*
+ * The Ed25519 signatures made here lately, with a hash of the text each one signs. A super node
+ * that stores a record it signed itself (the SIP front end's registrations, when it is one of
+ * the key's replicas) need not check that signature with a scalar multiplication: it is right
+ * by construction. Found by the signature and the text's hash together, so a signature of ours
+ * under another text is verified as usual. Direct-mapped: a newer signature takes an older
+ * one's slot, and the older is then simply verified.
+ */
+#define OWN_SIGS 4096 /* a power of two */
+struct own_sig {
+    unsigned char sig[crypto_sign_BYTES];
+    unsigned char th[16];
+};
+static struct own_sig *own_sigs;
+
+static size_t own_sig_slot(const unsigned char *sig)
+{
+    return ((size_t)sig[0] | (size_t)sig[1] << 8 | (size_t)sig[2] << 16) & (OWN_SIGS - 1);
+}
+
+static void own_sig_note(const unsigned char *sig, const char *text, size_t len)
+{
+    if (!own_sigs && !(own_sigs = calloc(OWN_SIGS, sizeof(*own_sigs))))
+        return;
+    struct own_sig *o = &own_sigs[own_sig_slot(sig)];
+    memcpy(o->sig, sig, crypto_sign_BYTES);
+    crypto_generichash(o->th, sizeof(o->th), (const unsigned char *)text, len, NULL, 0);
+}
+
+static bool own_sig_known(const unsigned char *pub, const unsigned char *sig, size_t sig_len,
+                          const char *text, size_t len)
+{
+    if (!own_sigs || !signer.ed25519 || sig_len != crypto_sign_BYTES ||
+        sodium_memcmp(pub, signer.pk, crypto_sign_PUBLICKEYBYTES) != 0)
+        return false;
+    const struct own_sig *o = &own_sigs[own_sig_slot(sig)];
+    unsigned char th[16];
+    crypto_generichash(th, sizeof(th), (const unsigned char *)text, len, NULL, 0);
+    return sodium_memcmp(o->sig, sig, crypto_sign_BYTES) == 0 &&
+           sodium_memcmp(o->th, th, sizeof(th)) == 0;
+}
 
 static void signer_clear(void)
 {
@@ -420,6 +474,8 @@ static void signer_clear(void)
     free(signer.cert_b64);
     sodium_memzero(signer.sk, sizeof(signer.sk));
     memset(&signer, 0, sizeof(signer));
+    if (own_sigs)
+        memset(own_sigs, 0, OWN_SIGS * sizeof(*own_sigs)); /* they were another key's */
 }
 
 /* Fills the cache for (key, cert) unless it holds them already. REC_OK or an error code. */
@@ -456,9 +512,9 @@ static int signer_for(gnutls_x509_privkey_t key, gnutls_x509_crt_t cert, char *e
     if (ret == REC_OK && gnutls_x509_privkey_get_pk_algorithm(key) == GNUTLS_PK_EDDSA_ED25519) {
         gnutls_ecc_curve_t curve;
         gnutls_datum_t x = {NULL, 0}, k = {NULL, 0};
-        unsigned char pk[crypto_sign_PUBLICKEYBYTES];
         if (gnutls_x509_privkey_export_ecc_raw(key, &curve, &x, NULL, &k) >= 0 &&
-            k.size == crypto_sign_SEEDBYTES && crypto_sign_seed_keypair(pk, signer.sk, k.data) == 0)
+            k.size == crypto_sign_SEEDBYTES &&
+            crypto_sign_seed_keypair(signer.pk, signer.sk, k.data) == 0)
             signer.ed25519 = true; /* else GnuTLS signs (cred_sign) */
         if (k.data) {
             sodium_memzero(k.data, k.size);
@@ -525,7 +581,7 @@ int rec_sign(const struct rec_params *p, gnutls_x509_privkey_t key, gnutls_x509_
         if (json_object_set_new(so, "remove", json_true()) < 0)
             goto nomem;
     } else if (json_object_set_new(so, "no_update", json_boolean(p->no_update)) < 0 ||
-               json_object_set(so, "value", p->value) < 0) {
+               json_object_set_new(so, "value", json_deep_copy(p->value)) < 0) {
         goto nomem;
     }
     if (!(text = json_dumps(so, JSON_COMPACT)))
@@ -534,6 +590,7 @@ int rec_sign(const struct rec_params *p, gnutls_x509_privkey_t key, gnutls_x509_
     size_t tlen = strlen(text);
     if (signer.ed25519) {
         crypto_sign_detached(edsig, NULL, (const unsigned char *)text, tlen, signer.sk);
+        own_sig_note(edsig, text, tlen);
         sig_b64 = overlay_b64_encode(edsig, sizeof(edsig));
     } else if ((gr = cred_sign(key, text, tlen, &sig)) < 0) {
         ret = errbuf_set(err, errlen, REC_E_SIGNATURE, "record: cannot sign: %s",
@@ -547,7 +604,12 @@ int rec_sign(const struct rec_params *p, gnutls_x509_privkey_t key, gnutls_x509_
     env = json_pack("{s:s, s:s, s:s}", "signed", text, "cert", signer.cert_b64, "sig", sig_b64);
     if (!env)
         goto nomem;
-    ret = rec_parse(env, 0, out, err, errlen);
+    /* The record is what rec_parse would make of env, without parsing back the text just
+     * written: `so` is that text's object, and it now belongs to the record. */
+    json_t *m[3] = {json_object_get(env, "signed"), json_object_get(env, "cert"),
+                    json_object_get(env, "sig")};
+    ret = adopt_signed(env, m, so, 0, out, err, errlen);
+    so = NULL;
     goto out;
 nomem:
     ret = errbuf_set(err, errlen, REC_E_NOMEM, "record: out of memory while signing");
@@ -1009,10 +1071,12 @@ int rec_verify(struct rec_verifier *v, const struct record *r, time_t now, int64
     }
     bool good;
     if (c->ed25519) {
+        const char *text = json_string_value(signed_str);
+        size_t tlen = json_string_length(signed_str);
         good =
             sig_len == crypto_sign_BYTES &&
-            crypto_sign_verify_detached(sig, (const unsigned char *)json_string_value(signed_str),
-                                        json_string_length(signed_str), c->ed_pub) == 0;
+            (own_sig_known(c->ed_pub, sig, sig_len, text, tlen) ||
+             crypto_sign_verify_detached(sig, (const unsigned char *)text, tlen, c->ed_pub) == 0);
     } else {
         gnutls_datum_t data = {(unsigned char *)(uintptr_t)json_string_value(signed_str),
                                (unsigned)json_string_length(signed_str)};

@@ -26,6 +26,7 @@
 
 #define LOGM         "sip"
 #define UDP_BATCH    64
+#define UDP_RCVBUF   (4 * 1024 * 1024)
 #define RATE_BUCKETS 1024
 #define TCP_OUT_MAX  (1u << 20) /* queued bytes to one TCP peer before it is dropped */
 #define LOG_BURST    10         /* bad-input lines logged per LOG_WINDOW_S, then counted */
@@ -799,6 +800,13 @@ struct sip_endpoint *sip_endpoint_start(struct ev_loop *loop, const char *hostpo
         errbuf_set(err, errlen, -1, "SIP on %s: %s", hostport, e1);
         goto fail;
     }
+    /* The default receive buffer (about 200 KiB: some 90 loopback datagrams, by their kernel
+     * size) overflows in a few milliseconds of a busy loop at thousands of messages a second, and
+     * every datagram lost costs a phone a 500 ms retransmission. The kernel caps the request at
+     * net.core.rmem_max. */
+    int want = UDP_RCVBUF;
+    if (setsockopt(e->udp_fd, SOL_SOCKET, SO_RCVBUF, &want, sizeof(want)) != 0)
+        log_debug(LOGM, "SIP on %s: SO_RCVBUF %d: %s", hostport, want, strerror(errno));
     addr_str(&bound, e->addr, sizeof(e->addr));
     ev_io_init(&e->udp_io, udp_cb, e->udp_fd, EV_READ);
     e->udp_io.data = e;

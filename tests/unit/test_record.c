@@ -449,6 +449,39 @@ static void test_forged_signature(void **state)
     rec_verifier_free(v);
 }
 
+/* A signature this process made is not checked again (record.c, own_sig_known), but only for
+ * the very text it signed: another text under it, even one we signed too, is refused. */
+static void test_own_signatures(void **state)
+{
+    struct fixture *f = *state;
+    struct record a, b, mixed, fresh;
+    char err[256];
+    struct rec_verifier *v = rec_verifier_new(f->ca.crt, OVERLAY, 16);
+    sign_ok(f, &f->alice, REC_TYPE_USER_LOCATION, "alice@test.example", 1, f->now + 60, false, &a);
+    sign_ok(f, &f->alice, REC_TYPE_USER_LOCATION, "alice@test.example", 2, f->now + 60, false, &b);
+    assert_int_equal(rec_verify(v, &a, f->now, DAY, err, sizeof(err)), REC_OK);
+    assert_int_equal(rec_verify(v, &b, f->now, DAY, err, sizeof(err)), REC_OK);
+
+    /* b's text under a's signature: both ours, not a pair we made. */
+    json_t *env = json_deep_copy(a.envelope);
+    json_object_set(env, "signed", json_object_get(b.envelope, "signed"));
+    assert_int_equal(parse_env(env, 0, &mixed, err, sizeof(err)), REC_OK);
+    assert_int_equal(rec_verify(v, &mixed, f->now, DAY, err, sizeof(err)), REC_E_SIGNATURE);
+    assert_non_null(strstr(err, "signature does not verify"));
+
+    /* After another key signed here, a's signature is checked in full, and still holds. */
+    sign_ok(f, &f->bob, REC_TYPE_USER_LOCATION, "bob@test.example", 1, f->now + 60, false, &fresh);
+    assert_int_equal(rec_verify(v, &a, f->now, DAY, err, sizeof(err)), REC_OK);
+    assert_int_equal(rec_verify(v, &fresh, f->now, DAY, err, sizeof(err)), REC_OK);
+    assert_int_equal(rec_verify(v, &mixed, f->now, DAY, err, sizeof(err)), REC_E_SIGNATURE);
+
+    rec_free(&a);
+    rec_free(&b);
+    rec_free(&mixed);
+    rec_free(&fresh);
+    rec_verifier_free(v);
+}
+
 static void test_tampered_text(void **state)
 {
     struct fixture *f = *state;
@@ -1292,6 +1325,7 @@ int main(void)
         cmocka_unit_test(test_sign_refusals),
         cmocka_unit_test(test_size_counting),
         cmocka_unit_test(test_forged_signature),
+        cmocka_unit_test(test_own_signatures),
         cmocka_unit_test(test_tampered_text),
         cmocka_unit_test(test_foreign_and_bad_certificates),
         cmocka_unit_test(test_certificate_times),
