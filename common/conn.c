@@ -25,6 +25,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <ifaddrs.h>
 #include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -58,6 +59,7 @@ struct tls_ctx {
     char overlay[MSG_OVERLAY_MAX + 1];
     unsigned hs_ms, idle_ms;
     size_t max_frame, max_wqueue;
+    bool local_links;
 };
 
 /* A queued frame. The buffer never moves while GnuTLS may retry sending it. */
@@ -99,6 +101,14 @@ struct conn {
     size_t wbytes;
     bool want_drain;
 
+    /* A link to a listener of this process, on this loop (conn_connect to our own address):
+     * no socket and no TLS, messages handed over as JSON (see "Links within the process"). */
+    struct conn *twin;           /* the other end while both are open; NULL for sockets */
+    bool local, twin_gone;       /* local: fd is -1; twin_gone: the other end closed */
+    struct lmsg *inq, *inq_tail; /* messages from the twin, delivered from `deliver` */
+    size_t inq_n;
+    ev_timer deliver;
+
     int depth; /* entry points and callbacks running on this conn */
     bool graceful, lingering;
     enum conn_close_reason reason;
@@ -106,16 +116,25 @@ struct conn {
 };
 
 struct listener {
+    struct listener *next_local; /* every listener of this thread, for local links */
     struct ev_loop *loop;
     struct tls_ctx *ctx;
     int fd;
     int port;
+    struct sockaddr_storage bound;
     ev_io io;
     ev_timer pause;
     struct conn_cbs cbs;
     void *ud;
     char addr[64];
 };
+
+/* Links within the process (defined with them, below). */
+struct lmsg;
+static _Thread_local struct listener *local_listeners;
+static void local_unpair(struct conn *c);
+static void lmsg_free_all(struct conn *c);
+static void on_deliver(struct ev_loop *loop, ev_timer *w, int revents);
 
 static const char *const state_names[] = {"CONNECTING", "HANDSHAKING", "HELLO",
                                           "OPEN",       "CLOSING",     "CLOSED"};
@@ -263,6 +282,7 @@ struct tls_ctx *tls_ctx_new(const struct tls_config *cfg, char *err, size_t errl
     ctx->idle_ms = cfg->idle_timeout_ms;
     ctx->max_frame = cfg->max_frame ? cfg->max_frame : MSG_MAX_FRAME_DEF;
     ctx->max_wqueue = cfg->max_wqueue ? cfg->max_wqueue : DEF_WQUEUE;
+    ctx->local_links = cfg->local_links;
 
     /* Our certificate: read it ourselves first so that errors name the file. */
     if (load_file("certificate", cfg->cert_file, &cert_pem, err, errlen) < 0)
@@ -378,6 +398,7 @@ static void conn_set_state(struct conn *c, enum conn_state st)
 
 static void conn_destroy(struct conn *c)
 {
+    lmsg_free_all(c);
     struct wchunk *ch = c->whead;
     while (ch) {
         struct wchunk *next = ch->next;
@@ -455,10 +476,12 @@ static void finish(struct conn *c)
     ev_io_stop(c->loop, &c->wio);
     ev_prepare_stop(c->loop, &c->flush);
     ev_timer_stop(c->loop, &c->timer);
+    ev_timer_stop(c->loop, &c->deliver);
     if (c->fd >= 0) {
         close(c->fd);
         c->fd = -1;
     }
+    local_unpair(c);
     conn_set_state(c, CONN_CLOSED);
     log_closed(c);
     if (c->cbs.on_close) {
@@ -499,7 +522,10 @@ static void begin_close(struct conn *c, enum conn_close_reason reason, enum clos
     conn_set_state(c, CONN_CLOSING);
 
     bool tls_up = old == CONN_HELLO || old == CONN_OPEN;
-    if (mode == CLOSE_GRACEFUL && tls_up) {
+    if (c->local) {
+        /* What it sent is already with its twin, which is told after it has taken it. */
+        arm_timer(c, 0.);
+    } else if (mode == CLOSE_GRACEFUL && tls_up) {
         c->graceful = true;
         set_rio(c, false);
         set_wio(c, true); /* the write side drives flush + close_notify */
@@ -1234,8 +1260,234 @@ static struct conn *conn_alloc(struct ev_loop *loop, struct tls_ctx *ctx, int fd
     ev_io_init(&c->wio, on_write, fd, EV_WRITE);
     ev_prepare_init(&c->flush, on_flush);
     ev_timer_init(&c->timer, on_timer, ctx->hs_ms / 1000., 0.);
-    c->rio.data = c->wio.data = c->flush.data = c->timer.data = c;
+    ev_timer_init(&c->deliver, on_deliver, 0., 0.);
+    c->rio.data = c->wio.data = c->flush.data = c->timer.data = c->deliver.data = c;
     return c;
+}
+
+/* ---- Links within the process ------------------------------------------------------------- */
+
+/*
+ * A conn_connect() to an address that a listener of this thread serves on the same loop (a
+ * super node's SIP front end reaching the overlay through its own ordinary-node client, a
+ * promoted node's ordinary side attaching to its own super node role) becomes a pair of conns
+ * joined in memory: no socket, no TLS, and messages handed to the other end as JSON objects
+ * (deep copies) instead of being encoded, encrypted, decrypted and parsed again. Both ends
+ * behave as socket conns do towards their users: they open from the loop (the listener's end
+ * first), messages arrive from the loop in order, a close reaches the other end after what was
+ * sent before it, and conn_peer() is the other end's identity (its own certificate, loaded from
+ * the same files the listener's context was). Each end's address is the listener's.
+ */
+struct lmsg {
+    struct lmsg *next;
+    char type[MSG_TYPE_MAX + 1];
+    char tid[MSG_TID_LEN + 1];
+    enum msg_kind kind;
+    json_t *body;
+};
+#define LOCAL_QUEUE_MAX 65536 /* messages waiting at one end */
+
+static bool sockaddr_wildcard(const struct sockaddr_storage *ss)
+{
+    if (ss->ss_family == AF_INET)
+        return ((const struct sockaddr_in *)ss)->sin_addr.s_addr == htonl(INADDR_ANY);
+    const struct in6_addr *a = &((const struct sockaddr_in6 *)ss)->sin6_addr;
+    return IN6_IS_ADDR_UNSPECIFIED(a);
+}
+
+static bool same_ip(const struct sockaddr *a, const struct sockaddr *b)
+{
+    if (a->sa_family != b->sa_family)
+        return false;
+    if (a->sa_family == AF_INET)
+        return ((const struct sockaddr_in *)a)->sin_addr.s_addr ==
+               ((const struct sockaddr_in *)b)->sin_addr.s_addr;
+    return !memcmp(&((const struct sockaddr_in6 *)a)->sin6_addr,
+                   &((const struct sockaddr_in6 *)b)->sin6_addr, sizeof(struct in6_addr));
+}
+
+/* Is `to` an address of this host (what a wildcard listener is reached by)? */
+static bool host_address(const struct sockaddr *to)
+{
+    if (to->sa_family == AF_INET &&
+        (ntohl(((const struct sockaddr_in *)to)->sin_addr.s_addr) >> 24) == 127)
+        return true;
+    if (to->sa_family == AF_INET6 &&
+        IN6_IS_ADDR_LOOPBACK(&((const struct sockaddr_in6 *)to)->sin6_addr))
+        return true;
+    struct ifaddrs *ifs = NULL;
+    bool found = false;
+    if (getifaddrs(&ifs) != 0)
+        return false;
+    for (struct ifaddrs *i = ifs; i && !found; i = i->ifa_next)
+        found = i->ifa_addr && same_ip(i->ifa_addr, to);
+    freeifaddrs(ifs);
+    return found;
+}
+
+static struct listener *local_listener_for(struct ev_loop *loop, const struct tls_ctx *ctx,
+                                           const struct sockaddr *to)
+{
+    int port = to->sa_family == AF_INET6 ? ntohs(((const struct sockaddr_in6 *)to)->sin6_port)
+                                         : ntohs(((const struct sockaddr_in *)to)->sin_port);
+    for (struct listener *l = local_listeners; l; l = l->next_local) {
+        if (l->loop != loop || l->port != port || l->bound.ss_family != to->sa_family ||
+            strcmp(l->ctx->overlay, ctx->overlay) != 0)
+            continue;
+        if (same_ip((const struct sockaddr *)&l->bound, to) ||
+            (sockaddr_wildcard(&l->bound) && host_address(to)))
+            return l;
+    }
+    return NULL;
+}
+
+static void lmsg_free_all(struct conn *c)
+{
+    while (c->inq) {
+        struct lmsg *x = c->inq;
+        c->inq = x->next;
+        json_decref(x->body);
+        free(x);
+    }
+    c->inq_tail = NULL;
+    c->inq_n = 0;
+}
+
+/* The other end is gone: `c` is told from the loop, after what it still has to take. */
+static void local_unpair(struct conn *c)
+{
+    struct conn *t = c->twin;
+    if (!t)
+        return;
+    c->twin = NULL;
+    t->twin = NULL;
+    t->twin_gone = true;
+    if (t->state < CONN_CLOSING && !ev_is_active(&t->deliver))
+        ev_timer_start(t->loop, &t->deliver);
+}
+
+static int local_send(struct conn *c, const char *type, enum msg_kind kind, const char *tid,
+                      json_t *body)
+{
+    struct conn *t = c->twin;
+    if (!t || c->state != CONN_OPEN)
+        return CONN_ERR_NOT_OPEN;
+    if (!type || strlen(type) > MSG_TYPE_MAX || !msg_tid_valid(tid) ||
+        (body && !json_is_object(body)))
+        return CONN_ERR_ENCODE;
+    if (t->inq_n >= LOCAL_QUEUE_MAX) {
+        c->want_drain = true;
+        return CONN_ERR_QUEUE_FULL;
+    }
+    struct lmsg *x = calloc(1, sizeof(*x));
+    if (!x || !(x->body = body ? json_deep_copy(body) : json_object())) {
+        free(x);
+        return CONN_ERR_QUEUE_FULL;
+    }
+    snprintf(x->type, sizeof(x->type), "%s", type);
+    snprintf(x->tid, sizeof(x->tid), "%s", tid);
+    x->kind = kind;
+    if (t->inq_tail)
+        t->inq_tail->next = x;
+    else
+        t->inq = x;
+    t->inq_tail = x;
+    t->inq_n++;
+    if (!ev_is_active(&t->deliver))
+        ev_timer_start(t->loop, &t->deliver);
+    return 0;
+}
+
+static int local_send_frame(struct conn *c, const uint8_t *frame, size_t len)
+{
+    size_t flen = 0;
+    if (msg_frame_peek(frame, len, c->ctx->max_frame, &flen) != MSG_OK || flen != len)
+        return CONN_ERR_ENCODE;
+    struct msg m;
+    struct msg_error merr = {0};
+    if (msg_decode_payload(frame + MSG_LEN_PREFIX, flen - MSG_LEN_PREFIX, c->ctx->overlay, &m,
+                           &merr) != MSG_OK)
+        return CONN_ERR_ENCODE;
+    int r = local_send(c, m.type, m.kind, m.tid, m.body);
+    msg_clear(&m);
+    return r;
+}
+
+static void local_send_error(struct conn *c, const char *tid, const char *code, const char *reason)
+{
+    json_t *body =
+        json_pack("{s:s,s:s}", "code", code ? code : "error", "reason", reason ? reason : "");
+    if (body)
+        local_send(c, "error", MSG_ERR, msg_tid_valid(tid) ? tid : ZERO_TID, body);
+    json_decref(body);
+}
+
+static struct conn *local_connect(struct ev_loop *loop, struct tls_ctx *ctx, struct listener *l,
+                                  const struct conn_cbs *cbs, void *ud, char *err, size_t errlen)
+{
+    struct conn *c = conn_alloc(loop, ctx, -1, true, cbs, ud);
+    struct conn *s = conn_alloc(l->loop, l->ctx, -1, false, &l->cbs, l->ud);
+    if (!c || !s) {
+        free(c);
+        free(s);
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    c->local = s->local = true;
+    c->twin = s;
+    s->twin = c;
+    snprintf(c->addr, sizeof(c->addr), "%s", l->addr);
+    snprintf(s->addr, sizeof(s->addr), "%s", l->addr);
+    c->peer = *tls_ctx_identity(l->ctx);
+    s->peer = *tls_ctx_identity(ctx);
+    conn_set_state(c, CONN_HELLO);
+    conn_set_state(s, CONN_HELLO);
+    log_debug(COMPONENT, "%s: linked within the process", c->addr);
+    ev_timer_start(loop, &c->deliver); /* opens both ends from the loop */
+    return c;
+}
+
+static void on_deliver(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct conn *c = w->data;
+    conn_enter(c);
+    if (c->state == CONN_HELLO && c->outgoing && c->twin) {
+        struct conn *s = c->twin; /* the listener's end opens first, as an accept would */
+        conn_enter(s);
+        if (s->state == CONN_HELLO)
+            enter_open(s);
+        conn_leave(s);
+        if (c->state == CONN_HELLO && c->twin)
+            enter_open(c);
+    }
+    /* What is waiting now; later messages come with the next round, so nothing starves. */
+    for (size_t n = c->inq_n; n > 0 && c->inq && c->state == CONN_OPEN; n--) {
+        struct lmsg *x = c->inq;
+        c->inq = x->next;
+        if (!c->inq)
+            c->inq_tail = NULL;
+        c->inq_n--;
+        c->last_rx = ev_now(loop);
+        struct msg m = {.version = P2P_PROTOCOL_VERSION,
+                        .overlay = c->ctx->overlay,
+                        .type = x->type,
+                        .tid = x->tid,
+                        .kind = x->kind,
+                        .body = x->body};
+        if (x->kind == MSG_ERR && !strcmp(x->tid, ZERO_TID))
+            peer_error(c, &m);
+        else if (c->cbs.on_message)
+            c->cbs.on_message(c, &m, c->ud);
+        json_decref(x->body);
+        free(x);
+    }
+    if (c->state < CONN_CLOSING) {
+        if (c->inq && c->state == CONN_OPEN)
+            ev_timer_start(loop, &c->deliver);
+        else if (c->twin_gone)
+            begin_close(c, CONN_CLOSED_REMOTE, CLOSE_ABORT, "peer closed the connection");
+    }
+    conn_leave(c);
 }
 
 /* ---- Listener ----------------------------------------------------------------------------- */
@@ -1355,6 +1607,9 @@ struct listener *conn_listen(struct ev_loop *loop, struct tls_ctx *ctx, const ch
     format_addr((struct sockaddr *)&ss, l->addr, sizeof(l->addr));
     l->port = ss.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&ss)->sin6_port)
                                        : ntohs(((struct sockaddr_in *)&ss)->sin_port);
+    l->bound = ss;
+    l->next_local = local_listeners;
+    local_listeners = l;
     ev_io_init(&l->io, on_accept, fd, EV_READ);
     ev_timer_init(&l->pause, on_accept_pause, ACCEPT_PAUSE_S, 0.);
     l->io.data = l->pause.data = l;
@@ -1378,6 +1633,11 @@ void listener_free(struct listener *l)
 {
     if (!l)
         return;
+    for (struct listener **p = &local_listeners; *p; p = &(*p)->next_local)
+        if (*p == l) {
+            *p = l->next_local;
+            break;
+        }
     ev_io_stop(l->loop, &l->io);
     ev_timer_stop(l->loop, &l->pause);
     close(l->fd);
@@ -1392,6 +1652,11 @@ struct conn *conn_connect(struct ev_loop *loop, struct tls_ctx *ctx, const char 
     struct addrinfo *ai = NULL;
     if (parse_hostport(hostport, false, &ai, err, errlen) < 0)
         return NULL;
+    struct listener *own = ctx->local_links ? local_listener_for(loop, ctx, ai->ai_addr) : NULL;
+    if (own) {
+        freeaddrinfo(ai);
+        return local_connect(loop, ctx, own, cbs, ud, err, errlen);
+    }
     int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
         snprintf(err, errlen, "cannot create socket for %s: %s", hostport, strerror(errno));
@@ -1445,6 +1710,8 @@ int conn_send(struct conn *c, const char *type, enum msg_kind kind, const char *
         msg_new_tid(fresh);
         tid = fresh;
     }
+    if (c->local)
+        return local_send(c, type, kind, tid, body);
     struct msg_hdr hdr = {.overlay = c->ctx->overlay, .type = type, .kind = kind, .tid = tid};
     uint8_t *buf = NULL;
     size_t len = 0;
@@ -1459,6 +1726,8 @@ int conn_send_frame(struct conn *c, const uint8_t *frame, size_t len)
         return CONN_ERR_NOT_OPEN;
     if (len == 0)
         return CONN_ERR_ENCODE;
+    if (c->local)
+        return local_send_frame(c, frame, len);
     if (c->wbytes + len > c->ctx->max_wqueue) {
         c->want_drain = true;
         return CONN_ERR_QUEUE_FULL;
@@ -1478,6 +1747,8 @@ void conn_abort(struct conn *c)
     ev_io_stop(c->loop, &c->wio);
     ev_prepare_stop(c->loop, &c->flush);
     ev_timer_stop(c->loop, &c->timer);
+    ev_timer_stop(c->loop, &c->deliver);
+    local_unpair(c);
     if (c->fd >= 0) {
         close(c->fd);
         c->fd = -1;
@@ -1497,7 +1768,9 @@ void conn_close_with_error(struct conn *c, const char *tid, const char *code, co
 {
     if (!c || c->state >= CONN_CLOSING)
         return;
-    if (c->state == CONN_HELLO || c->state == CONN_OPEN)
+    if (c->local && c->state == CONN_OPEN)
+        local_send_error(c, tid, code, reason);
+    else if (c->state == CONN_HELLO || c->state == CONN_OPEN)
         queue_error_frame(c, tid, code, reason);
     begin_close(c, CONN_CLOSED_LOCAL, CLOSE_GRACEFUL, "sent error %s: %s", code,
                 reason ? reason : "");
@@ -1526,6 +1799,10 @@ const char *conn_peer_addr(const struct conn *c)
 
 int conn_local_addr(const struct conn *c, char *buf, size_t len)
 {
+    if (c->local) { /* both ends are the listener's address */
+        snprintf(buf, len, "%s", c->addr);
+        return 0;
+    }
     struct sockaddr_storage ss;
     socklen_t sl = sizeof(ss);
     if (c->fd < 0 || getsockname(c->fd, (struct sockaddr *)&ss, &sl) != 0)

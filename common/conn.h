@@ -47,6 +47,11 @@ struct tls_config {
     unsigned idle_timeout_ms;      /* close after this long with nothing received; 0 = never */
     size_t max_frame;              /* 0 = MSG_MAX_FRAME_DEF */
     size_t max_wqueue;             /* bytes of queued outgoing frames; 0 = 1 MiB */
+    /* conn_connect() with this context to the address of a listener of this thread on the same
+     * loop joins the two ends in memory: no socket, no TLS, messages handed over as JSON
+     * (conn.c, "Links within the process"). For a client of the process's own server (an
+     * ordinary-node side of a super node); off, both ends really use TLS (tests, benchmarks). */
+    bool local_links;
 };
 
 struct tls_ctx;

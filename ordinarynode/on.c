@@ -1414,8 +1414,10 @@ struct onode *onode_new(struct ev_loop *loop, const struct on_params *p, char *e
                             .key_file = cr->key_file,
                             .overlay = cr->doc.overlay,
                             /* Longer than the attempt timer, which names the cause. */
-                            .handshake_timeout_ms =
-                                (unsigned)(o->p.attach_timeout_s * 1000) + 1000};
+                            .handshake_timeout_ms = (unsigned)(o->p.attach_timeout_s * 1000) + 1000,
+                            /* Attached to our own super node role (a promoted node, the SIP
+                             * front end of a super node), the link stays in the process. */
+                            .local_links = true};
     if (!(o->tls = tls_ctx_new(&tc, err, errlen)))
         goto fail;
     if (!(o->verifier = rec_verifier_new(cr->doc.ca_crt, cr->doc.overlay, VERIFY_CACHE)) ||

@@ -304,6 +304,94 @@ static void test_mutual_auth_ipv4(void **state)
     mutual_auth(*state, "127.0.0.1");
 }
 
+/* ---- (1b) A link within the process (tls_config.local_links) -------------------------------- */
+
+static void srv_echo_burst(struct side *s, const struct msg *m)
+{
+    if (m->kind == MSG_REQ)
+        assert_int_equal(conn_send(s->c, m->type, MSG_RES, m->tid, m->body), 0);
+}
+
+static void cli_burst(struct side *s)
+{
+    /* 100 numbered indications, then the ping: all arrive, in order, before its answer. */
+    for (int i = 0; i < 100; i++) {
+        json_t *b = json_pack("{s:i}", "seq", i);
+        assert_int_equal(conn_send(s->c, "note", MSG_IND, NULL, b), 0);
+        json_decref(b);
+    }
+    cli_ping(s);
+}
+
+static void local_ctxs(struct env *e)
+{
+    struct fixture *fx = e->fx;
+    e->sctx = make_ctx(fx->ca.ca_file, &fx->srv, 0, 0, 0);
+    struct tls_config cfg = {.ca_file = fx->ca.ca_file,
+                             .cert_file = fx->cli.cert_file,
+                             .key_file = fx->cli.key_file,
+                             .overlay = OVERLAY,
+                             .local_links = true};
+    char err[256] = "";
+    e->cctx = tls_ctx_new(&cfg, err, sizeof(err));
+    assert_non_null(e->cctx);
+}
+
+static void local_link(struct fixture *fx, const char *host)
+{
+    struct env e;
+    env_init(&e, fx);
+    local_ctxs(&e);
+    env_start(&e, host);
+    /* Not open before the loop runs, as a socket would not be. */
+    assert_null(conn_peer(e.cli.c));
+    assert_int_equal(conn_send(e.cli.c, "ping", MSG_REQ, NULL, NULL), CONN_ERR_NOT_OPEN);
+
+    e.srv.msg_hook = srv_echo_burst;
+    e.cli.open_hook = cli_burst;
+    e.cli.msg_hook = cli_pong;
+    run_until(&e, both_closed, SAFETY);
+    assert_int_equal(e.srv.opens, 1);
+    assert_int_equal(e.cli.opens, 1);
+    assert_string_equal(e.srv.peer.uri, fx->cli.uri);
+    assert_memory_equal(e.srv.peer.node_id.b, fx->cli.node_id.b, NID_LEN);
+    assert_int_equal(e.srv.peer.roles, fx->cli.roles);
+    assert_string_equal(e.cli.peer.uri, fx->srv.uri);
+    assert_int_equal(e.srv.msgs, 101);
+    assert_false(e.srv.out_of_order);
+    assert_int_equal(e.srv.next_seq, 100);
+    assert_int_equal(e.cli.msgs, 1);
+    assert_int_equal(e.cli.reason, CONN_CLOSED_LOCAL);
+    assert_int_equal(e.srv.reason, CONN_CLOSED_REMOTE);
+    env_free(&e);
+}
+
+static void test_local_link(void **state)
+{
+    local_link(*state, "127.0.0.1");
+}
+
+static void srv_refuse_open(struct side *s)
+{
+    conn_close_with_error(s->c, NULL, "go-away", "not today");
+}
+
+/* The listener's end closes with an error at once: the client opens, gets it, and is closed. */
+static void test_local_link_error(void **state)
+{
+    struct fixture *fx = *state;
+    struct env e;
+    env_init(&e, fx);
+    local_ctxs(&e);
+    e.srv.open_hook = srv_refuse_open;
+    env_start(&e, "[::1]");
+    run_until(&e, both_closed, SAFETY);
+    assert_int_equal(e.srv.reason, CONN_CLOSED_LOCAL);
+    assert_int_equal(e.cli.reason, CONN_ERR_PEER_ERROR);
+    assert_non_null(strstr(e.cli.detail, "go-away: not today"));
+    env_free(&e);
+}
+
 static void test_mutual_auth_ipv6(void **state)
 {
     mutual_auth(*state, "[::1]");
@@ -1023,6 +1111,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_mutual_auth_ipv4),
         cmocka_unit_test(test_mutual_auth_ipv6),
+        cmocka_unit_test(test_local_link),
+        cmocka_unit_test(test_local_link_error),
         cmocka_unit_test(test_client_cert_other_ca),
         cmocka_unit_test(test_server_cert_other_ca),
         cmocka_unit_test(test_client_cert_expired),
