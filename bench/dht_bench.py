@@ -334,7 +334,9 @@ class Bench:
                "log_level": LOG_LEVEL, "quota_per_owner": QUOTA_OWNER,
                "quota_per_owner_bytes": QUOTA_OWNER_BYTES,
                # dhtctl is one ordinary node doing the work of thousands: no per-node limits
-               "on_rate": 1000000, "on_inflight": 100000}
+               "on_rate": 1000000, "on_inflight": 100000,
+               # each its own STUN port: 16 nodes on one host cannot all have the default
+               "stun_listen": "127.0.0.1:0"}
         if join:
             cfg["join"] = [j.addr for j in join]
         else:
