@@ -438,8 +438,11 @@ static struct {
 struct own_sig {
     unsigned char sig[crypto_sign_BYTES];
     unsigned char th[16];
+    uint32_t gen; /* the signer's generation: entries of an earlier key do not count */
 };
 static struct own_sig *own_sigs;
+static uint32_t own_gen = 1; /* bumped when the signer changes (a tool signing for many
+                              * identities changes it at every record: no table wipe) */
 
 static size_t own_sig_slot(const unsigned char *sig)
 {
@@ -453,6 +456,7 @@ static void own_sig_note(const unsigned char *sig, const char *text, size_t len)
     struct own_sig *o = &own_sigs[own_sig_slot(sig)];
     memcpy(o->sig, sig, crypto_sign_BYTES);
     crypto_generichash(o->th, sizeof(o->th), (const unsigned char *)text, len, NULL, 0);
+    o->gen = own_gen;
 }
 
 static bool own_sig_known(const unsigned char *pub, const unsigned char *sig, size_t sig_len,
@@ -464,7 +468,7 @@ static bool own_sig_known(const unsigned char *pub, const unsigned char *sig, si
     const struct own_sig *o = &own_sigs[own_sig_slot(sig)];
     unsigned char th[16];
     crypto_generichash(th, sizeof(th), (const unsigned char *)text, len, NULL, 0);
-    return sodium_memcmp(o->sig, sig, crypto_sign_BYTES) == 0 &&
+    return o->gen == own_gen && sodium_memcmp(o->sig, sig, crypto_sign_BYTES) == 0 &&
            sodium_memcmp(o->th, th, sizeof(th)) == 0;
 }
 
@@ -474,8 +478,11 @@ static void signer_clear(void)
     free(signer.cert_b64);
     sodium_memzero(signer.sk, sizeof(signer.sk));
     memset(&signer, 0, sizeof(signer));
-    if (own_sigs)
-        memset(own_sigs, 0, OWN_SIGS * sizeof(*own_sigs)); /* they were another key's */
+    if (++own_gen == 0) { /* they were another key's; after 2^32 keys, start clean */
+        own_gen = 1;
+        if (own_sigs)
+            memset(own_sigs, 0, OWN_SIGS * sizeof(*own_sigs));
+    }
 }
 
 /* Fills the cache for (key, cert) unless it holds them already. REC_OK or an error code. */
