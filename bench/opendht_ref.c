@@ -294,18 +294,19 @@ int main(int argc, char **argv)
             empty++;
         }
     }
-    printf("{\"version\": \"%s\", \"keys\": %u, \"value_bytes\": %zu,\n"
-           " \"put_signed_w1\": {\"n\": %u, \"per_s\": %.1f, \"median_ms\": %.3f, \"failed\": %u},\n"
-           " \"put_signed_w%u\": {\"n\": %u, \"per_s\": %.1f, \"median_ms\": %.3f, \"failed\": "
-           "%u},\n"
-           " \"get_w1\": {\"n\": %u, \"per_s\": %.1f, \"first_value_median_ms\": %.3f, "
-           "\"first_value_p99_ms\": %.3f, \"done_median_ms\": %.3f, \"without_value\": %u,\n"
-           "   \"new_key\": {\"n\": %u, \"first_value_median_ms\": %.3f},\n"
-           "   \"read_before\": {\"n\": %u, \"first_value_median_ms\": %.3f}}}\n",
-           dht_version(), nkeys, value_bytes, nputs < 100 ? nputs : 100, rate1, p50_1, f1, window,
-           nputs, ratew, p50_w, fw, ngets, (double)ngets / gel, pct(lat, n, 0.5),
-           pct(lat, n, 0.99), pct(done_lat, ngets, 0.5), empty, nfirst,
-           pct(first_lat, nfirst, 0.5), nrep, pct(rep_lat, nrep, 0.5));
+    printf(
+        "{\"version\": \"%s\", \"keys\": %u, \"value_bytes\": %zu,\n"
+        " \"put_signed_w1\": {\"n\": %u, \"per_s\": %.1f, \"median_ms\": %.3f, \"failed\": %u},\n"
+        " \"put_signed_w%u\": {\"n\": %u, \"per_s\": %.1f, \"median_ms\": %.3f, \"failed\": "
+        "%u},\n"
+        " \"get_w1\": {\"n\": %u, \"per_s\": %.1f, \"first_value_median_ms\": %.3f, "
+        "\"first_value_p99_ms\": %.3f, \"done_median_ms\": %.3f, \"without_value\": %u,\n"
+        "   \"new_key\": {\"n\": %u, \"first_value_median_ms\": %.3f},\n"
+        "   \"read_before\": {\"n\": %u, \"first_value_median_ms\": %.3f}}}\n",
+        dht_version(), nkeys, value_bytes, nputs < 100 ? nputs : 100, rate1, p50_1, f1, window,
+        nputs, ratew, p50_w, fw, ngets, (double)ngets / gel, pct(lat, n, 0.5), pct(lat, n, 0.99),
+        pct(done_lat, ngets, 0.5), empty, nfirst, pct(first_lat, nfirst, 0.5), nrep,
+        pct(rep_lat, nrep, 0.5));
     fflush(stdout);
     /* The runners' threads are stopped by the process's exit; a clean shutdown of OpenDHT
      * nodes waits for their searches and can take seconds. */
