@@ -135,6 +135,7 @@ static _Thread_local struct listener *local_listeners;
 static void local_unpair(struct conn *c);
 static void lmsg_free_all(struct conn *c);
 static void on_deliver(struct ev_loop *loop, ev_timer *w, int revents);
+static int local_send_frame(struct conn *c, const uint8_t *frame, size_t len);
 
 static const char *const state_names[] = {"CONNECTING", "HANDSHAKING", "HELLO",
                                           "OPEN",       "CLOSING",     "CLOSED"};
@@ -689,6 +690,12 @@ static void queue_error_frame(struct conn *c, const char *tid, const char *code,
     if (msg_encode_error(c->ctx->overlay, tid, code, reason, c->ctx->max_frame, &buf, &len) !=
         MSG_OK)
         return;
+    if (c->local) { /* the same error, handed over in memory */
+        if (c->state == CONN_OPEN)
+            local_send_frame(c, buf, len);
+        free(buf);
+        return;
+    }
     /* Never beyond the bound: a peer that does not read would not get it anyway. */
     if (c->wbytes + len > c->ctx->max_wqueue) {
         free(buf);
@@ -1413,15 +1420,6 @@ static int local_send_frame(struct conn *c, const uint8_t *frame, size_t len)
     return r;
 }
 
-static void local_send_error(struct conn *c, const char *tid, const char *code, const char *reason)
-{
-    json_t *body =
-        json_pack("{s:s,s:s}", "code", code ? code : "error", "reason", reason ? reason : "");
-    if (body)
-        local_send(c, "error", MSG_ERR, msg_tid_valid(tid) ? tid : ZERO_TID, body);
-    json_decref(body);
-}
-
 static struct conn *local_connect(struct ev_loop *loop, struct tls_ctx *ctx, struct listener *l,
                                   const struct conn_cbs *cbs, void *ud, char *err, size_t errlen)
 {
@@ -1480,6 +1478,16 @@ static void on_deliver(struct ev_loop *loop, ev_timer *w, int revents)
             c->cbs.on_message(c, &m, c->ud);
         json_decref(x->body);
         free(x);
+    }
+    /* A sender refused at the bound hears, as over a socket, that there is room again. */
+    struct conn *t = c->twin;
+    if (t && t->want_drain && c->inq_n <= LOCAL_QUEUE_MAX / 2 && t->state == CONN_OPEN) {
+        t->want_drain = false;
+        if (t->cbs.on_drain) {
+            conn_enter(t);
+            t->cbs.on_drain(t, t->ud);
+            conn_leave(t);
+        }
     }
     if (c->state < CONN_CLOSING) {
         if (c->inq && c->state == CONN_OPEN)
@@ -1768,9 +1776,7 @@ void conn_close_with_error(struct conn *c, const char *tid, const char *code, co
 {
     if (!c || c->state >= CONN_CLOSING)
         return;
-    if (c->local && c->state == CONN_OPEN)
-        local_send_error(c, tid, code, reason);
-    else if (c->state == CONN_HELLO || c->state == CONN_OPEN)
+    if (c->state == CONN_HELLO || c->state == CONN_OPEN)
         queue_error_frame(c, tid, code, reason);
     begin_close(c, CONN_CLOSED_LOCAL, CLOSE_GRACEFUL, "sent error %s: %s", code,
                 reason ? reason : "");
