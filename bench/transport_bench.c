@@ -140,7 +140,12 @@ static struct tls_ctx *make_ctx(const struct files *f, bool server)
                              .cert_file = server ? f->srv_crt : f->cli_crt,
                              .key_file = server ? f->srv_key : f->cli_key,
                              .overlay = OVERLAY,
-                             .handshake_timeout_ms = 30000};
+                             .handshake_timeout_ms = 30000,
+                             /* One client address and one certificate open thousands of
+                              * links here: lift the listener's per-source bounds. */
+                             .max_handshaking = 1000000,
+                             .max_handshaking_per_addr = 1000000,
+                             .max_links_per_identity = 1000000};
     char err[256];
     struct tls_ctx *ctx = tls_ctx_new(&cfg, err, sizeof(err));
     if (!ctx)

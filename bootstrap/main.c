@@ -22,11 +22,14 @@ struct bs_config {
     char *key_file;
     long long announce_period_s;
     bool public_only;
+    long long max_capacity;
     long long max_supernodes;
     long long reverify_periods;
     long long max_announces;
     long long check_timeout_ms;
     long long max_body_bytes;
+    long long max_connections;
+    long long max_connections_per_address;
 };
 
 static const struct cfg_field bs_fields[] = {
@@ -55,8 +58,16 @@ static const struct cfg_field bs_fields[] = {
      "5000", "time allowed for the TLS check of an announced address"},
     {"max_body_bytes", CFG_INT, offsetof(struct bs_config, max_body_bytes), 256, 1048576, NULL,
      "4096", "largest announce body; larger ones get 413"},
-    {"public_only", CFG_BOOL, offsetof(struct bs_config, public_only), 0, 0, NULL, "false",
-     "refuse announces of private or unspecified addresses"},
+    {"max_connections", CFG_INT, offsetof(struct bs_config, max_connections), 1, 100000, NULL,
+     "1024", "simultaneous HTTPS connections"},
+    {"max_connections_per_address", CFG_INT,
+     offsetof(struct bs_config, max_connections_per_address), 1, 100000, NULL, "64",
+     "simultaneous HTTPS connections from one IPv4 address or IPv6 /64"},
+    {"public_only", CFG_BOOL, offsetof(struct bs_config, public_only), 0, 0, NULL, "true",
+     "refuse announces of addresses that are not public (loopback ones pass when listen is "
+     "loopback); false for a LAN overlay"},
+    {"max_capacity", CFG_INT, offsetof(struct bs_config, max_capacity), 1, 10000000, NULL, "10000",
+     "announced capacities count up to this in the weighted list"},
 };
 
 static const struct cfg_schema bs_schema = {bs_fields, sizeof(bs_fields) / sizeof(bs_fields[0]),
@@ -94,8 +105,11 @@ static int bs_start(struct ev_loop *loop, const void *p, void **state)
         .max_supernodes = (size_t)cfg->max_supernodes,
         .max_announces = (unsigned)cfg->max_announces,
         .public_only = cfg->public_only,
+        .max_capacity = (unsigned long)cfg->max_capacity,
         .check_timeout_ms = (unsigned)cfg->check_timeout_ms,
         .max_body = (size_t)cfg->max_body_bytes,
+        .max_connections = (unsigned)cfg->max_connections,
+        .max_per_address = (unsigned)cfg->max_connections_per_address,
     };
     char err[512];
     struct bs_server *s = bs_server_start(loop, &sc, err, sizeof(err));

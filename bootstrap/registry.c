@@ -12,6 +12,7 @@
  */
 #include "registry.h"
 
+#include <arpa/inet.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,6 +25,7 @@ struct bs_registry {
     unsigned reverify_periods;
     size_t max_entries;
     unsigned max_announces;
+    unsigned long max_capacity;
     struct bs_entry *v;
     size_t n;
 };
@@ -45,7 +47,13 @@ struct bs_registry *bs_registry_new(double period_s, unsigned reverify_periods, 
     r->reverify_periods = reverify_periods ? reverify_periods : 1;
     r->max_entries = max_entries;
     r->max_announces = max_announces ? max_announces : 1;
+    r->max_capacity = BS_CAPACITY_MAX_DEF;
     return r;
+}
+
+void bs_registry_set_max_capacity(struct bs_registry *r, unsigned long max)
+{
+    r->max_capacity = max ? max : BS_CAPACITY_MAX_DEF;
 }
 
 void bs_registry_free(struct bs_registry *r)
@@ -109,8 +117,9 @@ enum bs_announce_result bs_registry_announce(struct bs_registry *r, const struct
     }
     if (++e->announces_in_period > r->max_announces)
         return BS_ANN_FLOOD; /* nothing else changes: a flood cannot churn the list */
-    e->attached = a->attached;
-    e->capacity = a->capacity;
+    /* The weight in picks comes from these: one announce must not outweigh the whole list. */
+    e->capacity = a->capacity < r->max_capacity ? a->capacity : r->max_capacity;
+    e->attached = a->attached < r->max_capacity ? a->attached : r->max_capacity;
     e->uptime_s = a->uptime_s;
     e->last_announce = now;
 
@@ -187,13 +196,16 @@ const struct bs_entry *bs_registry_get(const struct bs_registry *r, const nid_t 
 
 struct keyed {
     double key;
+    uint64_t tie; /* random: equal keys come out in random order, not in Node-ID order */
     const struct bs_entry *e;
 };
 
 static int by_key_desc(const void *a, const void *b)
 {
-    double x = ((const struct keyed *)a)->key, y = ((const struct keyed *)b)->key;
-    return x < y ? 1 : x > y ? -1 : 0;
+    const struct keyed *x = a, *y = b;
+    if (x->key != y->key)
+        return x->key < y->key ? 1 : -1;
+    return x->tie < y->tie ? 1 : x->tie > y->tie ? -1 : 0;
 }
 
 size_t bs_registry_pick(const struct bs_registry *r, size_t count, uint64_t (*rnd)(void *ud),
@@ -217,6 +229,7 @@ size_t bs_registry_pick(const struct bs_registry *r, size_t count, uint64_t (*rn
         double spare = e->capacity > e->attached ? (double)(e->capacity - e->attached) : 0.0;
         double u = ((double)(rnd(rnd_ud) >> 11) + 0.5) / 9007199254740992.0; /* (0,1) */
         k[m].key = log(u) / (1.0 + spare);
+        k[m].tie = rnd(rnd_ud);
         k[m].e = e;
         m++;
     }
@@ -241,4 +254,71 @@ size_t bs_registry_count(const struct bs_registry *r, enum bs_state state)
     for (size_t i = 0; i < r->n; i++)
         n += r->v[i].state == state;
     return n;
+}
+
+/* ---- Address classes ------------------------------------------------------------------------ */
+
+static bool v4_public(const unsigned char *a)
+{
+    if (a[0] == 0 || a[0] == 10 || a[0] == 127 || a[0] >= 224) /* this net, private, loopback,
+                                                                   multicast, reserved, broadcast */
+        return false;
+    if ((a[0] == 100 && (a[1] & 0xc0) == 64) || (a[0] == 169 && a[1] == 254) ||
+        (a[0] == 172 && (a[1] & 0xf0) == 16) || (a[0] == 192 && a[1] == 168))
+        return false; /* shared (CGNAT), link-local, private */
+    if ((a[0] == 192 && a[1] == 0 && (a[2] == 0 || a[2] == 2)) ||
+        (a[0] == 198 && (a[1] & 0xfe) == 18) || (a[0] == 198 && a[1] == 51 && a[2] == 100) ||
+        (a[0] == 203 && a[1] == 0 && a[2] == 113))
+        return false; /* protocol assignments, documentation, benchmarking */
+    return true;
+}
+
+static bool all_zero(const unsigned char *a, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (a[i])
+            return false;
+    return true;
+}
+
+bool bs_addr_public(const char *host)
+{
+    unsigned char a[16];
+    if (!host)
+        return false;
+    if (inet_pton(AF_INET, host, a) == 1)
+        return v4_public(a);
+    if (inet_pton(AF_INET6, host, a) != 1)
+        return false;
+    static const unsigned char mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    static const unsigned char nat64[12] = {0, 0x64, 0xff, 0x9b};
+    /* Forms that carry an IPv4 address reach what that address reaches. */
+    if (!memcmp(a, mapped, 12) || !memcmp(a, nat64, 12))
+        return v4_public(a + 12);
+    if (all_zero(a, 12)) /* unspecified, ::1, and the deprecated IPv4-compatible form */
+        return false;
+    if (a[0] == 0x20 && a[1] == 0x02) /* 6to4: the IPv4 address follows */
+        return v4_public(a + 2);
+    if ((a[0] & 0xe0) != 0x20) /* outside global unicast 2000::/3: ULA, link-local, multicast... */
+        return false;
+    if (a[0] == 0x20 && a[1] == 0x01 && a[2] == 0x0d && a[3] == 0xb8)
+        return false; /* documentation */
+    if (a[0] == 0x20 && a[1] == 0x01 && a[2] == 0x00 && a[3] == 0x02 && a[4] == 0 && a[5] == 0)
+        return false; /* benchmarking 2001:2::/48 */
+    return true;
+}
+
+bool bs_addr_loopback(const char *host)
+{
+    unsigned char a[16];
+    if (!host)
+        return false;
+    if (inet_pton(AF_INET, host, a) == 1)
+        return a[0] == 127;
+    if (inet_pton(AF_INET6, host, a) != 1)
+        return false;
+    static const unsigned char mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    if (!memcmp(a, mapped, 12))
+        return a[12] == 127;
+    return all_zero(a, 15) && a[15] == 1;
 }

@@ -17,6 +17,9 @@
 
 #define BS_ADDR_MAX   64
 #define BS_REASON_MAX 160
+/* Default most capacity an announce counts with (10 times a super node's default max_attached):
+ * the weight of a node in picks follows its capacity, so an unbounded one captures the list. */
+#define BS_CAPACITY_MAX_DEF 10000ul
 
 enum bs_state {
     BS_PENDING = 0, /* announced; the check of its address has not finished */
@@ -60,8 +63,11 @@ struct bs_registry;
 struct bs_registry *bs_registry_new(double period_s, unsigned reverify_periods, size_t max_entries,
                                     unsigned max_announces);
 void bs_registry_free(struct bs_registry *r);
+/* Announced capacities above `max` count as `max` (0 = BS_CAPACITY_MAX_DEF). */
+void bs_registry_set_max_capacity(struct bs_registry *r, unsigned long max);
 
-/* Records an announce at `now`. Validation of the message is the caller's. */
+/* Records an announce at `now`; capacity and attached are clamped to the maximum capacity.
+ * Validation of the message is the caller's. */
 enum bs_announce_result bs_registry_announce(struct bs_registry *r, const struct bs_announce *a,
                                              double now);
 
@@ -83,7 +89,8 @@ const struct bs_entry *bs_registry_get(const struct bs_registry *r, const nid_t 
 
 /*
  * Up to `count` distinct listed nodes, drawn without replacement with weights
- * 1 + max(0, capacity - attached). `rnd` returns uniform 64-bit values.
+ * 1 + max(0, capacity - attached) (capacity as clamped), equal keys in random order.
+ * `rnd` returns uniform 64-bit values.
  * Returns how many were written to out[].
  */
 size_t bs_registry_pick(const struct bs_registry *r, size_t count, uint64_t (*rnd)(void *ud),
@@ -94,5 +101,17 @@ void bs_registry_foreach(const struct bs_registry *r,
                          void (*cb)(const struct bs_entry *e, void *ud), void *ud);
 
 size_t bs_registry_count(const struct bs_registry *r, enum bs_state state);
+
+/*
+ * Whether a numeric host ("192.0.2.7", "2001:db8::1", no brackets or port) is a public unicast
+ * address other nodes could reach: false for unspecified, loopback, private (RFC 1918, fc00::/7),
+ * shared (100.64.0.0/10), link-local, multicast, broadcast and reserved space, documentation and
+ * benchmarking ranges, and for IPv6 forms that carry an IPv4 address (IPv4-mapped ::ffff:0:0/96,
+ * IPv4-compatible ::/96, NAT64 64:ff9b::/96, 6to4 2002::/16) when that address is not public.
+ * Anything that does not parse is not public.
+ */
+bool bs_addr_public(const char *host);
+/* Whether it is a loopback address (127.0.0.0/8, ::1, or 127/8 mapped into IPv6). */
+bool bs_addr_loopback(const char *host);
 
 #endif

@@ -56,6 +56,7 @@ struct bs_server {
     ev_timer expire;
     struct check checks; /* list head */
     uint64_t rng;
+    bool loopback_only; /* we listen on a loopback address */
     double started;
     unsigned long long announces, listings, withdrawals, rejected[N_REASONS];
 };
@@ -161,21 +162,16 @@ static void start_check(struct bs_server *s, const nid_t *id, const char *addres
 
 /* ---- Announce ------------------------------------------------------------------------------ */
 
-/* True for addresses no node elsewhere could reach us at. */
-static bool non_public(const char *host)
+/*
+ * Whether an announced host may be listed: with public_only, public addresses only; a server
+ * that itself listens on loopback is reachable from its own host alone, so its announcers are
+ * on that host too and their loopback addresses are what they can be reached at.
+ */
+static bool address_allowed(const struct bs_server *s, const char *host)
 {
-    unsigned char a[16];
-    if (inet_pton(AF_INET, host, a) == 1)
-        return a[0] == 0 || a[0] == 10 || a[0] == 127 || (a[0] == 169 && a[1] == 254) ||
-               (a[0] == 172 && (a[1] & 0xf0) == 16) || (a[0] == 192 && a[1] == 168) ||
-               (a[0] == 100 && (a[1] & 0xc0) == 64) || a[0] >= 224;
-    if (inet_pton(AF_INET6, host, a) != 1)
+    if (!s->cfg.public_only || bs_addr_public(host))
         return true;
-    static const unsigned char zero[16];
-    bool unspec = memcmp(a, zero, 16) == 0;
-    bool loop6 = memcmp(a, zero, 15) == 0 && a[15] == 1;
-    return unspec || loop6 || (a[0] == 0xfe && (a[1] & 0xc0) == 0x80) || (a[0] & 0xfe) == 0xfc ||
-           a[0] == 0xff;
+    return s->loopback_only && bs_addr_loopback(host);
 }
 
 /* Verifies the client is a super node; answers and returns false when not. */
@@ -234,7 +230,7 @@ static void handle_announce(struct bs_server *s, struct httpd_req *r)
         refuse(s, r, 400, "bad-address", "address must be a numeric host:port");
         goto out;
     }
-    if (s->cfg.public_only && non_public(host)) {
+    if (!address_allowed(s, host)) {
         snprintf(why, sizeof(why), "%s is not a public address", host);
         refuse(s, r, 400, "bad-address", why);
         goto out;
@@ -491,6 +487,11 @@ struct bs_server *bs_server_start(struct ev_loop *loop, const struct bs_server_c
         s->rng = 0x9e3779b97f4a7c15ull;
     s->reg = bs_registry_new(cfg->period_s, cfg->reverify_periods, cfg->max_supernodes,
                              cfg->max_announces);
+    if (s->reg)
+        bs_registry_set_max_capacity(s->reg, cfg->max_capacity);
+    char lhost[64];
+    s->loopback_only =
+        cfg_parse_hostport(cfg->listen, lhost, sizeof(lhost), NULL) == 0 && bs_addr_loopback(lhost);
     int r;
     if ((r = fs_read_file(cfg->ca_file, 1 << 20, &ca, NULL)) < 0 ||
         (r = fs_read_file(cfg->cert_file, 1 << 20, &cert, NULL)) < 0 ||
@@ -509,7 +510,9 @@ struct bs_server *bs_server_start(struct ev_loop *loop, const struct bs_server_c
                               .cert_pem = cert,
                               .key_pem = key,
                               .client_ca_pem = ca,
-                              .max_body = cfg->max_body};
+                              .max_body = cfg->max_body,
+                              .max_connections = cfg->max_connections,
+                              .max_per_ip = cfg->max_per_address};
     if (!(s->http = httpd_start(loop, &hc, handle, s, err, errlen)))
         goto fail;
     ev_timer_init(&s->expire, on_expire, cfg->period_s, cfg->period_s);

@@ -20,9 +20,11 @@ struct bs_server_config {
     unsigned reverify_periods;
     size_t max_supernodes;
     unsigned max_announces; /* per node per period */
-    bool public_only;
+    bool public_only;       /* only public addresses (loopback ones too when we listen on one) */
+    unsigned long max_capacity; /* announced capacities count up to this; 0 = default */
     unsigned check_timeout_ms;
     size_t max_body;
+    unsigned max_connections, max_per_address; /* HTTPS; 0 = httpd.h's defaults */
 };
 
 struct bs_server;

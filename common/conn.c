@@ -34,6 +34,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -49,6 +50,11 @@
 #define COALESCE_MAX     16384 /* queued frames joined into one record up to this */
 #define READS_PER_WAKEUP 64    /* then yield to other connections */
 #define ACCEPT_PAUSE_S   0.5   /* back-off when out of file descriptors */
+#define DEF_MAX_HS       512u  /* connections handshaking per listener */
+#define DEF_MAX_HS_SRC   64u   /* ...from one source address */
+#define DEF_MAX_PER_ID   4u    /* links per certificate identity per listener */
+#define FD_RESERVE_MAX   64    /* descriptors an accept leaves free for outgoing connections */
+#define REFUSAL_LOG_S    10.0  /* at most one summary line of refusals per listener this often */
 #define ZERO_TID         "0000000000000000"
 #define COMPONENT        "tls"
 
@@ -60,6 +66,7 @@ struct tls_ctx {
     unsigned hs_ms, idle_ms;
     size_t max_frame, max_wqueue;
     bool local_links;
+    unsigned max_hs, max_hs_src, max_per_id;
 };
 
 /* A queued frame. The buffer never moves while GnuTLS may retry sending it. */
@@ -109,6 +116,13 @@ struct conn {
     size_t inq_n;
     ev_timer deliver;
 
+    /* Accepted connections are counted by their listener while it lives (see "Listener"). */
+    struct listener *lst;
+    struct conn *hs_next, *hs_prev; /* in lst's list of handshakes (HANDSHAKING, HELLO) */
+    struct conn *id_next, *id_prev; /* in lst's list of links past TLS (HELLO, OPEN) */
+    bool in_hs, in_id;
+    uint8_t src[CONN_SRC_KEY_LEN];
+
     int depth; /* entry points and callbacks running on this conn */
     bool graceful, lingering;
     enum conn_close_reason reason;
@@ -127,6 +141,12 @@ struct listener {
     struct conn_cbs cbs;
     void *ud;
     char addr[64];
+    struct conn *hs_head, *id_head;
+    unsigned n_hs;
+    struct conn_refusals refused;
+    bool out_of_fds;         /* accept failed for lack of descriptors; logged once */
+    unsigned long fd_pauses; /* pauses in this episode */
+    rlim_t fd_limit;         /* RLIMIT_NOFILE as last read */
 };
 
 /* Links within the process (defined with them, below). */
@@ -284,6 +304,10 @@ struct tls_ctx *tls_ctx_new(const struct tls_config *cfg, char *err, size_t errl
     ctx->max_frame = cfg->max_frame ? cfg->max_frame : MSG_MAX_FRAME_DEF;
     ctx->max_wqueue = cfg->max_wqueue ? cfg->max_wqueue : DEF_WQUEUE;
     ctx->local_links = cfg->local_links;
+    ctx->max_hs = cfg->max_handshaking ? cfg->max_handshaking : DEF_MAX_HS;
+    ctx->max_hs_src =
+        cfg->max_handshaking_per_addr ? cfg->max_handshaking_per_addr : DEF_MAX_HS_SRC;
+    ctx->max_per_id = cfg->max_links_per_identity ? cfg->max_links_per_identity : DEF_MAX_PER_ID;
 
     /* Our certificate: read it ourselves first so that errors name the file. */
     if (load_file("certificate", cfg->cert_file, &cert_pem, err, errlen) < 0)
@@ -391,10 +415,18 @@ const struct peer_identity *tls_ctx_identity(const struct tls_ctx *ctx)
 
 /* ---- Connection basics -------------------------------------------------------------------- */
 
+static void lst_leave_hs(struct conn *c);
+static void lst_detach(struct conn *c);
+
 static void conn_set_state(struct conn *c, enum conn_state st)
 {
     log_debug(COMPONENT, "%s: %s -> %s", c->addr, conn_state_str(c->state), conn_state_str(st));
     c->state = st;
+    /* A listener counts a handshake until OPEN, and a link until it starts closing. */
+    if (st >= CONN_OPEN)
+        lst_leave_hs(c);
+    if (st >= CONN_CLOSING)
+        lst_detach(c);
 }
 
 static void conn_destroy(struct conn *c)
@@ -1032,6 +1064,8 @@ static int queue_hello(struct conn *c)
     return queue_take(c, buf, len);
 }
 
+static bool lst_identity_full(struct conn *c);
+
 static void handshake_done(struct conn *c)
 {
     unsigned n = 0;
@@ -1049,6 +1083,8 @@ static void handshake_done(struct conn *c)
         return;
     }
     conn_set_state(c, CONN_HELLO);
+    if (lst_identity_full(c))
+        return;
     if (queue_hello(c) < 0) {
         begin_close(c, CONN_ERR_IO, CLOSE_ABORT, "cannot build our hello");
         return;
@@ -1498,10 +1534,238 @@ static void on_deliver(struct ev_loop *loop, ev_timer *w, int revents)
     conn_leave(c);
 }
 
+/* ---- Per-source accounting and refusals ------------------------------------------------- */
+
+void conn_src_key(const struct sockaddr *sa, uint8_t key[CONN_SRC_KEY_LEN])
+{
+    static const uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    memset(key, 0, CONN_SRC_KEY_LEN);
+    if (sa->sa_family == AF_INET) {
+        key[0] = 4;
+        memcpy(key + 1, &((const struct sockaddr_in *)sa)->sin_addr, 4);
+    } else if (sa->sa_family == AF_INET6) {
+        const uint8_t *a = ((const struct sockaddr_in6 *)sa)->sin6_addr.s6_addr;
+        if (!memcmp(a, mapped, 12)) { /* the IPv4 host it is */
+            key[0] = 4;
+            memcpy(key + 1, a + 12, 4);
+        } else {
+            key[0] = 6;
+            memcpy(key + 1, a, 8);
+        }
+    }
+}
+
+const char *conn_src_key_str(const uint8_t key[CONN_SRC_KEY_LEN], char *buf, size_t len)
+{
+    char ip[INET6_ADDRSTRLEN];
+    if (key[0] == 4 && inet_ntop(AF_INET, key + 1, ip, sizeof(ip))) {
+        snprintf(buf, len, "%s", ip);
+    } else if (key[0] == 6) {
+        uint8_t a[16] = {0};
+        memcpy(a, key + 1, 8);
+        inet_ntop(AF_INET6, a, ip, sizeof(ip));
+        snprintf(buf, len, "%s/64", ip);
+    } else {
+        snprintf(buf, len, "?");
+    }
+    return buf;
+}
+
+static void refusals_flush(struct conn_refusals *r)
+{
+    if (!r->pending)
+        return;
+    log_warn(r->component,
+             "%s: refused %lu more connection%s in the last %.0f s (%lu in all; "
+             "the last %s)",
+             r->where, r->pending, r->pending == 1 ? "" : "s", ev_now(r->loop) - r->last_line,
+             r->total, r->last);
+    r->pending = 0;
+    r->last_line = ev_now(r->loop);
+}
+
+static void on_refusals_timer(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    refusals_flush(w->data);
+}
+
+void conn_refusals_init(struct conn_refusals *r, struct ev_loop *loop, const char *component,
+                        const char *where)
+{
+    memset(r, 0, sizeof(*r));
+    r->loop = loop;
+    r->component = component;
+    snprintf(r->where, sizeof(r->where), "%s", where);
+    r->last_line = -1e9;
+    ev_timer_init(&r->timer, on_refusals_timer, REFUSAL_LOG_S, 0.);
+    r->timer.data = r;
+}
+
+void conn_refusals_note(struct conn_refusals *r, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(r->last, sizeof(r->last), fmt, ap);
+    va_end(ap);
+    r->total++;
+    ev_tstamp now = ev_now(r->loop);
+    if (!r->pending && now - r->last_line >= REFUSAL_LOG_S) {
+        log_warn(r->component, "%s: refused a connection %s", r->where, r->last);
+        r->last_line = now;
+        return;
+    }
+    r->pending++;
+    if (!ev_is_active(&r->timer)) {
+        double in = r->last_line + REFUSAL_LOG_S - now;
+        ev_timer_set(&r->timer, in > 0.01 ? in : 0.01, 0.);
+        ev_timer_start(r->loop, &r->timer);
+    }
+}
+
+void conn_refusals_stop(struct conn_refusals *r)
+{
+    if (!r->loop)
+        return;
+    refusals_flush(r);
+    ev_timer_stop(r->loop, &r->timer);
+}
+
 /* ---- Listener ----------------------------------------------------------------------------- */
+
+/*
+ * A listener keeps two lists of what it accepted: connections still handshaking (bounded in
+ * total and per source, each by the handshake deadline), and connections past TLS, whose
+ * certificate identity is known (bounded per identity). Nobody without a certificate can hold
+ * more than the first; nobody with one more than the second. Lists, not tables: the first is
+ * short by its bound, and the second is walked only once per handshake that completes.
+ */
+static void lst_leave_hs(struct conn *c)
+{
+    if (!c->in_hs)
+        return;
+    if (c->hs_prev)
+        c->hs_prev->hs_next = c->hs_next;
+    else
+        c->lst->hs_head = c->hs_next;
+    if (c->hs_next)
+        c->hs_next->hs_prev = c->hs_prev;
+    c->hs_next = c->hs_prev = NULL;
+    c->in_hs = false;
+    c->lst->n_hs--;
+}
+
+static void lst_detach(struct conn *c)
+{
+    if (!c->lst)
+        return;
+    lst_leave_hs(c);
+    if (c->in_id) {
+        if (c->id_prev)
+            c->id_prev->id_next = c->id_next;
+        else
+            c->lst->id_head = c->id_next;
+        if (c->id_next)
+            c->id_next->id_prev = c->id_prev;
+        c->id_next = c->id_prev = NULL;
+        c->in_id = false;
+    }
+    c->lst = NULL;
+}
+
+static bool same_identity(const struct peer_identity *a, const struct peer_identity *b)
+{
+    if (a->has_node_id != b->has_node_id ||
+        (a->has_node_id && memcmp(&a->node_id, &b->node_id, sizeof(a->node_id)) != 0))
+        return false;
+    return !strcmp(a->uri, b->uri) && !strcmp(a->dns, b->dns) && !strcmp(a->cn, b->cn);
+}
+
+/*
+ * At the end of an accepted TLS handshake, before our hello: counts the links the same
+ * certificate identity holds on this listener, and refuses this one with an error frame when
+ * they are at the bound. Returns true when it refused.
+ */
+static bool lst_identity_full(struct conn *c)
+{
+    struct listener *l = c->lst;
+    if (!l || c->outgoing)
+        return false;
+    unsigned n = 0;
+    for (struct conn *x = l->id_head; x; x = x->id_next)
+        n += same_identity(&x->peer, &c->peer);
+    if (n < c->ctx->max_per_id) {
+        c->id_next = l->id_head;
+        c->id_prev = NULL;
+        if (l->id_head)
+            l->id_head->id_prev = c;
+        l->id_head = c;
+        c->in_id = true;
+        return false;
+    }
+    char who[512], why[160];
+    cred_identity_str(&c->peer, who, sizeof(who));
+    snprintf(why, sizeof(why), "this certificate already holds %u links to this node (limit %u)", n,
+             c->ctx->max_per_id);
+    conn_refusals_note(&l->refused, "from %s: %s holds %u links (limit %u)", c->addr, who, n,
+                       c->ctx->max_per_id);
+    queue_error_frame(c, NULL, "too-many-links", why);
+    begin_close(c, CONN_ERR_PROTOCOL, CLOSE_GRACEFUL, "refused: %s", why);
+    return true;
+}
+
+/* The descriptors this process may have open, re-read when accepts come close to it. */
+static rlim_t fd_limit(struct listener *l, int fd)
+{
+    if (!l->fd_limit || (rlim_t)fd + FD_RESERVE_MAX >= l->fd_limit) {
+        struct rlimit rl;
+        if (getrlimit(RLIMIT_NOFILE, &rl) == 0)
+            l->fd_limit = rl.rlim_cur == RLIM_INFINITY ? (rlim_t)1 << 30 : rl.rlim_cur;
+    }
+    return l->fd_limit;
+}
+
+/* Why a connection just accepted (as `fd`, from `sa`) must be closed at once; false if not. */
+static bool over_bounds(struct listener *l, int fd, const uint8_t src[CONN_SRC_KEY_LEN], char *why,
+                        size_t len)
+{
+    char from[INET6_ADDRSTRLEN + 8];
+    conn_src_key_str(src, from, sizeof(from));
+    /* Descriptors are taken lowest first, so fd tells how many are open. Leave some for the
+     * connections this node makes itself: a node out of descriptors takes its successor for
+     * dead. */
+    rlim_t lim = fd_limit(l, fd);
+    rlim_t reserve = lim / 8 < FD_RESERVE_MAX ? lim / 8 : FD_RESERVE_MAX;
+    if ((rlim_t)fd + reserve >= lim) {
+        snprintf(why, len, "from %s: descriptors nearly exhausted (%d of %llu in use)", from, fd,
+                 (unsigned long long)lim);
+        return true;
+    }
+    if (l->n_hs >= l->ctx->max_hs) {
+        snprintf(why, len, "from %s: %u handshakes in progress (limit %u)", from, l->n_hs,
+                 l->ctx->max_hs);
+        return true;
+    }
+    unsigned n = 0;
+    for (struct conn *x = l->hs_head; x; x = x->hs_next)
+        n += !memcmp(x->src, src, CONN_SRC_KEY_LEN);
+    if (n >= l->ctx->max_hs_src) {
+        snprintf(why, len, "from %s: %u handshakes in progress from that address (limit %u)", from,
+                 n, l->ctx->max_hs_src);
+        return true;
+    }
+    return false;
+}
 
 static void accept_one(struct listener *l, int fd, const struct sockaddr *sa)
 {
+    uint8_t src[CONN_SRC_KEY_LEN];
+    char why[200];
+    conn_src_key(sa, src);
+    if (over_bounds(l, fd, src, why, sizeof(why))) {
+        close(fd); /* before TLS: nothing to say, and nothing spent on it */
+        conn_refusals_note(&l->refused, "%s", why);
+        return;
+    }
     set_nodelay(fd);
     struct conn *c = conn_alloc(l->loop, l->ctx, fd, false, &l->cbs, l->ud);
     if (!c) {
@@ -1517,6 +1781,14 @@ static void accept_one(struct listener *l, int fd, const struct sockaddr *sa)
         conn_destroy(c);
         return;
     }
+    memcpy(c->src, src, sizeof(c->src));
+    c->lst = l;
+    c->in_hs = true;
+    c->hs_next = l->hs_head;
+    if (l->hs_head)
+        l->hs_head->hs_prev = c;
+    l->hs_head = c;
+    l->n_hs++;
     log_debug(COMPONENT, "%s: accepted on %s", c->addr, l->addr);
     ev_timer_start(l->loop, &c->timer);
 }
@@ -1535,6 +1807,14 @@ static void on_accept(struct ev_loop *loop, ev_io *w, int revents)
         socklen_t sl = sizeof(ss);
         int fd = accept4(l->fd, (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd >= 0) {
+            if (l->out_of_fds) {
+                log_info(COMPONENT,
+                         "%s: accepting connections again (paused %lu time%s for lack "
+                         "of descriptors)",
+                         l->addr, l->fd_pauses, l->fd_pauses == 1 ? "" : "s");
+                l->out_of_fds = false;
+                l->fd_pauses = 0;
+            }
             accept_one(l, fd, (struct sockaddr *)&ss);
             continue;
         }
@@ -1554,10 +1834,16 @@ static void on_accept(struct ev_loop *loop, ev_io *w, int revents)
         case ENOMEM:
             /*
              * The pending connection stays in the backlog and would wake us
-             * again at once: pause accepting instead of spinning.
+             * again at once: pause accepting instead of spinning. Logged once
+             * per episode: it ends with the next accept that works.
              */
-            log_warn(COMPONENT, "%s: cannot accept: %s; pausing new connections for %.1f s",
-                     l->addr, strerror(errno), ACCEPT_PAUSE_S);
+            if (!l->out_of_fds)
+                log_warn(COMPONENT,
+                         "%s: cannot accept: %s; pausing new connections for %.1f s at a time "
+                         "until descriptors are free again",
+                         l->addr, strerror(errno), ACCEPT_PAUSE_S);
+            l->out_of_fds = true;
+            l->fd_pauses++;
             ev_io_stop(loop, &l->io);
             ev_timer_stop(loop, &l->pause);
             ev_timer_set(&l->pause, ACCEPT_PAUSE_S, 0.);
@@ -1621,6 +1907,7 @@ struct listener *conn_listen(struct ev_loop *loop, struct tls_ctx *ctx, const ch
     ev_io_init(&l->io, on_accept, fd, EV_READ);
     ev_timer_init(&l->pause, on_accept_pause, ACCEPT_PAUSE_S, 0.);
     l->io.data = l->pause.data = l;
+    conn_refusals_init(&l->refused, loop, COMPONENT, l->addr);
     ev_io_start(loop, &l->io);
     freeaddrinfo(ai);
     log_info(COMPONENT, "listening on %s", l->addr);
@@ -1648,6 +1935,12 @@ void listener_free(struct listener *l)
         }
     ev_io_stop(l->loop, &l->io);
     ev_timer_stop(l->loop, &l->pause);
+    conn_refusals_stop(&l->refused);
+    /* Its connections live on, uncounted. */
+    while (l->hs_head)
+        lst_detach(l->hs_head);
+    while (l->id_head)
+        lst_detach(l->id_head);
     close(l->fd);
     free(l);
 }
@@ -1762,6 +2055,7 @@ void conn_abort(struct conn *c)
         c->fd = -1;
     }
     c->state = CONN_CLOSED;
+    lst_detach(c);
     if (c->depth == 0)
         conn_destroy(c);
 }

@@ -25,6 +25,12 @@
  * Closing is graceful where it can be: queued frames and close_notify are
  * sent, then the socket lingers (bounded) reading until the peer closes, so
  * that a last error frame or TLS alert is not destroyed by a TCP reset.
+ *
+ * A listener bounds what unauthenticated and per-identity peers can hold
+ * (docs/protocol.md 1.1): connections still handshaking (TCP accepted, TLS and
+ * hello not done), in total and per source address; links per certificate
+ * identity; and it keeps descriptors in reserve for outgoing connections. What
+ * it refuses is counted and logged at most once per 10 s per listener.
  */
 #ifndef P2P_CONN_H
 #define P2P_CONN_H
@@ -52,6 +58,10 @@ struct tls_config {
      * (conn.c, "Links within the process"). For a client of the process's own server (an
      * ordinary-node side of a super node); off, both ends really use TLS (tests, benchmarks). */
     bool local_links;
+    /* Per listener using this context (0 = the default in brackets): */
+    unsigned max_handshaking;          /* accepted connections not yet OPEN [512] */
+    unsigned max_handshaking_per_addr; /* the same from one source address [64] */
+    unsigned max_links_per_identity;   /* accepted links past TLS per certificate identity [4] */
 };
 
 struct tls_ctx;
@@ -173,5 +183,37 @@ int conn_local_addr(const struct conn *c, char *buf, size_t len);
 size_t conn_queued_bytes(const struct conn *c);
 void conn_set_userdata(struct conn *c, void *ud);
 void *conn_get_userdata(const struct conn *c);
+
+/*
+ * Per-source accounting, shared with the HTTPS server (httpd.c). A source is
+ * an IPv4 address (also when it comes IPv4-mapped in IPv6) or the /64 of an
+ * IPv6 address: one host usually holds a whole /64.
+ */
+#define CONN_SRC_KEY_LEN 9
+struct sockaddr;
+void conn_src_key(const struct sockaddr *sa, uint8_t key[CONN_SRC_KEY_LEN]);
+/* "192.0.2.7" or "2001:db8:1:2::/64". */
+const char *conn_src_key_str(const uint8_t key[CONN_SRC_KEY_LEN], char *buf, size_t len);
+
+/*
+ * Refused connections, logged without flooding the log: the first one of a
+ * quiet spell at once ("<where>: refused a connection <reason>"), later ones as
+ * one summary line at most every 10 s with their count and the last reason.
+ */
+struct conn_refusals {
+    struct ev_loop *loop;
+    ev_timer timer;
+    const char *component;
+    char where[64];
+    unsigned long total, pending;
+    double last_line;
+    char last[200];
+};
+void conn_refusals_init(struct conn_refusals *r, struct ev_loop *loop, const char *component,
+                        const char *where);
+void conn_refusals_note(struct conn_refusals *r, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+/* Logs what is pending and stops the timer. */
+void conn_refusals_stop(struct conn_refusals *r);
 
 #endif

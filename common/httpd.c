@@ -4,6 +4,11 @@
  * fires when MHD_get_timeout() says so, and an ev_prepare re-arms that timer
  * before each loop iteration (MHD may have queued work, e.g. a response a
  * handler just produced, that needs a run without any new I/O).
+ *
+ * Connection bounds are ours rather than MHD's: MHD's per-IP limit counts
+ * whole IPv6 addresses and refuses silently. MHD asks our accept policy about
+ * every accepted socket, and tells us when a connection starts and when it is
+ * gone; a table of sources counts what each holds.
  */
 #include "httpd.h"
 
@@ -15,19 +20,31 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include "config.h"
+#include "conn.h"
 #include "log.h"
 
 #define DEF_MAX_BODY   (16 * 1024)
 #define DEF_TIMEOUT_S  30
 #define DEF_MAX_CONNS  1024
+#define DEF_MAX_PER_IP 64
+#define FD_RESERVE     64 /* descriptors left for everything but HTTPS connections */
+#define SRC_BUCKETS    1024
 #define MAX_CHAIN      8
 #define HTTPS_PRIORITY "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"
 
 struct header {
     struct header *next;
     char *name, *value;
+};
+
+/* What one source address holds; freed when it holds nothing. */
+struct src {
+    struct src *next;
+    uint8_t key[CONN_SRC_KEY_LEN];
+    unsigned n;
 };
 
 struct httpd {
@@ -42,6 +59,9 @@ struct httpd {
     int port;
     char *cert_pem, *key_pem, *ca_pem; /* MHD keeps pointers to these */
     gnutls_x509_trust_list_t trust;    /* for client certificates, when asked for */
+    unsigned max_conns, max_per_src, n_conns;
+    struct src *srcs[SRC_BUCKETS];
+    struct conn_refusals refused;
 };
 
 struct httpd_req {
@@ -96,6 +116,87 @@ static void mhd_logger(void *cls, const char *fmt, va_list ap)
     while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r'))
         buf[--n] = '\0';
     log_debug("http", "%s", buf);
+}
+
+/* ---- Connection bounds ------------------------------------------------------------------ */
+
+static struct src **src_slot(struct httpd *h, const uint8_t key[CONN_SRC_KEY_LEN])
+{
+    uint32_t x = 2166136261u; /* FNV-1a: the bound, not the hash, is what stops a flood */
+    for (int i = 0; i < CONN_SRC_KEY_LEN; i++)
+        x = (x ^ key[i]) * 16777619u;
+    struct src **p = &h->srcs[x % SRC_BUCKETS];
+    while (*p && memcmp((*p)->key, key, CONN_SRC_KEY_LEN) != 0)
+        p = &(*p)->next;
+    return p;
+}
+
+static enum MHD_Result on_accept_policy(void *cls, const struct sockaddr *addr, socklen_t addrlen)
+{
+    struct httpd *h = cls;
+    uint8_t key[CONN_SRC_KEY_LEN];
+    char from[INET6_ADDRSTRLEN + 8];
+    conn_src_key(addr, key);
+    if (h->n_conns >= h->max_conns) {
+        conn_refusals_note(&h->refused, "from %s: %u connections open (limit %u)",
+                           conn_src_key_str(key, from, sizeof(from)), h->n_conns, h->max_conns);
+        return MHD_NO;
+    }
+    struct src *s = *src_slot(h, key);
+    if (s && s->n >= h->max_per_src) {
+        conn_refusals_note(&h->refused, "from %s: %u connections open from that address (limit %u)",
+                           conn_src_key_str(key, from, sizeof(from)), s->n, h->max_per_src);
+        return MHD_NO;
+    }
+    return MHD_YES;
+}
+
+static void on_connection(void *cls, struct MHD_Connection *c, void **socket_context,
+                          enum MHD_ConnectionNotificationCode toe)
+{
+    struct httpd *h = cls;
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+        const union MHD_ConnectionInfo *ci =
+            MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+        uint8_t key[CONN_SRC_KEY_LEN];
+        if (!ci || !ci->client_addr)
+            return;
+        conn_src_key(ci->client_addr, key);
+        struct src **p = src_slot(h, key);
+        if (!*p) {
+            *p = calloc(1, sizeof(**p));
+            if (!*p)
+                return; /* uncounted: bounded by MHD's own total */
+            memcpy((*p)->key, key, sizeof(key));
+        }
+        (*p)->n++;
+        h->n_conns++;
+        *socket_context = *p;
+    } else if (toe == MHD_CONNECTION_NOTIFY_CLOSED && *socket_context) {
+        struct src *s = *socket_context;
+        *socket_context = NULL;
+        h->n_conns--;
+        if (--s->n == 0) {
+            struct src **p = src_slot(h, s->key);
+            *p = s->next;
+            free(s);
+        }
+    }
+}
+
+/* The most connections the descriptor limit leaves room for. */
+static unsigned fd_room(unsigned want, const char *listen)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY ||
+        rl.rlim_cur >= (rlim_t)want + 2 * FD_RESERVE)
+        return want;
+    unsigned room = rl.rlim_cur > 2 * FD_RESERVE ? (unsigned)(rl.rlim_cur - 2 * FD_RESERVE) : 8;
+    log_warn("http",
+             "%s: %u connections need more descriptors than the limit of %llu allows: "
+             "serving at most %u at once",
+             listen, want, (unsigned long long)rl.rlim_cur, room);
+    return room;
 }
 
 /* ---- Requests ----------------------------------------------------------------------------- */
@@ -461,7 +562,10 @@ struct httpd *httpd_start(struct ev_loop *loop, const struct httpd_config *cfg,
         inet_pton(AF_INET, host, &s4->sin_addr);
     }
     unsigned timeout = cfg->timeout_s ? cfg->timeout_s : DEF_TIMEOUT_S;
-    unsigned max_conns = cfg->max_connections ? cfg->max_connections : DEF_MAX_CONNS;
+    h->max_conns =
+        fd_room(cfg->max_connections ? cfg->max_connections : DEF_MAX_CONNS, cfg->listen);
+    h->max_per_src = cfg->max_per_ip ? cfg->max_per_ip : DEF_MAX_PER_IP;
+    conn_refusals_init(&h->refused, loop, "http", cfg->listen);
     /* An option array, because the trust option is conditional (MHD's varargs end at the
      * first MHD_OPTION_END, which would silently drop everything after it). */
     struct MHD_OptionItem opts[16];
@@ -476,16 +580,16 @@ struct httpd *httpd_start(struct ev_loop *loop, const struct httpd_config *cfg,
             OPT(MHD_OPTION_HTTPS_MEM_TRUST, 0, h->ca_pem);
     }
     OPT(MHD_OPTION_CONNECTION_TIMEOUT, timeout, NULL);
-    OPT(MHD_OPTION_CONNECTION_LIMIT, max_conns, NULL);
-    if (cfg->max_per_ip)
-        OPT(MHD_OPTION_PER_IP_CONNECTION_LIMIT, cfg->max_per_ip, NULL);
+    /* MHD's own bound only backs ours up (it refuses without telling): a little above it. */
+    OPT(MHD_OPTION_CONNECTION_LIMIT, h->max_conns + 8, NULL);
     OPT(MHD_OPTION_SIGPIPE_HANDLED_BY_APP, 1, NULL);
     OPT(MHD_OPTION_END, 0, NULL);
 #undef OPT
     /* The logger goes first so that MHD reports even option problems through it. */
-    h->d = MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, on_access, h,
+    h->d = MHD_start_daemon(flags, (uint16_t)port, on_accept_policy, h, on_access, h,
                             MHD_OPTION_EXTERNAL_LOGGER, mhd_logger, h, MHD_OPTION_ARRAY, opts,
-                            MHD_OPTION_NOTIFY_COMPLETED, on_completed, h, MHD_OPTION_END);
+                            MHD_OPTION_NOTIFY_COMPLETED, on_completed, h,
+                            MHD_OPTION_NOTIFY_CONNECTION, on_connection, h, MHD_OPTION_END);
     if (!h->d) {
         snprintf(err, errlen, "cannot start %s on %s (address in use%s)", tls ? "HTTPS" : "HTTP",
                  cfg->listen, tls ? ", or bad certificate/key" : "");
@@ -525,7 +629,13 @@ void httpd_stop(struct httpd *h)
         ev_prepare_stop(h->loop, &h->prepare);
     }
     if (h->d)
-        MHD_stop_daemon(h->d);
+        MHD_stop_daemon(h->d); /* tells on_connection of every connection it closes */
+    conn_refusals_stop(&h->refused);
+    for (size_t i = 0; i < SRC_BUCKETS; i++)
+        for (struct src *s = h->srcs[i], *next; s; s = next) {
+            next = s->next;
+            free(s);
+        }
     if (h->trust)
         gnutls_x509_trust_list_deinit(h->trust, 1);
     free(h->cert_pem);

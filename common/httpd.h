@@ -9,6 +9,11 @@
  * it). A handler that forgets to answer produces a 500. Client certificates
  * are requested when client_ca_pem is set but never required by the TLS
  * layer: httpd_req_client_identity() verifies one against that CA.
+ *
+ * Connections are bounded in total and per source address (an IPv4 address or
+ * an IPv6 /64, as conn.h counts them); one over either bound is closed as soon
+ * as it is accepted, before TLS, and the refusals are logged at most once per
+ * 10 s. The total never exceeds what the descriptor limit leaves room for.
  */
 #ifndef P2P_HTTPD_H
 #define P2P_HTTPD_H
@@ -28,7 +33,7 @@ struct httpd_config {
     size_t max_body;           /* bytes; 0 = 16 KiB */
     unsigned timeout_s;        /* idle connection timeout; 0 = 30 */
     unsigned max_connections;  /* 0 = 1024 */
-    unsigned max_per_ip;       /* 0 = no limit */
+    unsigned max_per_ip;       /* connections from one source address; 0 = 64 */
 };
 
 struct httpd;

@@ -490,17 +490,29 @@ class Bootstrap(unittest.TestCase):
             self.assert_error(self.announce(self.port, "sn5", addr),
                               400, "bad-address", "address %r" % addr)
 
-        # A server for public addresses only refuses loopback, private, link-local and
-        # unspecified ones.
-        pub, pub_port = self.start_bootstrap("-o", "public_only=true")
+        # public_only is on by default (issue 15 item 14): the main server (no setting) refuses
+        # private, shared, link-local, multicast and unspecified addresses, IPv4-mapped ones
+        # like the IPv4 address they carry; listening on loopback, it takes loopback ones (sn1
+        # and sn2 are listed at 127.0.0.1), which a server listening elsewhere would refuse.
+        for addr in ("10.1.2.3:7000", "192.168.1.1:7000", "172.16.0.1:7000", "100.64.0.1:7000",
+                     "169.254.1.1:7000", "0.0.0.0:7000", "224.0.0.1:7000",
+                     "255.255.255.255:7000", "[::]:7000", "[::ffff:10.0.0.1]:7000",
+                     "[::ffff:192.168.0.1]:7000", "[::ffff:0.0.0.0]:7000", "[fc00::1]:7000",
+                     "[fd00::7]:7000", "[fe80::1]:7000", "[ff02::1]:7000", "[2001:db8::1]:7000"):
+            st, js, resp = self.announce(self.port, "sn5", addr)
+            self.assertEqual((st, js and js.get("error")), (400, "bad-address"),
+                             "public_only by default, %s: %s" % (addr, resp.text))
+            self.assertIn("not a public address", js["reason"])
+        self.assertNotIn(self.node_id["sn5"], self.listed())
+        self.assertIn("10.1.2.3 is not a public address", self.bs.log())
+        # An explicit public_only=false (a LAN overlay) takes them: 0.0.0.0 is checked (and,
+        # nothing listening there, rejected) instead of refused.
+        lan, lan_port = self.start_bootstrap("-o", "public_only=false")
         try:
-            for addr in (self.addr["sn1"], "10.1.2.3:7000", "192.168.1.1:7000",
-                         "169.254.1.1:7000", "0.0.0.0:7000", "[::1]:7000"):
-                self.assert_error(self.announce(pub_port, "sn1", addr), 400, "bad-address",
-                                  "public_only, %s" % addr)
-            self.assertEqual(self.listed(pub_port), {})
+            self.announce_until("sn5", "0.0.0.0:%d" % free_port(), port=lan_port,
+                                want="rejected")
         finally:
-            self.assertEqual(pub.stop(), 0)
+            self.assertEqual(lan.stop(), 0)
 
         # An oversize body with a Content-Length: 413 without reading it all; like curl, we
         # read the answer even though our upload was cut off.
@@ -629,6 +641,53 @@ class Bootstrap(unittest.TestCase):
             self.assertEqual(self.listed(), self.expected("sn1", "sn2"))
         finally:
             self.assertEqual(other.stop(), 0)
+
+
+    # ---- capture ------------------------------------------------------------------------
+
+    def test_8_capacity_cannot_capture_the_list(self):
+        """Issue 15 item 7: one announce with capacity 9000000000000000000 made its node come
+        first in 50 of 50 lists. Capacity now counts up to max_capacity (10000 by default):
+        against two honest super nodes announcing that much spare, the captor's weight is a
+        third of the total, so it comes first in about 17 of 50."""
+        addr = "127.0.0.1:%d" % free_port()
+        rogue = self.start_daemon([self.bin("supernode"), "-d", "-o", "overlay=" + OVERLAY,
+                                   "-o", "state_dir=" + self.dir["sn3"], "-o", "listen=" + addr]
+                                  + self.cred_opts("sn3"))
+        rogue.wait_for("listening on")
+        other, port = self.start_bootstrap()
+        try:
+            for u in ("sn1", "sn2"):
+                st, js, _ = self.request(port, "POST", "/v1/announce",
+                                         self.body(u, attached=0, capacity=10000), user=u)
+                self.assertEqual(st, 200, js)
+            huge = 9000000000000000000
+            st, js, _ = self.request(port, "POST", "/v1/announce",
+                                     self.body("sn3", addr, attached=0, capacity=huge),
+                                     user="sn3")
+            self.assertEqual(st, 200, js)
+            deadline = time.monotonic() + SETTLE
+            while len(self.listed(port)) < 3:
+                self.assertLess(time.monotonic(), deadline, self.listed(port))
+                time.sleep(POLL)
+            first = collections.Counter()
+            for _ in range(50):
+                st, js, _ = self.request(port, "GET", "/v1/supernodes?count=1")
+                self.assertEqual(st, 200)
+                first[js["supernodes"][0]["node_id"]] += 1
+            print("first in 50 lists: captor %d, sn1 %d, sn2 %d"
+                  % (first[self.node_id["sn3"]], first[self.node_id["sn1"]],
+                     first[self.node_id["sn2"]]))
+            # Binomial(50, 1/3): above 30 has a probability under 1e-4.
+            self.assertLessEqual(first[self.node_id["sn3"]], 30, first)
+            self.assertGreaterEqual(first[self.node_id["sn1"]] + first[self.node_id["sn2"]], 20)
+            # The status page shows the capacity the list counts with.
+            st, _, resp = self.request(port, "GET", "/")
+            self.assertIn("0 / 10000", resp.text)
+            self.assertNotIn(str(huge), resp.text)
+        finally:
+            self.assertEqual(other.stop(), 0)
+            rogue.stop()
 
 
 if __name__ == "__main__":

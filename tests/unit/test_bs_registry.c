@@ -2,7 +2,9 @@
  * The bootstrap registry against docs/protocol.md section 3: nothing is
  * listed before its address checks out, a changed address is checked again,
  * silent nodes go after 3 periods, floods change nothing, withdrawal is
- * immediate, and picks favour spare capacity.
+ * immediate, and picks favour spare capacity, but no more than the capacity clamp allows
+ * (issue 15 item 7: one announce of capacity 9e18 took every first place). The address classes
+ * behind public_only are checked here too.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -163,6 +165,141 @@ static void test_pick_distinct_and_weighted(void **state)
     bs_registry_free(r);
 }
 
+/* The trial of issue 15: one node announces capacity 9e18 among three honest ones of 1000. */
+static void test_capacity_clamped(void **state)
+{
+    struct bs_registry *r = bs_registry_new(PERIOD, 10, 100, 10);
+    for (unsigned n = 1; n <= 4; n++) {
+        char addr[32];
+        snprintf(addr, sizeof(addr), "192.0.2.%u:7000", n);
+        ann(r, n, addr, 0, n == 1 ? 9000000000000000000ul : 1000, 0);
+        nid_t id = id_n(n);
+        bs_registry_checked(r, &id, addr, true, NULL, 0);
+    }
+    nid_t big = id_n(1);
+    assert_int_equal(bs_registry_get(r, &big)->capacity, BS_CAPACITY_MAX_DEF);
+    /* attached beyond the clamp is clamped too: the spare can never go negative-huge. */
+    ann(r, 1, "192.0.2.1:7000", 9000000000000000000ul, 9000000000000000000ul, 1);
+    assert_int_equal(bs_registry_get(r, &big)->attached, BS_CAPACITY_MAX_DEF);
+    ann(r, 1, "192.0.2.1:7000", 0, 9000000000000000000ul, PERIOD + 2);
+
+    /* A lower clamp set by the operator: weights 1001 each, so about a quarter of first places. */
+    bs_registry_set_max_capacity(r, 1000);
+    ann(r, 1, "192.0.2.1:7000", 0, 9000000000000000000ul, 2 * PERIOD + 3);
+    assert_int_equal(bs_registry_get(r, &big)->capacity, 1000);
+    uint64_t seed = 0x1234567ull;
+    const struct bs_entry *out[1];
+    int first = 0;
+    for (int round = 0; round < 4000; round++) {
+        assert_int_equal(bs_registry_pick(r, 1, xorshift, &seed, out), 1);
+        first += out[0]->node_id.b[1] == 1;
+    }
+    assert_true(first > 850 && first < 1150);
+    bs_registry_free(r);
+}
+
+/* Equal weights and equal keys alike: every node comes first about equally often. */
+static void test_ties_shuffled(void **state)
+{
+    struct bs_registry *r = bs_registry_new(PERIOD, 10, 100, 10);
+    for (unsigned n = 1; n <= 5; n++) {
+        char addr[32];
+        snprintf(addr, sizeof(addr), "192.0.2.%u:7000", n);
+        ann(r, n, addr, 7, 7, 0); /* full: weight 1 each */
+        nid_t id = id_n(n);
+        bs_registry_checked(r, &id, addr, true, NULL, 0);
+    }
+    uint64_t seed = 77;
+    const struct bs_entry *out[5];
+    int first[6] = {0};
+    for (int round = 0; round < 5000; round++) {
+        assert_int_equal(bs_registry_pick(r, 5, xorshift, &seed, out), 5);
+        first[out[0]->node_id.b[1]]++;
+    }
+    for (int n = 1; n <= 5; n++)
+        assert_true(first[n] > 850 && first[n] < 1150);
+    bs_registry_free(r);
+}
+
+static void test_address_classes(void **state)
+{
+    static const char *const public_ones[] = {
+        "8.8.8.8",      "1.1.1.1",        "100.63.255.255",   "100.128.0.0",
+        "172.15.0.1",   "172.32.0.1",     "192.169.0.1",      "2606:4700::1111",
+        "2a00:1450::1", "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1"};
+    static const char *const private_ones[] = {"0.0.0.0",
+                                               "0.1.2.3",
+                                               "10.0.0.1",
+                                               "100.64.0.1",
+                                               "100.127.255.254",
+                                               "127.0.0.1",
+                                               "127.1.2.3",
+                                               "169.254.1.1",
+                                               "172.16.0.1",
+                                               "172.31.255.255",
+                                               "192.168.1.1",
+                                               "192.0.0.8",
+                                               "192.0.2.7",
+                                               "198.18.0.1",
+                                               "198.19.1.1",
+                                               "198.51.100.1",
+                                               "203.0.113.9",
+                                               "224.0.0.1",
+                                               "239.255.255.250",
+                                               "240.0.0.1",
+                                               "255.255.255.255",
+                                               "::",
+                                               "::1",
+                                               "::ffff:10.0.0.1",
+                                               "::ffff:127.0.0.1",
+                                               "::ffff:192.168.0.1",
+                                               "::ffff:0.0.0.0",
+                                               "::ffff:169.254.0.1",
+                                               "::ffff:100.64.0.1",
+                                               "::ffff:224.0.0.1",
+                                               "::10.0.0.1",
+                                               "::8.8.8.8",
+                                               "64:ff9b::a00:1",
+                                               "2002:a00:1::1",
+                                               "2002:7f00:1::",
+                                               "fc00::1",
+                                               "fd12:3456::1",
+                                               "fe80::1",
+                                               "febf::1",
+                                               "fec0::1",
+                                               "ff02::1",
+                                               "ff0e::1",
+                                               "2001:db8::1",
+                                               "2001:2::1",
+                                               "100::1",
+                                               "1000::1",
+                                               "4000::1",
+                                               "",
+                                               "example.org",
+                                               "1.2.3",
+                                               "1.2.3.4.5",
+                                               "::ffff:1.2.3.4.5",
+                                               "fe80::1%eth0"};
+    for (size_t i = 0; i < sizeof(public_ones) / sizeof(public_ones[0]); i++) {
+        if (!bs_addr_public(public_ones[i]))
+            fail_msg("%s should be public", public_ones[i]);
+    }
+    for (size_t i = 0; i < sizeof(private_ones) / sizeof(private_ones[0]); i++) {
+        if (bs_addr_public(private_ones[i]))
+            fail_msg("%s should not be public", private_ones[i]);
+    }
+    assert_false(bs_addr_public(NULL));
+    assert_true(bs_addr_loopback("127.0.0.1"));
+    assert_true(bs_addr_loopback("127.255.0.9"));
+    assert_true(bs_addr_loopback("::1"));
+    assert_true(bs_addr_loopback("::ffff:127.0.0.2"));
+    assert_false(bs_addr_loopback("::"));
+    assert_false(bs_addr_loopback("0.0.0.0"));
+    assert_false(bs_addr_loopback("10.0.0.1"));
+    assert_false(bs_addr_loopback("::ffff:10.0.0.1"));
+    assert_false(bs_addr_loopback("8.8.8.8"));
+}
+
 static void order_cb(const struct bs_entry *e, void *ud)
 {
     int *last = ud;
@@ -193,6 +330,9 @@ int main(void)
         cmocka_unit_test(test_full_and_withdraw),
         cmocka_unit_test(test_pick_distinct_and_weighted),
         cmocka_unit_test(test_foreach_in_ring_order),
+        cmocka_unit_test(test_capacity_clamped),
+        cmocka_unit_test(test_ties_shuffled),
+        cmocka_unit_test(test_address_classes),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

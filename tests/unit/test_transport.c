@@ -2,9 +2,10 @@
  * Transport tests over real TLS on 127.0.0.1 and [::1], with certificates
  * from a throw-away CA (testca.c): mutual authentication, every way a
  * certificate can be refused (and that both sides say why), back-pressure
- * against a peer that stops reading, malformed frames, timeouts, and clean
- * closes. Each test runs its own libev loop, bounded by a safety timer, so a
- * bug shows as a failure rather than a hang.
+ * against a peer that stops reading, malformed frames, timeouts, clean
+ * closes, and the listener's bounds (handshakes in total and per source
+ * address, links per certificate identity). Each test runs its own libev loop, bounded by a safety
+ * timer, so a bug shows as a failure rather than a hang.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -13,6 +14,7 @@
 #include <cmocka.h>
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
@@ -892,6 +894,205 @@ static void test_accept_out_of_fds(void **state)
     env_free(&e);
 }
 
+/* ---- Listener bounds (issue 15: fd exhaustion, links per certificate) --------------------- */
+
+static int tcp_from(const char *src, int port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    inet_pton(AF_INET, src, &a.sin_addr);
+    assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
+    struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    inet_pton(AF_INET, "127.0.0.1", &to.sin_addr);
+    assert_int_equal(connect(fd, (struct sockaddr *)&to, sizeof(to)), 0);
+    return fd;
+}
+
+/* Whether the server closed a silent TCP connection (EOF), without waiting. */
+static bool closed_by_server(int fd)
+{
+    char b;
+    ssize_t n = recv(fd, &b, 1, MSG_DONTWAIT);
+    return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK);
+}
+
+static void on_spin_done(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    ev_break(loop, EVBREAK_ONE);
+}
+
+/* Runs the loop for `seconds`. */
+static void spin(struct env *e, double seconds)
+{
+    ev_timer t;
+    ev_timer_init(&t, on_spin_done, seconds, 0.);
+    ev_timer_start(e->loop, &t);
+    ev_run(e->loop, 0);
+    ev_timer_stop(e->loop, &t);
+}
+
+static bool srv_closed_3(struct env *e)
+{
+    return e->srv.closes >= 3;
+}
+
+static struct tls_ctx *capped_ctx(const char *ca_file, const struct testca_cert *cert,
+                                  unsigned hs_ms, unsigned total, unsigned per_src, unsigned per_id)
+{
+    struct tls_config cfg = {.ca_file = ca_file,
+                             .cert_file = cert->cert_file,
+                             .key_file = cert->key_file,
+                             .overlay = OVERLAY,
+                             .handshake_timeout_ms = hs_ms,
+                             .max_handshaking = total,
+                             .max_handshaking_per_addr = per_src,
+                             .max_links_per_identity = per_id};
+    char err[256] = "";
+    struct tls_ctx *ctx = tls_ctx_new(&cfg, err, sizeof(err));
+    assert_non_null(ctx);
+    return ctx;
+}
+
+static void test_handshake_bounds(void **state)
+{
+    struct fixture *fx = *state;
+    struct env e;
+    env_init(&e, fx);
+    /* Two handshakes per source, three in all; silent ones time out after 1.5 s. */
+    e.sctx = capped_ctx(fx->ca.ca_file, &fx->srv, 1500, 3, 2, 0);
+    char err[256];
+    e.l = conn_listen(e.loop, e.sctx, "127.0.0.1:0", &cbs, &e.srv, err, sizeof(err));
+    assert_non_null(e.l);
+    int port = listener_port(e.l);
+
+    int a[3], b, c;
+    for (int i = 0; i < 3; i++)
+        a[i] = tcp_from("127.0.0.2", port);
+    spin(&e, 0.2);
+    /* The third from 127.0.0.2 is closed at once; the first two wait for their deadline. */
+    assert_false(closed_by_server(a[0]));
+    assert_false(closed_by_server(a[1]));
+    assert_true(closed_by_server(a[2]));
+    b = tcp_from("127.0.0.3", port); /* another source: room in the total */
+    spin(&e, 0.2);
+    assert_false(closed_by_server(b));
+    c = tcp_from("127.0.0.4", port); /* the total is reached */
+    spin(&e, 0.2);
+    assert_true(closed_by_server(c));
+    /* Refused connections never reach the user; the held ones end at their deadline. */
+    assert_int_equal(e.srv.closes, 0);
+    run_until(&e, srv_closed_3, SAFETY);
+    spin(&e, 0.1);
+    assert_int_equal(e.srv.closes, 3);
+    assert_int_equal(e.srv.reason, CONN_ERR_TIMEOUT);
+    assert_true(closed_by_server(a[0]) && closed_by_server(b));
+
+    /* With the slots free again, an honest node from the same address as the flood connects. */
+    e.cctx = make_ctx(fx->ca.ca_file, &fx->cli, 0, 0, 0);
+    e.srv.closes = 0;
+    e.cli.c = NULL;
+    snprintf(e.addr, sizeof(e.addr), "127.0.0.1:%d", port);
+    e.cli.c = conn_connect(e.loop, e.cctx, e.addr, &cbs, &e.cli, err, sizeof(err));
+    assert_non_null(e.cli.c);
+    run_until(&e, both_open, SAFETY);
+    conn_close(e.cli.c);
+    run_until(&e, both_closed, SAFETY);
+    for (int i = 0; i < 3; i++)
+        close(a[i]);
+    close(b);
+    close(c);
+    env_free(&e);
+}
+
+#define ID_CAP 2
+
+struct many {
+    struct env *env;
+    struct conn *c[ID_CAP + 2];
+    int opens, closes, peer_errors, srv_opens, srv_closes;
+    char detail[256];
+};
+static struct many many;
+
+static void many_open(struct conn *c, void *ud)
+{
+    if (ud == &many.srv_opens)
+        many.srv_opens++;
+    else
+        many.opens++;
+}
+
+static void many_close(struct conn *c, enum conn_close_reason r, const char *detail, void *ud)
+{
+    if (ud == &many.srv_opens) {
+        many.srv_closes++;
+        return;
+    }
+    many.closes++;
+    for (int i = 0; i < ID_CAP + 2; i++)
+        if (many.c[i] == c)
+            many.c[i] = NULL; /* freed after this returns */
+    if (r == CONN_ERR_PEER_ERROR) {
+        many.peer_errors++;
+        snprintf(many.detail, sizeof(many.detail), "%s", detail);
+    }
+}
+
+static const struct conn_cbs many_cbs = {.on_open = many_open, .on_close = many_close};
+
+static bool many_settled(struct env *e)
+{
+    return many.opens == ID_CAP && many.peer_errors == 1;
+}
+
+static bool many_reopened(struct env *e)
+{
+    return many.opens == ID_CAP + 1;
+}
+
+static bool many_all_closed(struct env *e)
+{
+    return many.closes == ID_CAP + 2 && many.srv_closes == ID_CAP + 2;
+}
+
+static void test_links_per_identity(void **state)
+{
+    struct fixture *fx = *state;
+    struct env e;
+    env_init(&e, fx);
+    memset(&many, 0, sizeof(many));
+    e.sctx = capped_ctx(fx->ca.ca_file, &fx->srv, 0, 0, 0, ID_CAP);
+    e.cctx = make_ctx(fx->ca.ca_file, &fx->cli, 0, 0, 0);
+    char err[256];
+    e.l = conn_listen(e.loop, e.sctx, "127.0.0.1:0", &many_cbs, &many.srv_opens, err, sizeof(err));
+    assert_non_null(e.l);
+    snprintf(e.addr, sizeof(e.addr), "127.0.0.1:%d", listener_port(e.l));
+    /* One certificate, one link more than allowed. */
+    for (int i = 0; i < ID_CAP + 1; i++) {
+        many.c[i] = conn_connect(e.loop, e.cctx, e.addr, &many_cbs, &many, err, sizeof(err));
+        assert_non_null(many.c[i]);
+    }
+    run_until(&e, many_settled, SAFETY);
+    print_message("    the extra link: %s\n", many.detail);
+    assert_non_null(strstr(many.detail, "too-many-links"));
+    assert_int_equal(many.srv_opens, ID_CAP); /* the refused one never opened on either side */
+    /* The open ones still work; closing one makes room for another. */
+    for (int i = 0; i < ID_CAP + 1; i++)
+        if (many.c[i] && conn_get_state(many.c[i]) == CONN_OPEN) {
+            conn_close(many.c[i]);
+            break;
+        }
+    spin(&e, 0.3);
+    many.c[ID_CAP + 1] = conn_connect(e.loop, e.cctx, e.addr, &many_cbs, &many, err, sizeof(err));
+    run_until(&e, many_reopened, SAFETY);
+    assert_int_equal(many.peer_errors, 1);
+    for (int i = 0; i < ID_CAP + 2; i++)
+        if (many.c[i])
+            conn_close(many.c[i]);
+    run_until(&e, many_all_closed, SAFETY);
+    env_free(&e);
+}
+
 /* ---- (8) Idle timeout --------------------------------------------------------------------- */
 
 static ev_timer keepalive;
@@ -1128,6 +1329,8 @@ int main(void)
         cmocka_unit_test(test_handshake_timeout),
         cmocka_unit_test(test_connect_refused),
         cmocka_unit_test(test_accept_out_of_fds),
+        cmocka_unit_test(test_handshake_bounds),
+        cmocka_unit_test(test_links_per_identity),
         cmocka_unit_test(test_idle_timeout),
         cmocka_unit_test(test_clean_close_delivers_all),
         cmocka_unit_test(test_close_inside_on_open),
