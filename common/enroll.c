@@ -7,6 +7,7 @@
 #include "enroll.h"
 
 #include <ev.h>
+#include <gnutls/crypto.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +23,9 @@ const struct cli_option enroll_options[] = {
     {"pin", "PIN", "enroll: the overlay CA pin the operator published (sha256:...)"},
     {"user", "NAME", "enroll: your user name"},
     {"password-file", "FILE", "enroll: read the password from FILE (else stdin or a prompt)"},
+    {"device", "NAME",
+     "enroll: this device's name in the account (default: the one in the state directory, "
+     "else a new random one); enrolling again as the same device keeps its Node-ID"},
     {NULL, NULL, NULL},
 };
 
@@ -34,6 +38,7 @@ struct job {
     const struct cli_prog *prog;
     struct http_client *http;
     const char *state_dir, *base, *pin, *user, *password;
+    char device[80];
     char ca_file[4096];
     gnutls_x509_privkey_t key;
     struct overlay_doc doc;
@@ -100,8 +105,8 @@ static void on_overlay(struct login_overlay_result *res, void *ud)
         fail(j, "cannot make a key pair");
         return;
     }
-    if (login_enroll(j->http, j->base, j->ca_file, j->doc.overlay, j->user, j->password, j->key,
-                     on_enrolled, j, err, sizeof(err)) != 0)
+    if (login_enroll(j->http, j->base, j->ca_file, j->doc.overlay, j->user, j->password, j->device,
+                     j->key, on_enrolled, j, err, sizeof(err)) != 0)
         fail(j, err);
 }
 
@@ -112,6 +117,58 @@ static void run(struct ev_loop *loop, struct job *j)
         ;
     if (j->status < 0)
         fail(j, "no answer");
+}
+
+/* The form the login server accepts for device names (as for user names, protocol.md 2.3). */
+static bool device_name_valid(const char *name)
+{
+    size_t n = 0;
+    for (; name[n]; n++) {
+        char c = name[n];
+        bool alnum = (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9');
+        if (n >= 64 || !(alnum || (n > 0 && (c == '.' || c == '_' || c == '-'))))
+            return false;
+    }
+    return n > 0;
+}
+
+/*
+ * The device name: --device, else <state_dir>/device from an earlier
+ * enrollment, else a new random "dev-<16 hex>". It is kept in the state
+ * directory, so enrolling again from here is the same device to the login
+ * server (the same Node-ID, no new device slot).
+ */
+static int pick_device(struct job *j, const char *given)
+{
+    char path[4096], *old = NULL;
+    if (fs_join(path, sizeof(path), j->state_dir, ENROLL_DEVICE_FILE) != 0)
+        return -1;
+    if (given) {
+        if (!device_name_valid(given)) {
+            cli_error(j->prog,
+                      "--device \"%s\": 1-64 characters of a-z 0-9 . _ -, starting with a "
+                      "letter or digit",
+                      given);
+            return -2;
+        }
+        snprintf(j->device, sizeof(j->device), "%s", given);
+    } else if (fs_read_file(path, 100, &old, NULL) == 0) {
+        old[strcspn(old, " \t\r\n")] = '\0';
+        snprintf(j->device, sizeof(j->device), "%s", old);
+        free(old);
+        return j->device[0] ? 0 : -1;
+    } else {
+        unsigned char rnd[8];
+        if (gnutls_rnd(GNUTLS_RND_NONCE, rnd, sizeof(rnd)) < 0)
+            return -1;
+        int n = snprintf(j->device, sizeof(j->device), "dev-");
+        for (size_t i = 0; i < sizeof(rnd); i++, n += 2)
+            snprintf(j->device + n, sizeof(j->device) - (size_t)n, "%02x", rnd[i]);
+    }
+    char line[100];
+    snprintf(line, sizeof(line), "%s\n", j->device);
+    int r = fs_mkdir(j->state_dir, 0700);
+    return r == 0 ? fs_write_atomic(path, line, strlen(line), 0600) : r;
 }
 
 static bool valid_args(const struct job *j)
@@ -149,6 +206,13 @@ int enroll_command(const struct cli_prog *prog, const struct cli_opts *o, const 
         return 2;
     if (!o->verbose)
         log_set_level(LL_ERROR); /* the outcome is printed */
+    int pr = pick_device(&j, cli_opt(o, "device"));
+    if (pr != 0) {
+        if (pr == -2)
+            return 2;
+        fprintf(stderr, "%s: cannot keep the device name in %s\n", prog->name, state_dir);
+        return 1;
+    }
     char password[1024], err[512];
     if (cli_read_secret(cli_opt(o, "password-file"), false, password, sizeof(password), err,
                         sizeof(err)) != 0) {

@@ -12,6 +12,9 @@
 
 #include "cli.h"
 
+/* In a node's state directory: the device name it enrolled as (docs/protocol.md 2.3). */
+#define ENROLL_DEVICE_FILE "device"
+
 /* The options both commands take, for the daemons' cli_command tables. */
 extern const struct cli_option enroll_options[];
 extern const struct cli_option renew_options[];

@@ -10,6 +10,8 @@
 
 #include <curl/curl.h>
 #include <errno.h>
+#include <gnutls/gnutls.h>
+#include <gnutls/x509.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -17,6 +19,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "cred.h"
 #include "log.h"
 #include "version.h"
 
@@ -36,6 +39,8 @@ struct http_req {
     char *buf; /* response body, grown up to max + 1 (room for the NUL) */
     size_t len, cap, max;
     bool too_large;
+    bool not_service; /* the verified server is no service host of the overlay */
+    char why_not_service[300];
     long timeout_ms;
     char errbuf[CURL_ERROR_SIZE];
     struct http_req *prev, *next;
@@ -137,6 +142,11 @@ static void describe_error(struct http_req *r, CURLcode res, struct http_respons
                            size_t msglen)
 {
     const char *detail = r->errbuf[0] ? r->errbuf : curl_easy_strerror(res);
+    if (r->not_service) {
+        resp->kind = HTTP_ERR_TLS;
+        snprintf(msg, msglen, "TLS: server certificate refused: %s", r->why_not_service);
+        return;
+    }
     switch (res) {
     case CURLE_OPERATION_TIMEDOUT:
         resp->kind = HTTP_ERR_TIMEOUT;
@@ -345,6 +355,50 @@ static size_t write_cb(char *data, size_t size, size_t nmemb, void *ud)
     return n;
 }
 
+/*
+ * Runs once the TLS handshake is done (on a new or a reused connection) and
+ * before the request goes out: the verified server must hold the service role.
+ * A node certificate chains to the same CA and may even carry a matching name,
+ * so without this check any enrolled user could pose as the login server and
+ * collect passwords, or as a bootstrap server and steer newcomers.
+ */
+static int prereq_cb(void *ud, char *ip, char *local_ip, int primary_port, int local_port)
+{
+    struct http_req *r = ud;
+    struct curl_tlssessioninfo *info = NULL;
+    gnutls_x509_crt_t crt = NULL;
+    struct peer_identity id;
+    const gnutls_datum_t *peers = NULL;
+    unsigned n = 0;
+    char who[400];
+    (void)ip;
+    (void)local_ip;
+    (void)primary_port;
+    (void)local_port;
+    if (curl_easy_getinfo(r->easy, CURLINFO_TLS_SSL_PTR, &info) == CURLE_OK && info &&
+        info->backend == CURLSSLBACKEND_GNUTLS && info->internals)
+        peers = gnutls_certificate_get_peers((gnutls_session_t)info->internals, &n);
+    const char *why = NULL;
+    bool have_id = false;
+    if (!peers || n == 0)
+        why = "the server sent no certificate";
+    else if (gnutls_x509_crt_init(&crt) < 0 ||
+             gnutls_x509_crt_import(crt, &peers[0], GNUTLS_X509_FMT_DER) < 0 ||
+             cred_identity(crt, &id) < 0)
+        why = "its certificate is unreadable";
+    else
+        have_id = true;
+    gnutls_x509_crt_deinit(crt);
+    if (have_id && !(id.roles & ROLE_SERVICE))
+        why = "it is no service certificate of the overlay";
+    if (!why)
+        return CURL_PREREQFUNC_OK;
+    r->not_service = true;
+    snprintf(r->why_not_service, sizeof(r->why_not_service), "%s%s%s", why, have_id ? ": " : "",
+             have_id ? cred_identity_str(&id, who, sizeof(who)) : "");
+    return CURL_PREREQFUNC_ABORT;
+}
+
 /* Client */
 
 struct http_client *http_client_new(struct ev_loop *loop)
@@ -500,6 +554,8 @@ int http_request_start(struct http_client *c, const struct http_request *req, ht
         SETOPT(CURLOPT_CAINFO, req->ca_file);
         /* Without this the built-in system CA directory is trusted as well. */
         SETOPT(CURLOPT_CAPATH, (char *)NULL);
+        SETOPT(CURLOPT_PREREQFUNCTION, prereq_cb);
+        SETOPT(CURLOPT_PREREQDATA, r);
     }
     if (req->cert_file) {
         SETOPT(CURLOPT_SSLCERT, req->cert_file);

@@ -7,6 +7,9 @@
  *
  * Server verification is explicit per request: either against one CA file
  * only (the system's CA store is never trusted: the overlay has its own CA),
+ * and then the server's certificate must also carry the service role (cred.h:
+ * a node certificate from the same CA never does, so no enrolled user can
+ * pose as a login or bootstrap server; checked before the request is sent),
  * or not at all ("insecure"), which exists for exactly one case, the first
  * fetch of the overlay document, which is authenticated by its signature and
  * the CA pin instead (docs/protocol.md 2.1). An insecure request never shares
@@ -42,8 +45,8 @@ struct http_request {
     size_t body_len;          /* bytes of body */
     const char *content_type; /* Content-Type of the body, or NULL */
     /*
-     * Verify the server's certificate (chain and host name) against this PEM
-     * CA file only. Exactly one of ca_file and insecure must be given; a
+     * Verify the server's certificate (chain, host name and the service role)
+     * against this PEM CA file only. Exactly one of ca_file and insecure must be given; a
      * request with neither is refused (-EINVAL), as is one with both.
      */
     const char *ca_file;

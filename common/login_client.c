@@ -512,7 +512,7 @@ static int send_json(struct http_client *client, struct login_op *op, json_t *bo
 }
 
 int login_enroll(struct http_client *client, const char *base_url, const char *ca_file,
-                 const char *overlay, const char *user, const char *password,
+                 const char *overlay, const char *user, const char *password, const char *device,
                  gnutls_x509_privkey_t key, login_cert_cb cb, void *ud, char *err, size_t errlen)
 {
     gnutls_datum_t csr = {NULL, 0};
@@ -537,9 +537,11 @@ int login_enroll(struct http_client *client, const char *base_url, const char *c
     if (body &&
         (json_object_set_new(body, "user", json_string(user)) < 0 ||
          json_object_set_new(body, "password", json_string(password)) < 0 ||
-         json_object_set_new(body, "csr", json_stringn((const char *)csr.data, csr.size)) < 0)) {
+         json_object_set_new(body, "csr", json_stringn((const char *)csr.data, csr.size)) < 0 ||
+         (device && json_object_set_new(body, "device", json_string(device)) < 0))) {
         json_decref(body);
-        r = errbuf_set(err, errlen, -EINVAL, "enroll: user name or password is not valid UTF-8");
+        r = errbuf_set(err, errlen, -EINVAL,
+                       "enroll: user name, password or device is not valid UTF-8");
         goto fail;
     }
     if ((r = send_json(client, op, body, ca_file, NULL, NULL, err, errlen)) < 0)

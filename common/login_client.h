@@ -77,13 +77,16 @@ int login_fetch_overlay(struct http_client *client, const char *base_url, const 
                         size_t errlen);
 
 /*
- * POST <base_url>/v1/enroll {"user","password","csr"} with a CSR for `key`
- * (used during this call only). The server is verified against ca_file (the
- * CA of the verified overlay document), never skipped, so the password only
- * goes to the real server. The certificate must state "sip:<user>@<overlay>".
+ * POST <base_url>/v1/enroll {"user","password","csr"[,"device"]} with a CSR
+ * for `key` (used during this call only). `device` (may be NULL: the server
+ * then goes by the key) names this device of the account: enrolling again
+ * under the same name gives the same Node-ID (protocol.md 2.3). The server is
+ * verified against ca_file (the CA of the verified overlay document) and must
+ * hold the service role, never skipped, so the password only goes to the real
+ * server. The certificate must state "sip:<user>@<overlay>".
  */
 int login_enroll(struct http_client *client, const char *base_url, const char *ca_file,
-                 const char *overlay, const char *user, const char *password,
+                 const char *overlay, const char *user, const char *password, const char *device,
                  gnutls_x509_privkey_t key, login_cert_cb cb, void *ud, char *err, size_t errlen);
 
 /*

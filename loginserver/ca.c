@@ -3,6 +3,7 @@
  */
 #include "ca.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <jansson.h>
@@ -283,8 +284,11 @@ int ls_ca_issue_node(struct ls_ca *ca, gnutls_x509_crq_t crq, const char *user, 
     }
     snprintf(out->uri, sizeof(out->uri), "sip:%s@%s", user, ca->overlay);
     time_t now = time(NULL);
+    /* The subject names the URI, never the bare user: a CN like "login.example.org" would
+     * let a generic TLS client (curl, a browser) take this node for that web server, since
+     * host name checks fall back to the CN when a certificate has no DNS name. */
     struct cred_issue_params p = {
-        .cn = user,
+        .cn = out->uri,
         .uri = out->uri,
         .node_id = &out->node_id,
         .roles = roles,
@@ -318,6 +322,34 @@ out:
     return rc;
 }
 
+bool ls_ca_service_name_valid(const char *name)
+{
+    unsigned char ip[16];
+    if (!name || !*name)
+        return false;
+    if (inet_pton(AF_INET, name, ip) == 1 || inet_pton(AF_INET6, name, ip) == 1)
+        return true;
+    /* A DNS name: labels of letters, digits and '-', 1-63 each, 253 in all. Nothing else
+     * (no '/', "..", control character) can reach the file names made from it. */
+    size_t len = 0, total = strlen(name);
+    if (total > 253)
+        return false;
+    for (const char *p = name;; p++) {
+        if (*p == '.' || *p == '\0') {
+            if (len == 0 || len > 63 || p[-1] == '-' || *(p - len) == '-')
+                return false;
+            len = 0;
+            if (*p == '\0')
+                return true;
+        } else if ((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
+                   (*p >= '0' && *p <= '9') || *p == '-') {
+            len++;
+        } else {
+            return false;
+        }
+    }
+}
+
 int ls_ca_issue_service(struct ls_ca *ca, const char *const *hosts, const char *outdir,
                         long long validity_days, char *key_path, char *cert_path, size_t pathlen,
                         char *err, size_t errlen)
@@ -325,6 +357,12 @@ int ls_ca_issue_service(struct ls_ca *ca, const char *const *hosts, const char *
     char base[300];
     if (!hosts || !hosts[0])
         return errbuf_set(err, errlen, -1, "no service name");
+    for (const char *const *h = hosts; *h; h++)
+        if (!ls_ca_service_name_valid(*h))
+            return errbuf_set(err, errlen, -1,
+                              "service name \"%.80s\" is neither a DNS host name nor an IP "
+                              "address",
+                              *h);
     int r = fs_mkdir(outdir, 0700);
     if (r < 0)
         return errbuf_set(err, errlen, -1, "cannot create %s: %s", outdir, strerror(-r));
@@ -345,4 +383,67 @@ int ls_ca_issue_service(struct ls_ca *ca, const char *const *hosts, const char *
         .not_after = now + (time_t)validity_days * 86400,
     };
     return issue_with_new_key(ca->key, ca->crt, &p, key_path, cert_path, NULL, err, errlen);
+}
+
+static int hex_digit(char c)
+{
+    return c >= '0' && c <= '9'   ? c - '0'
+           : c >= 'a' && c <= 'f' ? c - 'a' + 10
+           : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                  : -1;
+}
+
+int ls_ca_crl(struct ls_ca *ca, const char *const *serials_hex, size_t n, time_t now,
+              long long next_update_s, char **pem, char *err, size_t errlen)
+{
+    gnutls_x509_crl_t crl = NULL;
+    gnutls_privkey_t signer = NULL;
+    gnutls_datum_t out = {NULL, 0};
+    unsigned char keyid[64];
+    size_t keyid_len = sizeof(keyid);
+    unsigned crit = 0;
+    int r;
+    *pem = NULL;
+    if ((r = gnutls_x509_crl_init(&crl)) < 0 || (r = gnutls_x509_crl_set_version(crl, 2)) < 0 ||
+        (r = gnutls_x509_crl_set_this_update(crl, now)) < 0 ||
+        (r = gnutls_x509_crl_set_next_update(crl, now + (time_t)next_update_s)) < 0)
+        goto fail;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char serial[20];
+        size_t len = strlen(serials_hex[i]);
+        if (len == 0 || len > 40 || len % 2)
+            continue; /* not one of ours (they are 32 digits): nothing to list */
+        bool ok = true;
+        for (size_t k = 0; k < len / 2; k++) {
+            int hi = hex_digit(serials_hex[i][2 * k]), lo = hex_digit(serials_hex[i][2 * k + 1]);
+            ok = ok && hi >= 0 && lo >= 0;
+            serial[k] = (unsigned char)(hi << 4 | (lo & 15));
+        }
+        if (ok && (r = gnutls_x509_crl_set_crt_serial(crl, serial, len / 2, now)) < 0)
+            goto fail;
+    }
+    /* The CRL number grows with time: a node can tell a newer list from an older one. */
+    unsigned char number[8];
+    for (int k = 0; k < 8; k++)
+        number[k] = (unsigned char)((unsigned long long)now >> (56 - 8 * k));
+    if ((r = gnutls_x509_crl_set_number(crl, number, sizeof(number))) < 0)
+        goto fail;
+    if (gnutls_x509_crt_get_subject_key_id(ca->crt, keyid, &keyid_len, &crit) >= 0 &&
+        (r = gnutls_x509_crl_set_authority_key_id(crl, keyid, keyid_len)) < 0)
+        goto fail;
+    if ((r = gnutls_privkey_init(&signer)) < 0 ||
+        (r = gnutls_privkey_import_x509(signer, ca->key, 0)) < 0 ||
+        (r = gnutls_x509_crl_privkey_sign(crl, ca->crt, signer, GNUTLS_DIG_SHA256, 0)) < 0 ||
+        (r = gnutls_x509_crl_export2(crl, GNUTLS_X509_FMT_PEM, &out)) < 0)
+        goto fail;
+    *pem = strndup((const char *)out.data, out.size);
+    gnutls_free(out.data);
+    gnutls_privkey_deinit(signer);
+    gnutls_x509_crl_deinit(crl);
+    return *pem ? 0 : errbuf_set(err, errlen, -1, "out of memory");
+fail:
+    gnutls_free(out.data);
+    gnutls_privkey_deinit(signer);
+    gnutls_x509_crl_deinit(crl);
+    return errbuf_set(err, errlen, -1, "cannot make the revocation list: %s", gnutls_strerror(r));
 }

@@ -66,23 +66,36 @@ void ls_ca_free(struct ls_ca *ca);
 int ls_ca_check_csr(const char *pem, size_t len, gnutls_x509_crq_t *out, char *err, size_t errlen);
 
 /*
- * Issues a node certificate for the key of a checked request: CN=user, URI
- * sip:<user>@<overlay>, the Node-ID `keep_id` (renewal) or a fresh random one,
- * `roles`, serverAuth+clientAuth, `validity_days`. Nothing else of the request
- * is used. Returns 0, or -1 with err. out->cert_pem is the caller's to free.
+ * Issues a node certificate for the key of a checked request: URI
+ * sip:<user>@<overlay>, as the only subjectAltName and as the CN (never a bare
+ * user name a TLS client could take for a host name), the Node-ID `keep_id` (renewal) or a fresh
+ * random one, `roles`, serverAuth+clientAuth, `validity_days`. Nothing else of the request is used.
+ * Returns 0, or -1 with err. out->cert_pem is the caller's to free.
  */
 int ls_ca_issue_node(struct ls_ca *ca, gnutls_x509_crq_t crq, const char *user, unsigned roles,
                      const nid_t *keep_id, long long validity_days, struct ls_issued *out,
                      char *err, size_t errlen);
 
+/* A DNS host name (letters, digits, '-' in dot-separated labels) or an IP address. */
+bool ls_ca_service_name_valid(const char *name);
+
 /*
  * Issues a service certificate (role "service", serverAuth+clientAuth) for the
  * host names/addresses in `hosts` (the first is the CN) with a fresh key, and
- * writes <outdir>/<hosts[0]>.key (0600) and .pem.
+ * writes <outdir>/<hosts[0]>.key (0600) and .pem. Every name must pass
+ * ls_ca_service_name_valid (so the files stay in outdir).
  */
 int ls_ca_issue_service(struct ls_ca *ca, const char *const *hosts, const char *outdir,
                         long long validity_days, char *key_path, char *cert_path, size_t pathlen,
                         char *err, size_t errlen);
+
+/*
+ * A CRL signed by the CA listing `n` certificate serials (hex), with
+ * thisUpdate `now` (also each entry's revocation date: the store keeps no
+ * other) and nextUpdate now + next_update_s. *pem is malloc'd PEM.
+ */
+int ls_ca_crl(struct ls_ca *ca, const char *const *serials_hex, size_t n, time_t now,
+              long long next_update_s, char **pem, char *err, size_t errlen);
 
 /* Signs `document_text` and makes it the served overlay.json (atomically). */
 int ls_ca_publish(struct ls_ca *ca, const char *document_text, long long sequence, char *err,

@@ -35,7 +35,13 @@ struct ls_config {
     long long max_body_bytes;
     long long pbkdf2_iterations;
     long long max_failures;
+    long long max_failures_per_addr;
     long long failure_window_s;
+    long long user_slowdown_s;
+    long long max_devices;
+    long long max_certs_per_user;
+    long long cert_window_s;
+    long long crl_next_update_s;
     long long max_connections;
     long long replication_factor;
     long long max_record_bytes;
@@ -78,9 +84,22 @@ static const struct cfg_field ls_fields[] = {
     F("pbkdf2_iterations", CFG_INT, pbkdf2_iterations, 1000, 10000000, "100000",
       "PBKDF2-SHA256 iterations for new passwords (about 1 ms per 1000 here)"),
     F("max_failures", CFG_INT, max_failures, 1, 100000, "10",
-      "failed logins per user, and per client address, before 429"),
+      "failed logins for one user from one client address before that address gets 429"),
+    F("max_failures_per_addr", CFG_INT, max_failures_per_addr, 1, 1000000, "50",
+      "failed logins from one client address, for any users, before it gets 429"),
     F("failure_window_s", CFG_INT, failure_window_s, 1, 86400, "60",
       "the window those failures are counted in"),
+    F("user_slowdown_s", CFG_INT, user_slowdown_s, 1, 3600, "2",
+      "a user with max_failures failures in the window, from all addresses together, gets at "
+      "most one login attempt per this many seconds (a slow-down, never a lockout)"),
+    F("max_devices", CFG_INT, max_devices, 1, 10000, "5",
+      "devices (Node-IDs) per account; enrolling a further device gets 403"),
+    F("max_certs_per_user", CFG_INT, max_certs_per_user, 1, 1000000, "10",
+      "enrollments and renewals per account within cert_window_s; more get 429"),
+    F("cert_window_s", CFG_INT, cert_window_s, 1, 31536000, "3600",
+      "the window max_certs_per_user is counted in"),
+    F("crl_next_update_s", CFG_INT, crl_next_update_s, 60, 2592000, "3600",
+      "nextUpdate of the revocation list served at /v1/crl (nodes fetch it again before)"),
     F("max_connections", CFG_INT, max_connections, 1, 100000, "1024",
       "simultaneous HTTPS connections"),
     F("replication_factor", CFG_INT, replication_factor, 1, 16, "3",
@@ -160,7 +179,10 @@ static const struct cli_option issue_opts[] = {
 static const struct cli_command ls_commands[] = {
     {"run", "serve enrollment and the configuration document over HTTPS", NULL},
     {"init", "create the state directory: CA, server certificate, user store, document", NULL},
-    {"user", "user add|del|passwd NAME, user list, user supernode NAME yes|no", user_opts},
+    {"user",
+     "user add|del|passwd NAME, user list, user supernode NAME yes|no, user devices NAME, "
+     "user forget NAME DEVICE",
+     user_opts},
     {"issue",
      "issue --service NAMES: a certificate for a service host (bootstrap server); issue --node "
      "NAMES [--count N]: node state directories without enrollment",
@@ -324,6 +346,19 @@ static void print_user(const struct user_info *u, void *ud)
            u->may_supernode ? "supernode" : "node-only", (unsigned long long)u->certs, when);
 }
 
+static void print_device(const struct device_info *d, void *ud)
+{
+    char made[32], last[32];
+    time_t t = (time_t)d->created_at, u = (time_t)d->last_at;
+    struct tm tm;
+    (void)ud;
+    gmtime_r(&t, &tm);
+    strftime(made, sizeof(made), "%Y-%m-%dT%H:%M:%SZ", &tm);
+    gmtime_r(&u, &tm);
+    strftime(last, sizeof(last), "%Y-%m-%dT%H:%M:%SZ", &tm);
+    printf("%-40s node %s first %s last %s\n", d->device, d->node_id, made, last);
+}
+
 static int cmd_user(const struct cli_opts *o, const struct ls_config *c)
 {
     const char *sub = o->argc > 0 ? o->argv[0] : NULL;
@@ -331,20 +366,28 @@ static int cmd_user(const struct cli_opts *o, const struct ls_config *c)
     static const struct {
         const char *sub;
         int args;
-    } forms[] = {{"add", 2}, {"del", 2}, {"passwd", 2}, {"list", 1}, {"supernode", 3}};
+    } forms[] = {{"add", 2},       {"del", 2},     {"passwd", 2}, {"list", 1},
+                 {"supernode", 3}, {"devices", 2}, {"forget", 3}};
     int want = -1;
     for (size_t i = 0; sub && i < sizeof(forms) / sizeof(forms[0]); i++)
         if (!strcmp(sub, forms[i].sub))
             want = forms[i].args;
     if (want < 0 || o->argc != want) {
         cli_error(&ls_prog, "usage: user add|del|passwd NAME, user list, user supernode NAME "
-                            "yes|no");
+                            "yes|no, user devices NAME, user forget NAME DEVICE");
         return 2;
     }
     if (name && !userstore_name_valid(name)) {
         cli_error(&ls_prog,
                   "user name \"%s\": 1-64 characters of a-z 0-9 . _ -, starting with "
                   "a letter or digit",
+                  name);
+        return 2;
+    }
+    if (!strcmp(sub, "add") && userstore_name_hostlike(name)) {
+        cli_error(&ls_prog,
+                  "user name \"%s\" looks like a host name or an IP address: refused, so that no "
+                  "user's certificate can pass for a server's (use '_' or no '.')",
                   name);
         return 2;
     }
@@ -363,6 +406,10 @@ static int cmd_user(const struct cli_opts *o, const struct ls_config *c)
     char password[2048];
     if (!strcmp(sub, "list")) {
         rc = userstore_list(us, print_user, NULL);
+    } else if (!strcmp(sub, "devices")) {
+        rc = userstore_device_list(us, name, print_device, NULL);
+    } else if (!strcmp(sub, "forget")) {
+        rc = userstore_device_del(us, name, o->argv[2]);
     } else if (!strcmp(sub, "del")) {
         rc = userstore_del(us, name);
     } else if (!strcmp(sub, "supernode")) {
@@ -390,7 +437,7 @@ static int cmd_user(const struct cli_opts *o, const struct ls_config *c)
     if (rc != US_OK)
         fprintf(stderr, "loginserver: user %s%s%s: %s\n", sub, name ? " " : "", name ? name : "",
                 userstore_errmsg(us));
-    else if (strcmp(sub, "list"))
+    else if (strcmp(sub, "list") && strcmp(sub, "devices"))
         printf("user %s: %s done\n", name, sub);
     userstore_close(us);
     return rc == US_OK ? 0 : 1;
@@ -463,6 +510,17 @@ static int cmd_issue_nodes(const struct cli_opts *o, const struct ls_config *c)
                 snprintf(name, sizeof(name), "%s%ld", t, i);
             else
                 snprintf(name, sizeof(name), "%s", t);
+            /* The name becomes a directory under --out and a certificate's URI: the same
+             * rules as an account's name ("../x" would leave --out). */
+            if (!userstore_name_valid(name) || userstore_name_hostlike(name)) {
+                fprintf(stderr,
+                        "loginserver: issue --node \"%s\": not a user name (1-64 characters "
+                        "of a-z 0-9 . _ -, starting with a letter or digit, and not like a host "
+                        "name or an IP address)\n",
+                        name);
+                rc = 2;
+                break;
+            }
             char probe[4200];
             if (fs_join(dir, sizeof(dir), out, name) == 0 &&
                 fs_join(probe, sizeof(probe), dir, "cert.pem") == 0 && access(probe, F_OK) == 0) {
@@ -591,7 +649,13 @@ static int ls_start(struct ev_loop *loop, const void *p, void **state)
         .listen = c->listen,
         .max_body = (size_t)c->max_body_bytes,
         .max_failures = (unsigned)c->max_failures,
+        .max_failures_per_addr = (unsigned)c->max_failures_per_addr,
         .failure_window_s = (double)c->failure_window_s,
+        .user_slowdown_s = (double)c->user_slowdown_s,
+        .max_devices = (unsigned)c->max_devices,
+        .max_certs_per_user = (unsigned)c->max_certs_per_user,
+        .cert_window_s = (double)c->cert_window_s,
+        .crl_next_update_s = c->crl_next_update_s,
         .validity_days = c->cert_validity_days,
         .max_connections = (unsigned)c->max_connections,
         .pbkdf2_iterations = (unsigned)c->pbkdf2_iterations,

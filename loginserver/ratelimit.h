@@ -1,6 +1,7 @@
 /*
  * A bounded limiter of failed attempts, keyed by strings (the login server
- * uses "user:alice" and "addr:203.0.113.5"). A key that has failed
+ * keeps several: "ua:alice|203.0.113.5", "addr:203.0.113.5", and per user
+ * name; see server.c). A key that has failed
  * max_failures times within its window is blocked until the window ends.
  * The window opens at the key's first failure and lasts window_s; once it
  * has ended, the next failure opens a new one with a count of one.

@@ -14,10 +14,18 @@
 struct ls_server_config {
     const char *listen;
     size_t max_body;
-    unsigned max_failures; /* failed logins per user, and per client address, per window */
+    unsigned max_failures;          /* failed logins per (user, client address) per window */
+    unsigned max_failures_per_addr; /* failed logins per client address, any users, per window */
     double failure_window_s;
-    long long validity_days;    /* of node certificates */
-    unsigned pbkdf2_iterations; /* hashes weaker than this are upgraded at the next login */
+    /* Once a user has max_failures failures in the window from all addresses together, its
+     * login attempts are spaced this far apart (a slow-down for everyone, never a lockout). */
+    double user_slowdown_s;
+    unsigned max_devices;        /* devices (Node-IDs) per account */
+    unsigned max_certs_per_user; /* enrollments and renewals per account per cert_window_s */
+    double cert_window_s;
+    long long crl_next_update_s; /* nextUpdate - thisUpdate of the served CRL */
+    long long validity_days;     /* of node certificates */
+    unsigned pbkdf2_iterations;  /* hashes weaker than this are upgraded at the next login */
     unsigned max_connections;
 };
 

@@ -52,8 +52,20 @@ enum stmt_id {
     ST_CHECK,
     ST_INSERT_CERT,
     ST_GET_CERT,
+    ST_DELETE_DEVICES,
+    ST_GET_DEVICE,
+    ST_COUNT_DEVICES,
+    ST_INSERT_DEVICE,
+    ST_TOUCH_DEVICE,
+    ST_DEVICE_BY_NODE,
+    ST_DELETE_DEVICE,
+    ST_LIST_DEVICES,
+    ST_CERTS_SINCE,
+    ST_REVOKED,
     ST_COUNT
 };
+
+#define DEVICE_COLUMNS "user, device, node_id, created_at, last_at"
 
 /* Columns of user rows, shared by get, list and check (check has one in front). */
 #define USER_COLUMNS                                                                               \
@@ -82,6 +94,23 @@ static const char *const stmt_sql[ST_COUNT] = {
                        "VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     [ST_GET_CERT] = "SELECT serial, user, node_id, kind, issued_at, not_after "
                     "FROM certs WHERE serial = ?1",
+    [ST_DELETE_DEVICES] = "DELETE FROM devices WHERE user = ?1",
+    [ST_GET_DEVICE] = "SELECT " DEVICE_COLUMNS " FROM devices WHERE user = ?1 AND device = ?2",
+    [ST_COUNT_DEVICES] = "SELECT count(*) FROM devices WHERE user = ?1",
+    [ST_INSERT_DEVICE] = "INSERT INTO devices(user, device, node_id, created_at, last_at) "
+                         "VALUES (?1, ?2, ?3, ?4, ?4)",
+    [ST_TOUCH_DEVICE] = "UPDATE devices SET last_at = ?3 WHERE user = ?1 AND device = ?2",
+    [ST_DEVICE_BY_NODE] = "SELECT " DEVICE_COLUMNS " FROM devices WHERE user = ?1 AND node_id = ?2 "
+                          "ORDER BY created_at LIMIT 1",
+    [ST_DELETE_DEVICE] = "DELETE FROM devices WHERE user = ?1 AND device = ?2",
+    [ST_LIST_DEVICES] = "SELECT " DEVICE_COLUMNS " FROM devices WHERE user = ?1 ORDER BY device",
+    [ST_CERTS_SINCE] = "SELECT count(*), min(issued_at) FROM certs "
+                       "WHERE user = ?1 AND issued_at >= ?2 AND kind IN ('enroll', 'renew')",
+    /* Revoked: a node certificate, still within its validity, whose device is gone (removed,
+     * or deleted with its account). */
+    [ST_REVOKED] = "SELECT serial FROM certs AS c WHERE c.kind IN ('enroll', 'renew') "
+                   "AND c.not_after > ?1 AND NOT EXISTS (SELECT 1 FROM devices AS d "
+                   "WHERE d.user = c.user AND d.node_id = c.node_id) ORDER BY serial",
 };
 
 /* Schema steps: migrations[v] takes a database from version v to v + 1. */
@@ -102,6 +131,21 @@ static const char *const migrations[USERSTORE_SCHEMA_VERSION] = {
     " issued_at INTEGER NOT NULL,"
     " not_after INTEGER NOT NULL);"
     "CREATE INDEX certs_by_user ON certs(user);",
+    /* 2: devices, the bounded set of Node-IDs an account holds (protocol.md 2.3). A store
+     * from version 1 counts each Node-ID it already issued as a device of its own, so that
+     * those nodes keep renewing. */
+    "CREATE TABLE devices ("
+    " user TEXT NOT NULL,"
+    " device TEXT NOT NULL,"
+    " node_id TEXT NOT NULL,"
+    " created_at INTEGER NOT NULL,"
+    " last_at INTEGER NOT NULL,"
+    " PRIMARY KEY (user, device));"
+    "CREATE INDEX devices_by_node ON devices(user, node_id);"
+    "CREATE INDEX certs_by_user_time ON certs(user, issued_at);"
+    "INSERT INTO devices(user, device, node_id, created_at, last_at)"
+    " SELECT user, 'node-' || node_id, node_id, min(issued_at), max(issued_at) FROM certs"
+    " WHERE kind IN ('enroll', 'renew') GROUP BY user, node_id;",
 };
 
 struct userstore {
@@ -156,6 +200,8 @@ const char *userstore_strerror(int code)
         return "database error";
     case US_INTERNAL:
         return "internal error";
+    case US_LIMIT:
+        return "limit reached";
     default:
         return "unknown error";
     }
@@ -428,6 +474,42 @@ bool userstore_name_valid(const char *name)
             return false;
     }
     return n > 0;
+}
+
+bool userstore_name_hostlike(const char *name)
+{
+    if (!name)
+        return false;
+    if (strcmp(name, "localhost") == 0)
+        return true;
+    /* Labels of letters, digits and '-' (valid names hold nothing else but '.' and '_'),
+     * none empty or starting or ending with '-', and at least two of them. */
+    size_t labels = 0, len = 0;
+    for (const char *p = name;; p++) {
+        if (*p == '_')
+            return false;
+        if (*p == '.' || *p == '\0') {
+            if (len == 0 || p[-1] == '-' || *(p - len) == '-')
+                return false;
+            labels++;
+            len = 0;
+            if (*p == '\0')
+                break;
+        } else {
+            len++;
+        }
+    }
+    return labels >= 2;
+}
+
+static int check_new_name(struct userstore *us, const char *name)
+{
+    if (!userstore_name_valid(name) || !userstore_name_hostlike(name))
+        return US_OK;
+    return set_err(us, US_BAD_NAME,
+                   "user name \"%s\" looks like a host name or an IP address: refused, so that "
+                   "no user's certificate can pass for a server's (use '_' or no '.')",
+                   name);
 }
 
 static int check_name(struct userstore *us, const char *name)
@@ -765,7 +847,9 @@ int userstore_add(struct userstore *us, const char *name, const char *password, 
                   unsigned iterations)
 {
     char pw[HASH_STR_MAX];
-    int ret = checked_hash(us, name, password, &iterations, pw);
+    int ret = check_new_name(us, name);
+    if (ret == US_OK)
+        ret = checked_hash(us, name, password, &iterations, pw);
     if (ret != US_OK)
         return ret;
     ret = tx_begin(us);
@@ -824,11 +908,32 @@ int userstore_del(struct userstore *us, const char *name)
     int ret = check_name(us, name);
     if (ret != US_OK)
         return ret;
-    sqlite3_stmt *s = stmt(us, ST_DELETE_USER);
-    if (!s)
+    sqlite3_stmt *s = stmt(us, ST_DELETE_USER), *d = stmt(us, ST_DELETE_DEVICES);
+    if (!s || !d)
         return US_DB;
+    if ((ret = tx_begin(us)) != US_OK)
+        return ret;
+    /* The devices go with the account: a new account of the same name starts afresh. */
+    sqlite3_bind_text(d, 1, name, -1, SQLITE_STATIC);
+    int rc = step_done(d);
+    stmt_done(d);
+    if (rc != SQLITE_DONE) {
+        ret = db_err(us, "deleting a user's devices");
+        tx_rollback(us);
+        return ret;
+    }
     sqlite3_bind_text(s, 1, name, -1, SQLITE_STATIC);
-    return change_user(us, s, name, "deleting a user", 0);
+    rc = step_done(s);
+    if (rc != SQLITE_DONE)
+        ret = db_err(us, "deleting a user");
+    else if (sqlite3_changes(us->db) == 0)
+        ret = set_err(us, US_NOT_FOUND, "no user %s", name);
+    stmt_done(s);
+    if (ret != US_OK) {
+        tx_rollback(us);
+        return ret;
+    }
+    return tx_commit(us);
 }
 
 int userstore_passwd(struct userstore *us, const char *name, const char *password,
@@ -1046,5 +1151,231 @@ int userstore_cert_lookup(struct userstore *us, const char *serial_hex, struct c
         ret = db_err(us, "reading a certificate");
     }
     stmt_done(s);
+    return ret;
+}
+
+int userstore_certs_since(struct userstore *us, const char *user, int64_t since, uint64_t *count,
+                          int64_t *oldest)
+{
+    *count = 0;
+    *oldest = 0;
+    sqlite3_stmt *s = stmt(us, ST_CERTS_SINCE);
+    if (!s)
+        return US_DB;
+    sqlite3_bind_text(s, 1, user, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(s, 2, since);
+    int ret = US_OK;
+    if (sqlite3_step(s) == SQLITE_ROW) {
+        *count = (uint64_t)sqlite3_column_int64(s, 0);
+        *oldest = sqlite3_column_int64(s, 1);
+    } else {
+        ret = db_err(us, "counting certificates");
+    }
+    stmt_done(s);
+    return ret;
+}
+
+/* ---- devices ---- */
+
+static void row_to_device(sqlite3_stmt *s, struct device_info *d)
+{
+    memset(d, 0, sizeof(*d));
+    copy_text(d->user, sizeof(d->user), sqlite3_column_text(s, 0));
+    copy_text(d->device, sizeof(d->device), sqlite3_column_text(s, 1));
+    copy_text(d->node_id, sizeof(d->node_id), sqlite3_column_text(s, 2));
+    d->created_at = sqlite3_column_int64(s, 3);
+    d->last_at = sqlite3_column_int64(s, 4);
+}
+
+/* One row of (user, key) from a device query into *out: US_OK, US_NOT_FOUND or US_DB. */
+static int device_row(struct userstore *us, enum stmt_id id, const char *user, const char *key,
+                      struct device_info *out)
+{
+    sqlite3_stmt *s = stmt(us, id);
+    if (!s)
+        return US_DB;
+    sqlite3_bind_text(s, 1, user, -1, SQLITE_STATIC);
+    sqlite3_bind_text(s, 2, key, -1, SQLITE_STATIC);
+    int rc = sqlite3_step(s), ret = US_OK;
+    if (rc == SQLITE_ROW)
+        row_to_device(s, out);
+    else if (rc == SQLITE_DONE)
+        ret = set_err(us, US_NOT_FOUND, "user %s has no device %s", user, key);
+    else
+        ret = db_err(us, "reading a device");
+    stmt_done(s);
+    return ret;
+}
+
+/* Runs a (user, device, time) statement; US_NOT_FOUND when it changed nothing. */
+static int device_write(struct userstore *us, enum stmt_id id, const char *user, const char *device,
+                        int64_t t, const char *what)
+{
+    sqlite3_stmt *s = stmt(us, id);
+    if (!s)
+        return US_DB;
+    sqlite3_bind_text(s, 1, user, -1, SQLITE_STATIC);
+    sqlite3_bind_text(s, 2, device, -1, SQLITE_STATIC);
+    if (id == ST_TOUCH_DEVICE)
+        sqlite3_bind_int64(s, 3, t);
+    int ret = US_OK;
+    if (step_done(s) != SQLITE_DONE)
+        ret = db_err(us, what);
+    else if (sqlite3_changes(us->db) == 0)
+        ret = set_err(us, US_NOT_FOUND, "user %s has no device %s", user, device);
+    stmt_done(s);
+    return ret;
+}
+
+static int check_device_args(struct userstore *us, const char *user, const char *device)
+{
+    int ret = check_name(us, user);
+    if (ret == US_OK && !userstore_name_valid(device))
+        ret = set_err(us, US_BAD_NAME,
+                      "a device name must be 1 to %d characters of a-z 0-9 . _ -, starting with "
+                      "a letter or a digit",
+                      USERSTORE_NAME_MAX);
+    return ret;
+}
+
+int userstore_device_claim(struct userstore *us, const char *user, const char *device,
+                           const char *new_node_id_hex, unsigned max_devices,
+                           struct device_info *out, bool *added)
+{
+    char node_id[40 + 1];
+    *added = false;
+    memset(out, 0, sizeof(*out));
+    int ret = check_device_args(us, user, device);
+    if (ret != US_OK)
+        return ret;
+    if (!hex_lower(new_node_id_hex, 40, 40, node_id))
+        return set_err(us, US_BAD_ARG, "a Node-ID must be 40 hex digits");
+    if ((ret = tx_begin(us)) != US_OK)
+        return ret;
+    int64_t now = now_s();
+    ret = device_row(us, ST_GET_DEVICE, user, device, out);
+    if (ret == US_OK) {
+        ret = device_write(us, ST_TOUCH_DEVICE, user, device, now, "updating a device");
+        out->last_at = now;
+    } else if (ret == US_NOT_FOUND) {
+        sqlite3_stmt *s = stmt(us, ST_COUNT_DEVICES);
+        int64_t n = 0;
+        ret = s ? US_OK : US_DB;
+        if (s) {
+            sqlite3_bind_text(s, 1, user, -1, SQLITE_STATIC);
+            if (sqlite3_step(s) == SQLITE_ROW)
+                n = sqlite3_column_int64(s, 0);
+            else
+                ret = db_err(us, "counting devices");
+            stmt_done(s);
+        }
+        if (ret == US_OK && n >= (int64_t)max_devices)
+            ret = set_err(us, US_LIMIT, "user %s already has %lld devices (the maximum is %u)",
+                          user, (long long)n, max_devices);
+        if (ret == US_OK && (s = stmt(us, ST_INSERT_DEVICE)) == NULL)
+            ret = US_DB;
+        if (ret == US_OK) {
+            sqlite3_bind_text(s, 1, user, -1, SQLITE_STATIC);
+            sqlite3_bind_text(s, 2, device, -1, SQLITE_STATIC);
+            sqlite3_bind_text(s, 3, node_id, -1, SQLITE_STATIC);
+            sqlite3_bind_int64(s, 4, now);
+            if (step_done(s) != SQLITE_DONE)
+                ret = db_err(us, "adding a device");
+            stmt_done(s);
+        }
+        if (ret == US_OK) {
+            snprintf(out->user, sizeof(out->user), "%s", user);
+            snprintf(out->device, sizeof(out->device), "%s", device);
+            memcpy(out->node_id, node_id, sizeof(node_id));
+            out->created_at = out->last_at = now;
+            *added = true;
+        }
+    }
+    if (ret != US_OK) {
+        tx_rollback(us);
+        *added = false;
+        return ret;
+    }
+    return tx_commit(us);
+}
+
+int userstore_device_by_node(struct userstore *us, const char *user, const char *node_id_hex,
+                             struct device_info *out)
+{
+    char node_id[40 + 1];
+    memset(out, 0, sizeof(*out));
+    int ret = check_name(us, user);
+    if (ret != US_OK)
+        return ret;
+    if (!hex_lower(node_id_hex, 40, 40, node_id))
+        return set_err(us, US_BAD_ARG, "a Node-ID must be 40 hex digits");
+    return device_row(us, ST_DEVICE_BY_NODE, user, node_id, out);
+}
+
+int userstore_device_touch(struct userstore *us, const char *user, const char *device)
+{
+    int ret = check_device_args(us, user, device);
+    if (ret != US_OK)
+        return ret;
+    return device_write(us, ST_TOUCH_DEVICE, user, device, now_s(), "updating a device");
+}
+
+int userstore_device_del(struct userstore *us, const char *user, const char *device)
+{
+    int ret = check_device_args(us, user, device);
+    if (ret != US_OK)
+        return ret;
+    return device_write(us, ST_DELETE_DEVICE, user, device, 0, "removing a device");
+}
+
+int userstore_device_list(struct userstore *us, const char *user,
+                          void (*cb)(const struct device_info *, void *), void *ud)
+{
+    int ret = check_name(us, user);
+    if (ret != US_OK)
+        return ret;
+    sqlite3_stmt *s = stmt(us, ST_LIST_DEVICES);
+    if (!s)
+        return US_DB;
+    sqlite3_bind_text(s, 1, user, -1, SQLITE_STATIC);
+    int rc;
+    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+        struct device_info d;
+        row_to_device(s, &d);
+        cb(&d, ud);
+    }
+    if (rc != SQLITE_DONE)
+        ret = db_err(us, "listing devices");
+    stmt_done(s);
+    return ret;
+}
+
+int userstore_revoked(struct userstore *us, int64_t now, void (*cb)(const char *, void *), void *ud)
+{
+    sqlite3_stmt *s = stmt(us, ST_REVOKED);
+    if (!s)
+        return US_DB;
+    sqlite3_bind_int64(s, 1, now);
+    int rc, ret = US_OK;
+    while ((rc = sqlite3_step(s)) == SQLITE_ROW)
+        cb((const char *)sqlite3_column_text(s, 0), ud);
+    if (rc != SQLITE_DONE)
+        ret = db_err(us, "listing revoked certificates");
+    stmt_done(s);
+    return ret;
+}
+
+int userstore_data_version(struct userstore *us, int64_t *out)
+{
+    sqlite3_stmt *s = NULL;
+    int ret = US_OK;
+    *out = 0;
+    if (sqlite3_prepare_v2(us->db, "PRAGMA data_version", -1, &s, NULL) != SQLITE_OK)
+        return db_err(us, "reading the data version");
+    if (sqlite3_step(s) == SQLITE_ROW)
+        *out = sqlite3_column_int64(s, 0);
+    else
+        ret = db_err(us, "reading the data version");
+    sqlite3_finalize(s);
     return ret;
 }

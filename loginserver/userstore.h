@@ -35,6 +35,7 @@ enum userstore_status {
     US_BAD_ARG = -6,         /* another argument out of range (iterations, serial, kind...) */
     US_DB = -7,              /* SQLite failed; userstore_errmsg() has its message */
     US_INTERNAL = -8,        /* out of memory, random generator or PBKDF2 failure */
+    US_LIMIT = -9,           /* a bound reached: the account holds its maximum of devices */
 };
 
 #define USERSTORE_NAME_MAX     64
@@ -48,7 +49,7 @@ enum userstore_status {
 #define USERSTORE_DEFAULT_ITERATIONS 600000u
 #define USERSTORE_MIN_ITERATIONS     1000u
 #define USERSTORE_MAX_ITERATIONS     10000000u
-#define USERSTORE_SCHEMA_VERSION     1
+#define USERSTORE_SCHEMA_VERSION     2
 /* Certificate serials: 1 to 20 octets (RFC 5280), as hex. */
 #define USERSTORE_SERIAL_HEX_MAX 40
 #define USERSTORE_CERT_USER_MAX  255
@@ -64,6 +65,15 @@ struct user_info {
     /* Iterations of the stored hash: below the current default, the server may
      * re-hash the password (userstore_passwd) after a successful check. */
     unsigned pw_iterations;
+};
+
+/* A device of an account: the name it enrolls under and the Node-ID the CA gave it. */
+struct device_info {
+    char user[USERSTORE_NAME_MAX + 1];
+    char device[USERSTORE_NAME_MAX + 1];
+    char node_id[40 + 1]; /* lowercase hex */
+    int64_t created_at;   /* first enrollment */
+    int64_t last_at;      /* latest enrollment or renewal */
 };
 
 struct cert_info {
@@ -93,18 +103,28 @@ const char *userstore_strerror(int code);
 
 /* 1-64 characters of a-z 0-9 . _ -, the first a letter or a digit. */
 bool userstore_name_valid(const char *name);
+/*
+ * True for a name a TLS client could take for a host: "localhost", an IPv4
+ * address, or dot-separated labels of letters, digits and '-' (e.g.
+ * "login.example.org", "alice.smith"). New accounts may not have such names
+ * (userstore_add refuses them with US_BAD_NAME): no user's certificate must
+ * look like a server's. A '_' anywhere ("alice_smith", "a_b.c") makes a name
+ * no host name.
+ */
+bool userstore_name_hostlike(const char *name);
 /* USERSTORE_PASSWORD_MIN..MAX bytes of valid UTF-8. */
 bool userstore_password_valid(const char *password);
 
 /*
- * Account management. `iterations` 0 means USERSTORE_DEFAULT_ITERATIONS;
+ * Account management. New names must be valid and not host-like
+ * (userstore_name_hostlike). `iterations` 0 means USERSTORE_DEFAULT_ITERATIONS;
  * otherwise it must lie within USERSTORE_MIN/MAX_ITERATIONS. The hash is
  * computed before the write transaction starts, so a slow hash does not
  * hold the database lock.
  */
 int userstore_add(struct userstore *us, const char *name, const char *password, bool may_supernode,
                   unsigned iterations);
-/* Deletes the account; the certificates issued to it stay on record. */
+/* Deletes the account and its devices; the certificates issued to it stay on record. */
 int userstore_del(struct userstore *us, const char *name);
 int userstore_passwd(struct userstore *us, const char *name, const char *password,
                      unsigned iterations);
@@ -140,5 +160,48 @@ int userstore_record_cert(struct userstore *us, const char *serial_hex, const ch
                           const char *node_id_hex, const char *kind, int64_t issued_at,
                           int64_t not_after);
 int userstore_cert_lookup(struct userstore *us, const char *serial_hex, struct cert_info *out);
+
+/*
+ * Certificates recorded for `user` of kind enroll or renew with issued_at >=
+ * since: *count, and the oldest issued_at among them in *oldest (0 if none).
+ * The login server's per-account issuing limit reads this.
+ */
+int userstore_certs_since(struct userstore *us, const char *user, int64_t since, uint64_t *count,
+                          int64_t *oldest);
+
+/*
+ * Devices. A device name has the form of a user name. userstore_device_claim
+ * finds (user, device); when it is there, *out is its row (with the Node-ID it
+ * keeps) and its last_at becomes now. When it is not and the account holds
+ * fewer than max_devices devices, it is added with `new_node_id_hex` (the CA's
+ * fresh draw) and *added is set. Otherwise US_LIMIT, nothing written. One
+ * transaction: two claims for a new device cannot both pass the bound.
+ */
+int userstore_device_claim(struct userstore *us, const char *user, const char *device,
+                           const char *new_node_id_hex, unsigned max_devices,
+                           struct device_info *out, bool *added);
+/* The device of `user` holding `node_id_hex` (renewal), US_NOT_FOUND if it was removed. */
+int userstore_device_by_node(struct userstore *us, const char *user, const char *node_id_hex,
+                             struct device_info *out);
+/* Marks a device used now (after a renewal). */
+int userstore_device_touch(struct userstore *us, const char *user, const char *device);
+/* Removes a device: its slot is free again, its Node-ID cannot be renewed. */
+int userstore_device_del(struct userstore *us, const char *user, const char *device);
+/*
+ * Calls cb with the serial (lowercase hex) of every recorded node certificate
+ * (enroll, renew) that has not expired at `now` and whose device is no longer
+ * on record: removed with userstore_device_del, or deleted with its account.
+ * These are the revoked ones (the login server's CRL).
+ */
+int userstore_revoked(struct userstore *us, int64_t now, void (*cb)(const char *, void *),
+                      void *ud);
+/*
+ * SQLite's data version of this store: it changes when another process (the
+ * administration CLI) commits a change, not for this store's own writes.
+ */
+int userstore_data_version(struct userstore *us, int64_t *out);
+/* Calls cb once per device of `user`, in name order; as userstore_list. */
+int userstore_device_list(struct userstore *us, const char *user,
+                          void (*cb)(const struct device_info *, void *), void *ud);
 
 #endif

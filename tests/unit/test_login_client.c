@@ -353,10 +353,13 @@ static void request_done(void *cls, struct MHD_Connection *conn, void **con_cls,
 /*
  * A server certificate as the login server's own: issued by `ca`, with the
  * address `ip` as an IP subjectAltName (curl checks the URL's host against
- * it). cred_issue() has no IP SANs, so this one is made by hand.
+ * it) and the given roles (ROLE_SERVICE for a real server; a node's roles for
+ * a node posing as one). Made by hand, to control every field.
  */
-static int make_server_cert(struct testca *ca, const char *ip, char **key_pem, char **cert_pem)
+static int make_server_cert(struct testca *ca, const char *ip, unsigned roles, char **key_pem,
+                            char **cert_pem)
 {
+    const unsigned char roles_der[3] = {0x04, 0x01, (unsigned char)roles};
     gnutls_x509_privkey_t key = NULL;
     gnutls_x509_crt_t crt = NULL;
     gnutls_privkey_t signer = NULL;
@@ -380,6 +383,8 @@ static int make_server_cert(struct testca *ca, const char *ip, char **key_pem, c
         (r = gnutls_x509_crt_set_key_purpose_oid(crt, GNUTLS_KP_TLS_WWW_SERVER, 0)) < 0 ||
         (r = gnutls_x509_crt_set_subject_alt_name(crt, GNUTLS_SAN_IPADDRESS, &lo, 4,
                                                   GNUTLS_FSAN_SET)) < 0 ||
+        (r = gnutls_x509_crt_set_extension_by_oid(crt, P2P_OID_ROLES, roles_der, sizeof(roles_der),
+                                                  0)) < 0 ||
         (r = gnutls_privkey_init(&signer)) < 0 ||
         (r = gnutls_privkey_import_x509(signer, ca->key, 0)) < 0 ||
         (r = gnutls_x509_crt_privkey_sign(crt, ca->crt, signer, GNUTLS_DIG_SHA512, 0)) < 0 ||
@@ -398,14 +403,14 @@ out:
     return r < 0 ? -1 : 0;
 }
 
-static int srv_start(struct srv *s, struct testca *cert_ca, const char *cert_ip, struct testca *ca,
-                     struct testca *other)
+static int srv_start(struct srv *s, struct testca *cert_ca, const char *cert_ip, unsigned roles,
+                     struct testca *ca, struct testca *other)
 {
     memset(s, 0, sizeof(*s));
     pthread_mutex_init(&s->lock, NULL);
     s->ca = ca;
     s->other = other;
-    if (make_server_cert(cert_ca, cert_ip, &s->key_pem, &s->cert_pem) < 0 ||
+    if (make_server_cert(cert_ca, cert_ip, roles, &s->key_pem, &s->cert_pem) < 0 ||
         !(s->trust_pem = crt_pem(ca->crt)))
         return -1;
     struct sockaddr_in sa;
@@ -446,6 +451,7 @@ struct fixture {
     struct srv good;
     struct srv alien;    /* server certificate from the other CA */
     struct srv misnamed; /* server certificate from our CA, but for 127.0.0.2 */
+    struct srv imposter; /* a node certificate from our CA, for 127.0.0.1, posing as a server */
     char pin[OVERLAY_PIN_LEN];
     char *envelope;
     int silent_fd; /* listens, never accepts */
@@ -462,9 +468,11 @@ static int setup(void **state)
     signal(SIGPIPE, SIG_IGN);
     if (testca_init(&f->ca) < 0 || testca_init(&f->other) < 0)
         return -1;
-    if (srv_start(&f->good, &f->ca, "127.0.0.1", &f->ca, &f->other) < 0 ||
-        srv_start(&f->alien, &f->other, "127.0.0.1", &f->ca, &f->other) < 0 ||
-        srv_start(&f->misnamed, &f->ca, "127.0.0.2", &f->ca, &f->other) < 0)
+    if (srv_start(&f->good, &f->ca, "127.0.0.1", ROLE_SERVICE, &f->ca, &f->other) < 0 ||
+        srv_start(&f->alien, &f->other, "127.0.0.1", ROLE_SERVICE, &f->ca, &f->other) < 0 ||
+        srv_start(&f->misnamed, &f->ca, "127.0.0.2", ROLE_SERVICE, &f->ca, &f->other) < 0 ||
+        srv_start(&f->imposter, &f->ca, "127.0.0.1", ROLE_NODE | ROLE_SUPERNODE, &f->ca,
+                  &f->other) < 0)
         return -1;
     if (overlay_doc_pin(f->ca.crt, f->pin) < 0)
         return -1;
@@ -490,6 +498,7 @@ static int setup(void **state)
     f->good.overlay_env = f->envelope;
     f->alien.overlay_env = f->envelope;
     f->misnamed.overlay_env = f->envelope;
+    f->imposter.overlay_env = f->envelope;
 
     /* A listener nobody accepts on: TCP connects (backlog), TLS never answers. */
     struct sockaddr_in sa;
@@ -513,6 +522,7 @@ static int teardown(void **state)
     srv_stop(&f->good);
     srv_stop(&f->alien);
     srv_stop(&f->misnamed);
+    srv_stop(&f->imposter);
     if (f->silent_fd >= 0)
         close(f->silent_fd);
     free(f->envelope);
@@ -744,7 +754,7 @@ static void enroll(struct fixture *f, struct run *r, struct srv *s, int mode,
     char err[256] = "";
     atomic_store(&s->mode, mode);
     assert_int_equal(login_enroll(r->client, s->base, f->ca.ca_file, OVERLAY, "alice",
-                                  "correct horse", key, cert_cb, r, err, sizeof(err)),
+                                  "correct horse", NULL, key, cert_cb, r, err, sizeof(err)),
                      0);
     run_wait(r, n);
 }
@@ -854,6 +864,43 @@ static void test_enroll_http_errors(void **state)
     gnutls_x509_privkey_deinit(key);
 }
 
+/*
+ * Item 10 of issue 15: a node of the overlay (its certificate from our CA,
+ * even with the right address in it) poses as the login server. The handshake
+ * verifies, but the certificate lacks the service role: the client stops
+ * before sending anything, so the password never reaches it.
+ */
+static void test_enroll_node_posing_as_server(void **state)
+{
+    struct fixture *f = *state;
+    gnutls_x509_privkey_t key = NULL;
+    assert_int_equal(cred_keygen(&key), 0);
+    struct run r;
+    run_init(&r);
+    int before = atomic_load(&f->imposter.enroll_hits);
+    enroll(f, &r, &f->imposter, EM_OK, key, 1);
+    assert_false(r.ok);
+    assert_int_equal(r.status, 0);
+    expect_error(&r,
+                 "TLS: server certificate refused: it is no service certificate of the overlay");
+    assert_int_equal(atomic_load(&f->imposter.enroll_hits), before);
+    pthread_mutex_lock(&f->imposter.lock);
+    assert_string_equal(f->imposter.password, "");
+    pthread_mutex_unlock(&f->imposter.lock);
+
+    /* Any verified request (a bootstrap list, too) is refused the same way. */
+    char url[128];
+    snprintf(url, sizeof(url), "%s/v1/overlay", f->imposter.base);
+    struct http_request q = {.url = url, .ca_file = f->ca.ca_file};
+    assert_int_equal(http_request_start(r.client, &q, http_cb, &r), 0);
+    run_wait(&r, 2);
+    assert_int_equal(r.kind, HTTP_ERR_TLS);
+    assert_non_null(strstr(r.error, "no service certificate"));
+    assert_int_equal(atomic_load(&f->imposter.overlay_hits), 0);
+    run_free(&r);
+    gnutls_x509_privkey_deinit(key);
+}
+
 static void test_enroll_server_from_other_ca(void **state)
 {
     struct fixture *f = *state;
@@ -888,7 +935,7 @@ static void test_enroll_server_from_other_ca(void **state)
 
     /* A CA file that does not exist fails at once. */
     assert_true(login_enroll(r.client, f->good.base, "/nonexistent/ca.pem", OVERLAY, "alice", "pw",
-                             key, cert_cb, &r, err, sizeof(err)) < 0);
+                             NULL, key, cert_cb, &r, err, sizeof(err)) < 0);
     assert_non_null(strstr(err, "cannot read CA file /nonexistent/ca.pem"));
     run_free(&r);
     gnutls_x509_privkey_deinit(key);
@@ -1332,6 +1379,7 @@ int main(void)
         cmocka_unit_test(test_enroll_bad_certificate),
         cmocka_unit_test(test_enroll_http_errors),
         cmocka_unit_test(test_enroll_server_from_other_ca),
+        cmocka_unit_test(test_enroll_node_posing_as_server),
         cmocka_unit_test(test_renew),
         cmocka_unit_test(test_renew_due),
         cmocka_unit_test(test_creds_roundtrip),

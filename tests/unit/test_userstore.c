@@ -23,8 +23,12 @@
 
 #include "userstore.h"
 
-#define IT 1000 /* PBKDF2 iterations: tests stay fast */
-#define PW "correct horse"
+#define IT           1000 /* PBKDF2 iterations: tests stay fast */
+#define PW           "correct horse"
+#define NODE_A       "00112233445566778899AABBCCDDEEFF00112233"
+#define NODE_B       "ffeeddccbbaa99887766554433221100ffeeddcc"
+#define NODE_A_LOWER "00112233445566778899aabbccddeeff00112233"
+#define NODE_B_LOWER NODE_B
 
 struct fixture {
     char dir[64];
@@ -127,7 +131,7 @@ static void test_open_mode_and_schema(void **state)
 
     char *v = query_text(f->path, "SELECT value FROM meta WHERE key = 'schema_version'", NULL);
     assert_non_null(v);
-    assert_string_equal(v, "1");
+    assert_string_equal(v, "2");
     free(v);
     v = query_text(f->path, "PRAGMA journal_mode", NULL);
     assert_string_equal(v, "wal");
@@ -170,10 +174,10 @@ static void test_open_refuses_bad_files(void **state)
     /* A file from a newer version. */
     userstore_close(f->us);
     f->us = NULL;
-    free(query_text(f->path, "UPDATE meta SET value = '2' WHERE key = 'schema_version'", NULL));
+    free(query_text(f->path, "UPDATE meta SET value = '3' WHERE key = 'schema_version'", NULL));
     assert_int_equal(userstore_open(f->path, &us, err, sizeof(err)), US_DB);
     assert_null(us);
-    assert_non_null(strstr(err, "schema version 2"));
+    assert_non_null(strstr(err, "schema version 3"));
     userstore_close(NULL);
 }
 
@@ -286,6 +290,185 @@ static void test_names(void **state)
         assert_int_equal(userstore_del(f->us, bad[i]), US_BAD_NAME);
     }
     assert_int_equal(count_users(f->us), 5);
+}
+
+/* Issue 15, item 10: no account may be named like a host, so no user's certificate looks like
+ * a server's. Existing names of that form still work for everything but creation. */
+static void test_hostlike_names(void **state)
+{
+    struct fixture *f = *state;
+    const char *hostlike[] = {"login.example.org", "127.0.0.1", "localhost", "a.b",
+                              "alice.smith",       "x-1.y-2"};
+    const char *fine[] = {"alice", "alice_smith", "a_b.c", "a.b_c-d", "1001", "a.-b", "a..b"};
+    for (size_t i = 0; i < sizeof(hostlike) / sizeof(hostlike[0]); i++) {
+        assert_true(userstore_name_valid(hostlike[i]));
+        assert_true(userstore_name_hostlike(hostlike[i]));
+        assert_int_equal(userstore_add(f->us, hostlike[i], PW, false, IT), US_BAD_NAME);
+        assert_non_null(strstr(userstore_errmsg(f->us), "looks like a host name or an IP address"));
+    }
+    for (size_t i = 0; i < sizeof(fine) / sizeof(fine[0]); i++)
+        assert_false(userstore_name_hostlike(fine[i]));
+    assert_false(userstore_name_hostlike(NULL));
+    assert_int_equal(count_users(f->us), 0);
+}
+
+struct devs {
+    char buf[4096];
+    int n;
+};
+
+static void collect_dev(const struct device_info *d, void *ud)
+{
+    struct devs *n = ud;
+    size_t len = strlen(n->buf);
+    snprintf(n->buf + len, sizeof(n->buf) - len, "%s%s=%s", len ? "," : "", d->device, d->node_id);
+    n->n++;
+}
+
+/* Issue 15, item 6: a bounded set of devices per account, each keeping its Node-ID. */
+static void test_devices(void **state)
+{
+    struct fixture *f = *state;
+    struct device_info d;
+    bool added = true;
+    char nid[41];
+    assert_int_equal(userstore_add(f->us, "alice", PW, true, IT), US_OK);
+    assert_int_equal(userstore_device_claim(f->us, "alice", "phone", NODE_A, 2, &d, &added), US_OK);
+    assert_true(added);
+    assert_string_equal(d.node_id, "00112233445566778899aabbccddeeff00112233");
+    /* The same device again: its Node-ID, whatever the new draw. */
+    assert_int_equal(userstore_device_claim(f->us, "alice", "phone", NODE_B, 2, &d, &added), US_OK);
+    assert_false(added);
+    assert_string_equal(d.node_id, "00112233445566778899aabbccddeeff00112233");
+    assert_int_equal(userstore_device_claim(f->us, "alice", "laptop", NODE_B, 2, &d, &added),
+                     US_OK);
+    assert_true(added);
+    /* A third device is over the bound of 2: refused, nothing written. */
+    snprintf(nid, sizeof(nid), "%040d", 7);
+    assert_int_equal(userstore_device_claim(f->us, "alice", "tablet", nid, 2, &d, &added),
+                     US_LIMIT);
+    assert_false(added);
+    assert_non_null(strstr(userstore_errmsg(f->us), "already has 2 devices"));
+    struct devs n = {"", 0};
+    assert_int_equal(userstore_device_list(f->us, "alice", collect_dev, &n), US_OK);
+    assert_int_equal(n.n, 2);
+    assert_string_equal(n.buf, "laptop=" NODE_B_LOWER ",phone=" NODE_A_LOWER);
+    /* Renewal finds the device by its Node-ID (any case). */
+    assert_int_equal(userstore_device_by_node(f->us, "alice", NODE_B, &d), US_OK);
+    assert_string_equal(d.device, "laptop");
+    assert_int_equal(userstore_device_by_node(f->us, "alice", nid, &d), US_NOT_FOUND);
+    assert_int_equal(userstore_device_by_node(f->us, "bob", NODE_B, &d), US_NOT_FOUND);
+    assert_int_equal(userstore_device_touch(f->us, "alice", "laptop"), US_OK);
+    assert_int_equal(userstore_device_touch(f->us, "alice", "nosuch"), US_NOT_FOUND);
+    /* Removing one frees its slot; its Node-ID can no longer be renewed. */
+    assert_int_equal(userstore_device_del(f->us, "alice", "laptop"), US_OK);
+    assert_int_equal(userstore_device_del(f->us, "alice", "laptop"), US_NOT_FOUND);
+    assert_int_equal(userstore_device_by_node(f->us, "alice", NODE_B, &d), US_NOT_FOUND);
+    assert_int_equal(userstore_device_claim(f->us, "alice", "tablet", nid, 2, &d, &added), US_OK);
+    assert_true(added);
+    /* Bad names and Node-IDs. */
+    assert_int_equal(userstore_device_claim(f->us, "alice", "../x", nid, 2, &d, &added),
+                     US_BAD_NAME);
+    assert_int_equal(userstore_device_claim(f->us, "alice", "", nid, 2, &d, &added), US_BAD_NAME);
+    assert_int_equal(userstore_device_claim(f->us, "alice", "ok", "12", 2, &d, &added), US_BAD_ARG);
+    /* The devices go with the account. */
+    assert_int_equal(userstore_del(f->us, "alice"), US_OK);
+    n = (struct devs){"", 0};
+    assert_int_equal(userstore_device_list(f->us, "alice", collect_dev, &n), US_OK);
+    assert_int_equal(n.n, 0);
+}
+
+static void collect_serial(const char *serial, void *ud)
+{
+    struct devs *n = ud;
+    size_t len = strlen(n->buf);
+    snprintf(n->buf + len, sizeof(n->buf) - len, "%s%s", len ? "," : "", serial);
+    n->n++;
+}
+
+/* The CRL's input: live certificates whose device or account is gone. */
+static void test_revoked(void **state)
+{
+    struct fixture *f = *state;
+    struct device_info d;
+    bool added;
+    int64_t v0, v1;
+    assert_int_equal(userstore_add(f->us, "alice", PW, true, IT), US_OK);
+    assert_int_equal(userstore_add(f->us, "bob", PW, true, IT), US_OK);
+    assert_int_equal(userstore_device_claim(f->us, "alice", "phone", NODE_A, 5, &d, &added), US_OK);
+    assert_int_equal(userstore_device_claim(f->us, "alice", "laptop", NODE_B, 5, &d, &added),
+                     US_OK);
+    assert_int_equal(userstore_device_claim(f->us, "bob", "pc", NODE_A, 5, &d, &added), US_OK);
+    assert_int_equal(userstore_record_cert(f->us, "0a", "alice", NODE_A, "enroll", 10, 5000),
+                     US_OK);
+    assert_int_equal(userstore_record_cert(f->us, "0b", "alice", NODE_B, "enroll", 10, 5000),
+                     US_OK);
+    assert_int_equal(userstore_record_cert(f->us, "0c", "alice", NODE_B, "renew", 10, 900), US_OK);
+    assert_int_equal(userstore_record_cert(f->us, "0d", "bob", NODE_A, "enroll", 10, 5000), US_OK);
+    struct devs n = {"", 0};
+    assert_int_equal(userstore_revoked(f->us, 1000, collect_serial, &n), US_OK);
+    assert_int_equal(n.n, 0);
+    assert_int_equal(userstore_data_version(f->us, &v0), US_OK);
+    assert_int_equal(userstore_device_del(f->us, "alice", "laptop"), US_OK);
+    assert_int_equal(userstore_del(f->us, "bob"), US_OK);
+    /* 0c expired already: nothing to list. */
+    assert_int_equal(userstore_revoked(f->us, 1000, collect_serial, &n), US_OK);
+    assert_string_equal(n.buf, "0b,0d");
+    /* Our own writes leave the data version alone (it tracks other processes). */
+    assert_int_equal(userstore_data_version(f->us, &v1), US_OK);
+    assert_int_equal(v0, v1);
+}
+
+/* Issuing limit input: certificates of one user since a time. */
+static void test_certs_since(void **state)
+{
+    struct fixture *f = *state;
+    uint64_t n = 99;
+    int64_t oldest = 99;
+    assert_int_equal(userstore_certs_since(f->us, "alice", 0, &n, &oldest), US_OK);
+    assert_int_equal(n, 0);
+    assert_int_equal(oldest, 0);
+    assert_int_equal(userstore_record_cert(f->us, "01", "alice", NODE_A, "enroll", 1000, 5000),
+                     US_OK);
+    assert_int_equal(userstore_record_cert(f->us, "02", "alice", NODE_A, "renew", 2000, 5000),
+                     US_OK);
+    assert_int_equal(userstore_record_cert(f->us, "03", "alice", NODE_A, "enroll", 3000, 5000),
+                     US_OK);
+    assert_int_equal(userstore_record_cert(f->us, "04", "bob", NODE_A, "enroll", 3000, 5000),
+                     US_OK);
+    assert_int_equal(userstore_certs_since(f->us, "alice", 1500, &n, &oldest), US_OK);
+    assert_int_equal(n, 2);
+    assert_int_equal(oldest, 2000);
+}
+
+/* A store of schema version 1 (before devices): each Node-ID it issued becomes a device. */
+static void test_migration_from_v1(void **state)
+{
+    struct fixture *f = *state;
+    assert_int_equal(userstore_add(f->us, "alice", PW, true, IT), US_OK);
+    assert_int_equal(userstore_record_cert(f->us, "01", "alice", NODE_A, "enroll", 1000, 5000),
+                     US_OK);
+    assert_int_equal(userstore_record_cert(f->us, "02", "alice", NODE_A, "renew", 2000, 5000),
+                     US_OK);
+    assert_int_equal(userstore_record_cert(f->us, "03", "alice", NODE_B, "enroll", 3000, 5000),
+                     US_OK);
+    userstore_close(f->us);
+    f->us = NULL;
+    free(query_text(f->path, "DROP INDEX certs_by_user_time", NULL));
+    free(query_text(f->path, "DROP TABLE IF EXISTS devices", NULL));
+    free(query_text(f->path, "UPDATE meta SET value = '1' WHERE key = 'schema_version'", NULL));
+    reopen(f);
+    struct devs n = {"", 0};
+    assert_int_equal(userstore_device_list(f->us, "alice", collect_dev, &n), US_OK);
+    assert_int_equal(n.n, 2);
+    struct device_info d;
+    assert_int_equal(userstore_device_by_node(f->us, "alice", NODE_A, &d), US_OK);
+    assert_string_equal(d.device, "node-" NODE_A_LOWER);
+    assert_int_equal(d.created_at, 1000);
+    assert_int_equal(d.last_at, 2000);
+    char *v = query_text(f->path, "SELECT value FROM meta WHERE key = 'schema_version'", NULL);
+    assert_string_equal(v, "2");
+    free(v);
 }
 
 static void test_passwords(void **state)
@@ -542,9 +725,6 @@ static void test_concurrent_creation(void **state)
 
 /* ---- certificates ---- */
 
-#define NODE_A "00112233445566778899AABBCCDDEEFF00112233"
-#define NODE_B "ffeeddccbbaa99887766554433221100ffeeddcc"
-
 static void test_certs(void **state)
 {
     struct fixture *f = *state;
@@ -622,6 +802,11 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         T(test_open_mode_and_schema),
+        T(test_hostlike_names),
+        T(test_devices),
+        T(test_certs_since),
+        T(test_revoked),
+        T(test_migration_from_v1),
         T(test_open_tightens_mode),
         T(test_open_refuses_bad_files),
         T(test_add_get_list_del),
