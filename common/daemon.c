@@ -14,6 +14,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "fsutil.h"
 #include "log.h"
 #include "version.h"
 
@@ -134,13 +135,13 @@ static void notify_parent(int fd, char status)
     close(fd);
 }
 
+/* Atomically, through a fresh temporary file: a symlink planted at the path is replaced, never
+ * followed. */
 static int write_pid_file(const char *path)
 {
-    FILE *f = fopen(path, "we");
-    if (!f)
-        return -1;
-    fprintf(f, "%ld\n", (long)getpid());
-    return fclose(f);
+    char line[32];
+    int n = snprintf(line, sizeof(line), "%ld\n", (long)getpid());
+    return fs_write_atomic(path, line, (size_t)n, 0644);
 }
 
 int daemon_main(const struct daemon_spec *spec, int argc, char **argv)

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -27,14 +28,39 @@ int fs_mkdir(const char *path, mode_t mode)
     return S_ISDIR(st.st_mode) ? 0 : -ENOTDIR;
 }
 
+/*
+ * The temporary lives beside the target (rename is atomic only within one file system) under a
+ * name nobody can guess, and is created with O_EXCL|O_NOFOLLOW: a symlink or file planted where
+ * the temporary goes makes the open fail instead of redirecting the write (the state directory
+ * may be shared or writable by others). The mode is given at creation, so the file is never
+ * more open than asked, even for a moment.
+ */
+static int open_temporary(const char *path, mode_t mode, char *tmp, size_t len)
+{
+    for (int attempt = 0; attempt < 8; attempt++) {
+        unsigned char rnd[12];
+        if (getrandom(rnd, sizeof(rnd), 0) != (ssize_t)sizeof(rnd))
+            return -EIO;
+        char hex[2 * sizeof(rnd) + 1];
+        for (size_t i = 0; i < sizeof(rnd); i++)
+            snprintf(hex + 2 * i, 3, "%02x", rnd[i]);
+        if (snprintf(tmp, len, "%s.tmp.%s", path, hex) >= (int)len)
+            return -ENAMETOOLONG;
+        int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode & 0777);
+        if (fd >= 0)
+            return fd;
+        if (errno != EEXIST && errno != EINTR)
+            return -errno;
+    }
+    return -EEXIST;
+}
+
 int fs_write_atomic(const char *path, const void *data, size_t len, mode_t mode)
 {
     char tmp[4096];
-    if (snprintf(tmp, sizeof(tmp), "%s.tmp.%ld", path, (long)getpid()) >= (int)sizeof(tmp))
-        return -ENAMETOOLONG;
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+    int fd = open_temporary(path, mode, tmp, sizeof(tmp));
     if (fd < 0)
-        return -errno;
+        return fd;
     const char *p = data;
     size_t left = len;
     while (left) {

@@ -9,7 +9,11 @@
 #include <stddef.h>
 #include <sys/types.h>
 
-/* Writes data to path atomically with the given mode. 0 or -errno. */
+/*
+ * Writes data to path atomically with the given mode. The temporary is "<path>.tmp.<24 random
+ * hex digits>", created exclusively without following symlinks, so nothing planted in the
+ * directory can redirect or clobber the write. 0 or -errno.
+ */
 int fs_write_atomic(const char *path, const void *data, size_t len, mode_t mode);
 /* Reads a whole file (at most max bytes) into a NUL-terminated malloc'd buffer. 0 or -errno
  * (-EFBIG when larger than max). */

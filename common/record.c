@@ -49,6 +49,8 @@ const char *rec_strcode(int status)
         return "expired";
     case REC_E_LIFETIME:
         return "lifetime-too-long";
+    case REC_E_MISMATCH:
+        return "not-asked";
     default:
         return "internal";
     }
@@ -192,6 +194,8 @@ static int parse_signed(json_t *so, struct record *out, char *err, size_t errlen
         (r = get_text(so, "name", REC_NAME_MAX, out->name, err, errlen)) < 0 ||
         (r = get_text(so, "owner", REC_OWNER_MAX, out->owner, err, errlen)) < 0)
         return r;
+    if (strchr(out->type, '|'))
+        return errbuf_set(err, errlen, REC_E_MALFORMED, "record: a type may not contain '|'");
 
     v = json_object_get(so, "key");
     if (!v || !json_is_string(v))
@@ -555,6 +559,8 @@ int rec_sign(const struct rec_params *p, gnutls_x509_privkey_t key, gnutls_x509_
         return errbuf_set(err, errlen, REC_E_MALFORMED,
                           "record: name must be 1..%d bytes without control characters",
                           REC_NAME_MAX);
+    if (strchr(p->type, '|'))
+        return errbuf_set(err, errlen, REC_E_MALFORMED, "record: a type may not contain '|'");
     if (!p->removal && (!p->value || json_is_null(p->value)))
         return errbuf_set(err, errlen, REC_E_MALFORMED, "record: a record needs a non-null value");
 
@@ -1136,6 +1142,31 @@ out:
     free(sig);
     vcert_free(owned);
     return ret;
+}
+
+int rec_answers(const struct record *r, const nid_t *key, const char *type, const char *name,
+                char *err, size_t errlen)
+{
+    char asked[NID_HEX_LEN + 1], found[NID_HEX_LEN + 1], qt[80], qn[80];
+    if (err && errlen)
+        err[0] = '\0';
+    nid_t want = *key;
+    /* A caller that knows the name must have asked for its key: one hash, no trust in it. */
+    if (type && name && nid_key(&want, type, name) < 0)
+        return errbuf_set(err, errlen, REC_E_NOMEM, "record: cannot hash the key");
+    bool ok = nid_eq(&r->key, key) && nid_eq(&want, key) && (!type || !strcmp(r->type, type)) &&
+              (!name || !strcmp(r->name, name));
+    if (ok)
+        return REC_OK;
+    char what[REC_TYPE_MAX + REC_NAME_MAX + 8] = "", qo[80];
+    if (type && name)
+        snprintf(what, sizeof(what), " (%s|%s)", type, name);
+    return errbuf_set(err, errlen, REC_E_MISMATCH,
+                      "record: asked for key %s%s, found key %s (type %s, name %s, owner %s)",
+                      nid_to_hex(key, asked), what, nid_to_hex(&r->key, found),
+                      quote(r->type, strlen(r->type), qt, sizeof(qt)),
+                      quote(r->name, strlen(r->name), qn, sizeof(qn)),
+                      quote(r->owner, strlen(r->owner), qo, sizeof(qo)));
 }
 
 uint64_t rec_seq_now(void)

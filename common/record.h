@@ -61,6 +61,7 @@ enum rec_status {
     REC_E_EXPIRED = -9,   /* "expired": expires <= now */
     REC_E_LIFETIME = -10, /* "lifetime-too-long": expires > now + max lifetime */
     REC_E_NOMEM = -11,    /* "internal" */
+    REC_E_MISMATCH = -12, /* "not-asked": not the record a lookup asked for (rec_answers) */
 };
 const char *rec_strcode(int status);
 
@@ -83,8 +84,10 @@ struct record {
 /*
  * Parses an envelope's structure (not its signature): every member present
  * with its type; key is 40 hex digits and equals SHA-1(type "|" name); seq a
- * decimal string of an unsigned 64-bit number; type 1..REC_TYPE_MAX bytes,
- * name 1..REC_NAME_MAX bytes, UTF-8 without control characters. `max_bytes`
+ * decimal string of an unsigned 64-bit number; type 1..REC_TYPE_MAX bytes
+ * without '|' (so that a key names exactly one (type, name): "a|b" + "|" +
+ * "c" and "a" + "|" + "b|c" would hash alike), name 1..REC_NAME_MAX bytes,
+ * UTF-8 without control characters. `max_bytes`
  * (0 = no limit) bounds the compact encoding of the envelope (REC_E_TOO_LARGE).
  * The envelope's reference is taken (json_incref) on success. On failure
  * `err` gets one line saying which member is wrong.
@@ -151,6 +154,22 @@ int rec_verifier_set_proxies(struct rec_verifier *v, const struct overlay_sip_pr
  */
 int rec_verify(struct rec_verifier *v, const struct record *r, time_t now, int64_t max_lifetime_s,
                char *err, size_t errlen);
+
+/*
+ * Whether a record answers a lookup: its key is `key`, the key asked for, and
+ * its type and name are `type` and `name` (NULL for a lookup by key alone;
+ * since types hold no '|', the key then names the type and name just as
+ * well). Given both, `key` must also be their hash. Call it on every record
+ * a lookup returns, besides rec_verify(): a valid signature says who wrote a
+ * record, not that it is the one asked for, and a super node on the path
+ * could answer a lookup for bob with its owner's own record. Together with
+ * rec_verify()'s access policy, the answer to "user location|bob@ov" is then
+ * a record of sip:bob@ov (or of a P2P proxy of bob's domain when that domain
+ * is not the overlay's). REC_OK, or REC_E_MISMATCH with `err` naming the key
+ * asked for and the key, owner, type and name found.
+ */
+int rec_answers(const struct record *r, const nid_t *key, const char *type, const char *name,
+                char *err, size_t errlen);
 
 /* Cache statistics, for status and tests. */
 void rec_verifier_stats(const struct rec_verifier *v, size_t *entries, uint64_t *hits,

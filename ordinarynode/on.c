@@ -125,6 +125,7 @@ struct onode {
     bool nat;        /* the super node sees another address than ours: we are behind NAT */
     double attached_at, keepalive_s;
     unsigned failed_rounds, attachments;
+    uint64_t c_lookup_mismatch; /* records answering a lookup that did not ask for them */
     ev_timer attempt_timer, backoff_timer, ka_timer, pub_timer, stop_timer;
     char ka_tid[MSG_TID_LEN + 1];
     double ka_sent;
@@ -1282,8 +1283,15 @@ struct lookup {
     struct onode *o;
     on_result_fn cb;
     void *ud;
+    nid_t key; /* the key asked for: it names one type and name (types hold no '|') */
 };
 
+/*
+ * Only what was asked for is an answer: the super node, and whoever it relays, can return any
+ * validly signed record, for instance its owner's own under another key, or a record whose
+ * type or name is not the one looked up. Such a record is dropped before anyone sees it (the
+ * SIP proxy routes calls by what a lookup returns), and logged with both keys.
+ */
 static void lookup_done(void *ud, const struct on_result *r)
 {
     struct lookup *lk = ud;
@@ -1302,6 +1310,15 @@ static void lookup_done(void *ud, const struct on_result *r)
         struct record rec;
         char err[512];
         int rc = rec_parse(env, 0, &rec, err, sizeof(err));
+        if (rc == REC_OK && rec_answers(&rec, &lk->key, NULL, NULL, err, sizeof(err)) != REC_OK) {
+            o->c_lookup_mismatch++;
+            log_warn(LOGM,
+                     "super node %s (%s) answered a lookup with a record not asked for, "
+                     "dropped: %s",
+                     o->sn.addr[0] ? o->sn.addr : "?", o->sn.id[0] ? o->sn.id : "?", err);
+            rec_free(&rec);
+            continue;
+        }
         if (rc == REC_OK)
             rc = rec_verify(o->verifier, &rec, now, o->p.creds->doc.max_record_lifetime_s, err,
                             sizeof(err));
@@ -1336,10 +1353,16 @@ void onode_lookup(struct onode *o, const char *key_hex, on_result_fn cb, void *u
         fail_later(o, cb, ud, "internal", "out of memory");
         return;
     }
+    if (!key_hex || nid_from_hex(&lk->key, key_hex) != 0) {
+        free(lk);
+        fail_later(o, cb, ud, "invalid-request", "a key is 40 hex digits");
+        return;
+    }
     lk->o = o;
     lk->cb = cb;
     lk->ud = ud;
-    json_t *b = json_pack("{s:s}", "key", key_hex);
+    char hex[NID_HEX_LEN + 1];
+    json_t *b = json_pack("{s:s}", "key", nid_to_hex(&lk->key, hex));
     onode_request(o, "get", b, lookup_done, lk);
     json_decref(b);
 }
@@ -1585,6 +1608,7 @@ json_t *onode_status(struct onode *o)
     }
     if (o->last_error[0])
         json_object_set_new(st, "last_error", json_string(o->last_error));
+    json_object_set_new(st, "lookup_mismatches", json_integer((json_int_t)o->c_lookup_mismatch));
     json_t *alts = json_array();
     for (size_t i = 0; i < o->hc.n_alt; i++)
         json_array_append_new(

@@ -98,7 +98,9 @@ void onode_publish(struct onode *o, const char *mode, const char *type, const ch
  * Looks up a key and verifies every record found (signature, certificate
  * chain, policy). The answer body is {"records": [{"owner", "seq",
  * "expires", "value", "verified": true} or {... "verified": false,
- * "error": "..."}], "hops", "node"}.
+ * "error": "..."}], "hops", "node"}. A record that is not under the key asked
+ * for (rec_answers) is no answer: it is left out and logged, whoever signed
+ * it, and counted in the status ("lookup_mismatches").
  */
 void onode_lookup(struct onode *o, const char *key_hex, on_result_fn cb, void *ud);
 

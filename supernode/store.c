@@ -7,6 +7,12 @@
  * Range iteration collects the keys in the interval and sorts them by their
  * distance from the start, which is O(n log n) and needs no ordered index on
  * the write path.
+ *
+ * A third table holds the marks (store.h, "Rollback"): the highest seq of an
+ * (key, owner) whose entry expired, kept for the longest lifetime a record may
+ * have. Marks sit on two FIFO lists, the store's and their owner's, which is
+ * what bounds them: the oldest go first, and an owner's own marks go before
+ * anyone else's once it holds as many as its record quota.
  */
 #include "store.h"
 
@@ -115,16 +121,36 @@ struct keyslot {
     size_t n, cap;
 };
 
+struct mark;
+
 struct ownerslot {
     struct hnode hn;
     size_t count, bytes;
-    char owner[]; /* NUL-terminated */
+    size_t marks;               /* this owner's marks; the slot lives while count or marks */
+    struct mark *mhead, *mtail; /* its marks, oldest first */
+    char owner[];               /* NUL-terminated */
+};
+
+/* What is left of an expired (key, owner): its seq, until keep_until. */
+struct mark {
+    struct hnode hn; /* first: a mark is its hash node */
+    nid_t key;
+    uint64_t seq;
+    double keep_until;
+    struct ownerslot *o;
+    struct mark *prev, *next;   /* the store's list, oldest first */
+    struct mark *oprev, *onext; /* the owner's list, oldest first */
 };
 
 struct store {
     struct store_limits lim;
     uint64_t seed;
-    struct htab keys, owners;
+    struct htab keys, owners, marks;
+    struct mark *mhead, *mtail;
+    size_t max_marks;
+    double max_lifetime;  /* store_set_max_lifetime(), or STORE_MARK_LIFETIME_DEF */
+    double lifetime_seen; /* the longest expires - now of a record accepted */
+    uint64_t marks_evicted;
     char **proxies;
     size_t n_proxies;
 };
@@ -230,15 +256,23 @@ struct store *store_new(const struct store_limits *lim)
         return NULL;
     if (lim)
         s->lim = *lim;
+    s->max_marks = s->lim.marks ? s->lim.marks : STORE_MARKS_DEF;
+    s->max_lifetime = STORE_MARK_LIFETIME_DEF;
     if (gnutls_rnd(GNUTLS_RND_NONCE, &s->seed, sizeof(s->seed)) < 0)
         s->seed = 0x243f6a8885a308d3ull ^ (uint64_t)(uintptr_t)s;
-    if (htab_init(&s->keys) < 0 || htab_init(&s->owners) < 0) {
+    if (htab_init(&s->keys) < 0 || htab_init(&s->owners) < 0 || htab_init(&s->marks) < 0) {
         free(s->keys.b);
         free(s->owners.b);
+        free(s->marks.b);
         free(s);
         return NULL;
     }
     return s;
+}
+
+void store_set_max_lifetime(struct store *s, int64_t seconds)
+{
+    s->max_lifetime = seconds > 0 ? (double)seconds : STORE_MARK_LIFETIME_DEF;
 }
 
 static void sentry_free(struct sentry *e)
@@ -254,6 +288,10 @@ void store_free(struct store *s)
     if (!s)
         return;
     free_proxies(s);
+    for (struct mark *m = s->mhead, *next; m; m = next) {
+        next = m->next;
+        free(m);
+    }
     for (size_t i = 0; i < s->keys.nb; i++) {
         for (struct hnode *x = s->keys.b[i], *next; x; x = next) {
             next = x->next;
@@ -272,6 +310,7 @@ void store_free(struct store *s)
     }
     free(s->keys.b);
     free(s->owners.b);
+    free(s->marks.b);
     free(s);
 }
 
@@ -342,6 +381,98 @@ static bool is_expired(const struct record *r, double now)
     return (double)r->expires <= now;
 }
 
+/* Frees an owner's slot once nothing of it is left: no entry, no mark. */
+static void owner_release(struct store *s, struct ownerslot *o)
+{
+    if (o && o->count == 0 && o->marks == 0) {
+        htab_remove(&s->owners, &o->hn);
+        free(o);
+    }
+}
+
+/* Marks */
+
+static uint64_t mark_hash(const struct store *s, const nid_t *key, const struct ownerslot *o)
+{
+    return mix64(hash_bytes(s->seed, key->b, NID_LEN) ^ o->hn.hash);
+}
+
+static struct mark *mark_find(const struct store *s, const nid_t *key, const char *owner)
+{
+    struct ownerslot *o = owner_find(s, owner);
+    if (!o || o->marks == 0)
+        return NULL;
+    uint64_t h = mark_hash(s, key, o);
+    for (struct hnode *x = s->marks.b[h & (s->marks.nb - 1)]; x; x = x->next) {
+        struct mark *m = (struct mark *)x;
+        if (x->hash == h && m->o == o && nid_eq(&m->key, key))
+            return m;
+    }
+    return NULL;
+}
+
+/* Unlinks and frees m (and its owner's slot when that was all that was left of it). */
+static void mark_remove(struct store *s, struct mark *m)
+{
+    htab_remove(&s->marks, &m->hn);
+    *(m->prev ? &m->prev->next : &s->mhead) = m->next;
+    *(m->next ? &m->next->prev : &s->mtail) = m->prev;
+    struct ownerslot *o = m->o;
+    *(m->oprev ? &m->oprev->onext : &o->mhead) = m->onext;
+    *(m->onext ? &m->onext->oprev : &o->mtail) = m->oprev;
+    o->marks--;
+    free(m);
+    owner_release(s, o);
+}
+
+/* The longest a record may live: what the overlay allows, or longer if a record showed it. */
+static double mark_lifetime(const struct store *s)
+{
+    return s->lifetime_seen > s->max_lifetime ? s->lifetime_seen : s->max_lifetime;
+}
+
+/*
+ * Remembers the seq of an entry about to be dropped at expiry (its owner slot o is still
+ * alive). Any older record of that owner was signed before this one was first stored here,
+ * which was before it expired, so it expires at most one lifetime after this one's "expires":
+ * until then the seq must stay known.
+ */
+static void mark_add(struct store *s, const struct record *r, struct ownerslot *o, double now)
+{
+    double keep_until = (double)r->expires + mark_lifetime(s);
+    if (keep_until <= now || !o)
+        return;
+    struct mark *m = calloc(1, sizeof(*m));
+    if (!m) {
+        s->marks_evicted++; /* the same loss as an eviction, and counted as one */
+        return;
+    }
+    m->key = r->key;
+    m->seq = r->seq;
+    m->keep_until = keep_until;
+    m->o = o;
+    m->hn.hash = mark_hash(s, &r->key, o);
+    htab_insert(&s->marks, &m->hn);
+    m->prev = s->mtail;
+    *(s->mtail ? &s->mtail->next : &s->mhead) = m;
+    s->mtail = m;
+    m->oprev = o->mtail;
+    *(o->mtail ? &o->mtail->onext : &o->mhead) = m;
+    o->mtail = m;
+    o->marks++;
+    /* An owner filling the table pushes out its own marks first, then the oldest go. */
+    bool px = s->n_proxies && is_proxy(s, o->owner);
+    size_t per_owner = px ? s->lim.per_proxy : s->lim.per_owner;
+    while (per_owner && o->marks > per_owner && o->mhead != m) {
+        mark_remove(s, o->mhead);
+        s->marks_evicted++;
+    }
+    while (s->marks.count > s->max_marks && s->mhead != m) {
+        mark_remove(s, s->mhead);
+        s->marks_evicted++;
+    }
+}
+
 /* Takes the entry at k->e[i] out of the store and frees it (and k, once empty). */
 static void entry_unlink(struct store *s, struct keyslot *k, size_t i)
 {
@@ -350,10 +481,7 @@ static void entry_unlink(struct store *s, struct keyslot *k, size_t i)
     if (o) {
         o->count--;
         o->bytes -= e->rec.size < o->bytes ? e->rec.size : o->bytes;
-        if (o->count == 0) {
-            htab_remove(&s->owners, &o->hn);
-            free(o);
-        }
+        owner_release(s, o);
     }
     memmove(&k->e[i], &k->e[i + 1], (k->n - i - 1) * sizeof(k->e[0]));
     k->n--;
@@ -404,14 +532,26 @@ int store_put(struct store *s, struct record *r, enum store_mode mode, double no
     struct keyslot *k = NULL;
     size_t idx = 0;
     struct sentry *cur = entry_find(s, &r->key, r->owner, &k, &idx);
-    /* An expired entry not yet purged counts as absent, as if store_expire() had run. */
+    /* For the modes, an expired entry not yet purged counts as absent, as if store_expire() had
+     * run; for freshness it counts, as its mark would (rollback, store.h). */
     struct sentry *have = cur && !is_expired(&cur->rec, now) ? cur : NULL;
     bool have_live = have && !have->rec.removal;
 
-    if (have && r->seq <= have->rec.seq)
+    if (cur && r->seq <= cur->rec.seq)
         return errbuf_set(err, errlen, STORE_E_STALE,
-                          "%s's %s under %s has seq %" PRIu64 "; this one has %" PRIu64, r->owner,
-                          have->rec.removal ? "tombstone" : "record", khex, have->rec.seq, r->seq);
+                          "%s's %s%s under %s has seq %" PRIu64 "; this one has %" PRIu64, r->owner,
+                          have ? "" : "expired ", cur->rec.removal ? "tombstone" : "record", khex,
+                          cur->rec.seq, r->seq);
+    struct mark *mk = cur ? NULL : mark_find(s, &r->key, r->owner);
+    if (mk && mk->keep_until <= now) {
+        mark_remove(s, mk); /* its time is over: whatever it guarded has expired too */
+        mk = NULL;
+    }
+    if (mk && r->seq <= mk->seq)
+        return errbuf_set(err, errlen, STORE_E_STALE,
+                          "%s's record under %s expired with seq %" PRIu64
+                          " (remembered until %.0f); this one has %" PRIu64,
+                          r->owner, khex, mk->seq, mk->keep_until, r->seq);
     if (have_live && have->rec.no_update)
         return errbuf_set(err, errlen, STORE_E_NO_UPDATE,
                           "%s's record under %s is no_update until %" PRId64, r->owner, khex,
@@ -522,6 +662,10 @@ int store_put(struct store *s, struct record *r, enum store_mode mode, double no
      * is in the record's fields and envelope, and a busy node holds many records.
      */
     struct record *kept = cur ? &cur->rec : &ne->rec;
+    if (mk)
+        mark_remove(s, mk); /* the entry carries the seq from now on; o->count keeps o */
+    if ((double)kept->expires - now > s->lifetime_seen)
+        s->lifetime_seen = (double)kept->expires - now;
     json_decref(kept->signed_obj);
     kept->signed_obj = NULL;
     kept->value = NULL;
@@ -590,6 +734,7 @@ size_t store_expire(struct store *s, double now)
             for (size_t i = k->n; i-- > 0;) {
                 if (is_expired(&k->e[i]->rec, now)) {
                     bool last = k->n == 1;
+                    mark_add(s, &k->e[i]->rec, owner_find(s, k->e[i]->rec.owner), now);
                     entry_unlink(s, k, i);
                     dropped++;
                     if (last)
@@ -598,6 +743,11 @@ size_t store_expire(struct store *s, double now)
             }
             x = next;
         }
+    }
+    for (struct mark *m = s->mhead, *next; m; m = next) {
+        next = m->next;
+        if (m->keep_until <= now)
+            mark_remove(s, m);
     }
     return dropped;
 }
@@ -654,6 +804,8 @@ void store_stats(const struct store *s, double now, struct store_stats *out)
 {
     memset(out, 0, sizeof(*out));
     out->keys = s->keys.count;
+    out->marks = s->marks.count;
+    out->marks_evicted = s->marks_evicted;
     for (size_t b = 0; b < s->keys.nb; b++) {
         for (struct hnode *x = s->keys.b[b]; x; x = x->next) {
             const struct keyslot *k = (const struct keyslot *)x;

@@ -25,11 +25,29 @@
  *                 (higher seq) for (K, O) wins, live record or tombstone;
  *                 equal or older is STORE_E_STALE (callers treat it as
  *                 "already have it").
- * In every mode: seq <= the stored seq for (K, O) -> STORE_E_STALE; the stored
+ * In every mode: seq <= the stored seq for (K, O) (an expired entry's too, and
+ * a mark's: see Rollback) -> STORE_E_STALE; the stored
  * record of (K, O) has no_update set and is live -> STORE_E_NO_UPDATE
  * (nothing, not even its owner, changes it before it expires); a record
  * whose expires <= now -> STORE_E_EXPIRED; a removal statement given to
  * ADD/UPDATE, or a non-removal to REMOVE -> STORE_E_MODE.
+ *
+ * Rollback (issue 15): an entry that expires is not forgotten at once. An
+ * older record of the same owner may still be valid (signed earlier with a
+ * longer lifetime) and would otherwise take the expired one's place, so
+ * store_expire() leaves a mark of (K, O, seq) behind, kept until the expired
+ * entry's "expires" plus the longest record lifetime (store_set_max_lifetime,
+ * or longer when a record accepted here had a longer one): every older
+ * record has expired by then, since it was signed before this one was stored.
+ * While a mark is kept, any record of (K, O) with seq <= the mark's is
+ * STORE_E_STALE, in every mode, replicas and hand-offs included. An expired
+ * entry not yet purged counts the same way. Marks are bounded: at most
+ * `marks` in all (default STORE_MARKS_DEF), the oldest dropped first; and an
+ * owner holding as many marks as its record quota (per_owner, per_proxy)
+ * loses its own oldest first, so nobody can push others' marks out by
+ * writing short-lived records alone. A dropped mark reopens the replay for
+ * its (K, O) only, and is counted (store_stats().marks_evicted).
+ * store_drop() leaves no mark: the copy lives on at the responsible node.
  *
  * Quotas (0 = unlimited): per_key (distinct owners with a live record or
  * tombstone under one key), per_owner (records + tombstones of one owner in
@@ -74,7 +92,13 @@ struct store_limits {
     /* Owners named by store_set_proxies(): P2P proxies write for a whole SIP domain. */
     size_t per_proxy;
     size_t per_proxy_bytes;
+    /* Marks of expired entries kept against rollback (0 = STORE_MARKS_DEF). About 100 bytes
+     * each. */
+    size_t marks;
 };
+
+#define STORE_MARKS_DEF         262144
+#define STORE_MARK_LIFETIME_DEF 86400.0 /* the overlay document's default max_record_lifetime_s */
 
 /* One stored entry, as iteration and lookups show it (read-only). */
 struct store_entry {
@@ -88,6 +112,8 @@ void store_free(struct store *s);
 /* The owner URIs that get the per_proxy quotas instead of per_owner (the overlay document's
  * P2P proxies); copied. 0, or -1 when out of memory. */
 int store_set_proxies(struct store *s, const char *const *uris, size_t n);
+/* The overlay's max_record_lifetime_s, which marks outlive their entry by (<= 0: the default). */
+void store_set_max_lifetime(struct store *s, int64_t seconds);
 
 /*
  * Applies a verified record (the caller ran rec_verify). On STORE_OK the
@@ -117,7 +143,8 @@ bool store_touch(struct store *s, const nid_t *key, const char *owner, double no
 /* Drops (key, owner) without a tombstone (a replica this node no longer holds). */
 bool store_drop(struct store *s, const nid_t *key, const char *owner);
 
-/* Drops every entry whose expires <= now (records and tombstones). Returns how many. */
+/* Drops every entry whose expires <= now (records and tombstones), leaving their marks, and
+ * the marks whose time is over. Returns how many entries. */
 size_t store_expire(struct store *s, double now);
 
 /*
@@ -133,7 +160,9 @@ struct store_stats {
     size_t keys;    /* distinct keys */
     size_t records; /* live records (not expired) */
     size_t tombstones;
-    size_t bytes; /* sum of record sizes, tombstones included */
+    size_t bytes;           /* sum of record sizes, tombstones included */
+    size_t marks;           /* seqs of expired entries remembered against rollback */
+    uint64_t marks_evicted; /* marks dropped early for room (each reopens one replay) */
 };
 void store_stats(const struct store *s, double now, struct store_stats *out);
 

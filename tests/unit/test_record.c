@@ -763,6 +763,103 @@ static void test_key_mismatch(void **state)
     assert_int_equal(parse_env(envelope_of_obj(&f->alice, so), 0, &r, err, sizeof(err)), REC_E_KEY);
 }
 
+/*
+ * Whether a record answers a lookup (issue 15, call hijack): a validly signed record of the
+ * wrong key, type or name is no answer. The attack is mallory's super node answering a lookup
+ * of bob's location with its owner's own record.
+ */
+static void test_answers(void **state)
+{
+    struct fixture *f = *state;
+    struct record r;
+    char err[512];
+    nid_t bob_key, alice_key;
+    assert_int_equal(nid_key(&bob_key, REC_TYPE_USER_LOCATION, "bob@test.example"), 0);
+    assert_int_equal(nid_key(&alice_key, REC_TYPE_USER_LOCATION, "alice@test.example"), 0);
+    struct rec_verifier *v = rec_verifier_new(f->ca.crt, OVERLAY, 16);
+
+    /* Alice's own location verifies (a signature says who wrote it) but answers only hers. */
+    sign_ok(f, &f->alice, REC_TYPE_USER_LOCATION, "alice@test.example", 1, f->now + 60, false, &r);
+    assert_int_equal(rec_verify(v, &r, f->now, DAY, err, sizeof(err)), REC_OK);
+    assert_int_equal(rec_answers(&r, &bob_key, NULL, NULL, err, sizeof(err)), REC_E_MISMATCH);
+    assert_one_line(err);
+    char hb[NID_HEX_LEN + 1], ha[NID_HEX_LEN + 1];
+    assert_non_null(strstr(err, nid_to_hex(&bob_key, hb)));   /* the key asked for */
+    assert_non_null(strstr(err, nid_to_hex(&alice_key, ha))); /* and the key found */
+    assert_non_null(strstr(err, "sip:alice@test.example"));
+    assert_int_equal(
+        rec_answers(&r, &bob_key, REC_TYPE_USER_LOCATION, "bob@test.example", err, sizeof(err)),
+        REC_E_MISMATCH);
+    assert_non_null(strstr(err, "user location|bob@test.example"));
+    assert_int_equal(rec_answers(&r, &alice_key, NULL, NULL, err, sizeof(err)), REC_OK);
+    assert_int_equal(
+        rec_answers(&r, &alice_key, REC_TYPE_USER_LOCATION, "alice@test.example", err, sizeof(err)),
+        REC_OK);
+    /* The right key with a type or name that does not hash to it: the caller's mistake, no
+     * answer either. */
+    assert_int_equal(
+        rec_answers(&r, &alice_key, REC_TYPE_USER_LOCATION, "bob@test.example", err, sizeof(err)),
+        REC_E_MISMATCH);
+    assert_int_equal(
+        rec_answers(&r, &alice_key, "presence", "alice@test.example", err, sizeof(err)),
+        REC_E_MISMATCH);
+    rec_free(&r);
+
+    /* Right name, wrong type: mallory's "presence" record named bob is anyone's to write. */
+    sign_ok(f, &f->alice, "presence", "bob@test.example", 1, f->now + 60, false, &r);
+    assert_int_equal(rec_verify(v, &r, f->now, DAY, err, sizeof(err)), REC_OK);
+    assert_int_equal(rec_answers(&r, &bob_key, NULL, NULL, err, sizeof(err)), REC_E_MISMATCH);
+    assert_int_equal(
+        rec_answers(&r, &bob_key, REC_TYPE_USER_LOCATION, "bob@test.example", err, sizeof(err)),
+        REC_E_MISMATCH);
+    rec_free(&r);
+
+    /* Bob's own answers; a record under bob's key by anyone else cannot verify (policy). */
+    sign_ok(f, &f->bob, REC_TYPE_USER_LOCATION, "bob@test.example", 1, f->now + 60, false, &r);
+    assert_int_equal(
+        rec_answers(&r, &bob_key, REC_TYPE_USER_LOCATION, "bob@test.example", err, sizeof(err)),
+        REC_OK);
+    rec_free(&r);
+    sign_ok(f, &f->alice, REC_TYPE_USER_LOCATION, "bob@test.example", 1, f->now + 60, false, &r);
+    assert_int_equal(rec_answers(&r, &bob_key, NULL, NULL, err, sizeof(err)), REC_OK);
+    assert_int_equal(rec_verify(v, &r, f->now, DAY, err, sizeof(err)), REC_E_FORBIDDEN);
+    rec_free(&r);
+    assert_string_equal(rec_strcode(REC_E_MISMATCH), "not-asked");
+    rec_verifier_free(v);
+}
+
+/* A type holding '|' would make keys ambiguous: SHA-1("user location|a" "|" "b") is also the
+ * key of type "user location", name "a|b". Refused when signing and when parsing. */
+static void test_type_without_bar(void **state)
+{
+    struct fixture *f = *state;
+    struct record r;
+    char err[256];
+    json_t *value = json_string("x");
+    struct rec_params p = {.overlay = OVERLAY,
+                           .type = "user location|a",
+                           .name = "b",
+                           .seq = 1,
+                           .expires = f->now + 60,
+                           .value = value};
+    assert_int_equal(rec_sign(&p, f->alice.key, f->alice.crt, &r, err, sizeof(err)),
+                     REC_E_MALFORMED);
+    assert_non_null(strstr(err, "'|'"));
+    json_decref(value);
+
+    char k[NID_HEX_LEN + 1];
+    json_t *so = good_signed(f);
+    json_object_set_new(so, "type", json_string("user location|alice"));
+    json_object_set_new(so, "name", json_string("test.example"));
+    json_object_set_new(so, "key", json_string(key_hex("user location|alice", "test.example", k)));
+    assert_int_equal(parse_env(envelope_of_obj(&f->alice, so), 0, &r, err, sizeof(err)),
+                     REC_E_MALFORMED);
+    assert_non_null(strstr(err, "'|'"));
+    /* In a name it is fine: the type before it is what disambiguates. */
+    sign_ok(f, &f->alice, "note", "a|b", 1, f->now + 60, false, &r);
+    rec_free(&r);
+}
+
 static void test_too_large(void **state)
 {
     struct fixture *f = *state;
@@ -1333,6 +1430,8 @@ int main(void)
         cmocka_unit_test(test_uri_aor),
         cmocka_unit_test(test_owner_mismatch),
         cmocka_unit_test(test_key_mismatch),
+        cmocka_unit_test(test_answers),
+        cmocka_unit_test(test_type_without_bar),
         cmocka_unit_test(test_too_large),
         cmocka_unit_test(test_wrong_overlay),
         cmocka_unit_test(test_expiry_and_lifetime),

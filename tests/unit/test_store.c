@@ -1,6 +1,7 @@
 /*
  * Unit tests for store.c against the semantics in store.h: the four write
- * modes, freshness (stale writes, replays blocked by tombstones), no_update,
+ * modes, freshness (stale writes, replays blocked by tombstones, and by the
+ * marks expired entries leave: the rollback of issue 15), no_update,
  * the three quotas, expiry, lookups in owner order, range iteration in ring
  * order with wrap-around, and a 100,000-record run that must stay fast. The
  * store does not verify signatures, so records are built by hand.
@@ -227,8 +228,139 @@ static void test_stale_and_replay(void **state)
     assert_non_null(strstr(err, "3"));
     assert_non_null(strstr(err, A));
     rec_free(&r);
-    /* Once the tombstone has expired, the key is free again. */
-    assert_int_equal(put(s, STORE_ADD, NOW + 3600, SP(K1, A, 1, .expires = 7200)), STORE_OK);
+    /* Once the tombstone has expired, an older seq still does not come back (rollback, below);
+     * a newer one is welcome. */
+    assert_int_equal(put(s, STORE_ADD, NOW + 3600, SP(K1, A, 1, .expires = 7200)), STORE_E_STALE);
+    assert_int_equal(put(s, STORE_ADD, NOW + 3600, SP(K1, A, 8, .expires = 7200)), STORE_OK);
+    store_free(s);
+}
+
+/* The replay of issue 15 item 13: seq 5 with a long life, seq 6 with a short one; once 6 has
+ * expired, 5 is still valid and must not take its place, in any mode (replication and
+ * hand-offs come in as STORE_REPLICA), before or after the expired entry is purged. */
+static void test_rollback_after_expiry(void **state)
+{
+    (void)state;
+    struct store *s = store_new(NULL);
+    assert_int_equal(put(s, STORE_ADD, NOW, SP(K1, A, 5, .expires = 3600)), STORE_OK);
+    assert_int_equal(put(s, STORE_UPDATE, NOW, SP(K1, A, 6, .expires = 2)), STORE_OK);
+    assert_int_equal(put(s, STORE_ADD, NOW, SP(K1, B, 1, .expires = 3600)), STORE_OK);
+    assert_int_equal(live(s, K1, NOW + 3), 1); /* 6 has expired: only bob's is left */
+
+    for (enum store_mode m = STORE_ADD; m <= STORE_REPLICA; m++)
+        if (m != STORE_REMOVE)
+            assert_int_equal(put(s, m, NOW + 3, SP(K1, A, 5, .expires = 3600)), STORE_E_STALE);
+
+    assert_int_equal(store_expire(s, NOW + 3), 1);
+    assert_null(store_find(s, &K1, A));
+    struct store_stats st;
+    store_stats(s, NOW + 3, &st);
+    assert_int_equal(st.marks, 1);
+    for (enum store_mode m = STORE_ADD; m <= STORE_REPLICA; m++)
+        if (m != STORE_REMOVE)
+            assert_int_equal(put(s, m, NOW + 10, SP(K1, A, 5, .expires = 3600)), STORE_E_STALE);
+    assert_int_equal(put(s, STORE_REPLICA, NOW + 10, SP(K1, A, 6, .expires = 3600)), STORE_E_STALE);
+    /* The refusal says why, with both numbers. */
+    struct spec sp = SP(K1, A, 5, .expires = 3600);
+    struct record r = mk(&sp);
+    char err[256];
+    assert_int_equal(store_put(s, &r, STORE_UPDATE, NOW + 10, err, sizeof(err)), STORE_E_STALE);
+    assert_non_null(strstr(err, "expired with seq 6"));
+    assert_non_null(strstr(err, "this one has 5"));
+    rec_free(&r);
+    assert_int_equal(live(s, K1, NOW + 10), 1);
+
+    /* The owner's next record is welcome, and takes the mark's place. */
+    assert_int_equal(put(s, STORE_ADD, NOW + 10, SP(K1, A, 7, .expires = 3600)), STORE_OK);
+    store_stats(s, NOW + 10, &st);
+    assert_int_equal(st.marks, 0);
+    assert_int_equal(seq_of(s, K1, A), 7);
+    store_free(s);
+}
+
+/* The same with a removal statement that expires before the record it removed. */
+static void test_rollback_after_tombstone(void **state)
+{
+    (void)state;
+    struct store *s = store_new(NULL);
+    assert_int_equal(put(s, STORE_ADD, NOW, SP(K2, A, 5, .expires = 3600)), STORE_OK);
+    assert_int_equal(put(s, STORE_REMOVE, NOW, SP(K2, A, 6, .expires = 2, .removal = true)),
+                     STORE_OK);
+    assert_int_equal(store_expire(s, NOW + 3), 1);
+    assert_int_equal(put(s, STORE_ADD, NOW + 4, SP(K2, A, 5, .expires = 3600)), STORE_E_STALE);
+    assert_int_equal(put(s, STORE_REPLICA, NOW + 4, SP(K2, A, 5, .expires = 3600)), STORE_E_STALE);
+    assert_int_equal(live(s, K2, NOW + 4), 0);
+    store_free(s);
+}
+
+/* How long a mark lives: the expired entry's expires plus the longest lifetime, which is the
+ * overlay's, or longer when a record accepted here showed a longer one. */
+static void test_mark_lifetime(void **state)
+{
+    (void)state;
+    struct store *s = store_new(NULL);
+    store_set_max_lifetime(s, 100);
+    assert_int_equal(put(s, STORE_ADD, NOW, SP(K1, A, 6, .expires = 2)), STORE_OK);
+    assert_int_equal(store_expire(s, NOW + 2), 1);
+    assert_int_equal(put(s, STORE_ADD, NOW + 101, SP(K1, A, 5, .expires = 150)), STORE_E_STALE);
+    struct store_stats st;
+    assert_int_equal(store_expire(s, NOW + 102), 0);
+    store_stats(s, NOW + 102, &st);
+    assert_int_equal(st.marks, 0); /* 2 + 100: every older record has expired by now */
+    assert_int_equal(put(s, STORE_ADD, NOW + 102, SP(K1, A, 5, .expires = 150)), STORE_OK);
+
+    /* A record accepted with 1000 s to live stretches the horizon to 1000 s. */
+    assert_int_equal(put(s, STORE_ADD, NOW, SP(K2, B, 1, .expires = 1000)), STORE_OK);
+    assert_int_equal(put(s, STORE_ADD, NOW, SP(K3, B, 9, .expires = 1)), STORE_OK);
+    assert_int_equal(store_expire(s, NOW + 1), 1);
+    assert_int_equal(put(s, STORE_ADD, NOW + 900, SP(K3, B, 8, .expires = 1000)), STORE_E_STALE);
+    assert_int_equal(store_expire(s, NOW + 1002), 2); /* alice's 5 under K1, bob's K2 */
+    store_stats(s, NOW + 1002, &st);
+    assert_int_equal(st.marks, 2); /* K3's, kept until 1 + 1000, is gone; these two are new */
+    assert_int_equal(put(s, STORE_ADD, NOW + 1002, SP(K3, B, 8, .expires = 1500)), STORE_OK);
+    store_free(s);
+}
+
+/* Marks are bounded; an owner who expires many records loses its own marks, not others'. */
+static void test_mark_bounds(void **state)
+{
+    (void)state;
+    struct store *s = store_new(&(struct store_limits){.per_owner = 3, .marks = 5});
+    /* Bob's two marks. */
+    assert_int_equal(put(s, STORE_ADD, NOW, SP(K1, B, 6, .expires = 1)), STORE_OK);
+    assert_int_equal(put(s, STORE_ADD, NOW, SP(K2, B, 6, .expires = 1)), STORE_OK);
+    assert_int_equal(store_expire(s, NOW + 1), 2);
+    /* Alice expires records under 10 keys, three at a time (her record quota). */
+    for (uint32_t round = 0; round < 4; round++) {
+        for (uint32_t i = 0; i < 3; i++)
+            assert_int_equal(put(s, STORE_ADD, NOW + 1 + round,
+                                 SP(key_n(100 + 3 * round + i), A, 6, .expires = 2 + round)),
+                             STORE_OK);
+        assert_int_equal(store_expire(s, NOW + 2 + round), 3);
+    }
+    struct store_stats st;
+    store_stats(s, NOW + 6, &st);
+    assert_int_equal(st.marks, 5);
+    assert_int_equal(st.marks_evicted, 9);
+    /* Bob's are still there; alice's newest three too, her oldest are gone. */
+    assert_int_equal(put(s, STORE_ADD, NOW + 6, SP(K1, B, 5)), STORE_E_STALE);
+    assert_int_equal(put(s, STORE_ADD, NOW + 6, SP(K2, B, 5)), STORE_E_STALE);
+    assert_int_equal(put(s, STORE_ADD, NOW + 6, SP(key_n(111), A, 5)), STORE_E_STALE);
+    assert_int_equal(put(s, STORE_ADD, NOW + 6, SP(key_n(100), A, 5)), STORE_OK);
+
+    /* The global bound: the oldest go first. */
+    struct store *t = store_new(&(struct store_limits){.marks = 2});
+    assert_int_equal(put(t, STORE_ADD, NOW, SP(K1, A, 6, .expires = 1)), STORE_OK);
+    assert_int_equal(store_expire(t, NOW + 1), 1);
+    assert_int_equal(put(t, STORE_ADD, NOW, SP(K2, B, 6, .expires = 2)), STORE_OK);
+    assert_int_equal(put(t, STORE_ADD, NOW, SP(K3, C, 6, .expires = 2)), STORE_OK);
+    assert_int_equal(store_expire(t, NOW + 2), 2);
+    store_stats(t, NOW + 2, &st);
+    assert_int_equal(st.marks, 2);
+    assert_int_equal(st.marks_evicted, 1);
+    assert_int_equal(put(t, STORE_ADD, NOW + 2, SP(K1, A, 5)), STORE_OK);
+    assert_int_equal(put(t, STORE_ADD, NOW + 2, SP(K2, B, 5)), STORE_E_STALE);
+    store_free(t);
     store_free(s);
 }
 
@@ -695,6 +827,10 @@ int main(void)
         cmocka_unit_test(test_modes_refused),
         cmocka_unit_test(test_replica),
         cmocka_unit_test(test_stale_and_replay),
+        cmocka_unit_test(test_rollback_after_expiry),
+        cmocka_unit_test(test_rollback_after_tombstone),
+        cmocka_unit_test(test_mark_lifetime),
+        cmocka_unit_test(test_mark_bounds),
         cmocka_unit_test(test_no_update),
         cmocka_unit_test(test_quota_key),
         cmocka_unit_test(test_quota_owner),
