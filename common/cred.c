@@ -19,6 +19,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "fsutil.h"
 #include "log.h"
 
 #define EXT_OCTET_STRING 0x04
@@ -75,58 +76,18 @@ static int read_file(const char *path, gnutls_datum_t *out)
 }
 
 /*
- * Writes through a temporary file and rename() so that a crash never leaves
- * a half-written key or certificate where a daemon would load it.
+ * Writes through a temporary file and rename() (fsutil.h: an unpredictable name, created
+ * exclusively without following symlinks) so that a crash never leaves a half-written key or
+ * certificate where a daemon would load it, and nothing planted in the directory redirects it.
  */
 static int write_file_atomic(const char *path, const gnutls_datum_t *data, mode_t mode)
 {
-    size_t plen = strlen(path);
-    char *tmp = malloc(plen + 16);
-    if (!tmp)
-        return GNUTLS_E_MEMORY_ERROR;
-    snprintf(tmp, plen + 16, "%s.tmp%ld", path, (long)getpid());
-
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
-    if (fd < 0) {
-        log_error("cred", "cannot create %s: %s", tmp, strerror(errno));
-        free(tmp);
+    int rc = fs_write_atomic(path, data->data, data->size, mode);
+    if (rc < 0) {
+        log_error("cred", "cannot write %s: %s", path, strerror(-rc));
         return GNUTLS_E_FILE_ERROR;
     }
-    /* open() honours the umask; the key must end up exactly `mode`. */
-    if (fchmod(fd, mode) < 0)
-        goto fail;
-    size_t off = 0;
-    while (off < data->size) {
-        ssize_t n = write(fd, data->data + off, data->size - off);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            goto fail;
-        }
-        off += (size_t)n;
-    }
-    if (fsync(fd) < 0)
-        goto fail;
-    if (close(fd) < 0) {
-        fd = -1;
-        goto fail;
-    }
-    fd = -1;
-    if (rename(tmp, path) < 0) {
-        log_error("cred", "cannot rename %s to %s: %s", tmp, path, strerror(errno));
-        unlink(tmp);
-        free(tmp);
-        return GNUTLS_E_FILE_ERROR;
-    }
-    free(tmp);
     return 0;
-fail:
-    log_error("cred", "cannot write %s: %s", tmp, strerror(errno));
-    if (fd >= 0)
-        close(fd);
-    unlink(tmp);
-    free(tmp);
-    return GNUTLS_E_FILE_ERROR;
 }
 
 /* Key pairs */
