@@ -53,6 +53,7 @@ struct on_config {
     long long sip_rate;
     bool sip_dns;
     char *sip_dns_server;
+    struct cfg_strlist sip_register_from;
     bool never_promote;
     long long sn_max_attached;
 };
@@ -111,6 +112,10 @@ static const struct cfg_field on_fields[] = {
      "have calls reach this node through the overlay (its super node and the attach link) "
      "rather than directly: for nodes that others cannot reach (behind NAT or a firewall)"},
     SIP_FRONT_FIELDS(struct on_config),
+    {"sip_register_from", CFG_STRLIST, offsetof(struct on_config, sip_register_from), 0, 0, NULL,
+     NULL,
+     "networks phones may register from (a.b.c.d/len, v6/len, or any); default: loopback and "
+     "private networks"},
     {"never_promote", CFG_BOOL, offsetof(struct on_config, never_promote), 0, 0, NULL, "false",
      "never become a super node, whatever the criteria say (docs/promotion.md)"},
     {"sn_max_attached", CFG_INT, offsetof(struct on_config, sn_max_attached), 1, 10000000, NULL,
@@ -388,6 +393,11 @@ static int on_start(struct ev_loop *loop, const void *p, void **state)
         !(st->sip = registrar_start(loop, st->on, st->creds.id.uri, cfg->sip_listen, &sl,
                                     st->creds.doc.max_record_lifetime_s, err, sizeof(err)))) {
         log_error("main", "%s (set sip_listen, or sip: false)", err);
+        return -1;
+    }
+    if (st->sip &&
+        registrar_phone_networks(st->sip, &cfg->sip_register_from, err, sizeof(err)) != 0) {
+        log_error("main", "sip_register_from: %s", err);
         return -1;
     }
     if (st->sip && cfg->sip_dns) {

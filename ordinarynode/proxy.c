@@ -5,6 +5,14 @@
  * matched by the branch of the Via the request arrived with, the client side
  * by the branch of the Via we add. Responses come back on our Via, which is
  * taken off before they go to where the request came from.
+ *
+ * Where a request may go is decided before anything is kept or sent
+ * (plan()): a refusal is answered statelessly, once per datagram, so that a
+ * forged source gets no more than it sent. A dialog (struct pdialog, by
+ * Call-ID) remembers the two parties its INVITE came from and went to, both
+ * validated when it was forwarded; in-dialog requests and late 2xx
+ * retransmissions go only between them, whatever their Route or
+ * Request-URI names.
  */
 #include "proxy.h"
 
@@ -24,11 +32,17 @@
 #define LOGM        "sip"
 #define T1_S        0.5   /* RFC 3261 timer T1 */
 #define T2_S        4.0   /* RFC 3261 timer T2 */
-#define TIMER_B_S   32.0  /* no answer at all to a forwarded request: 480 */
+#define TIMER_B_S   32.0  /* no answer at all to a forwarded request: 408 */
 #define TIMER_C_S   180.0 /* an INVITE ringing this long is cancelled: 408 */
 #define LINGER_S    32.0  /* a finished transaction absorbs retransmissions this long */
 #define MAX_TXNS    65536
 #define TXN_BUCKETS 8192 /* hash chains by Via branch, ours and theirs */
+#define DLG_BUCKETS 1024
+#define MAX_DIALOGS 4096
+#define DIALOG_IDLE_S                                                                              \
+    43200.0 /* a dialog without any in-dialog request this long is forgotten (then: 481) */
+#define DIALOG_LINGER_S 32.0 /* after its BYE was answered or its INVITE failed */
+#define SWEEP_S         30.0
 
 struct ptxn {
     struct ptxn *next, **pprev;      /* every transaction */
@@ -49,6 +63,15 @@ struct ptxn {
     double rto;
 };
 
+/* A dialog this proxy is in (RFC 3261 section 12), by Call-ID. */
+struct pdialog {
+    struct pdialog *next;
+    char call_id[128];
+    struct sip_source side[2]; /* [0]: where its INVITE came from, [1]: where it was forwarded */
+    bool confirmed;            /* a 2xx passed; else a failure ends it */
+    ev_tstamp until;           /* forgotten then */
+};
+
 struct proxy {
     struct ev_loop *loop;
     struct onode *on;
@@ -62,8 +85,11 @@ struct proxy {
     struct ptxn *txns;
     size_t n_txns;
     struct ptxn *by_in[TXN_BUCKETS], *by_out[TXN_BUCKETS];
+    struct pdialog *dlg[DLG_BUCKETS];
+    size_t n_dlg;
+    ev_timer sweep;
     uint64_t forwarded, not_found, unavailable, cancelled, looked_up, timeouts, via_overlay,
-        dns_located;
+        dns_located, refused;
 };
 
 /* ---- helpers --------------------------------------------------------------------------------- */
@@ -259,7 +285,9 @@ static void retrans_cb(struct ev_loop *loop, ev_timer *w, int revents)
     if (!t->fwd || t->provisional || t->best >= 200)
         return;
     px_send(t->px, t->fwd, &t->to, err, sizeof(err));
-    t->rto = t->rto * 2 > T2_S ? T2_S : t->rto * 2;
+    /* Timer A doubles without a cap (17.1.1.2: 7 sends in Timer B's 32 s); Timer E stops at T2
+     * (17.1.2.2: 11 sends). */
+    t->rto = t->rto * 2 > T2_S && strcmp(t->method, "INVITE") ? T2_S : t->rto * 2;
     ev_timer_set(w, t->rto, 0.);
     ev_timer_start(loop, w);
 }
@@ -280,8 +308,9 @@ static void timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
         send_cancel(t);
         answer(t, 408, "Request Timeout");
     } else {
-        log_info(LOGM, "%s to %s: no answer within %.0f s", t->method, t->to.addr, TIMER_B_S);
-        answer(t, 480, "No Answer From The Callee");
+        /* A client transaction's timeout counts as a 408 (8.1.3.1). */
+        log_info(LOGM, "%s to %s: no answer within %.0f s: 408", t->method, t->to.addr, TIMER_B_S);
+        answer(t, 408, "No Answer From The Callee");
     }
 }
 
@@ -563,90 +592,257 @@ static bool is_self(const struct proxy *px, const osip_uri_t *u)
     return uri_hostport(u, hp, sizeof(hp)) == 0 && !strcmp(hp, px->self);
 }
 
-static void route(struct ptxn *t)
+/* ---- dialogs: the parties in-dialog requests may go between ---------------------------------- */
+
+static size_t dlg_bucket(const char *call_id)
 {
-    struct proxy *px = t->px;
-    osip_message_t *m = t->req;
-    /* Loose routing (16.4): a Route naming us is ours to remove; the next one is the way. */
-    osip_route_t *rt = osip_list_get(&m->routes, 0);
-    if (rt && is_self(px, rt->url)) {
+    return bucket(call_id) % DLG_BUCKETS;
+}
+
+static struct pdialog *dialog_find(struct proxy *px, const char *call_id)
+{
+    ev_tstamp now = ev_now(px->loop);
+    for (struct pdialog *d = px->dlg[dlg_bucket(call_id)]; d; d = d->next)
+        if (!strcmp(d->call_id, call_id) && d->until > now)
+            return d;
+    return NULL;
+}
+
+/* Frees the dialogs forgotten by `now`; with `evict`, also the one closest to that. */
+static void dialogs_sweep(struct proxy *px, ev_tstamp now, bool evict)
+{
+    struct pdialog **oldest = NULL;
+    for (size_t b = 0; b < DLG_BUCKETS; b++)
+        for (struct pdialog **pp = &px->dlg[b]; *pp;) {
+            struct pdialog *d = *pp;
+            if (d->until <= now) {
+                *pp = d->next;
+                free(d);
+                px->n_dlg--;
+                continue;
+            }
+            if (!oldest || d->until < (*oldest)->until)
+                oldest = pp;
+            pp = &d->next;
+        }
+    if (evict && px->n_dlg >= MAX_DIALOGS && oldest) {
+        struct pdialog *d = *oldest;
+        *oldest = d->next;
+        free(d);
+        px->n_dlg--;
+    }
+}
+
+static void sweep_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct proxy *px = w->data;
+    dialogs_sweep(px, ev_now(loop), false);
+}
+
+/* A response of the dialog t's INVITE created (a provisional one with a To-tag, or a 2xx)
+ * passed: its parties are those of t, both validated when t was forwarded. */
+static void dialog_note(struct proxy *px, const struct ptxn *t, bool confirmed)
+{
+    const char *cid = t->req->call_id->number;
+    struct pdialog *d = dialog_find(px, cid);
+    if (!d) {
+        if (strlen(cid) >= sizeof(d->call_id))
+            return; /* its in-dialog requests get 481 */
+        if (px->n_dlg >= MAX_DIALOGS)
+            dialogs_sweep(px, ev_now(px->loop), true);
+        if (!(d = calloc(1, sizeof(*d))))
+            return;
+        snprintf(d->call_id, sizeof(d->call_id), "%s", cid);
+        size_t b = dlg_bucket(cid);
+        d->next = px->dlg[b];
+        px->dlg[b] = d;
+        px->n_dlg++;
+    }
+    d->side[0] = t->from;
+    d->side[1] = t->to;
+    d->confirmed |= confirmed;
+    d->until = ev_now(px->loop) + DIALOG_IDLE_S;
+}
+
+/* The final response to t passed: a failed INVITE's early dialog, or a dialog its BYE ended, is
+ * forgotten after the retransmissions. */
+static void dialog_final(struct proxy *px, const struct ptxn *t, int code)
+{
+    struct pdialog *d = dialog_find(px, t->req->call_id->number);
+    bool bye = !strcmp(t->method, "BYE");
+    if (d &&
+        ((bye && code >= 200) || (!strcmp(t->method, "INVITE") && code >= 300 && !d->confirmed)))
+        d->until = ev_now(px->loop) + DIALOG_LINGER_S;
+}
+
+/* "host" of "host:port" or "[v6]:port" equal. */
+static bool same_host(const char *a, const char *b)
+{
+    const char *ca = strrchr(a, ':'), *cb = strrchr(b, ':');
+    return ca && cb && ca - a == cb - b && !strncmp(a, b, (size_t)(ca - a));
+}
+
+/* Whether `src` is the party recorded as `side`: the same node through the overlay; over UDP the
+ * same address and port (a phone or node sends from the port it listens on); over TCP the same
+ * host (a connection comes from any port). */
+static bool same_party(const struct sip_source *side, const struct sip_source *src)
+{
+    if (side->node[0] || src->node[0])
+        return side->node[0] && !strcmp(side->node, src->node);
+    if (side->tcp || src->tcp)
+        return same_host(side->addr, src->addr);
+    return !strcmp(side->addr, src->addr);
+}
+
+/* 0 or 1: which party of d sent it; -1: neither. */
+static int dialog_party(const struct pdialog *d, const struct sip_source *src)
+{
+    return same_party(&d->side[0], src) ? 0 : same_party(&d->side[1], src) ? 1 : -1;
+}
+
+/* ---- routing policy (RFC 3261 16.4-16.5; docs/sip.md, "Who may use the proxy") -------------- */
+
+/* Where one request goes, decided before anything is kept or sent. */
+struct plan {
+    int code;           /* an answer of ours instead (0: go) */
+    const char *reason; /* its phrase */
+    bool refused;       /* a destination this sender may not reach: logged as such */
+    bool lookup;        /* the overlay (then maybe DNS) says where: aor, domain */
+    bool absorb;        /* an ACK with nowhere to go */
+    struct sip_source to;
+    char new_ruri[256]; /* the binding's Contact, for a user of ours ("" = unchanged) */
+    char aor[300], domain[256];
+};
+
+static int plan_refuse(struct plan *p, int code, const char *reason)
+{
+    p->code = code;
+    p->reason = reason;
+    p->refused = true;
+    return -1;
+}
+
+/* The top Route as an overlay hop (p2p-node and p2p-sn, 40 hex each): 0, else -1. */
+static int route_overlay(const osip_route_t *rt, struct sip_source *to)
+{
+    osip_uri_param_t *pn = NULL, *ps = NULL;
+    if (!rt)
+        return -1;
+    osip_uri_uparam_get_byname(rt->url, "p2p-node", &pn);
+    osip_uri_uparam_get_byname(rt->url, "p2p-sn", &ps);
+    if (!pn || !ps || !pn->gvalue || !ps->gvalue || strlen(pn->gvalue) != NID_HEX_LEN ||
+        strlen(ps->gvalue) != NID_HEX_LEN)
+        return -1;
+    overlay_target(to, pn->gvalue, ps->gvalue);
+    return 0;
+}
+
+/*
+ * Decides where m (from `from`, of `origin`) goes: 0 with p->to (and maybe p->new_ruri), or
+ * p->lookup; -1 with p->code (p->refused for a destination the sender may not reach). Takes off
+ * the Routes naming us (loose routing, 16.4).
+ */
+static int plan(struct proxy *px, osip_message_t *m, const struct sip_source *from,
+                enum proxy_origin origin, struct plan *p)
+{
+    memset(p, 0, sizeof(*p));
+    osip_route_t *rt;
+    while ((rt = osip_list_get(&m->routes, 0)) && is_self(px, rt->url)) {
         osip_list_remove(&m->routes, 0);
         osip_route_free(rt);
-        rt = osip_list_get(&m->routes, 0);
     }
-    char target[300];
-    struct sip_source to;
-    if (rt) {
-        osip_uri_param_t *pn = NULL, *ps = NULL;
-        osip_uri_uparam_get_byname(rt->url, "p2p-node", &pn);
-        osip_uri_uparam_get_byname(rt->url, "p2p-sn", &ps);
-        if (pn && ps && pn->gvalue && ps->gvalue && strlen(pn->gvalue) == NID_HEX_LEN &&
-            strlen(ps->gvalue) == NID_HEX_LEN) {
-            overlay_target(&to, pn->gvalue, ps->gvalue);
-        } else if (uri_hostport(rt->url, target, sizeof(target)) == 0) {
-            direct_target(&to, target, uri_tcp(rt->url));
-        } else {
-            answer(t, 404, "Route To An Unknown Host");
-            return;
-        }
-        forward(t, &to, NULL);
-        return;
+    osip_generic_param_t *tag = NULL;
+    if (m->to && osip_to_get_tag(m->to, &tag) == 0 && tag && tag->gvalue) {
+        /* In a dialog: only between its parties, whoever asks and whatever the Route says. */
+        struct pdialog *d = dialog_find(px, m->call_id->number);
+        int s = d ? dialog_party(d, from) : -1;
+        if (s < 0)
+            return plan_refuse(p, 481, d ? "Not A Party To The Dialog" : "No Such Dialog Here");
+        p->to = d->side[1 - s];
+        /* A party behind NAT asked (its Record-Route) to be reached through the overlay. */
+        struct sip_source ov;
+        if (!p->to.node[0] && route_overlay(rt, &ov) == 0)
+            p->to = ov;
+        if (strcmp(m->sip_method, "ACK") != 0)
+            d->until = ev_now(px->loop) + DIALOG_IDLE_S;
+        return 0;
     }
+    if (rt) /* a Route beyond us: where the sender wants it to go, not a destination of ours */
+        return plan_refuse(p, 403, "Route Beyond This Node Refused");
     const osip_uri_t *ru = m->req_uri;
-    char aor[300] = "";
-    if (ru->username)
-        snprintf(aor, sizeof(aor), "%s@%s", ru->username, ru->host);
+    char target[300];
+    if (ru->username && *ru->username && ru->host)
+        snprintf(p->aor, sizeof(p->aor), "%s@%s", ru->username, ru->host);
     bool local = false;
-    const char *b = ru->username && *ru->username ? px->binding(px->ud, aor, &local) : NULL;
-    if (local) { /* for a user registered here: the phone */
-        osip_uri_t *bu = NULL;
+    const char *b = p->aor[0] ? px->binding(px->ud, p->aor, &local) : NULL;
+    if (local) { /* a user registered here: the phone */
         if (!b) {
-            px->unavailable++;
-            answer(t, 480, "No Phone Registered");
-            return;
+            p->code = 480;
+            p->reason = "No Phone Registered";
+            return -1;
         }
+        osip_uri_t *bu = NULL;
         osip_uri_init(&bu);
         int rc = osip_uri_parse(bu, b) == 0 ? uri_hostport(bu, target, sizeof(target)) : -1;
         bool tcp = rc == 0 && uri_tcp(bu);
         osip_uri_free(bu);
-        if (rc != 0) {
-            answer(t, 480, "Binding Unusable");
-            return;
+        if (rc != 0 || strlen(b) >= sizeof(p->new_ruri)) {
+            p->code = 480;
+            p->reason = "Binding Unusable";
+            return -1;
         }
-        direct_target(&to, target, tcp);
-        forward(t, &to, b);
-        return;
+        direct_target(&p->to, target, tcp);
+        snprintf(p->new_ruri, sizeof(p->new_ruri), "%s", b);
+        return 0;
     }
-    if (uri_hostport(ru, target, sizeof(target)) == 0) { /* a literal address: a phone's Contact */
+    if (uri_hostport(ru, target, sizeof(target)) == 0) { /* a literal address */
         if (!strcmp(target, px->self)) {
-            answer(t, 404, "Not Here");
-            return;
+            p->code = 404;
+            p->reason = "Not Here";
+            return -1;
         }
-        direct_target(&to, target, uri_tcp(ru));
-        forward(t, &to, NULL);
-        return;
+        /* Only the owner's phone may, and only where the operator lets calls leave for any
+         * domain (RFC 3263 4.2: a numeric host is used as it is). */
+        if (origin != PROXY_OWN || !px->dns)
+            return plan_refuse(p, 403, "Literal Destination Refused");
+        direct_target(&p->to, target, uri_tcp(ru));
+        return 0;
     }
-    if (!ru->username || !*ru->username || !ru->host) {
-        px->not_found++;
-        answer(t, 404, "No User In The Request-URI");
-        return;
+    if (!p->aor[0]) {
+        p->code = 404;
+        p->reason = "No User In The Request-URI";
+        return -1;
     }
-    if (!strcmp(t->method, "ACK")) { /* an ACK that matched nothing: nowhere to go */
-        answer(t, 200, NULL);
-        return;
+    if (origin != PROXY_OWN) /* we are not a stranger's proxy */
+        return plan_refuse(p, 403, "Not A User Of This Node");
+    if (!strcmp(m->sip_method, "ACK")) { /* an ACK that matched nothing: nowhere to go */
+        p->absorb = true;
+        return -1;
     }
     /* The callee's signed location record says where to go; for another domain, failing that,
      * the domain's P2P proxy (seed 004 sections 4.1, 4.2). */
+    if (strcasecmp(ru->host, px->domain) != 0 && strcasecmp(ru->host, px->served) != 0)
+        snprintf(p->domain, sizeof(p->domain), "%s", ru->host);
+    p->lookup = true;
+    return 0;
+}
+
+static void route(struct ptxn *t, const struct plan *p)
+{
+    struct proxy *px = t->px;
+    if (!p->lookup) {
+        forward(t, &p->to, p->new_ruri[0] ? p->new_ruri : NULL);
+        return;
+    }
     struct lookup *lk = calloc(1, sizeof(*lk));
     if (!lk) {
         answer(t, 500, "Out Of Memory");
         return;
     }
     lk->t = t;
-    snprintf(lk->aor, sizeof(lk->aor), "%s", aor);
-    if (strcasecmp(ru->host, px->domain) != 0 && strcasecmp(ru->host, px->served) != 0)
-        snprintf(lk->domain, sizeof(lk->domain), "%s", ru->host);
-    lookup_key(px, lk, REC_TYPE_USER_LOCATION, aor);
+    snprintf(lk->aor, sizeof(lk->aor), "%s", p->aor);
+    snprintf(lk->domain, sizeof(lk->domain), "%s", p->domain);
+    lookup_key(px, lk, REC_TYPE_USER_LOCATION, p->aor);
 }
 
 static void lookup_key(struct proxy *px, struct lookup *lk, const char *type, const char *name)
@@ -667,7 +863,8 @@ static void lookup_key(struct proxy *px, struct lookup *lk, const char *type, co
 /* ---- requests and responses ---------------------------------------------------------------------
  */
 
-void proxy_request(struct proxy *px, osip_message_t *req, const struct sip_source *from)
+void proxy_request_from(struct proxy *px, osip_message_t *req, const struct sip_source *from,
+                        enum proxy_origin origin)
 {
     const char *branch = top_branch(req);
     const char *method = req->sip_method;
@@ -713,16 +910,43 @@ void proxy_request(struct proxy *px, osip_message_t *req, const struct sip_sourc
             return;
         }
     }
+    osip_message_t *copy = NULL;
+    if (osip_message_clone(req, &copy) != 0) {
+        px_reply(px, req, from, 500, "Out Of Memory");
+        return;
+    }
+    struct plan p;
+    if (plan(px, copy, from, origin, &p) != 0) {
+        /* Answered at once and kept nowhere: one datagram back to where this one came from,
+         * whatever it forged, and its retransmission is decided the same way again. */
+        px->unavailable += p.code == 480;
+        px->not_found += p.code == 404;
+        if (p.refused) {
+            px->refused++;
+            char *ruri = NULL;
+            osip_uri_to_str(req->req_uri, &ruri);
+            log_warn(LOGM, "%s: %s %s from %s refused: %d %s", from->addr, method,
+                     ruri ? ruri : "?", origin == PROXY_OWN ? "a phone of ours" : "outside", p.code,
+                     p.reason);
+            osip_free(ruri);
+        }
+        if (p.code && strcmp(method, "ACK") != 0)
+            px_reply(px, req, from, p.code, p.reason);
+        osip_message_free(copy);
+        return;
+    }
     if (px->n_txns >= MAX_TXNS) {
+        osip_message_free(copy);
         px_reply(px, req, from, 503, "Too Busy");
         return;
     }
     struct ptxn *t = calloc(1, sizeof(*t));
-    if (!t || osip_message_clone(req, &t->req) != 0) {
-        free(t);
+    if (!t) {
+        osip_message_free(copy);
         px_reply(px, req, from, 500, "Out Of Memory");
         return;
     }
+    t->req = copy;
     t->px = px;
     snprintf(t->in_branch, sizeof(t->in_branch), "%s", branch);
     snprintf(t->method, sizeof(t->method), "%s", method);
@@ -742,9 +966,25 @@ void proxy_request(struct proxy *px, osip_message_t *req, const struct sip_sourc
     px->n_txns++;
     if (!strcmp(method, "INVITE"))
         answer(t, 100, NULL);
-    route(t);
+    route(t, &p);
     if (!strcmp(method, "ACK") && t->best < 200 && !t->lookup_pending)
         finished(t, 200); /* an ACK gets no answer: nothing to wait for once it is on its way */
+}
+
+bool proxy_admits(struct proxy *px, const osip_message_t *req, const struct sip_source *from)
+{
+    osip_message_t *copy = NULL;
+    struct plan p;
+    if (osip_message_clone(req, &copy) != 0)
+        return false;
+    bool ok = plan(px, copy, from, PROXY_OUTSIDE, &p) == 0 || !p.refused;
+    osip_message_free(copy);
+    return ok;
+}
+
+void proxy_request(struct proxy *px, osip_message_t *req, const struct sip_source *from)
+{
+    proxy_request_from(px, req, from, PROXY_OWN);
 }
 
 void proxy_response(struct proxy *px, osip_message_t *resp, const struct sip_source *from)
@@ -762,19 +1002,16 @@ void proxy_response(struct proxy *px, osip_message_t *resp, const struct sip_sou
     osip_list_remove(&resp->vias, 0);
     osip_via_free(v);
     if (!t) {
-        /* A 2xx retransmission after the transaction ended: forward by the next Via. */
-        osip_via_t *nv = osip_list_get(&resp->vias, 0);
-        osip_generic_param_t *rp = NULL, *rc = NULL;
-        if (!nv || !nv->host)
-            return;
-        struct sip_source to = {.tcp = false};
-        osip_via_param_get_byname(nv, "received", &rc);
-        osip_via_param_get_byname(nv, "rport", &rp);
-        snprintf(to.addr, sizeof(to.addr), "%s:%s", rc && rc->gvalue ? rc->gvalue : nv->host,
-                 rp && rp->gvalue ? rp->gvalue : (nv->port ? nv->port : "5060"));
+        /* A 2xx retransmitted after the transaction ended: to the dialog's other party, never
+         * to where its Vias say (anyone can write a Via). */
+        struct pdialog *d = resp->call_id ? dialog_find(px, resp->call_id->number) : NULL;
+        int s = d ? dialog_party(d, from) : -1;
         char err[200];
-        if (resp->status_code >= 200 && resp->status_code < 300)
-            px_send(px, resp, &to, err, sizeof(err));
+        if (resp->status_code >= 200 && resp->status_code < 300 && s >= 0)
+            px_send(px, resp, &d->side[1 - s], err, sizeof(err));
+        else
+            log_debug(LOGM, "%s: response %d matches nothing of ours: dropped", from->addr,
+                      resp->status_code);
         return;
     }
     if (strcasecmp(resp->cseq->method, t->method) != 0)
@@ -784,6 +1021,12 @@ void proxy_response(struct proxy *px, osip_message_t *resp, const struct sip_sou
     /* The Vias below ours are those the request came with: take them from it. */
     osip_list_special_free(&resp->vias, (void (*)(void *))osip_via_free);
     osip_list_clone(&t->req->vias, &resp->vias, (int (*)(void *, void **))osip_via_clone);
+    osip_generic_param_t *tag = NULL;
+    if (!strcmp(t->method, "INVITE") && code > 100 && code < 300 &&
+        osip_to_get_tag(resp->to, &tag) == 0 && tag)
+        dialog_note(px, t, code >= 200);
+    if (code >= 200)
+        dialog_final(px, t, code);
     if (code < 200) {
         if (!t->provisional && !strcmp(t->method, "INVITE")) {
             t->provisional = true;
@@ -834,6 +1077,9 @@ struct proxy *proxy_new(struct ev_loop *loop, struct onode *on, struct sip_endpo
     px->ud = ud;
     snprintf(px->domain, sizeof(px->domain), "%s", domain);
     snprintf(px->self, sizeof(px->self), "%s", sip_endpoint_addr(ep));
+    ev_timer_init(&px->sweep, sweep_cb, SWEEP_S, SWEEP_S);
+    px->sweep.data = px;
+    ev_timer_start(loop, &px->sweep);
     return px;
 }
 
@@ -849,7 +1095,8 @@ void proxy_serve_domain(struct proxy *px, const char *domain)
 
 json_t *proxy_status(struct proxy *px)
 {
-    return json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "dns_located",
+    return json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "refused",
+                     (json_int_t)px->refused, "dialogs", (json_int_t)px->n_dlg, "dns_located",
                      (json_int_t)px->dns_located, "through_overlay", (json_int_t)px->via_overlay,
                      "transactions", (json_int_t)px->n_txns, "forwarded", (json_int_t)px->forwarded,
                      "looked_up", (json_int_t)px->looked_up, "not_found", (json_int_t)px->not_found,
@@ -870,5 +1117,7 @@ void proxy_free(struct proxy *px)
         if (!t->lookup_pending) /* else the lookup's answer frees it */
             txn_free(t);
     }
+    ev_timer_stop(px->loop, &px->sweep);
+    dialogs_sweep(px, 1e300, false);
     free(px);
 }

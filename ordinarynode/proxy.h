@@ -5,7 +5,16 @@
  * it to the phone registered there; Via and Record-Route keep responses and
  * in-dialog requests on that path. Transaction stateful: retransmissions,
  * CANCEL, the ACK of a non-2xx answer, 100 Trying, UDP retransmission of what
- * it forwards, and a timeout answered 480.
+ * it forwards, and a timeout answered 408.
+ *
+ * It is no open relay (docs/sip.md, "Who may use the proxy"): a request from
+ * outside (anyone who reaches the port, or a node through the overlay)
+ * reaches only this proxy's own users, the phones registered here; only the
+ * owner's own phones may call further: the users the overlay resolves, and
+ * other domains through DNS when enabled. Nothing is sent to an address
+ * because a request named it: in-dialog requests go to the parties the
+ * dialog's INVITE came from and went to, responses back along the
+ * transaction or the dialog.
  */
 #ifndef P2P_PROXY_H
 #define P2P_PROXY_H
@@ -33,9 +42,27 @@ struct dns_resolver;
 void proxy_use_dns(struct proxy *px, struct dns_resolver *dns);
 /* This proxy is the P2P proxy of `domain`: its users are looked up, never sent to a proxy. */
 void proxy_serve_domain(struct proxy *px, const char *domain);
+
+/* Who sent a request, as the proxy's owner found out. */
+enum proxy_origin {
+    PROXY_OUTSIDE, /* anyone who reaches the port, or a node through the overlay: reaches only
+                      this proxy's own users (their registered phones) and the parties of the
+                      dialogs it is in; anything else gets 403 and is logged */
+    PROXY_OWN,     /* a phone of this proxy's own (registered from that source, or authenticated
+                      by the owner): may also call the overlay's users, other domains (their P2P
+                      proxy, or DNS when enabled) and, with DNS on, a literal address */
+};
+void proxy_request_from(struct proxy *px, osip_message_t *req, const struct sip_source *from,
+                        enum proxy_origin origin);
+/* Whether req would be taken from outside (it reaches only this proxy's own users or a party of
+ * one of its dialogs): an owner that can authenticate its phones (Digest) challenges the others
+ * first, then passes them as PROXY_OWN. */
+bool proxy_admits(struct proxy *px, const osip_message_t *req, const struct sip_source *from);
+/* proxy_request_from(PROXY_OWN): for an owner that authenticated the sender itself. */
 void proxy_request(struct proxy *px, osip_message_t *req, const struct sip_source *from);
 void proxy_response(struct proxy *px, osip_message_t *resp, const struct sip_source *from);
-/* Counters for status: {"forwarded", "not_found", "unavailable", ...} (new reference). */
+/* Counters for status: {"forwarded", "not_found", "unavailable", "refused", "dialogs", ...}
+ * (new reference). */
 json_t *proxy_status(struct proxy *px);
 void proxy_free(struct proxy *px);
 

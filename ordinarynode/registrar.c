@@ -1,13 +1,23 @@
 /*
  * The ordinary node's registrar (registrar.h, RFC 3261 section 10.3).
+ *
+ * It also tells the proxy who is asking (docs/sip.md, "Who may use the
+ * proxy"): a request from the address a current binding was registered from
+ * (the same UDP address and port, or the same TCP connection) is the user's
+ * own phone; anything else, and everything that came through the overlay,
+ * is from outside and reaches only the user's phones.
  */
 #include "registrar.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "log.h"
 #include "nodeid.h"
@@ -22,6 +32,21 @@
 
 struct pending; /* a REGISTER waiting for the overlay's answer */
 
+#define MAX_NETS 32
+
+/* A network phones may register from. */
+struct net {
+    int family; /* AF_INET or AF_INET6 */
+    uint8_t addr[16];
+    unsigned bits;
+};
+
+/* Where the REGISTER that made (or last refreshed) a binding came from. */
+struct phone {
+    char contact[256];
+    struct sip_source src;
+};
+
 struct registrar {
     struct ev_loop *loop;
     struct onode *on;
@@ -31,6 +56,11 @@ struct registrar {
     struct sip_endpoint *ep;
     struct proxy *px;
     struct sip_bindings bs;
+    struct phone phones[SIPB_MAX]; /* by contact; only those still in bs count */
+    size_t n_phones;
+    struct net nets[MAX_NETS]; /* REGISTERs come from these */
+    size_t n_nets;
+    bool any_net;
     struct pending *pending; /* the store in flight */
     struct pending *next;    /* the REGISTERs that came meanwhile: stored together after it */
     uint64_t registrations;
@@ -143,6 +173,204 @@ static int publish(struct registrar *r, const osip_message_t *req, const struct 
     return 0;
 }
 
+/* ---- the user's own phones ------------------------------------------------------------------ */
+
+static bool bound(const struct registrar *r, const char *contact)
+{
+    for (size_t i = 0; i < r->bs.n; i++)
+        if (!strcmp(r->bs.b[i].contact, contact))
+            return true;
+    return false;
+}
+
+/* After REGISTER m from `from` changed the bindings: the bindings it made or refreshed are
+ * the phone's at `from`; the others keep theirs. */
+static void note_phones(struct registrar *r, const osip_message_t *m, const struct sip_source *from)
+{
+    struct phone keep[SIPB_MAX];
+    size_t n = 0;
+    unsigned long cseq = strtoul(m->cseq->number, NULL, 10);
+    for (size_t i = 0; i < r->bs.n && n < SIPB_MAX; i++) {
+        const struct sip_binding *b = &r->bs.b[i];
+        const struct phone *old = NULL;
+        for (size_t k = 0; k < r->n_phones && !old; k++)
+            if (!strcmp(r->phones[k].contact, b->contact))
+                old = &r->phones[k];
+        if (!strcmp(b->call_id, m->call_id->number) && b->cseq == cseq)
+            keep[n].src = *from;
+        else if (old)
+            keep[n].src = old->src;
+        else
+            continue;
+        snprintf(keep[n].contact, sizeof(keep[n].contact), "%s", b->contact);
+        n++;
+    }
+    memcpy(r->phones, keep, n * sizeof(keep[0]));
+    r->n_phones = n;
+}
+
+/* Whether `from` is a phone of our user: where a binding that still holds was registered from
+ * (over UDP the same address and port; over TCP the same connection). */
+static bool own_phone(const struct registrar *r, const struct sip_source *from)
+{
+    if (from->node[0])
+        return false;
+    for (size_t i = 0; i < r->n_phones; i++) {
+        const struct sip_source *p = &r->phones[i].src;
+        if (p->tcp == from->tcp && !strcmp(p->addr, from->addr) &&
+            (!p->tcp || p->tcp_serial == from->tcp_serial) && bound(r, r->phones[i].contact))
+            return true;
+    }
+    return false;
+}
+
+/* The IP address of "ip:port" or "[v6]:port" (or of a bare host), for comparison. */
+static int parse_ip(const char *s, bool with_port, struct sockaddr_storage *ss)
+{
+    char host[80];
+    const char *end = with_port ? strrchr(s, ':') : s + strlen(s);
+    if (!end)
+        return -1;
+    if (*s == '[' && end > s + 1 && end[-1] == ']') {
+        s++;
+        end--;
+    }
+    if ((size_t)(end - s) >= sizeof(host))
+        return -1;
+    memcpy(host, s, (size_t)(end - s));
+    host[end - s] = '\0';
+    memset(ss, 0, sizeof(*ss));
+    struct sockaddr_in *a4 = (struct sockaddr_in *)ss;
+    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)ss;
+    if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
+        a4->sin_family = AF_INET;
+        return 0;
+    }
+    if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
+        a6->sin6_family = AF_INET6;
+        return 0;
+    }
+    return -1;
+}
+
+static bool same_ip(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
+{
+    if (a->ss_family != b->ss_family)
+        return false;
+    if (a->ss_family == AF_INET)
+        return !memcmp(&((const struct sockaddr_in *)a)->sin_addr,
+                       &((const struct sockaddr_in *)b)->sin_addr, sizeof(struct in_addr));
+    return !memcmp(&((const struct sockaddr_in6 *)a)->sin6_addr,
+                   &((const struct sockaddr_in6 *)b)->sin6_addr, sizeof(struct in6_addr));
+}
+
+static bool loopback(const struct sockaddr_storage *a)
+{
+    if (a->ss_family == AF_INET)
+        return (ntohl(((const struct sockaddr_in *)a)->sin_addr.s_addr) >> 24) == 127;
+    return IN6_IS_ADDR_LOOPBACK(&((const struct sockaddr_in6 *)a)->sin6_addr);
+}
+
+/* Whether ss is an address of this host: the kernel lets a socket bind to it. */
+static bool this_host(const struct sockaddr_storage *ss)
+{
+    int fd = socket(ss->ss_family, SOCK_DGRAM, 0);
+    if (fd < 0)
+        return false;
+    bool ok = bind(fd, (const struct sockaddr *)ss,
+                   ss->ss_family == AF_INET ? sizeof(struct sockaddr_in)
+                                            : sizeof(struct sockaddr_in6)) == 0;
+    close(fd);
+    return ok;
+}
+
+/* "a.b.c.d/len" or "v6/len" (a bare address: the host alone). 0, or -1. */
+static int net_parse(const char *s, struct net *n)
+{
+    char tmp[80];
+    snprintf(tmp, sizeof(tmp), "%s", s);
+    char *slash = strchr(tmp, '/');
+    if (slash)
+        *slash = '\0';
+    memset(n, 0, sizeof(*n));
+    if (inet_pton(AF_INET, tmp, n->addr) == 1)
+        n->family = AF_INET;
+    else if (inet_pton(AF_INET6, tmp, n->addr) == 1)
+        n->family = AF_INET6;
+    else
+        return -1;
+    unsigned max = n->family == AF_INET ? 32 : 128;
+    n->bits = max;
+    if (slash) {
+        char *end = NULL;
+        unsigned long b = strtoul(slash + 1, &end, 10);
+        if (!slash[1] || *end || b > max)
+            return -1;
+        n->bits = (unsigned)b;
+    }
+    return 0;
+}
+
+static bool net_has(const struct net *n, const struct sockaddr_storage *ss)
+{
+    const uint8_t *a;
+    uint8_t v4[4];
+    if (ss->ss_family == AF_INET6 &&
+        IN6_IS_ADDR_V4MAPPED(&((const struct sockaddr_in6 *)ss)->sin6_addr)) {
+        memcpy(v4, ((const struct sockaddr_in6 *)ss)->sin6_addr.s6_addr + 12, 4);
+        if (n->family != AF_INET)
+            return false;
+        a = v4;
+    } else if (ss->ss_family != n->family) {
+        return false;
+    } else {
+        a = ss->ss_family == AF_INET ? (const uint8_t *)&((const struct sockaddr_in *)ss)->sin_addr
+                                     : ((const struct sockaddr_in6 *)ss)->sin6_addr.s6_addr;
+    }
+    unsigned full = n->bits / 8, rest = n->bits % 8;
+    if (memcmp(a, n->addr, full) != 0)
+        return false;
+    return !rest || ((a[full] ^ n->addr[full]) & (0xffu << (8 - rest)) & 0xffu) == 0;
+}
+
+/* Whether a REGISTER from `from` comes from where phones are (sip_register_from). */
+static bool phone_network(const struct registrar *r, const struct sip_source *from)
+{
+    struct sockaddr_storage ss;
+    if (r->any_net)
+        return true;
+    if (parse_ip(from->addr, true, &ss) != 0)
+        return false;
+    for (size_t i = 0; i < r->n_nets; i++)
+        if (net_has(&r->nets[i], &ss))
+            return true;
+    return false;
+}
+
+/*
+ * A phone binds its own address: a Contact names the host the REGISTER came from (or, for a
+ * phone on this host that sent from loopback, another address of this host). Else anyone who
+ * reaches the port could make the node send its user's calls, and their retransmissions, to a third
+ * party. NULL when every Contact qualifies, else the one that does not.
+ */
+static const char *foreign_contact(const osip_message_t *m, const struct sip_source *from)
+{
+    struct sockaddr_storage src, c;
+    if (parse_ip(from->addr, true, &src) != 0)
+        return "?";
+    osip_contact_t *ct = NULL;
+    for (int i = 0; osip_message_get_contact(m, i, &ct) >= 0 && ct; i++) {
+        if (!ct->url) /* "Contact: *" */
+            continue;
+        const char *host = ct->url->host ? ct->url->host : "";
+        if (parse_ip(host, false, &c) != 0)
+            return host;
+        if (!same_ip(&c, &src) && !(loopback(&src) && !loopback(&c) && this_host(&c)))
+            return host;
+    }
+    return NULL;
+}
+
 static void on_register(struct registrar *r, osip_message_t *m, const struct sip_source *from)
 {
     r->registers++;
@@ -164,6 +392,25 @@ static void on_register(struct registrar *r, osip_message_t *m, const struct sip
     }
     if (waiting(r->pending, m) || waiting(r->next, m))
         return;
+    if (!phone_network(r, from)) {
+        r->forbidden++;
+        log_warn(LOGM,
+                 "%s: REGISTER of %s refused: not from a network phones register from "
+                 "(sip_register_from)",
+                 from->addr, r->aor);
+        sip_reply(r->ep, m, from, 403, "Not From The Phones' Network");
+        return;
+    }
+    const char *foreign = foreign_contact(m, from);
+    if (foreign) {
+        r->forbidden++;
+        log_warn(LOGM,
+                 "%s: REGISTER of %s refused: its Contact names %s, not the phone's own "
+                 "address",
+                 from->addr, r->aor, foreign);
+        sip_reply(r->ep, m, from, 403, "Contact Must Be The Phone's Own Address");
+        return;
+    }
     struct sip_bindings old = r->bs;
     const char *why = NULL;
     int rc =
@@ -175,6 +422,8 @@ static void on_register(struct registrar *r, osip_message_t *m, const struct sip
     else if (publish(r, m, from, &old) != 0) {
         r->bs = old;
         sip_reply_busy(r->ep, m, from);
+    } else {
+        note_phones(r, m, from);
     }
 }
 
@@ -202,7 +451,7 @@ static void on_message(void *ud, osip_message_t *m, const struct sip_source *fro
     else if (MSG_IS_OPTIONS(m) && !m->req_uri->username) /* a phone's keepalive to us */
         sip_reply(r->ep, m, from, 200, NULL);
     else
-        proxy_request(r->px, m, from);
+        proxy_request_from(r->px, m, from, own_phone(r, from) ? PROXY_OWN : PROXY_OUTSIDE);
 }
 
 void registrar_deliver(struct registrar *r, const char *from, json_t *payload)
@@ -228,8 +477,8 @@ void registrar_deliver(struct registrar *r, const char *from, json_t *payload)
         proxy_response(r->px, m, &src);
     else if (MSG_IS_REGISTER(m)) /* a binding is made by the user's own phone, here only */
         sip_reply(r->ep, m, &src, 403, "Register Locally");
-    else
-        proxy_request(r->px, m, &src);
+    else /* another node: only our user's phones, or a dialog's other party (proxy.h) */
+        proxy_request_from(r->px, m, &src, PROXY_OUTSIDE);
     osip_message_free(m);
 }
 
@@ -275,6 +524,7 @@ struct registrar *registrar_start(struct ev_loop *loop, struct onode *on, const 
     }
     ev_timer_init(&r->retry, retry_cb, BUSY_RETRY_S, 0.);
     r->retry.data = r;
+    registrar_phone_networks(r, NULL, err, errlen); /* the default: cannot fail */
     ev_timer_init(&r->expiry, expiry_cb, 1., 1.);
     r->expiry.data = r;
     ev_timer_start(loop, &r->expiry);
@@ -284,6 +534,35 @@ struct registrar *registrar_start(struct ev_loop *loop, struct onode *on, const 
 void registrar_use_dns(struct registrar *r, struct dns_resolver *dns)
 {
     proxy_use_dns(r->px, dns);
+}
+
+int registrar_phone_networks(struct registrar *r, const struct cfg_strlist *nets, char *err,
+                             size_t errlen)
+{
+    static const char *const private_nets[] = {
+        "127.0.0.0/8",    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
+        "169.254.0.0/16", "::1/128",    "fc00::/7",      "fe80::/10",
+    };
+    size_t n = nets && nets->n ? nets->n : sizeof(private_nets) / sizeof(private_nets[0]);
+    r->n_nets = 0;
+    r->any_net = false;
+    for (size_t i = 0; i < n; i++) {
+        const char *s = nets && nets->n ? nets->items[i] : private_nets[i];
+        if (!strcasecmp(s, "any")) {
+            r->any_net = true;
+            continue;
+        }
+        if (r->n_nets == MAX_NETS) {
+            snprintf(err, errlen, "more than %d networks", MAX_NETS);
+            return -1;
+        }
+        if (net_parse(s, &r->nets[r->n_nets]) != 0) {
+            snprintf(err, errlen, "%s is no network (a.b.c.d/len, v6/len or any)", s);
+            return -1;
+        }
+        r->n_nets++;
+    }
+    return 0;
 }
 
 json_t *registrar_status(struct registrar *r)

@@ -3,8 +3,10 @@
  * node's own user (RFC 3261 section 10.3). A REGISTER from the user's phone
  * becomes the "bindings" of the user's signed location record in the
  * overlay; refreshes and Expires: 0 update it; 200 OK lists the bindings
- * that hold. Requests for another user get 403. Every other request goes
- * to the proxy (proxy.h), which shares the front end's port.
+ * that hold. Requests for another user get 403; so do REGISTERs from outside
+ * the phones' networks, and Contacts naming another host than the phone's.
+ * Every other request goes to the proxy (proxy.h), which shares the front
+ * end's port, told whether it comes from the user's own phone.
  */
 #ifndef P2P_REGISTRAR_H
 #define P2P_REGISTRAR_H
@@ -12,6 +14,7 @@
 #include <ev.h>
 #include <jansson.h>
 
+#include "config.h"
 #include "on.h"
 #include "sip.h"
 
@@ -28,6 +31,11 @@ json_t *registrar_status(struct registrar *r);
 struct dns_resolver;
 /* Calls to domains the overlay knows nothing of go where DNS says (proxy_use_dns()). */
 void registrar_use_dns(struct registrar *r, struct dns_resolver *dns);
+/* REGISTERs are taken only from these networks ("192.168.1.0/24", "fd00::/8", "any"); none
+ * given: loopback and private networks (RFC 1918, RFC 6598, RFC 4193, link-local). 0, or -1
+ * with err for an entry that is none of these. */
+int registrar_phone_networks(struct registrar *r, const struct cfg_strlist *nets, char *err,
+                             size_t errlen);
 void registrar_stop(struct registrar *r);
 
 #endif
