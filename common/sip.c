@@ -19,22 +19,61 @@
 #include <unistd.h>
 
 #include <gnutls/crypto.h>
+#include <sodium.h>
 
 #include "config.h"
 #include "errbuf.h"
 #include "log.h"
 
-#define LOGM         "sip"
-#define UDP_BATCH    64
-#define UDP_RCVBUF   (4 * 1024 * 1024)
-#define RATE_BUCKETS 1024
+#define LOGM       "sip"
+#define UDP_BATCH  64
+#define UDP_RCVBUF (4 * 1024 * 1024)
+#define SRC_WAYS   8   /* the per-source table: sets of this many slots */
+#define SRC_SETS   512 /* 4096 source addresses remembered at once */
+/* A transaction never answered is forgotten after this (its owner answers every one far
+ * sooner: 32 s, or 180 s of ringing); an answered one is remembered TXN_LINGER_S, so that its
+ * retransmissions are not new transactions. */
+#define TXN_LIFE_S   300.0
+#define TXN_LINGER_S 32.0
+#define TXN_BUCKETS  4096
 #define TCP_OUT_MAX  (1u << 20) /* queued bytes to one TCP peer before it is dropped */
 #define LOG_BURST    10         /* bad-input lines logged per LOG_WINDOW_S, then counted */
 #define LOG_WINDOW_S 10.0
 
-struct rate_bucket {
-    char ip[48];
+/* One key's state in a keyed table (struct ktab). */
+struct kslot {
+    uint64_t tag; /* the key's SipHash, never 0; 0: free */
     double tokens, at;
+    uint64_t used; /* the table's access count when last used: recency without clock ties */
+    uint32_t open; /* server transactions open (the endpoint's table only) */
+    uint32_t gen;  /* bumped when the slot changes hands, so old references are told apart */
+};
+
+struct ktab {
+    unsigned char key[crypto_shorthash_KEYBYTES];
+    size_t sets;
+    double rate, burst;
+    uint64_t accesses;
+    struct kslot *s; /* sets * SRC_WAYS */
+};
+
+struct sip_limiter {
+    struct ktab t;
+};
+
+/* A server transaction seen: open until a final response goes back to its source. */
+struct stxn {
+    struct stxn *hnext;       /* hash chain */
+    struct stxn *prev, *next; /* the open list or the answered list, oldest first */
+    uint64_t key;
+    uint32_t slot, gen; /* its source's slot in e->src */
+    double at;          /* when it came, or was answered */
+    bool done;
+};
+
+struct txn_list {
+    struct stxn *head, *tail;
+    size_t n;
 };
 
 struct tcp_conn {
@@ -45,6 +84,8 @@ struct tcp_conn {
     ev_timer idle;
     uint64_t serial;
     char addr[64];
+    unsigned char akey[SIP_ADDR_KEY_LEN]; /* its source address (accepted ones) */
+    bool accepted;
     char *in;
     size_t in_len, in_cap;
     char *out;
@@ -65,7 +106,11 @@ struct sip_endpoint {
     struct tcp_conn *conns;
     size_t n_conns;
     uint64_t next_serial;
-    struct rate_bucket rate[RATE_BUCKETS];
+    struct ktab src; /* per source address: message rate, open transactions */
+    unsigned char txn_key[crypto_shorthash_KEYBYTES];
+    struct stxn *txns[TXN_BUCKETS];
+    struct txn_list open, answered;
+    ev_timer sweep;
     struct sip_counters c;
     double log_window;
     unsigned logged;
@@ -155,34 +200,301 @@ static void bad_input(struct sip_endpoint *e, const char *fmt, ...)
     log_warn(LOGM, "%s", line);
 }
 
-/* Token bucket per source address (its IP; ports do not count). */
-static bool rate_ok(struct sip_endpoint *e, const char *addr)
+/* ---- keyed per-source state ------------------------------------------------------------------ */
+
+int sip_addr_key(const char *addr, unsigned char out[SIP_ADDR_KEY_LEN])
 {
-    char ip[48];
+    char host[64];
     const char *colon = strrchr(addr, ':');
     size_t n = colon ? (size_t)(colon - addr) : strlen(addr);
-    if (n >= sizeof(ip))
-        n = sizeof(ip) - 1;
-    memcpy(ip, addr, n);
-    ip[n] = '\0';
-    uint32_t h = 2166136261u;
-    for (const char *p = ip; *p; p++)
-        h = (h ^ (uint8_t)*p) * 16777619u;
-    struct rate_bucket *b = &e->rate[h % RATE_BUCKETS];
-    double now = ev_now(e->loop);
-    if (strcmp(b->ip, ip) != 0) { /* new, or another source in this slot: starts full */
-        snprintf(b->ip, sizeof(b->ip), "%s", ip);
-        b->tokens = 2 * e->lim.rate;
-        b->at = now;
+    if (n >= 2 && addr[0] == '[' && addr[n - 1] == ']') {
+        addr++;
+        n -= 2;
     }
-    b->tokens += (now - b->at) * e->lim.rate;
-    if (b->tokens > 2 * e->lim.rate)
-        b->tokens = 2 * e->lim.rate;
+    if (n >= sizeof(host))
+        return -1;
+    memcpy(host, addr, n);
+    host[n] = '\0';
+    memset(out, 0, SIP_ADDR_KEY_LEN);
+    unsigned char a[16];
+    if (inet_pton(AF_INET, host, a) == 1) {
+        out[0] = 4;
+        memcpy(out + 1, a, 4);
+        return 0;
+    }
+    if (inet_pton(AF_INET6, host, a) == 1) {
+        static const unsigned char mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+        if (!memcmp(a, mapped, 12)) { /* an IPv4 peer on a dual-stack socket is that address */
+            out[0] = 4;
+            memcpy(out + 1, a + 12, 4);
+        } else {
+            out[0] = 6;
+            memcpy(out + 1, a, 8); /* a /64: what one host or site gets */
+        }
+        return 0;
+    }
+    return -1;
+}
+
+static int ktab_init(struct ktab *t, size_t slots, double rate, double burst)
+{
+    t->sets = slots / SRC_WAYS ? slots / SRC_WAYS : 1;
+    t->rate = rate;
+    t->burst = burst;
+    if (sodium_init() < 0)
+        return -1;
+    crypto_shorthash_keygen(t->key);
+    t->s = calloc(t->sets * SRC_WAYS, sizeof(*t->s));
+    return t->s ? 0 : -1;
+}
+
+/*
+ * The slot of a key: its own, or one taken over in its set: a free one, else the least recently
+ * used without open transactions, else the least recently used. A new owner starts with a full
+ * bucket. Which keys share a set depends on the secret: an outsider cannot aim at a victim's.
+ */
+static struct kslot *ktab_get(struct ktab *t, const void *k, size_t len, double now)
+{
+    uint64_t h;
+    crypto_shorthash((unsigned char *)&h, k, len, t->key);
+    h |= 1;
+    struct kslot *set = t->s + (h % t->sets) * SRC_WAYS, *victim = NULL;
+    t->accesses++;
+    for (size_t i = 0; i < SRC_WAYS; i++)
+        if (set[i].tag == h) {
+            set[i].used = t->accesses;
+            return &set[i];
+        }
+    for (size_t i = 0; i < SRC_WAYS; i++) {
+        struct kslot *c = &set[i];
+        if (!c->tag) {
+            victim = c;
+            break;
+        }
+        if (!victim || (c->open == 0 && victim->open > 0) ||
+            ((c->open == 0) == (victim->open == 0) && c->used < victim->used))
+            victim = c;
+    }
+    victim->tag = h;
+    victim->tokens = t->burst;
+    victim->at = now;
+    victim->used = t->accesses;
+    victim->open = 0;
+    victim->gen++;
+    return victim;
+}
+
+static void ktab_refill(const struct ktab *t, struct kslot *b, double now)
+{
+    b->tokens += (now - b->at) * t->rate;
+    if (b->tokens > t->burst)
+        b->tokens = t->burst;
     b->at = now;
+}
+
+struct sip_limiter *sip_limiter_new(size_t slots, double rate, double burst)
+{
+    struct sip_limiter *l = calloc(1, sizeof(*l));
+    if (l && ktab_init(&l->t, slots, rate, burst) != 0) {
+        free(l);
+        l = NULL;
+    }
+    return l;
+}
+
+bool sip_limiter_take(struct sip_limiter *l, const void *key, size_t len, double now, double cost)
+{
+    struct kslot *b = ktab_get(&l->t, key, len, now);
+    ktab_refill(&l->t, b, now);
+    if (b->tokens < cost)
+        return false;
+    b->tokens -= cost;
+    return true;
+}
+
+double sip_limiter_wait(struct sip_limiter *l, const void *key, size_t len, double now, double cost)
+{
+    struct kslot *b = ktab_get(&l->t, key, len, now);
+    ktab_refill(&l->t, b, now);
+    return b->tokens >= cost ? 0. : (cost - b->tokens) / l->t.rate;
+}
+
+void sip_limiter_free(struct sip_limiter *l)
+{
+    if (!l)
+        return;
+    free(l->t.s);
+    free(l);
+}
+
+/* The slot of a message's source, NULL when the address is not numeric (never, from a socket). */
+static struct kslot *src_slot(struct sip_endpoint *e, const char *addr)
+{
+    unsigned char k[SIP_ADDR_KEY_LEN];
+    if (sip_addr_key(addr, k) != 0)
+        return NULL;
+    return ktab_get(&e->src, k, sizeof(k), ev_now(e->loop));
+}
+
+/* Token bucket per source address. */
+static bool rate_ok(struct sip_endpoint *e, const char *addr)
+{
+    struct kslot *b = src_slot(e, addr);
+    if (!b)
+        return false;
+    ktab_refill(&e->src, b, ev_now(e->loop));
     if (b->tokens < 1.0)
         return false;
     b->tokens -= 1.0;
     return true;
+}
+
+/* ---- server transactions per source ------------------------------------------------------- */
+
+static void txn_list_remove(struct txn_list *l, struct stxn *t)
+{
+    if (t->prev)
+        t->prev->next = t->next;
+    else
+        l->head = t->next;
+    if (t->next)
+        t->next->prev = t->prev;
+    else
+        l->tail = t->prev;
+    t->prev = t->next = NULL;
+    l->n--;
+}
+
+static void txn_list_append(struct txn_list *l, struct stxn *t)
+{
+    t->next = NULL;
+    t->prev = l->tail;
+    if (l->tail)
+        l->tail->next = t;
+    else
+        l->head = t;
+    l->tail = t;
+    l->n++;
+}
+
+/* The transaction key of a message going to or coming from addr: source, branch, CSeq method. */
+static int txn_key(const struct sip_endpoint *e, const osip_message_t *m, const char *addr,
+                   uint64_t *out)
+{
+    osip_via_t *v = osip_list_get(&m->vias, 0);
+    osip_generic_param_t *b = NULL;
+    if (!v || osip_via_param_get_byname(v, "branch", &b) != 0 || !b || !b->gvalue || !m->cseq ||
+        !m->cseq->method)
+        return -1;
+    unsigned char buf[SIP_ADDR_KEY_LEN + 300];
+    if (sip_addr_key(addr, buf) != 0)
+        return -1;
+    size_t n = SIP_ADDR_KEY_LEN;
+    n += (size_t)snprintf((char *)buf + n, sizeof(buf) - n, "%.200s", b->gvalue) + 1;
+    n += (size_t)snprintf((char *)buf + n, sizeof(buf) - n, "%.40s", m->cseq->method);
+    if (n > sizeof(buf))
+        n = sizeof(buf);
+    crypto_shorthash((unsigned char *)out, buf, n, e->txn_key);
+    return 0;
+}
+
+static struct stxn *txn_find(struct sip_endpoint *e, uint64_t key)
+{
+    for (struct stxn *t = e->txns[key % TXN_BUCKETS]; t; t = t->hnext)
+        if (t->key == key)
+            return t;
+    return NULL;
+}
+
+/* An open transaction's source slot gives it back (unless the slot changed hands since). */
+static void txn_release(struct sip_endpoint *e, struct stxn *t)
+{
+    struct kslot *b = &e->src.s[t->slot];
+    if (!t->done && b->gen == t->gen && b->open > 0)
+        b->open--;
+}
+
+static void txn_free(struct sip_endpoint *e, struct stxn *t)
+{
+    txn_release(e, t);
+    txn_list_remove(t->done ? &e->answered : &e->open, t);
+    for (struct stxn **pp = &e->txns[t->key % TXN_BUCKETS]; *pp; pp = &(*pp)->hnext)
+        if (*pp == t) {
+            *pp = t->hnext;
+            break;
+        }
+    free(t);
+}
+
+static void sweep_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct sip_endpoint *e = w->data;
+    double now = ev_now(loop);
+    while (e->open.head && now - e->open.head->at > TXN_LIFE_S)
+        txn_free(e, e->open.head);
+    while (e->answered.head && now - e->answered.head->at > TXN_LINGER_S)
+        txn_free(e, e->answered.head);
+}
+
+/*
+ * A request from the network: a new server transaction unless its key is known (a
+ * retransmission). False when its source, or everyone, has too many open: answered 503.
+ */
+static bool txn_admit(struct sip_endpoint *e, const osip_message_t *m, const struct sip_source *src)
+{
+    uint64_t key;
+    if (!MSG_IS_REQUEST(m) || MSG_IS_ACK(m) || txn_key(e, m, src->addr, &key) != 0 ||
+        txn_find(e, key))
+        return true; /* no transaction (the owner refuses a request without a branch) */
+    struct kslot *b = src_slot(e, src->addr);
+    if (!b)
+        return true;
+    char why[80] = "";
+    if (b->open >= e->lim.max_txn_per_source)
+        snprintf(why, sizeof(why), "%u transactions open from this source", b->open);
+    else if (e->open.n >= e->lim.max_txn)
+        snprintf(why, sizeof(why), "%zu transactions open in all", e->open.n);
+    struct stxn *t = why[0] ? NULL : calloc(1, sizeof(*t));
+    if (!t) {
+        e->c.txn_refused++;
+        bad_input(e, "%s %s: %s %.80s: %s: answered 503", src->tcp ? "TCP" : "UDP", src->addr,
+                  m->sip_method, m->call_id->number, why[0] ? why : "out of memory");
+        osip_message_t *r = sip_response_for(m, 503, "Too Many Transactions");
+        if (r) {
+            char err[200];
+            osip_message_set_header(r, "Retry-After", "5");
+            sip_send(e, r, src, err, sizeof(err));
+            osip_message_free(r);
+        }
+        return false;
+    }
+    if (e->answered.n >= e->lim.max_txn) /* the oldest answered one is forgotten first */
+        txn_free(e, e->answered.head);
+    t->key = key;
+    t->slot = (uint32_t)(b - e->src.s);
+    t->gen = b->gen;
+    t->at = ev_now(e->loop);
+    b->open++;
+    t->hnext = e->txns[key % TXN_BUCKETS];
+    e->txns[key % TXN_BUCKETS] = t;
+    txn_list_append(&e->open, t);
+    return true;
+}
+
+/* A response on its way to `to`: a final one ends the transaction it answers. */
+static void txn_answered(struct sip_endpoint *e, const osip_message_t *m, const char *to)
+{
+    uint64_t key;
+    if (MSG_IS_REQUEST(m) || m->status_code < 200 || txn_key(e, m, to, &key) != 0)
+        return;
+    struct stxn *t = txn_find(e, key);
+    if (!t || t->done)
+        return;
+    txn_release(e, t);
+    txn_list_remove(&e->open, t);
+    t->done = true;
+    t->at = ev_now(e->loop);
+    txn_list_append(&e->answered, t);
 }
 
 /* ---- parsing -----------------------------------------------------------------------------------
@@ -275,6 +587,10 @@ static void deliver(struct sip_endpoint *e, const char *buf, size_t len,
                     break;
                 }
         }
+        return;
+    }
+    if (!txn_admit(e, m, src)) {
+        osip_message_free(m);
         return;
     }
     e->c.received++;
@@ -626,16 +942,28 @@ static void tcp_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
             return;
         char addr[64];
         addr_str(&ss, addr, sizeof(addr));
-        if (e->n_conns >= e->lim.max_tcp) {
+        unsigned char k[SIP_ADDR_KEY_LEN];
+        unsigned same = 0;
+        if (sip_addr_key(addr, k) == 0)
+            for (struct tcp_conn *c = e->conns; c; c = c->next)
+                same += c->accepted && !memcmp(c->akey, k, sizeof(k));
+        if (e->n_conns >= e->lim.max_tcp || same >= e->lim.max_tcp_per_source) {
             e->c.tcp_refused++;
-            bad_input(e, "TCP %s: %zu connections open already: refused", addr, e->n_conns);
+            if (e->n_conns >= e->lim.max_tcp)
+                bad_input(e, "TCP %s: %zu connections open already: refused", addr, e->n_conns);
+            else
+                bad_input(e, "TCP %s: %u connections from this address already: refused", addr,
+                          same);
             close(fd);
             continue;
         }
-        if (!tcp_new(e, fd, addr, false)) {
+        struct tcp_conn *c = tcp_new(e, fd, addr, false);
+        if (!c) {
             close(fd);
             continue;
         }
+        c->accepted = true;
+        memcpy(c->akey, k, sizeof(k));
         e->c.tcp_accepted++;
         log_debug(LOGM, "TCP %s: accepted", addr);
     }
@@ -682,6 +1010,8 @@ int sip_send(struct sip_endpoint *e, osip_message_t *msg, const struct sip_sourc
     osip_free(text);
     if (rc == 0)
         e->c.sent++;
+    if (!to->node[0]) /* even undelivered (its connection gone), a final answer ends it */
+        txn_answered(e, msg, to->addr);
     return rc;
 }
 
@@ -780,10 +1110,20 @@ struct sip_endpoint *sip_endpoint_start(struct ev_loop *loop, const char *hostpo
         e->lim.rate = 200;
     if (!e->lim.max_tcp)
         e->lim.max_tcp = 256;
+    if (!e->lim.max_tcp_per_source)
+        e->lim.max_tcp_per_source = 32;
+    if (!e->lim.max_txn)
+        e->lim.max_txn = 65536;
+    if (!e->lim.max_txn_per_source)
+        e->lim.max_txn_per_source = e->lim.rate * 2 > 16 ? (unsigned)(e->lim.rate * 2) : 16;
     if (e->lim.tcp_idle_s <= 0)
         e->lim.tcp_idle_s = 300;
     e->log_window = ev_now(loop);
-    if (!(e->rbuf = malloc(e->lim.max_message + 1))) {
+    crypto_shorthash_keygen(e->txn_key);
+    ev_timer_init(&e->sweep, sweep_cb, 1., 1.);
+    e->sweep.data = e;
+    if (ktab_init(&e->src, SRC_SETS * SRC_WAYS, e->lim.rate, 2 * e->lim.rate) != 0 ||
+        !(e->rbuf = malloc(e->lim.max_message + 1))) {
         errbuf_set(err, errlen, -1, "out of memory");
         goto fail;
     }
@@ -814,6 +1154,7 @@ struct sip_endpoint *sip_endpoint_start(struct ev_loop *loop, const char *hostpo
     ev_io_init(&e->tcp_io, tcp_accept_cb, e->tcp_fd, EV_READ);
     e->tcp_io.data = e;
     ev_io_start(loop, &e->tcp_io);
+    ev_timer_start(loop, &e->sweep);
     log_info(LOGM, "SIP front end on UDP and TCP %s", e->addr);
     return e;
 fail:
@@ -837,6 +1178,12 @@ void sip_endpoint_stop(struct sip_endpoint *e)
         return;
     while (e->conns)
         tcp_free(e->conns);
+    ev_timer_stop(e->loop, &e->sweep);
+    while (e->open.head)
+        txn_free(e, e->open.head);
+    while (e->answered.head)
+        txn_free(e, e->answered.head);
+    free(e->src.s);
     if (e->udp_fd >= 0) {
         ev_io_stop(e->loop, &e->udp_io);
         close(e->udp_fd);

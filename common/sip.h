@@ -1,7 +1,10 @@
 /*
  * The SIP front end's transport (RFC 3261 section 18) on libosip2's parser:
  * UDP and TCP on one address, TCP framed by Content-Length, with bounded
- * message size, header count and per-source rate. Every message that parses
+ * message size, header count and per-source rate, and per source address a
+ * bounded number of TCP connections and of server transactions waiting for
+ * their final response (more get 503: the owner's transaction state cannot
+ * be filled from one address). Every message that parses
  * and carries the mandatory headers reaches the owner's callback; the rest is
  * answered 400 (TCP; a stream that cannot be framed any more is closed) or
  * dropped (UDP), and logged. Transactions, the registrar and the proxy are the
@@ -18,13 +21,24 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/*
+ * "Source address" below is an IPv4 address or an IPv6 /64 (one host's share of a network):
+ * ports never count. Per-source state lives in a table keyed by a secret SipHash, set
+ * associative with eviction of the least recently used: addresses that share a slot's set
+ * cannot reset each other's state, and which ones do is unpredictable from outside.
+ */
 struct sip_limits {
     size_t max_message;   /* bytes of one message, headers and body (0: 16384) */
     unsigned max_headers; /* header lines (0: 64) */
     double rate;          /* messages per second from one source address, bursts of twice that
                              (0: 200) */
     unsigned max_tcp;     /* simultaneous TCP connections (0: 256) */
-    double tcp_idle_s;    /* a TCP connection idle this long is closed (0: 300) */
+    unsigned max_tcp_per_source; /* of them from one source address (0: 32) */
+    double tcp_idle_s;           /* a TCP connection idle this long is closed (0: 300) */
+    /* Server transactions (requests other than ACK, told apart by their top Via branch and
+     * CSeq method) not answered finally yet: more get 503 with Retry-After. */
+    unsigned max_txn;            /* in all (0: 65536) */
+    unsigned max_txn_per_source; /* from one source address (0: twice the rate, at least 16) */
 };
 
 struct sip_endpoint;
@@ -40,7 +54,8 @@ struct sip_endpoint;
      NULL,                                                                                         \
      "200",                                                                                        \
      "SIP messages per second the front end takes from one source address (bursts of twice "       \
-     "that; every phone behind one NAT address shares it); more are dropped"},                     \
+     "that; every phone behind one NAT address shares it); more are dropped; twice it is the "     \
+     "transactions one address may have open (more get 503)"},                                     \
         {"sip_dns",                                                                                \
          CFG_BOOL,                                                                                 \
          offsetof(T, sip_dns),                                                                     \
@@ -70,7 +85,7 @@ typedef void (*sip_message_fn)(void *ud, osip_message_t *msg, const struct sip_s
 
 struct sip_counters {
     uint64_t received, sent, dropped_garbage, dropped_rate, dropped_size, tcp_accepted, tcp_refused,
-        tcp_connected;
+        tcp_connected, txn_refused;
 };
 
 /* Listens on UDP and TCP at "host:port" (port 0: one port picked for both). NULL + err. */
@@ -103,6 +118,25 @@ osip_message_t *sip_response_for(const osip_message_t *req, int code, const char
 /* sip_response_for() and sip_send() to the request's source; logs failures. */
 void sip_reply(struct sip_endpoint *e, const osip_message_t *req, const struct sip_source *from,
                int code, const char *reason);
+
+/* The source-address key of "ip:port" ("[v6]:port"): family, then the IPv4 address or the
+ * IPv6 /64, zero-padded. 0, or -1 when addr is no numeric address. */
+#define SIP_ADDR_KEY_LEN 17
+int sip_addr_key(const char *addr, unsigned char out[SIP_ADDR_KEY_LEN]);
+
+/*
+ * Token buckets (`rate` per second, at most `burst`) for keys of up to 256 bytes (source
+ * addresses, user names), in a table of about `slots` entries keyed like the per-source
+ * state above: a key never seen, or forgotten, starts full.
+ */
+struct sip_limiter;
+struct sip_limiter *sip_limiter_new(size_t slots, double rate, double burst);
+/* Takes `cost` tokens from key's bucket: true when it held that many (else nothing taken). */
+bool sip_limiter_take(struct sip_limiter *l, const void *key, size_t len, double now, double cost);
+/* Seconds until key's bucket holds `cost` tokens (0: it does now); takes nothing. */
+double sip_limiter_wait(struct sip_limiter *l, const void *key, size_t len, double now,
+                        double cost);
+void sip_limiter_free(struct sip_limiter *l);
 
 /* Parses one message the way the endpoint does (limits included): 0, or -1 with err. */
 int sip_parse(const char *buf, size_t len, const struct sip_limits *limits, osip_message_t **out,

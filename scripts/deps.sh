@@ -8,6 +8,8 @@ PACKAGES=(
   libev-dev libgnutls28-dev gnutls-bin libjansson-dev libcurl4-gnutls-dev
   libnice-dev libsodium-dev libmicrohttpd-dev libosip2-dev libsqlite3-dev libcmocka-dev
   sip-tester valgrind curl nftables
+  # tests/integration/test_sip_front_attack.py: an attacker's toolkit (svwar, svcrack)
+  sipvicious
   # scripts/fuzz.sh: libFuzzer's runtime is in libclang-rt-dev, which clang only recommends
   clang libclang-rt-dev
 )

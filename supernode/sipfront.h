@@ -10,7 +10,11 @@
  * node as a P2P proxy of the domain ("sip_proxies"), or the ring refuses the
  * record. The node also publishes the domain's "proxy location" record.
  * Requests go through the same proxy as an ordinary node's (proxy.h): to a
- * phone registered here, or to wherever the overlay says.
+ * phone registered here, or to wherever the overlay says. Anyone may call
+ * into the domain; what leaves it, or claims in its From to come from one of
+ * its users, needs that user's Digest credentials (407). Digest nonces are
+ * stateless, their nonce counts remembered (a replay is refused), and failed
+ * authentications are throttled per source address and per user name.
  *
  * The overlay is reached through an ordinary-node client (on.h) attached to
  * this very super node, so records and lookups take the usual path.

@@ -150,14 +150,23 @@ class ClassicalPhones(harness.OverlayScenario, unittest.TestCase):
     def classic_register(self, user, port, password=None, sn="sn1", expect=200, expires=600):
         return self.run_sipp("register_auth_%d" % expect, port, target=self.sn_sip[sn],
                              keys=(("user", user), ("domain", PBX), ("expires", expires)),
-                             extra=("-au", user, "-ap", password or PASSWORDS.get(user, "x")))
+                             extra=("-au", user, "-ap", password or PASSWORDS.get(user, "x"),
+                                    # the digest uri is the Request-URI (sipp's default is the
+                                    # address it sends to, which the front end refuses)
+                                    "-auth_uri", PBX))
 
     def call(self, caller, caller_port, via, callee, domain, uas_port=None, uac="uac_call",
-             uas="uas_answer"):
+             uas="uas_answer", keys=(), extra=()):
+        if caller in ("alice", "bob") and uac in ("uac_call", "uac_404"):
+            # From the caller's own domain: a From in the served domain claims one of its users,
+            # and the front end asks for that user's credentials.
+            uac += "_from"
+            keys = (("from_domain", OVERLAY),) + tuple(keys)
         uas_p = self.start_sipp(uas, uas_port) if uas else None
         time.sleep(0.3)  # the UAS is listening
         uac_p = self.start_sipp(uac, caller_port, target=via,
-                                keys=(("callee", callee), ("domain", domain)), service=caller)
+                                keys=(("callee", callee), ("domain", domain)) + tuple(keys),
+                                service=caller, extra=extra)
         out = self.finish_sipp(uac_p, "the caller (%s)" % uac)
         if uas_p:
             self.finish_sipp(uas_p, "the callee (%s)" % uas)
@@ -230,13 +239,17 @@ class ClassicalPhones(harness.OverlayScenario, unittest.TestCase):
         self.assertGreaterEqual(self.sn_status("sn1")["sip"]["proxy"]["forwarded"], 3)
 
     def test_05_classical_phone_calls_overlay_user(self):
-        """carol's phone calls sip:bob@<overlay> through sn1, its outbound proxy."""
+        """carol's phone calls sip:bob@<overlay> through sn1, its outbound proxy: the call
+        leaves the domain, so sn1 asks for carol's credentials (407) first; the ACK and the BYE
+        of the dialog pass without."""
         self.ports()
         self.classic_register("carol", self.carol_port)
         self.run_sipp("register_200", self.bob_port, target=self.sip["bob"],
                       keys=(("user", "bob"), ("domain", OVERLAY), ("expires", 600)))
         self.call("carol", self.carol_port, self.sn_sip["sn1"], "bob", OVERLAY,
-                  uas_port=self.bob_port)
+                  uas_port=self.bob_port, uac="uac_call_auth", keys=(("from_domain", PBX),),
+                  extra=("-au", "carol", "-ap", PASSWORDS["carol"],
+                         "-auth_uri", "bob@" + OVERLAY))
         self.sn["sn1"].wait_for("INVITE for bob@%s: found in the overlay" % OVERLAY)
 
     def test_06_unregistered_classical_user_404(self):
