@@ -166,7 +166,7 @@ class Sipp:
 
     def __init__(self, wdir, name, scenario, port, target=None, rate=None, count=None,
                  limit=None, keys=(), inf=None, service=None, trace_msg=False, timeout=60,
-                 timeout_error=True):
+                 timeout_error=True, auth_uri=None):
         self.dir = os.path.join(wdir, name)
         os.makedirs(self.dir, exist_ok=True)
         self.name = name
@@ -189,6 +189,8 @@ class Sipp:
             argv += ["-inf", inf]
         if service:
             argv += ["-s", service]
+        if auth_uri:  # the digest uri must be the Request-URI (sipp's default is its target)
+            argv += ["-auth_uri", auth_uri]
         if trace_msg:
             argv += ["-trace_msg", "-message_file", os.path.join(self.dir, "messages.log")]
         if target:
@@ -536,10 +538,12 @@ class Frontend(Overlay):
     name = "frontend"
     reg_scenario = "register_auth.xml"
     reg_domain = None  # set in __init__ (PBX)
+    reg_auth_uri = None  # the REGISTERs' Request-URI, sip:PBX
 
     def __init__(self, tmp, args):
         super().__init__(tmp, args)
         self.reg_domain = PBX
+        self.reg_auth_uri = PBX
         self.sc.sn["sn1"].wait_for("P2P registrar and proxy of %s" % PBX, timeout=30)
 
     def reg_streams(self, wdir):
@@ -571,13 +575,15 @@ def register_step(tgt, wdir, rate, seconds, window=None, tag=""):
             procs.append(Sipp(wdir, "%sreg-closed-%s" % (tag, name), tgt.reg_scenario, port, addr,
                               rate=100000, count=None, limit=window, inf=inf,
                               keys=(("domain", tgt.reg_domain or DOMAIN), ("expires", 3600)),
-                              timeout=int(seconds), timeout_error=False))
+                              timeout=int(seconds), timeout_error=False,
+                              auth_uri=getattr(tgt, "reg_auth_uri", None)))
         else:
             per = rate / len(streams)
             procs.append(Sipp(wdir, "%sreg-%g-%s" % (tag, rate, name), tgt.reg_scenario, port,
                               addr, rate=per, count=max(1, int(round(per * seconds))), inf=inf,
                               keys=(("domain", tgt.reg_domain or DOMAIN), ("expires", 3600)),
-                              timeout=int(seconds * 3 + 30)))
+                              timeout=int(seconds * 3 + 30),
+                              auth_uri=getattr(tgt, "reg_auth_uri", None)))
     res = [p.wait(seconds * 3 + 60) for p in procs]
     a = aggregate(res)
     a.update(target=rate, streams=len(streams), window=window)
