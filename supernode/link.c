@@ -2,8 +2,13 @@
  * Links and peers of a super node: the connection pool (one link per peer in
  * use, opened on demand, frames queued while it opens, idle links closed,
  * a cap on their number), the peers' round-trip times, and requests that
- * wait for an answer on a link.
+ * wait for an answer on a link. Also what bounds an adversary holding a valid
+ * super node certificate here (docs/ring.md section 8): a peer's address is
+ * authenticated or it is dialled only within a budget, the peer table has a
+ * hard bound, each certificate's super node links share a message budget,
+ * and a peer that sends requests without reading the answers is cut off.
  */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,19 +30,47 @@ struct peer *peer_find(struct sn *s, const nid_t *id)
     return NULL;
 }
 
-struct peer *peer_get(struct sn *s, const nid_t *id, const char *addr)
+/* One line about our own trouble (descriptors, bounds) at most every 5 s: a flood must not
+ * turn into a flood of log lines. */
+static bool local_warn_due(struct sn *s)
+{
+    double now = sn_now(s);
+    if (now - s->last_local_warn < 5.0)
+        return false;
+    s->last_local_warn = now;
+    return true;
+}
+
+struct peer *peer_get(struct sn *s, const nid_t *id, const char *addr, enum peer_src src)
 {
     struct peer *p = peer_find(s, id);
     if (!p) {
+        if (s->n_peers >= SN_MAX_PEERS) {
+            /* Peers are freed only by the tick (links_gc), where nothing holds one. */
+            if (local_warn_due(s))
+                log_warn("link", "peer table full (%d): a new super node is not recorded",
+                         SN_MAX_PEERS);
+            return NULL;
+        }
         p = calloc(1, sizeof(*p));
         if (!p)
             return NULL;
         p->id = *id;
         p->last_used = sn_now(s);
+        p->attached = p->capacity = -1;
         p->next = s->peers;
         s->peers = p;
+        s->n_peers++;
     }
-    if (addr && *addr && strcmp(p->addr, addr) != 0) {
+    if (!addr || !*addr)
+        return p;
+    if (src == PEER_OWN) {
+        if (strcmp(p->addr, addr) != 0)
+            snprintf(p->addr, sizeof(p->addr), "%s", addr);
+        p->verified = true;
+    } else if (!p->addr[0]) {
+        /* Hearsay fills an unknown address, never replaces one: a third party's message
+         * must not redirect our links to a known node elsewhere. */
         snprintf(p->addr, sizeof(p->addr), "%s", addr);
     }
     return p;
@@ -224,41 +257,169 @@ static void link_close(struct link *l)
     conn_close(l->conn);
 }
 
-/* The link to use for a peer: an open or opening one, or a new outgoing one. */
+struct link *link_to(struct sn *s, const nid_t *id)
+{
+    for (struct link *l = s->links.next; l != &s->links; l = l->next)
+        if (!l->closing && l->open && l->ring && !l->on && l->has_id && nid_eq(&l->id, id))
+            return l;
+    return NULL;
+}
+
+/* Failures that are ours, not the peer's: out of descriptors, buffers, memory or ports. */
+static bool local_failure(int err, const char *detail)
+{
+    static const int codes[] = {EMFILE, ENFILE, ENOBUFS, ENOMEM, EADDRNOTAVAIL};
+    for (size_t i = 0; i < sizeof(codes) / sizeof(codes[0]); i++)
+        if (err == codes[i] || (detail && strstr(detail, strerror(codes[i]))))
+            return true;
+    return false;
+}
+
+/*
+ * Makes room for one more link when at max_connections: closes idle links the
+ * ring does not need and, if none, the least recently used one that is neither
+ * an attached ordinary node's nor a ring neighbour's nor waited on. Frees no
+ * peer (callers hold peer pointers). false when nothing could be closed.
+ */
+static bool links_make_room(struct sn *s)
+{
+    double now = sn_now(s);
+    struct link *lru = NULL;
+    size_t n_open = 0;
+    for (struct link *l = s->links.next; l != &s->links; l = l->next) {
+        if (l->closing)
+            continue;
+        n_open++;
+        if (l->on || l->n_preqs || (l->peer && peer_in_ring(s, l->peer)))
+            continue;
+        if (now - l->last_used > s->p.peer_idle_s) {
+            log_debug("link", "%s: idle, closing", l->conn ? conn_peer_addr(l->conn) : "?");
+            if (l->peer && l->peer->link == l)
+                l->peer->link = NULL;
+            link_close(l);
+            n_open--;
+            continue;
+        }
+        if (!lru || l->last_used < lru->last_used)
+            lru = l;
+    }
+    if (n_open < s->p.max_connections)
+        return true;
+    if (!lru)
+        return false;
+    log_debug("link", "%s: least recently used, closing to make room",
+              lru->conn ? conn_peer_addr(lru->conn) : "?");
+    if (lru->peer && lru->peer->link == lru)
+        lru->peer->link = NULL;
+    link_close(lru);
+    return true;
+}
+
+bool unverified_dial_possible(struct sn *s)
+{
+    double now = sn_now(s), rate = s->p.dial_rate, burst = 2 * rate + 8;
+    s->dial_tokens += (now - s->dial_refilled) * rate;
+    s->dial_refilled = now;
+    if (s->dial_tokens > burst)
+        s->dial_tokens = burst;
+    return s->n_unverified_dials < SN_MAX_UNVERIFIED_DIALS && s->dial_tokens >= 1;
+}
+
+void unverified_dial_refused(struct sn *s, const nid_t *id, const char *addr)
+{
+    char hex[NID_HEX_LEN + 1];
+    s->c.dials_refused++;
+    if (local_warn_due(s))
+        log_warn("link",
+                 "not dialling %.8s at %s: address not authenticated and the budget of such "
+                 "dials (%d at once, %.0f/s) is spent",
+                 nid_to_hex(id, hex), addr, SN_MAX_UNVERIFIED_DIALS, s->p.dial_rate);
+}
+
+/* May we dial an address not yet authenticated now? A bounded number at once, and a rate. */
+static bool unverified_dial_allowed(struct sn *s)
+{
+    if (!unverified_dial_possible(s))
+        return false;
+    s->dial_tokens -= 1;
+    return true;
+}
+
+static void link_unlink(struct sn *s, struct link *l)
+{
+    l->prev->next = l->next;
+    l->next->prev = l->prev;
+    s->n_links--;
+    link_hash_remove(s, l);
+    if (l->unverified_dial) {
+        l->unverified_dial = false;
+        s->n_unverified_dials--;
+    }
+}
+
+/*
+ * The link to use for a peer: an open or opening one, or a new outgoing one.
+ * NULL with s->dial_local set when the reason is ours (bounds, descriptors).
+ */
 static struct link *peer_link(struct sn *s, struct peer *p)
 {
+    s->dial_local = false;
     if (p->link && !p->link->closing)
         return p->link;
     p->link = NULL;
-    for (struct link *l = s->links.next; l != &s->links; l = l->next)
-        if (!l->closing && l->open && l->ring && !l->on && l->has_id && nid_eq(&l->id, &p->id)) {
-            p->link = l;
-            l->peer = p;
-            return l;
-        }
+    struct link *l = link_to(s, &p->id);
+    if (l) {
+        p->link = l;
+        l->peer = p;
+        return l;
+    }
     if (!p->addr[0] || nid_eq(&p->id, &s->id))
         return NULL;
-    if (s->n_links >= s->p.max_connections)
-        links_gc(s);
+    if (s->n_links >= s->p.max_connections && !links_make_room(s)) {
+        s->dial_local = true;
+        if (local_warn_due(s))
+            log_warn("link",
+                     "cannot connect to %s: max_connections (%zu) reached by links that "
+                     "may not be closed",
+                     p->addr, s->p.max_connections);
+        return NULL;
+    }
+    bool unverified = !p->verified && !p->anon;
+    if (unverified && !unverified_dial_allowed(s)) {
+        s->dial_local = true;
+        unverified_dial_refused(s, &p->id, p->addr);
+        return NULL;
+    }
     char err[256];
-    struct link *l = link_new(s, NULL, true);
+    l = link_new(s, NULL, true);
     if (!l)
         return NULL;
     l->peer = p;
     l->id = p->id;
+    snprintf(l->dialled, sizeof(l->dialled), "%s", p->addr);
+    errno = 0;
     struct conn *c = conn_connect(s->loop, s->tls, p->addr, &link_cbs, l, err, sizeof(err));
     if (!c) {
-        log_warn("link", "cannot connect to %s: %s", p->addr, err);
-        l->prev->next = l->next;
-        l->next->prev = l->prev;
-        s->n_links--;
-        link_hash_remove(s, l);
+        s->dial_local = local_failure(errno, err);
+        if (!s->dial_local)
+            log_warn("link", "cannot connect to %s: %s", p->addr, err);
+        else if (local_warn_due(s))
+            log_warn("link",
+                     "cannot connect to %s: %s (our own shortage: nobody is declared "
+                     "dead for it)",
+                     p->addr, err);
+        link_unlink(s, l);
         free(l);
         return NULL;
     }
     l->conn = c;
+    if (unverified) {
+        l->unverified_dial = true;
+        s->n_unverified_dials++;
+    }
     p->link = l;
-    log_debug("link", "connecting to %s", p->addr);
+    log_debug("link", "connecting to %s%s", p->addr,
+              unverified ? " (address not yet verified)" : "");
     return l;
 }
 
@@ -308,9 +469,14 @@ static void on_open(struct conn *c, void *ud)
     l->has_id = id->has_node_id;
     if (id->has_node_id)
         l->id = id->node_id;
+    if (l->unverified_dial) {
+        l->unverified_dial = false;
+        s->n_unverified_dials--;
+    }
     if (l->outgoing && l->peer->anon && id->has_node_id && (id->roles & ROLE_SUPERNODE)) {
-        /* A join address: whoever is there is fine; from now on it is known by its ID. */
-        struct peer *anon = l->peer, *real = peer_get(s, &id->node_id, anon->addr);
+        /* A join address: whoever is there is fine; from now on it is known by its ID, and
+         * the address is its own (we dialled it and it presented its certificate). */
+        struct peer *anon = l->peer, *real = peer_get(s, &id->node_id, anon->addr, PEER_OWN);
         anon->link = NULL;
         if (!real) {
             conn_close(c);
@@ -333,12 +499,32 @@ static void on_open(struct conn *c, void *ud)
             if (id->has_node_id)
                 nid_to_hex(&id->node_id, got);
             log_warn("link", "%s: expected super node %s, found %s%s: dropping the link",
-                     l->peer->addr, nid_to_hex(&l->peer->id, want), got,
+                     l->dialled, nid_to_hex(&l->peer->id, want), got,
                      (id->roles & ROLE_SUPERNODE) ? "" : " without the super node role");
             link_drop_queue(l);
             conn_close_with_error(c, NULL, "forbidden", "not the node this address was given for");
             l->closing = true;
+            /*
+             * The node is not where we know it: that counts as its failure (its ring
+             * neighbours repair around it). An address we only had from hearsay is
+             * forgotten, so that the node's own word or a later report can replace it.
+             */
+            struct peer *p = l->peer;
+            if (p->link == l)
+                p->link = NULL;
+            if (strcmp(p->addr, l->dialled) != 0)
+                return; /* a claim we were checking was false: nothing to do with the node */
+            if (!p->verified)
+                p->addr[0] = '\0';
+            peer_dead(s, p, "wrong certificate at its address");
             return;
+        }
+        if (!strcmp(l->peer->addr, l->dialled) || l->verify) {
+            /* Its certificate vouches for the address. */
+            snprintf(l->peer->addr, sizeof(l->peer->addr), "%s", l->dialled);
+            l->peer->verified = true;
+            if (l->verify && (!l->peer->link || l->peer->link->closing))
+                l->peer->link = l;
         }
         l->open = true;
         link_flush_queue(l);
@@ -364,10 +550,105 @@ void link_ring_traffic(struct sn *s, struct link *l)
         l->peer = p;
 }
 
+/* The budget shared by the links of one certificate (NULL without a Node-ID). */
+static struct talker *talker_get(struct sn *s, struct link *l)
+{
+    if (!l->has_id)
+        return NULL;
+    for (struct talker *t = s->talkers; t; t = t->next)
+        if (nid_eq(&t->id, &l->id)) {
+            t->links++;
+            return t;
+        }
+    struct talker *t = calloc(1, sizeof(*t));
+    if (!t)
+        return NULL;
+    t->id = l->id;
+    t->links = 1;
+    t->tokens = 2 * s->p.sn_msg_rate;
+    t->refilled = sn_now(s);
+    t->next = s->talkers;
+    s->talkers = t;
+    return t;
+}
+
+static void talker_put(struct sn *s, struct talker *t)
+{
+    if (!t || --t->links > 0)
+        return;
+    for (struct talker **pp = &s->talkers; *pp; pp = &(*pp)->next)
+        if (*pp == t) {
+            *pp = t->next;
+            free(t);
+            return;
+        }
+}
+
+static void link_cut(struct sn *s, struct link *l, const char *code, const char *why)
+{
+    char hex[NID_HEX_LEN + 1] = "-";
+    if (l->has_id)
+        nid_to_hex(&l->id, hex);
+    s->c.links_cut++;
+    log_warn("link", "%s: %.8s %s: closing its link", conn_peer_addr(l->conn), hex, why);
+    link_drop_queue(l);
+    l->closing = l->cut = true;
+    conn_close_with_error(l->conn, NULL, code, why);
+}
+
+/*
+ * Bounds what one certificate's super node links (not attached ordinary nodes: onsvc.c
+ * limits those) may make us do: sn_msg_rate messages per second over all its links,
+ * with a burst of two seconds' worth; and requests only while it reads our answers.
+ * false when the link was cut.
+ */
+static bool link_admit(struct sn *s, struct link *l, const struct msg *m)
+{
+    if (l->on || !l->open || (l->has_id && nid_eq(&l->id, &s->id)))
+        return true; /* attached nodes: onsvc.c; our own ordinary side: trusted */
+    if (!l->talker)
+        l->talker = talker_get(s, l);
+    struct talker *t = l->talker;
+    if (t) {
+        double now = sn_now(s), burst = 2 * s->p.sn_msg_rate;
+        t->tokens += (now - t->refilled) * s->p.sn_msg_rate;
+        t->refilled = now;
+        if (t->tokens > burst)
+            t->tokens = burst;
+        if (t->tokens < 1) {
+            char why[128];
+            snprintf(why, sizeof(why), "exceeds %.0f messages/s on super node links",
+                     s->p.sn_msg_rate);
+            link_cut(s, l, "rate-limited", why);
+            return false;
+        }
+        t->tokens -= 1;
+    }
+    /*
+     * Requests while more than half our write queue has waited for it for SN_UNREAD_S: it
+     * does not read what we send. (A burst of replication may fill the queue for a moment;
+     * a peer that reads drains it.)
+     */
+    size_t cap = s->p.tls.max_wqueue ? s->p.tls.max_wqueue : (size_t)1 << 20;
+    if (conn_queued_bytes(l->conn) <= cap / 2) {
+        l->backlog_since = 0;
+    } else if (l->backlog_since <= 0) {
+        l->backlog_since = sn_now(s);
+    } else if (m->kind == MSG_REQ && sn_now(s) - l->backlog_since > SN_UNREAD_S) {
+        link_cut(s, l, "overloaded", "sends requests without reading the answers");
+        return false;
+    }
+    return true;
+}
+
 static void on_message(struct conn *c, const struct msg *m, void *ud)
 {
     struct link *l = ud;
     struct sn *s = l->sn;
+    if (l->cut)
+        return; /* nothing more from it is handled */
+    if (!link_admit(s, l, m))
+        return;
     l->last_used = sn_now(s);
     if (l->peer) {
         l->peer->last_used = l->peer->heard_at = l->last_used;
@@ -431,10 +712,9 @@ static void on_close(struct conn *c, enum conn_close_reason r, const char *detai
 {
     struct link *l = ud;
     struct sn *s = l->sn;
-    l->prev->next = l->next;
-    l->next->prev = l->prev;
-    s->n_links--;
-    link_hash_remove(s, l);
+    link_unlink(s, l);
+    talker_put(s, l->talker);
+    l->talker = NULL;
     link_drop_queue(l);
     onsvc_link_closed(s, l);
     /*
@@ -469,9 +749,18 @@ static void on_close(struct conn *c, enum conn_close_reason r, const char *detai
         const char *why = detail && *detail ? detail : conn_close_reason_str(r);
         /* Not to be used for routing (known_successor) until we hear from it again. */
         p->heard_at = 0;
-        if (l->outgoing && !l->open)
-            peer_dead(s, p, why); /* we could not even reach it */
-        else if (peer_in_ring(s, p))
+        if (l->verify && strcmp(p->addr, l->dialled) != 0) {
+            /* a claimed address we could not reach: nothing to do with the node */
+        } else if (l->outgoing && !l->open && local_failure(0, detail)) {
+            if (local_warn_due(s))
+                log_warn("link", "cannot reach %s: %s (our own shortage: %s is not declared dead)",
+                         l->dialled, why, l->dialled);
+        } else if (l->outgoing && !l->open) {
+            /* We could not even reach it; an address we only had from hearsay is forgotten. */
+            if (!p->verified && !strcmp(p->addr, l->dialled))
+                p->addr[0] = '\0';
+            peer_dead(s, p, why);
+        } else if (peer_in_ring(s, p))
             ring_peer_lost(s, p, why);
     }
     free(l);
@@ -532,6 +821,48 @@ struct preq *peer_request(struct sn *s, struct peer *p, const char *type, json_t
     struct link *l = peer_link(s, p);
     if (!l)
         return NULL;
+    return link_request(s, l, p, type, body, timeout_s, cb, ud);
+}
+
+struct link *link_dial_verify(struct sn *s, struct peer *p, const char *addr)
+{
+    s->dial_local = true; /* a refusal here is never the peer's failure */
+    if (nid_eq(&p->id, &s->id))
+        return NULL;
+    if ((s->n_links >= s->p.max_connections && !links_make_room(s)) ||
+        !unverified_dial_allowed(s)) {
+        s->c.dials_refused++;
+        if (local_warn_due(s))
+            log_warn("link", "not dialling %s to verify a claim: over the bound of such dials",
+                     addr);
+        return NULL;
+    }
+    char err[256];
+    struct link *l = link_new(s, NULL, true);
+    if (!l)
+        return NULL;
+    l->peer = p;
+    l->id = p->id;
+    l->verify = true;
+    snprintf(l->dialled, sizeof(l->dialled), "%s", addr);
+    struct conn *c = conn_connect(s->loop, s->tls, addr, &link_cbs, l, err, sizeof(err));
+    if (!c) {
+        log_info("link", "cannot connect to %s: %s", addr, err);
+        link_unlink(s, l);
+        free(l);
+        return NULL;
+    }
+    l->conn = c;
+    l->unverified_dial = true;
+    s->n_unverified_dials++;
+    char hex[NID_HEX_LEN + 1];
+    log_debug("link", "connecting to %s to verify that it is %.8s", addr, nid_to_hex(&p->id, hex));
+    return l;
+}
+
+struct preq *link_request(struct sn *s, struct link *l, struct peer *p, const char *type,
+                          json_t *body, double timeout_s, preq_cb cb, void *ud)
+{
     struct preq *r = calloc(1, sizeof(*r));
     if (!r)
         return NULL;
@@ -613,39 +944,26 @@ void peer_dead(struct sn *s, struct peer *p, const char *why)
 }
 
 /*
- * Closes links the ring does not need that were idle for peer_idle_s (and,
- * over the cap, the least recently used of them), and frees peers nothing
- * refers to.
+ * From the tick only: closes links the ring does not need that were idle for
+ * peer_idle_s (and, over the cap, the least recently used of them), and frees
+ * peers nothing refers to. Peers are freed nowhere else: every other caller
+ * may hold peer pointers across a dial (peer_link once freed the very peer it
+ * was dialling here).
  */
 void links_gc(struct sn *s)
 {
     double now = sn_now(s);
-    struct link *lru = NULL;
-    size_t n_open = 0;
-    for (struct link *l = s->links.next; l != &s->links; l = l->next) {
-        if (l->closing)
-            continue;
-        n_open++;
-        if (l->peer && peer_in_ring(s, l->peer) && l->peer->link == l)
-            continue;
-        if (l->n_preqs)
-            continue;
-        if (now - l->last_used > s->p.peer_idle_s) {
-            log_debug("link", "%s: idle, closing", l->conn ? conn_peer_addr(l->conn) : "?");
-            if (l->peer && l->peer->link == l)
-                l->peer->link = NULL;
-            link_close(l);
-            n_open--;
-            continue;
-        }
-        if (!lru || l->last_used < lru->last_used)
-            lru = l;
-    }
-    if (n_open >= s->p.max_connections && lru) {
-        if (lru->peer && lru->peer->link == lru)
-            lru->peer->link = NULL;
-        link_close(lru);
-    }
+    if (s->n_links >= s->p.max_connections)
+        links_make_room(s);
+    else
+        for (struct link *l = s->links.next; l != &s->links; l = l->next)
+            if (!l->closing && !l->on && !l->n_preqs && !(l->peer && peer_in_ring(s, l->peer)) &&
+                now - l->last_used > s->p.peer_idle_s) {
+                log_debug("link", "%s: idle, closing", l->conn ? conn_peer_addr(l->conn) : "?");
+                if (l->peer && l->peer->link == l)
+                    l->peer->link = NULL;
+                link_close(l);
+            }
     /* Peers: drop those nothing uses. */
     for (struct peer **pp = &s->peers; *pp;) {
         struct peer *p = *pp;
@@ -663,6 +981,18 @@ void links_gc(struct sn *s)
             continue;
         }
         *pp = p->next;
+        s->n_peers--;
         free(p);
     }
+}
+
+void peer_send_failed(struct sn *s, struct peer *p, const char *why)
+{
+    if (!s->dial_local) {
+        peer_dead(s, p, why);
+        return;
+    }
+    char hex[NID_HEX_LEN + 1];
+    log_debug("ring", "cannot send to %.8s at %s for a reason of ours: not declared dead",
+              nid_to_hex(&p->id, hex), p->addr);
 }

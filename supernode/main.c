@@ -52,6 +52,8 @@ struct sn_config {
     long long quota_per_proxy;
     long long quota_per_proxy_bytes;
     long long peer_idle_s;
+    long long sn_msg_rate;
+    long long dial_rate;
     long long max_attached;
     long long on_rate;
     long long on_inflight;
@@ -165,6 +167,12 @@ static const struct cfg_field sn_fields[] = {
      "queries (the overlay document's group); default: off"},
     {"metrics_listen", CFG_HOSTPORT, offsetof(struct sn_config, metrics_listen), 0, 0, NULL, NULL,
      "plain-HTTP address for GET /metrics (Prometheus text); keep it local (default: off)"},
+    {"sn_msg_rate", CFG_INT, offsetof(struct sn_config, sn_msg_rate), 1, 100000000, NULL, "20000",
+     "messages per second one certificate may send over its super node links (burst: 2 s "
+     "worth); past it the link is closed"},
+    {"dial_rate", CFG_INT, offsetof(struct sn_config, dial_rate), 1, 100000, NULL, "10",
+     "connections per second (burst: 2 s worth + 8; 16 at once) to super node addresses "
+     "named by messages and not yet verified"},
     {"peer_idle_s", CFG_INT, offsetof(struct sn_config, peer_idle_s), 1, 86400, NULL, "60",
      "close super node links the ring does not need after this long unused"},
     {"sip_listen", CFG_HOSTPORT, offsetof(struct sn_config, sip_listen), 0, 0, NULL, NULL,
@@ -606,6 +614,8 @@ static int sn_start(struct ev_loop *loop, const void *p, void **state)
                    (size_t)cfg->quota_per_proxy_bytes},
         .max_connections = (size_t)cfg->max_connections,
         .peer_idle_s = (double)cfg->peer_idle_s,
+        .sn_msg_rate = (double)cfg->sn_msg_rate,
+        .dial_rate = (double)cfg->dial_rate,
         .on_health = on_health,
         .max_attached = (size_t)cfg->max_attached,
         .on_rate = (double)cfg->on_rate,

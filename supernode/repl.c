@@ -6,6 +6,11 @@
  * repairs whatever joins, leaves and failures disturbed, in both directions;
  * replicas that no responsible node confirms any more are dropped after a
  * lease. A node that leaves hands all it holds to its successor first.
+ *
+ * A sync asks for work in proportion to a key range, so what another node may
+ * ask is bounded (docs/ring.md 8): a node syncs only its own range, and one
+ * message compares at most SN_SYNC_MAX_SCAN entries and pushes at most
+ * SN_SYNC_MAX_PUSH; the rest waits for the next round.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -164,6 +169,8 @@ struct collect {
     struct entry *v;
     size_t n, cap;
     double now;
+    size_t max;     /* stop after this many (0 = no bound) */
+    bool truncated; /* stopped at max */
 };
 
 static bool collect_fn(const struct store_entry *e, void *ud)
@@ -171,6 +178,10 @@ static bool collect_fn(const struct store_entry *e, void *ud)
     struct collect *c = ud;
     if (e->rec->expires <= c->now)
         return true;
+    if (c->max && c->n == c->max) {
+        c->truncated = true;
+        return false;
+    }
     if (c->n == c->cap) {
         size_t cap = c->cap ? c->cap * 2 : 256;
         struct entry *v = realloc(c->v, cap * sizeof(*v));
@@ -183,11 +194,13 @@ static bool collect_fn(const struct store_entry *e, void *ud)
     return true;
 }
 
-/* The entries of (lo, hi] in ring order from lo. */
-static void collect_range(struct sn *s, const nid_t *lo, const nid_t *hi, struct collect *c)
+/* The entries of (lo, hi] in ring order from lo: the first `max` of them (0: all). */
+static void collect_range(struct sn *s, const nid_t *lo, const nid_t *hi, struct collect *c,
+                          size_t max)
 {
     memset(c, 0, sizeof(*c));
     c->now = sn_now(s);
+    c->max = max;
     store_foreach_range(s->store, lo, hi, collect_fn, c);
 }
 
@@ -229,6 +242,8 @@ static void want_done(struct sn *s, struct preq *r, const struct msg *m, const c
     json_t *w;
     json_array_foreach(want, i, w)
     {
+        if (i >= SN_SYNC_MAX_PUSH)
+            break;
         nid_t key;
         const char *hex = json_string_value(json_array_get(w, 0));
         const char *owner = json_string_value(json_array_get(w, 1));
@@ -254,7 +269,7 @@ static void digest_done(struct sn *s, struct preq *r, const struct msg *m, const
     nid_from_hex(&lo, lo_hex);
     nid_from_hex(&hi, hi_hex);
     struct collect c;
-    collect_range(s, &lo, &hi, &c);
+    collect_range(s, &lo, &hi, &c, 0);
     size_t start = 0;
     char from[NID_HEX_LEN + 1], to[NID_HEX_LEN + 1];
     snprintf(from, sizeof(from), "%s", lo_hex);
@@ -288,7 +303,7 @@ static void digest_req_done(struct sn *s, struct preq *r, const struct msg *m, c
 static void sync_with(struct sn *s, struct peer *p, const nid_t *lo, const nid_t *hi)
 {
     struct collect c;
-    collect_range(s, lo, hi, &c);
+    collect_range(s, lo, hi, &c, 0);
     char d[NID_HEX_LEN + 1], lh[NID_HEX_LEN + 1], hh[NID_HEX_LEN + 1];
     digest(&c, d);
     free(c.v);
@@ -300,10 +315,18 @@ static void sync_with(struct sn *s, struct peer *p, const nid_t *lo, const nid_t
     json_decref(body);
 }
 
-static int entry_cmp(const nid_t *k1, const char *o1, const nid_t *k2, const char *o2)
+static int entry_sort(const void *a, const void *b)
 {
-    int c = nid_cmp(k1, k2);
-    return c ? c : strcmp(o1, o2);
+    const struct entry *x = a, *y = b;
+    int c = nid_cmp(&x->key, &y->key);
+    return c ? c : strcmp(x->owner, y->owner);
+}
+
+static void sync_refuse(struct sn *s, struct link *l, const struct msg *m, const char *why)
+{
+    s->c.syncs_refused++;
+    log_warn("repl", "%s: sync refused: %s", conn_peer_addr(l->conn), why);
+    link_send_error(l, m->tid, "invalid-request", why);
 }
 
 void repl_on_sync(struct sn *s, struct link *l, const struct msg *m)
@@ -316,22 +339,29 @@ void repl_on_sync(struct sn *s, struct link *l, const struct msg *m)
         link_send_error(l, m->tid, "invalid-request", "sync needs lo and hi");
         return;
     }
+    /* A node compares the range it is responsible for: (its predecessor, itself]. */
+    if (!nid_eq(&hi, &l->id)) {
+        sync_refuse(s, l, m, "hi must be the Node-ID of the sender's certificate");
+        return;
+    }
+    if (nid_eq(&lo, &hi)) {
+        sync_refuse(s, l, m, "lo equals hi: a range cannot be the whole ring");
+        return;
+    }
     const char *dg = json_string_value(json_object_get(b, "digest"));
     json_t *entries = json_object_get(b, "entries");
     if (dg) {
         struct collect c;
-        collect_range(s, &lo, &hi, &c);
+        collect_range(s, &lo, &hi, &c, SN_SYNC_MAX_SCAN);
         char mine[NID_HEX_LEN + 1];
         digest(&c, mine);
-        free(c.v);
-        bool equal = strcmp(mine, dg) == 0;
+        /* Past the bound we cannot tell: "different" makes the sender send its entries. */
+        bool equal = !c.truncated && strcmp(mine, dg) == 0;
         if (equal) { /* the responsible node confirms every copy we hold of its range */
-            struct collect all;
-            collect_range(s, &lo, &hi, &all);
-            for (size_t i = 0; i < all.n; i++)
-                store_touch(s->store, &all.v[i].key, all.v[i].owner, sn_now(s));
-            free(all.v);
+            for (size_t i = 0; i < c.n; i++)
+                store_touch(s->store, &c.v[i].key, c.v[i].owner, sn_now(s));
         }
+        free(c.v);
         json_t *res = json_pack("{s:b}", "equal", equal);
         link_send(l, "sync", MSG_RES, m->tid, res);
         json_decref(res);
@@ -343,6 +373,13 @@ void repl_on_sync(struct sn *s, struct link *l, const struct msg *m)
     if (!fh || !th || nid_from_hex(&from, fh) || nid_from_hex(&to, th) || !json_is_array(entries) ||
         json_array_size(entries) > 4 * SN_SYNC_CHUNK) {
         link_send_error(l, m->tid, "invalid-request", "sync needs from, to and entries");
+        return;
+    }
+    /* (from, to] is a part of (lo, hi], never empty nor the whole ring. */
+    if (nid_eq(&from, &to) || !nid_in_open_closed(&to, &lo, &hi) ||
+        !(nid_eq(&from, &lo) || nid_in_open(&from, &lo, &hi)) ||
+        !(nid_eq(&from, &lo) || nid_in_open(&from, &lo, &to))) {
+        sync_refuse(s, l, m, "from and to must delimit a part of (lo, hi]");
         return;
     }
     /* Theirs, parsed and sorted like ours (ring order from `from`, then owner). */
@@ -362,7 +399,8 @@ void repl_on_sync(struct sn *s, struct link *l, const struct msg *m)
         nt++;
     }
     struct collect c;
-    collect_range(s, &from, &to, &c);
+    collect_range(s, &from, &to, &c, SN_SYNC_MAX_SCAN);
+    qsort(theirs, nt, sizeof(*theirs), entry_sort);
     json_t *want = json_array();
     struct batch push = {0};
     struct peer *peer = l->peer;
@@ -378,15 +416,13 @@ void repl_on_sync(struct sn *s, struct link *l, const struct msg *m)
             store_touch(s->store, &theirs[k].key, theirs[k].owner, now);
         }
     }
-    for (size_t k = 0; k < c.n; k++) {
-        bool they_have = false;
-        for (size_t j = 0; j < nt; j++)
-            if (entry_cmp(&theirs[j].key, theirs[j].owner, &c.v[k].key, c.v[k].owner) == 0) {
-                they_have = theirs[j].seq >= c.v[k].seq;
-                break;
-            }
-        if (!they_have)
-            batch_add(s, peer, l, &push, c.v[k].rec, NULL);
+    size_t pushed = 0;
+    for (size_t k = 0; k < c.n && pushed < SN_SYNC_MAX_PUSH; k++) {
+        const struct entry *t = bsearch(&c.v[k], theirs, nt, sizeof(*theirs), entry_sort);
+        if (t && t->seq >= c.v[k].seq)
+            continue;
+        batch_add(s, peer, l, &push, c.v[k].rec, NULL);
+        pushed++;
     }
     batch_flush(s, peer, l, &push, NULL);
     free(c.v);
@@ -451,6 +487,15 @@ static void offer_done(struct sn *s, struct rreq *r, bool ok, json_t *result, co
     /* Transport trouble keeps the copy; so does an answer from ourselves. */
     bool confirmed = ok || (code && strcmp(code, "timeout") && strcmp(code, "not-ready") &&
                             strcmp(code, "hop-limit") && strcmp(code, "internal"));
+    /*
+     * The word of our own predecessor is not enough: when it is the key's responsible node we
+     * are its first successor, one of the key's holders (replication >= 2), whatever it says.
+     * (A rogue responsible node that never syncs would otherwise have its replicas drop
+     * everything by confirming their offers.)
+     */
+    if (confirmed && s->p.replication >= 2 && s->pred &&
+        peer_parse(node, &nid, addr, sizeof(addr)) == 0 && nid_eq(&nid, &s->pred->id))
+        confirmed = false;
     if (confirmed && peer_parse(node, &nid, addr, sizeof(addr)) == 0 && !nid_eq(&nid, &s->id)) {
         const struct store_entry *e = store_find(s->store, &x->key, x->owner);
         if (e && e->rec->seq == x->seq && !ring_is_primary(s, &x->key) &&
@@ -539,7 +584,7 @@ static void handoff_done(struct sn *s, struct preq *r, const struct msg *m, cons
 void repl_handoff(struct sn *s, struct peer *to)
 {
     struct collect c;
-    collect_range(s, &s->id, &s->id, &c);
+    collect_range(s, &s->id, &s->id, &c, 0);
     struct batch b = {0};
     for (size_t i = 0; i < c.n; i++)
         batch_add(s, to, NULL, &b, c.v[i].rec, handoff_done);

@@ -126,7 +126,7 @@ static void set_succ_list(struct sn *s, struct peer *first, json_t *rest)
         char addr[SN_ADDR_MAX];
         if (peer_parse(e, &id, addr, sizeof(addr)) != 0 || nid_eq(&id, &s->id))
             continue;
-        struct peer *p = peer_get(s, &id, addr);
+        struct peer *p = peer_get(s, &id, addr, PEER_HEARSAY);
         if (!p || (p->dead_at > 0 && now - p->dead_at < 3 * s->p.stabilize_s))
             continue;
         bool dup = false;
@@ -239,9 +239,9 @@ static void on_stabilize(struct sn *s, struct link *l, const struct msg *m)
         link_send_error(l, m->tid, "not-ready", "not a member of the ring");
         return;
     }
-    struct peer *p = peer_get(s, &id, addr);
+    struct peer *p = peer_get(s, &id, addr, PEER_OWN); /* its own word, on its own link */
     if (!p) {
-        link_send_error(l, m->tid, "internal", "out of memory");
+        link_send_error(l, m->tid, "overloaded", "cannot record another super node now");
         return;
     }
     p->dead_at = 0;
@@ -288,7 +288,7 @@ static void stabilize_done(struct sn *s, struct preq *r, const struct msg *m, co
     json_t *pj = json_object_get(m->body, "pred");
     if (json_is_object(pj) && peer_parse(pj, &id, addr, sizeof(addr)) == 0 &&
         nid_in_open(&id, &s->id, &p->id)) {
-        struct peer *x = peer_get(s, &id, addr);
+        struct peer *x = peer_get(s, &id, addr, PEER_HEARSAY);
         double now = sn_now(s);
         if (x && !(x->dead_at > 0 && now - x->dead_at < 3 * s->p.stabilize_s)) {
             json_t *rest = succ_json(s, false);
@@ -315,7 +315,7 @@ static void stabilize(struct sn *s)
     if (r)
         s->stabilizing = true;
     else
-        peer_dead(s, p, "cannot reach it");
+        peer_send_failed(s, p, "cannot reach it");
 }
 
 static void on_leave(struct sn *s, struct link *l, const struct msg *m)
@@ -347,7 +347,7 @@ static void on_leave(struct sn *s, struct link *l, const struct msg *m)
         struct peer *np = NULL;
         if (json_is_object(pj) && peer_parse(pj, &id, addr, sizeof(addr)) == 0 &&
             !nid_eq(&id, &s->id))
-            np = peer_get(s, &id, addr);
+            np = peer_get(s, &id, addr, PEER_HEARSAY);
         set_pred(s, np);
     }
     peer_dead(s, p, "left the ring");
@@ -402,15 +402,85 @@ static void send_reply(struct sn *s, json_t *route, bool ok, json_t *result, con
         json_object_set_new(b, "code", json_string(code));
         json_object_set_new(b, "reason", json_string(reason ? reason : ""));
     }
-    struct peer *o = peer_get(s, &oid, oaddr);
+    /*
+     * A known node's authenticated address is used whatever the route says; an unknown
+     * origin's address is dialled within the budget of unverified dials (link.c), and
+     * only then is it recorded: forged origins must not fill the peer table.
+     */
+    struct peer *o = peer_find(s, &oid);
+    if (!o && (link_to(s, &oid) || unverified_dial_possible(s)))
+        o = peer_get(s, &oid, oaddr, PEER_HEARSAY);
+    else if (!o)
+        unverified_dial_refused(s, &oid, oaddr);
+    s->dial_local = false;
     if (!o || peer_send(s, o, "reply", MSG_IND, NULL, b) != 0) {
         char a[NID_HEX_LEN + 1];
-        log_warn("route", "cannot reply to origin %s at %s", hex8(&oid, a), oaddr);
+        if (!o || s->dial_local) /* over a bound: link.c said so, once per 5 s */
+            log_debug("route", "cannot reply to origin %s at %s now", hex8(&oid, a), oaddr);
+        else
+            log_warn("route", "cannot reply to origin %s at %s", hex8(&oid, a), oaddr);
     }
     json_decref(b);
 }
 
-static void op_join(struct sn *s, json_t *route)
+static void route_step(struct sn *s, json_t *route, const nid_t *from);
+
+/* The joining node answered on the address it claimed: route its join again, as its own. */
+static void join_verified(struct sn *s, struct preq *r, const struct msg *m, const char *failure)
+{
+    json_t *route = r->ud;
+    nid_t jid;
+    char jaddr[SN_ADDR_MAX], a[NID_HEX_LEN + 1];
+    peer_parse(json_object_get(route, "origin"), &jid, jaddr, sizeof(jaddr));
+    if (m && m->kind == MSG_RES && s->state == SN_MEMBER) {
+        route_step(s, route, &jid);
+    } else {
+        s->c.joins_refused++;
+        log_warn("ring", "join of %s at %s refused: the address does not answer as that node (%s)",
+                 hex8(&jid, a), jaddr, failure ? failure : "refused");
+    }
+    json_decref(route);
+}
+
+/*
+ * A join is admitted only from the joining node itself (docs/ring.md 8): the
+ * route came on a link whose certificate carries the origin's Node-ID, or we
+ * have just reached the claimed address and found that certificate there.
+ * Otherwise a check starts (a ping over a link to the claimed address) and
+ * the join is routed again when it succeeds; false meanwhile.
+ */
+static bool join_from_joiner(struct sn *s, json_t *route, const nid_t *from, const nid_t *jid,
+                             const char *jaddr)
+{
+    if (from && nid_eq(from, jid))
+        return true;
+    char a[NID_HEX_LEN + 1];
+    struct peer *j = peer_find(s, jid);
+    if (!j && unverified_dial_possible(s))
+        j = peer_get(s, jid, NULL, PEER_HEARSAY);
+    else if (!j)
+        unverified_dial_refused(s, jid, jaddr);
+    struct link *l = NULL;
+    if (j && j->verified && !strcmp(j->addr, jaddr))
+        l = link_to(s, jid);
+    if (j && !l)
+        l = link_dial_verify(s, j, jaddr);
+    json_t *copy = json_deep_copy(route);
+    if (!l || !copy || !link_request(s, l, j, "ping", NULL, 5.0, join_verified, copy)) {
+        json_decref(copy);
+        s->c.joins_refused++;
+        log_warn("ring",
+                 "join of %s at %s, routed through others, refused: cannot check "
+                 "that address now",
+                 hex8(jid, a), jaddr);
+        return false;
+    }
+    log_info("ring", "join of %s at %s came through others: checking that address first",
+             hex8(jid, a), jaddr);
+    return false;
+}
+
+static void op_join(struct sn *s, json_t *route, const nid_t *from)
 {
     nid_t jid;
     char jaddr[SN_ADDR_MAX];
@@ -420,9 +490,11 @@ static void op_join(struct sn *s, json_t *route)
                    "a node with this Node-ID is already in the ring");
         return;
     }
-    struct peer *j = peer_get(s, &jid, jaddr);
+    if (!join_from_joiner(s, route, from, &jid, jaddr))
+        return;
+    struct peer *j = peer_get(s, &jid, jaddr, PEER_OWN);
     if (!j) {
-        send_reply(s, route, false, NULL, "internal", "out of memory");
+        send_reply(s, route, false, NULL, "overloaded", "cannot record another super node now");
         return;
     }
     j->dead_at = 0;
@@ -449,22 +521,64 @@ static void op_join(struct sn *s, json_t *route)
     json_decref(res);
 }
 
+static int rec_by_owner(const void *a, const void *b)
+{
+    return strcmp((*(const struct record *const *)a)->owner,
+                  (*(const struct record *const *)b)->owner);
+}
+
+/*
+ * The live records of a key, by owner, as many as fit one frame (docs/protocol.md
+ * 4.3): a key may hold quota_per_key records of max_record_bytes each, more than
+ * a frame carries. The answer then says "more" and the owner to continue
+ * "after"; the reader asks again with it.
+ */
 static void op_get(struct sn *s, json_t *route)
 {
     nid_t key;
-    const char *hex = json_string_value(json_object_get(json_object_get(route, "args"), "key"));
+    json_t *args = json_object_get(route, "args");
+    const char *hex = json_string_value(json_object_get(args, "key"));
+    const char *after = json_string_value(json_object_get(args, "after"));
     if (!hex || nid_from_hex(&key, hex) != 0) {
         send_reply(s, route, false, NULL, "invalid-request", "get needs a key");
         return;
     }
-    const struct record *recs[64];
-    size_t n = store_get(s->store, &key, sn_now(s) + 0.0, recs, 64);
-    if (n > 64)
-        n = 64;
+    double now = sn_now(s);
+    size_t total = store_get(s->store, &key, now, NULL, 0);
+    const struct record **recs = malloc((total ? total : 1) * sizeof(*recs));
+    if (!recs) {
+        send_reply(s, route, false, NULL, "internal", "out of memory");
+        return;
+    }
+    size_t n = store_get(s->store, &key, now, recs, total);
+    if (n > total)
+        n = total;
+    qsort(recs, n, sizeof(*recs), rec_by_owner);
+    /* The answer crosses a super node link and then the client's, whose frame limit is the
+     * default unless the overlay document raised everyone's: keep within both. */
+    size_t frame = s->max_frame < MSG_MAX_FRAME_DEF ? s->max_frame : MSG_MAX_FRAME_DEF;
+    size_t budget = frame > 8192 ? frame - 4096 : frame / 2, used = 0;
     json_t *arr = json_array();
-    for (size_t i = 0; i < n; i++)
+    const char *last = NULL;
+    bool more = false;
+    for (size_t i = 0; i < n; i++) {
+        if (after && strcmp(recs[i]->owner, after) <= 0)
+            continue;
+        size_t cost = recs[i]->size + 16; /* its compact encoding, and a separator */
+        if (json_array_size(arr) > 0 && used + cost > budget) {
+            more = true;
+            break;
+        }
         json_array_append(arr, recs[i]->envelope);
+        used += cost;
+        last = recs[i]->owner;
+    }
     json_t *res = json_pack("{s:o}", "records", arr);
+    if (more) {
+        json_object_set_new(res, "more", json_true());
+        json_object_set_new(res, "after", json_string(last));
+    }
+    free(recs);
     send_reply(s, route, true, res, NULL, NULL);
     json_decref(res);
 }
@@ -525,7 +639,7 @@ static void op_store(struct sn *s, json_t *route)
     send_reply(s, route, true, NULL, NULL, NULL);
 }
 
-static void handle_op(struct sn *s, json_t *route)
+static void handle_op(struct sn *s, json_t *route, const nid_t *from)
 {
     const char *op = json_string_value(json_object_get(route, "op"));
     if (!strcmp(op, "find")) {
@@ -533,7 +647,7 @@ static void handle_op(struct sn *s, json_t *route)
         send_reply(s, route, true, res, NULL, NULL);
         json_decref(res);
     } else if (!strcmp(op, "join"))
-        op_join(s, route);
+        op_join(s, route, from);
     else if (!strcmp(op, "get"))
         op_get(s, route);
     else if (!strcmp(op, "store"))
@@ -541,9 +655,9 @@ static void handle_op(struct sn *s, json_t *route)
     else if (!strcmp(op, "deliver")) {
         const char *code;
         char err[256] = "";
-        const char *from =
+        const char *ohex =
             json_string_value(json_object_get(json_object_get(route, "origin"), "id"));
-        onsvc_deliver_here(s, json_object_get(route, "args"), from ? from : "", &code, err,
+        onsvc_deliver_here(s, json_object_get(route, "args"), ohex ? ohex : "", &code, err,
                            sizeof(err));
         send_reply(s, route, !code, NULL, code, err);
     } else if (!strcmp(op, "offer")) {
@@ -594,8 +708,11 @@ static struct peer *known_successor(const struct sn *s, const nid_t *t)
     return best;
 }
 
-/* One routing step for `route` (owned by the caller), here. */
-static void route_step(struct sn *s, json_t *route)
+/*
+ * One routing step for `route` (owned by the caller), here. `from`: the Node-ID
+ * of the certificate of the link it came on (NULL when it starts here).
+ */
+static void route_step(struct sn *s, json_t *route, const nid_t *from)
 {
     nid_t t;
     nid_from_hex(&t, json_string_value(json_object_get(route, "target")));
@@ -612,7 +729,7 @@ static void route_step(struct sn *s, json_t *route)
     } else if (responsible(s, &t, final) ||
                (!strcmp(json_string_value(json_object_get(route, "op")), "join") && s->pred &&
                 nid_eq(&t, &s->pred->id))) {
-        handle_op(s, route); /* (a join by our own predecessor: see op_join) */
+        handle_op(s, route, from); /* (a join by our own predecessor: see op_join) */
         return;
     } else if (final && s->pred && !nid_in_open_closed(&t, &s->pred->id, &s->id)) {
         next = s->pred; /* the sender's view is stale: our predecessor is closer */
@@ -627,7 +744,7 @@ static void route_step(struct sn *s, json_t *route)
             next = succ0(s);
     }
     if (!next) {
-        handle_op(s, route);
+        handle_op(s, route, from);
         return;
     }
     if (hops >= SN_HOP_LIMIT) {
@@ -640,7 +757,7 @@ static void route_step(struct sn *s, json_t *route)
         /* Try the successor instead; the origin's timeout covers the rest. */
         struct peer *alt = succ0(s);
         if (alt == next || !alt || peer_send(s, alt, "route", MSG_IND, NULL, route) != 0)
-            peer_dead(s, next, "cannot send to it");
+            peer_send_failed(s, next, "cannot send to it");
     }
     s->c.forwarded++;
 }
@@ -660,8 +777,41 @@ static void on_route(struct sn *s, struct link *l, const struct msg *m)
         log_warn("route", "%s: malformed route message dropped", conn_peer_addr(l->conn));
         return;
     }
+    /* The origin speaking for itself on its own link states its own address. */
+    if (nid_eq(&oid, &l->id))
+        peer_get(s, &oid, oaddr, PEER_OWN);
     /* The message is ours until this returns: route it as it is (hops and final change). */
-    route_step(s, b);
+    route_step(s, b, &l->id);
+}
+
+/*
+ * Could the route of r have ended at node n (docs/ring.md 8)? n must be the
+ * target's successor as far as we know: no live node we heard from lately
+ * (its link still up: a closed link forgets that) lies in [target, n), nor do
+ * we (we would be closer, unless it is our own join). `closer` gets the node
+ * that disproves it.
+ */
+static bool reply_plausible(const struct sn *s, const struct rreq *r, const nid_t *n, nid_t *closer)
+{
+    const nid_t *t = &r->target;
+    if (nid_eq(n, t))
+        return true; /* a node is its own Node-ID's successor ([t, n) is empty) */
+    if (strcmp(r->op, "join") != 0 && !nid_eq(n, &s->id) &&
+        (nid_eq(&s->id, t) || nid_in_open(&s->id, t, n))) {
+        *closer = s->id;
+        return false;
+    }
+    double now = ev_now(s->loop), fresh = 3 * s->p.stabilize_s;
+    for (const struct peer *p = s->peers; p; p = p->next) {
+        if (p->anon || p->dead_at > 0 || p->heard_at <= 0 || now - p->heard_at > fresh ||
+            nid_eq(&p->id, n))
+            continue;
+        if (nid_eq(&p->id, t) || nid_in_open(&p->id, t, n)) {
+            *closer = p->id;
+            return false;
+        }
+    }
+    return true;
 }
 
 static void on_reply(struct sn *s, struct link *l, const struct msg *m)
@@ -669,24 +819,45 @@ static void on_reply(struct sn *s, struct link *l, const struct msg *m)
     const char *rid = json_string_value(json_object_get(m->body, "rid"));
     if (!rid || !msg_tid_valid(rid))
         return;
-    struct rreq *r = rreq_find(s, rid, true);
+    struct rreq *r = rreq_find(s, rid, false);
     if (!r) {
         log_debug("route", "reply for unknown request %s ignored", rid);
         return;
     }
+    /*
+     * Only the node the route could have ended at answers (docs/ring.md 8): the
+     * reply names its sender, on the sender's own link, and that node is the
+     * target's successor as far as we know. Anything else is ignored; the
+     * request stays pending for the real answer.
+     */
+    nid_t nid, closer;
+    char naddr[SN_ADDR_MAX], a[NID_HEX_LEN + 1], b[NID_HEX_LEN + 1], c[NID_HEX_LEN + 1];
+    const char *bad = NULL;
+    if (peer_parse(json_object_get(m->body, "node"), &nid, naddr, sizeof(naddr)) != 0)
+        bad = "it names no node";
+    else if (!nid_eq(&nid, &l->id))
+        bad = "it names a node other than its sender";
+    else if (!reply_plausible(s, r, &nid, &closer)) {
+        s->c.replies_refused++;
+        log_warn("route", "%s: reply for %s (%s %s) from %s refused: %s is closer to the target",
+                 conn_peer_addr(l->conn), rid, r->op, hex8(&r->target, a), hex8(&nid, b),
+                 hex8(&closer, c));
+        return;
+    }
+    if (bad) {
+        s->c.replies_refused++;
+        log_warn("route", "%s: reply for %s refused: %s", conn_peer_addr(l->conn), rid, bad);
+        return;
+    }
+    rreq_find(s, rid, true);
     s->c.replies++;
     s->route_failures = 0;
     s->last_reply_at = sn_now(s);
     /* The responder is a live super node: remember it for routing (known_successor). */
-    nid_t nid;
-    char naddr[SN_ADDR_MAX];
-    if (peer_parse(json_object_get(m->body, "node"), &nid, naddr, sizeof(naddr)) == 0 &&
-        nid_eq(&nid, &l->id)) {
-        struct peer *p = peer_get(s, &nid, naddr);
-        if (p) {
-            p->heard_at = sn_now(s);
-            p->dead_at = 0;
-        }
+    struct peer *p = peer_get(s, &nid, naddr, PEER_OWN);
+    if (p) {
+        p->heard_at = sn_now(s);
+        p->dead_at = 0;
     }
     bool ok = json_is_true(json_object_get(m->body, "ok"));
     rreq_finish(s, r, ok, json_object_get(m->body, "result"),
@@ -717,7 +888,7 @@ void rreq_launch(struct sn *s, struct rreq *r)
     r->attempts++;
     ev_timer_set(&r->timer, rreq_timeout_s(s), 0.);
     ev_timer_start(s->loop, &r->timer);
-    route_step(s, route);
+    route_step(s, route, NULL);
     json_decref(route);
 }
 
@@ -860,7 +1031,10 @@ static void on_client(struct sn *s, struct link *l, const struct msg *m)
             return;
         }
         args = !strcmp(op, "get") ? json_pack("{s:s}", "key", hex) : json_object();
-    } else { /* store */
+        const char *after = json_string_value(json_object_get(m->body, "after"));
+        if (!strcmp(op, "get") && after && strlen(after) <= REC_OWNER_MAX)
+            json_object_set_new(args, "after", json_string(after)); /* paging (op_get) */
+    } else {                                                        /* store */
         bool ok;
         const char *mode = json_string_value(json_object_get(m->body, "mode"));
         enum store_mode md = store_mode_from_str(mode, &ok);
@@ -956,7 +1130,7 @@ void ring_peer_lost(struct sn *s, struct peer *p, const char *why)
         return;
     /* A closed link is not yet a dead node: ask it once over a new link. */
     if (!peer_request(s, p, "ping", NULL, 0, lost_check_done, NULL))
-        peer_dead(s, p, why);
+        peer_send_failed(s, p, why);
 }
 
 /* ---- fingers ---- */
@@ -971,7 +1145,7 @@ static void finger_done(struct sn *s, struct rreq *r, bool ok, json_t *result, c
     json_t *first = json_array_get(json_object_get(result, "succ"), 0);
     if (peer_parse(first, &id, addr, sizeof(addr)) != 0 || nid_eq(&id, &s->id))
         return;
-    struct peer *p = peer_get(s, &id, addr);
+    struct peer *p = peer_get(s, &id, addr, PEER_HEARSAY);
     if (p && !(p->dead_at > 0 && sn_now(s) - p->dead_at < 3 * s->p.stabilize_s))
         s->finger[r->arg] = p;
 }
@@ -1085,7 +1259,7 @@ static void join_send(struct sn *s, const char *addr)
     /* The first hop is a link to the given address; its identity is learnt on open. */
     nid_t anon;
     nid_random(&anon);
-    struct peer *via = peer_get(s, &anon, addr);
+    struct peer *via = peer_get(s, &anon, addr, PEER_HEARSAY);
     if (via) {
         via->anon = true;
         if (peer_send(s, via, "route", MSG_IND, NULL, route) != 0)
@@ -1131,7 +1305,7 @@ static void join_done(struct sn *s, struct rreq *r, bool ok, json_t *result, con
     }
     set_succ_list(s, NULL, succ);
     if (json_is_object(pj) && peer_parse(pj, &id, addr, sizeof(addr)) == 0 && !nid_eq(&id, &s->id))
-        set_pred(s, peer_get(s, &id, addr));
+        set_pred(s, peer_get(s, &id, addr, PEER_HEARSAY));
     char a[NID_HEX_LEN + 1];
     log_info("ring", "admitted by %s after %d hops", s->n_succ ? hex8(&s->succ[0]->id, a) : "?",
              hops);
@@ -1182,6 +1356,11 @@ struct sn *sn_new(struct ev_loop *loop, const struct sn_params *p, char *err, si
         s->p.on_inflight = 32;
     if (s->p.keepalive_s <= 0)
         s->p.keepalive_s = 15;
+    if (s->p.sn_msg_rate <= 0)
+        s->p.sn_msg_rate = 20000;
+    if (s->p.dial_rate <= 0)
+        s->p.dial_rate = 10;
+    s->dial_tokens = 2 * s->p.dial_rate + 8;
     s->stun_addr = p->stun ? strdup(p->stun) : NULL;
     s->p.stun = s->stun_addr;
     s->started_at = ev_now(loop);
@@ -1489,6 +1668,14 @@ json_t *sn_status(struct sn *s)
                       (json_int_t)s->c.redirects, "rate_limited", (json_int_t)s->c.rate_limited,
                       "delivered", (json_int_t)s->c.delivered, "told_to_move",
                       (json_int_t)s->c.moved));
+        /* what the checks of docs/ring.md 8 refused */
+        json_object_set_new(
+            st_doc, "refused",
+            json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "replies", (json_int_t)s->c.replies_refused,
+                      "joins", (json_int_t)s->c.joins_refused, "dials",
+                      (json_int_t)s->c.dials_refused, "links_cut", (json_int_t)s->c.links_cut,
+                      "syncs", (json_int_t)s->c.syncs_refused, "peers", (json_int_t)s->n_peers,
+                      "peers_max", (json_int_t)SN_MAX_PEERS));
     }
     return st_doc;
 }

@@ -32,6 +32,8 @@ struct sn_params {
     struct store_limits quotas;
     size_t max_connections; /* links of any kind, accepted and opened */
     double peer_idle_s;     /* close SN links unused this long that the ring does not need */
+    double sn_msg_rate;     /* messages per second per certificate on SN links (0 = 20000) */
+    double dial_rate;       /* dials per second to unauthenticated addresses (0 = 10) */
     /* Ordinary nodes (docs/protocol.md section 5). */
     size_t max_attached;      /* most attached at once; more are redirected */
     double on_rate;           /* requests per second per attached node (burst: 2 s worth) */

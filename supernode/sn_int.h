@@ -15,14 +15,19 @@
 #include "sn.h"
 #include "store.h"
 
-#define SN_MAX_SUCC    32
-#define SN_HOP_LIMIT   32
-#define SN_FINGERS     NID_BITS
-#define SN_MAX_QUEUED  512 /* frames waiting for an outgoing link to open */
-#define SN_SYNC_CHUNK  256 /* entries per sync chunk */
-#define SN_ADDR_MAX    64
-#define SN_TABLE_SIZE  1024  /* buckets of the request tables */
-#define SN_MAX_PENDING 20000 /* routed requests in progress before clients get "overloaded" */
+#define SN_MAX_SUCC             32
+#define SN_HOP_LIMIT            32
+#define SN_FINGERS              NID_BITS
+#define SN_MAX_QUEUED           512 /* frames waiting for an outgoing link to open */
+#define SN_SYNC_CHUNK           256 /* entries per sync chunk */
+#define SN_ADDR_MAX             64
+#define SN_TABLE_SIZE           1024 /* buckets of the request tables */
+#define SN_MAX_PENDING          20000 /* routed requests in progress before clients get "overloaded" */
+#define SN_MAX_PEERS            8192  /* super nodes known at once (a hard bound, docs/ring.md 8) */
+#define SN_MAX_UNVERIFIED_DIALS 16    /* links in progress to addresses not yet authenticated */
+#define SN_SYNC_MAX_SCAN        65536 /* entries one sync digest may compare (docs/ring.md 8) */
+#define SN_SYNC_MAX_PUSH        1024  /* entries one sync chunk may make us push or ask for */
+#define SN_UNREAD_S             5.0   /* a peer leaving half our write queue unread this long */
 
 struct link;
 
@@ -32,7 +37,13 @@ struct peer {
     nid_t id;
     char addr[SN_ADDR_MAX]; /* "" while unknown (an incoming link only) */
     struct link *link;      /* the link we use to reach it, or NULL */
-    double srtt, rttvar;    /* seconds; valid when has_rtt */
+    /*
+     * addr is authenticated: the node stated it itself on its own link, or a
+     * link we dialled there presented its certificate. Hearsay (another
+     * node's message) never replaces an authenticated address.
+     */
+    bool verified;
+    double srtt, rttvar; /* seconds; valid when has_rtt */
     bool has_rtt;
     int strikes;             /* consecutive unanswered requests */
     double last_used;        /* last time we sent to or heard from it */
@@ -80,7 +91,28 @@ struct link {
      * used to reach that node as a ring member.
      */
     bool ring;
-    bool probing; /* a connect-back probe asked for on this link is under way */
+    bool probing;              /* a connect-back probe asked for on this link is under way */
+    bool unverified_dial;      /* we dialled an address not yet authenticated (counted in sn) */
+    bool verify;               /* dialled to check that a claimed address is the node's */
+    char dialled[SN_ADDR_MAX]; /* the address an outgoing link was opened to */
+    struct talker *talker;     /* the rate budget of the certificate at the other end */
+    double backlog_since;      /* since when over half our write queue waits for it (0: not) */
+    bool cut;                  /* closed for abuse (link_admit): its messages are ignored */
+};
+
+/* The message budget of one certificate's super node links (docs/ring.md 8). */
+struct talker {
+    struct talker *next;
+    nid_t id;
+    unsigned links;
+    double tokens, refilled;
+    bool warned;
+};
+
+/* How a peer's address was learnt (peer_get). */
+enum peer_src {
+    PEER_HEARSAY = 0, /* named by a third party: fills an unknown address only */
+    PEER_OWN,         /* stated by the node itself on its own link, or confirmed by a dial */
 };
 
 /* An ordinary node attached to this super node (onsvc.c). */
@@ -161,6 +193,9 @@ struct sn_counters {
     uint64_t originated, forwarded, answered, hops_sum, replies, timeouts, refused;
     uint64_t replicated_in, replicated_out, sync_rounds, dropped_replicas;
     uint64_t attaches, redirects, rate_limited, delivered, moved;
+    /* refused by the checks of docs/ring.md 8 */
+    uint64_t replies_refused, joins_refused, routes_refused, dials_refused, links_cut,
+        syncs_refused;
     /* client requests (protocol.md 4.5, 5.4) by type and outcome, with latency histograms */
     uint64_t req_ok[SN_REQ_TYPES], req_err[SN_REQ_TYPES];
     double req_seconds[SN_REQ_TYPES];
@@ -190,6 +225,15 @@ struct sn {
     size_t n_links;
     uint64_t next_serial;
     struct peer *peers;
+    size_t n_peers;
+    struct talker *talkers;
+    /* dials to addresses not yet authenticated: in progress, and a token bucket */
+    size_t n_unverified_dials;
+    double dial_tokens, dial_refilled;
+    /* why the last peer_link() returned NULL was our own trouble (descriptors, caps,
+     * budgets), not the peer's: nobody is declared dead for it */
+    bool dial_local;
+    double last_local_warn;
 
     /* Chord */
     struct peer *pred;
@@ -245,7 +289,8 @@ struct sn {
 
 /* ---- link.c ---- */
 double sn_now(struct sn *s);
-struct peer *peer_get(struct sn *s, const nid_t *id, const char *addr); /* find or create */
+/* Find or create; addr (may be NULL) as src says; NULL at the table's bound. */
+struct peer *peer_get(struct sn *s, const nid_t *id, const char *addr, enum peer_src src);
 struct peer *peer_find(struct sn *s, const nid_t *id);
 /* The peer as {"id","addr"} (new reference). */
 json_t *peer_json(const struct peer *p);
@@ -257,6 +302,15 @@ int peer_send(struct sn *s, struct peer *p, const char *type, enum msg_kind kind
               json_t *body);
 /* Sends an encoded frame (prefix included) to a peer; for one message to several peers. */
 int peer_send_frame(struct sn *s, struct peer *p, const uint8_t *frame, size_t len);
+/* The same on a given link to p. */
+struct preq *link_request(struct sn *s, struct link *l, struct peer *p, const char *type,
+                          json_t *body, double timeout_s, preq_cb cb, void *ud);
+/*
+ * Dials addr, where p claims to be (a join routed through others), within the
+ * budget of unverified dials; the link's certificate must carry p's Node-ID,
+ * and then addr becomes p's authenticated address. NULL when refused.
+ */
+struct link *link_dial_verify(struct sn *s, struct peer *p, const char *addr);
 /* A request with a response callback; timeout from the peer's RTT when timeout_s <= 0. */
 struct preq *peer_request(struct sn *s, struct peer *p, const char *type, json_t *body,
                           double timeout_s, preq_cb cb, void *ud);
@@ -265,7 +319,16 @@ void link_send_error(struct link *l, const char *tid, const char *code, const ch
 double peer_rto(const struct peer *p);
 /* Drops a peer from the ring state (it failed or left). */
 void peer_dead(struct sn *s, struct peer *p, const char *why);
+/* A send to p failed: p is dead unless the failure was ours (s->dial_local). */
+void peer_send_failed(struct sn *s, struct peer *p, const char *why);
+/* Would a dial to an address not yet authenticated be allowed now (nothing is consumed)? */
+bool unverified_dial_possible(struct sn *s);
+/* Counts and logs (at most once per 5 s) a dial refused for that budget. */
+void unverified_dial_refused(struct sn *s, const nid_t *id, const char *addr);
+/* The open super node link whose certificate carries id, or NULL. */
+struct link *link_to(struct sn *s, const nid_t *id);
 bool peer_in_ring(const struct sn *s, const struct peer *p);
+/* Closes idle links and frees unused peers: only where no peer pointer is held (the tick). */
 void links_gc(struct sn *s);
 struct link *link_by_serial(struct sn *s, struct link *l, uint64_t serial);
 bool link_is_sn(const struct link *l);
