@@ -71,7 +71,10 @@ def main():
             json.dump({"overlay": OVERLAY, "listen": addr, "state_dir": os.path.join(tmp, "sn"),
                        "seed": True, "log_level": "warn", "stun_listen": "127.0.0.1:0",
                        "max_attached": args.nodes + 100,
-                       "max_connections": args.nodes + 200}, f)
+                       "max_connections": args.nodes + 200,
+                       # all simulated nodes share 127.0.0.1 (per-address bound: 64)
+                       "max_handshaking": args.nodes + 200,
+                       "max_handshaking_per_address": args.nodes + 200}, f)
         sn = subprocess.Popen([os.path.join(b, "supernode", "supernode"), "-d", "-c", sncfg],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(sn)

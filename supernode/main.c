@@ -37,6 +37,9 @@ struct sn_config {
     char *cert_file;
     char *key_file;
     long long max_connections;
+    long long max_handshaking;
+    long long max_handshaking_per_address;
+    long long max_links_per_certificate;
     long long handshake_timeout_ms;
     long long idle_timeout_ms;
     long long max_frame;
@@ -81,6 +84,9 @@ static struct tls_config sn_tls_config(const struct sn_config *cfg)
         .handshake_timeout_ms = (unsigned)cfg->handshake_timeout_ms,
         .idle_timeout_ms = (unsigned)cfg->idle_timeout_ms,
         .max_frame = (size_t)cfg->max_frame,
+        .max_handshaking = (unsigned)cfg->max_handshaking,
+        .max_handshaking_per_addr = (unsigned)cfg->max_handshaking_per_address,
+        .max_links_per_identity = (unsigned)cfg->max_links_per_certificate,
     };
 }
 
@@ -124,6 +130,13 @@ static const struct cfg_field sn_fields[] = {
      "this node's private key (PKCS#8 PEM)"},
     {"max_connections", CFG_INT, offsetof(struct sn_config, max_connections), 1, 1000000, NULL,
      "4096", "most simultaneous node-to-node connections"},
+    {"max_handshaking", CFG_INT, offsetof(struct sn_config, max_handshaking), 1, 1000000, NULL,
+     "512", "most accepted connections still in their TLS handshake or hello"},
+    {"max_handshaking_per_address", CFG_INT,
+     offsetof(struct sn_config, max_handshaking_per_address), 1, 1000000, NULL, "64",
+     "most of those from one source address (an IPv4 address or an IPv6 /64)"},
+    {"max_links_per_certificate", CFG_INT, offsetof(struct sn_config, max_links_per_certificate), 1,
+     1000000, NULL, "4", "most links one certificate may hold to this node"},
     {"handshake_timeout_ms", CFG_INT, offsetof(struct sn_config, handshake_timeout_ms), 100, 600000,
      NULL, "10000", "time allowed for connect + TLS handshake + hello"},
     {"idle_timeout_ms", CFG_INT, offsetof(struct sn_config, idle_timeout_ms), 0, 86400000, NULL,

@@ -1391,6 +1391,8 @@ struct sn *sn_new(struct ev_loop *loop, const struct sn_params *p, char *err, si
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
+    /* Rollback marks last the overlay's longest record lifetime past an expiry (store.h). */
+    store_set_max_lifetime(s->store, p->max_lifetime_s);
     if (sn_listen(s, err, errlen) != 0)
         goto fail;
     ev_timer_init(&s->tick, tick_cb, 0., s->p.stabilize_s);

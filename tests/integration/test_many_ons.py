@@ -88,7 +88,10 @@ class ManyOrdinaryNodes(unittest.TestCase):
             cls.addr[sn] = "127.0.0.1:%d" % free_port()
             conf = {"overlay": OVERLAY, "listen": cls.addr[sn],
                     "state_dir": os.path.join(cls.nodes, sn), "stun_listen": "127.0.0.1:0",
-                    "max_connections": 4 * N_ONS}
+                    "max_connections": 4 * N_ONS,
+                    # every simulated node connects from 127.0.0.1: lift the per-address bound
+                    # on connections still handshaking (64 by default, one address's share)
+                    "max_handshaking_per_address": 4 * N_ONS}
             if i == 0:
                 conf["seed"] = True
             else:

@@ -103,7 +103,9 @@ class Failover(unittest.TestCase):
             addr[u] = "127.0.0.1:%d" % harness.free_port()
             argv = [self.bin("supernode"), "-d", "-o", "overlay=" + OVERLAY,
                     "-o", "state_dir=" + os.path.join(self.tmp, "sns", u),
-                    "-o", "listen=" + addr[u], "-o", "stun_listen=127.0.0.1:0"]
+                    "-o", "listen=" + addr[u], "-o", "stun_listen=127.0.0.1:0",
+                    # the 500 nodes stand for 500 hosts but all connect from 127.0.0.1
+                    "-o", "max_handshaking_per_address=%d" % (2 * NODES)]
             argv += ["-o", "seed=true"] if i == 1 else ["-o", "join=" + addr["sn1"]]
             sn[u] = harness.Daemon(argv)
             self.daemons.append(sn[u])
