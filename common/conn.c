@@ -39,6 +39,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "crl.h"
 #include "log.h"
 #include "version.h"
 
@@ -100,6 +101,12 @@ struct conn {
     char addr[64];
     bool opened; /* reached OPEN: the peer identity is vouched for */
     struct peer_identity peer;
+    /* Revocation (crl.h): the peer certificate's serial and issuer, and the list generation
+     * it was last checked against; sockets past TLS are in this thread's `tls_links`. */
+    struct crl_ref crl_ref;
+    uint64_t crl_gen;
+    struct conn *tl_next, *tl_prev;
+    bool in_tls_links;
 
     uint8_t *rbuf; /* partial frame carried over between records */
     size_t rlen, rcap;
@@ -152,6 +159,9 @@ struct listener {
 /* Links within the process (defined with them, below). */
 struct lmsg;
 static _Thread_local struct listener *local_listeners;
+/* Socket links of this thread past their TLS handshake (HELLO, OPEN): what a new revocation
+ * list is checked against (conn_close_revoked()). */
+static _Thread_local struct conn *tls_links;
 static void local_unpair(struct conn *c);
 static void lmsg_free_all(struct conn *c);
 static void on_deliver(struct ev_loop *loop, ev_timer *w, int revents);
@@ -418,6 +428,32 @@ const struct peer_identity *tls_ctx_identity(const struct tls_ctx *ctx)
 static void lst_leave_hs(struct conn *c);
 static void lst_detach(struct conn *c);
 
+static void tls_links_join(struct conn *c)
+{
+    if (c->in_tls_links)
+        return;
+    c->tl_prev = NULL;
+    c->tl_next = tls_links;
+    if (tls_links)
+        tls_links->tl_prev = c;
+    tls_links = c;
+    c->in_tls_links = true;
+}
+
+static void tls_links_leave(struct conn *c)
+{
+    if (!c->in_tls_links)
+        return;
+    if (c->tl_prev)
+        c->tl_prev->tl_next = c->tl_next;
+    else
+        tls_links = c->tl_next;
+    if (c->tl_next)
+        c->tl_next->tl_prev = c->tl_prev;
+    c->tl_next = c->tl_prev = NULL;
+    c->in_tls_links = false;
+}
+
 static void conn_set_state(struct conn *c, enum conn_state st)
 {
     log_debug(COMPONENT, "%s: %s -> %s", c->addr, conn_state_str(c->state), conn_state_str(st));
@@ -425,8 +461,10 @@ static void conn_set_state(struct conn *c, enum conn_state st)
     /* A listener counts a handshake until OPEN, and a link until it starts closing. */
     if (st >= CONN_OPEN)
         lst_leave_hs(c);
-    if (st >= CONN_CLOSING)
+    if (st >= CONN_CLOSING) {
         lst_detach(c);
+        tls_links_leave(c);
+    }
 }
 
 static void conn_destroy(struct conn *c)
@@ -768,8 +806,48 @@ static void enter_open(struct conn *c)
         c->cbs.on_open(c, c->ud);
 }
 
+/*
+ * Whether the revocation list now revokes the peer, checked again only when the list changed
+ * since the last time. An open link whose peer is revoked gets an err frame (zero tid, code
+ * "certificate-revoked") and is closed; our own log line names the peer and says revoked.
+ * True when it closed the link.
+ */
+static bool close_if_revoked(struct conn *c)
+{
+    if (c->local || c->state < CONN_HELLO || c->state >= CONN_CLOSING)
+        return false;
+    uint64_t gen = crl_generation();
+    if (c->crl_gen == gen)
+        return false;
+    c->crl_gen = gen;
+    if (!crl_ref_revoked(&c->crl_ref))
+        return false;
+    char who[512], serial[2 * CRL_SERIAL_MAX + 1];
+    cred_identity_str(&c->peer, who, sizeof(who));
+    crl_ref_serial_hex(&c->crl_ref, serial, sizeof(serial));
+    queue_error_frame(c, NULL, "certificate-revoked",
+                      "your certificate is on the overlay CA's revocation list");
+    begin_close(c, CONN_ERR_PEER_CERT, CLOSE_GRACEFUL,
+                "peer certificate refused: %s (serial %s) is revoked; link closed", who, serial);
+    return true;
+}
+
+int conn_close_revoked(void)
+{
+    int n = 0;
+    for (struct conn *c = tls_links, *next; c; c = next) {
+        next = c->tl_next; /* closing takes c out of the list */
+        n += close_if_revoked(c);
+    }
+    return n;
+}
+
 static void handle_msg(struct conn *c, const struct msg *m)
 {
+    /* A list taken since the last message (conn_close_revoked() runs when the renewer takes
+     * one; this covers lists set any other way). */
+    if (close_if_revoked(c))
+        return;
     if (c->state == CONN_HELLO) {
         if (m->kind == MSG_ERR) {
             peer_error(c, m);
@@ -1073,8 +1151,9 @@ static void handshake_done(struct conn *c)
     gnutls_x509_crt_t crt = NULL;
     int r = GNUTLS_E_NO_CERTIFICATE_FOUND;
     if (certs && n > 0 && (r = gnutls_x509_crt_init(&crt)) >= 0 &&
-        (r = gnutls_x509_crt_import(crt, &certs[0], GNUTLS_X509_FMT_DER)) >= 0)
-        r = cred_identity(crt, &c->peer);
+        (r = gnutls_x509_crt_import(crt, &certs[0], GNUTLS_X509_FMT_DER)) >= 0 &&
+        (r = cred_identity(crt, &c->peer)) >= 0)
+        r = crl_ref_of(crt, &c->crl_ref);
     gnutls_x509_crt_deinit(crt);
     if (r < 0) {
         gnutls_alert_send(c->s, GNUTLS_AL_FATAL, GNUTLS_A_BAD_CERTIFICATE);
@@ -1082,7 +1161,20 @@ static void handshake_done(struct conn *c)
                     "peer certificate refused: cannot read its identity: %s", gnutls_strerror(r));
         return;
     }
+    /* Revocation, at every handshake and in both directions: the chain checked out, but the
+     * CA may since have withdrawn this certificate (crl.h). */
+    c->crl_gen = crl_generation();
+    if (crl_ref_revoked(&c->crl_ref)) {
+        char who[512], serial[2 * CRL_SERIAL_MAX + 1];
+        gnutls_alert_send(c->s, GNUTLS_AL_FATAL, GNUTLS_A_CERTIFICATE_REVOKED);
+        begin_close(c, CONN_ERR_PEER_CERT, CLOSE_LINGER,
+                    "peer certificate refused: %s (serial %s) is revoked",
+                    cred_identity_str(&c->peer, who, sizeof(who)),
+                    crl_ref_serial_hex(&c->crl_ref, serial, sizeof(serial)));
+        return;
+    }
     conn_set_state(c, CONN_HELLO);
+    tls_links_join(c);
     if (lst_identity_full(c))
         return;
     if (queue_hello(c) < 0) {
@@ -2056,6 +2148,7 @@ void conn_abort(struct conn *c)
     }
     c->state = CONN_CLOSED;
     lst_detach(c);
+    tls_links_leave(c);
     if (c->depth == 0)
         conn_destroy(c);
 }

@@ -154,6 +154,16 @@ int conn_send(struct conn *c, const char *type, enum msg_kind kind, const char *
 /* Queues an already encoded frame (prefix included) as is; for relays and tests. */
 int conn_send_frame(struct conn *c, const uint8_t *frame, size_t len);
 
+/*
+ * Revocation (crl.h): every handshake refuses a peer whose certificate the process's revocation
+ * list revokes (a certificate_revoked alert, CONN_ERR_PEER_CERT). This closes the socket links
+ * of the calling thread whose peer the list revokes now (an err frame with code
+ * "certificate-revoked", then CONN_ERR_PEER_CERT at our end); call it when a new list was taken.
+ * Links not walked this way are checked at their next incoming message. Returns how many it
+ * closed.
+ */
+int conn_close_revoked(void);
+
 /* Graceful close: flush what is queued (bounded by the handshake timeout), close_notify. */
 void conn_close(struct conn *c);
 /*

@@ -5,7 +5,11 @@
  * makes a busy super node cheap: once an owner's certificate is known (by the
  * exact base64 text records carry), a record costs a short keyed hash of that
  * text and one signature verification (libsodium for Ed25519). Pure code:
- * no I/O, no clock (the caller passes `now`).
+ * no I/O, no clock (the caller passes `now`). The one outside state it reads
+ * is the process's revocation list (crl.h): each cached certificate remembers
+ * the list generation it was last checked against and is checked again when
+ * the list changed, so a certificate revoked after it was cached stops
+ * verifying at once.
  */
 #include "record.h"
 
@@ -22,6 +26,7 @@
 
 #include "errbuf.h"
 #include "cred.h"
+#include "crl.h"
 #include "overlay_doc.h"
 
 const char *rec_strcode(int status)
@@ -653,6 +658,9 @@ struct vcert {
     char uri[256];
     unsigned roles;               /* ROLE_* of the certificate */
     time_t not_before, not_after; /* the leaf's window narrowed by the CA's */
+    struct crl_ref crl_ref;       /* serial and issuer, for the revocation list */
+    uint64_t crl_gen;             /* the list generation `revoked` was read at */
+    bool revoked;
     struct vcert *hnext;
     struct vcert *lru_prev, *lru_next; /* lru_prev toward the most recent */
 };
@@ -931,6 +939,13 @@ static struct vcert *check_cert(struct rec_verifier *v, const gnutls_datum_t *de
         errbuf_set(err, errlen, REC_E_CERT, "%s: the certificate's validity does not parse", what);
         goto fail;
     }
+    if ((gr = crl_ref_of(crt, &c->crl_ref)) < 0) {
+        errbuf_set(err, errlen, REC_E_CERT, "%s: the certificate's serial does not parse: %s", what,
+                   gnutls_strerror(gr));
+        goto fail;
+    }
+    c->crl_gen = crl_generation();
+    c->revoked = crl_ref_revoked(&c->crl_ref);
     if (c->not_before < v->ca_not_before)
         c->not_before = v->ca_not_before;
     if (c->not_after > v->ca_not_after)
@@ -1064,6 +1079,18 @@ int rec_verify(struct rec_verifier *v, const struct record *r, time_t now, int64
 
     int ret = REC_OK;
     unsigned char *sig = NULL;
+    uint64_t gen = crl_generation();
+    if (c->crl_gen != gen) { /* the list changed since this certificate was last looked up */
+        c->crl_gen = gen;
+        c->revoked = crl_ref_revoked(&c->crl_ref);
+    }
+    if (c->revoked) {
+        char serial[2 * CRL_SERIAL_MAX + 1];
+        ret =
+            errbuf_set(err, errlen, REC_E_CERT, "%s: the certificate of %s (serial %s) is revoked",
+                       what, c->uri, crl_ref_serial_hex(&c->crl_ref, serial, sizeof(serial)));
+        goto out;
+    }
     if (now < c->not_before || now > c->not_after) {
         ret = errbuf_set(err, errlen, REC_E_CERT,
                          "%s: the certificate of %s is not valid at %" PRId64 " (valid %" PRId64

@@ -52,7 +52,7 @@ enum rec_status {
     REC_E_MALFORMED = -1, /* "malformed-record": envelope or signed text not as specified */
     REC_E_TOO_LARGE = -2, /* "too-large": encoded envelope above the maximum */
     REC_E_CERT = -3,      /* "bad-certificate": unparsable, not from the overlay CA, not valid
-                             now, or without a URI */
+                             now, revoked (crl.h), or without a URI */
     REC_E_SIGNATURE = -4, /* "bad-signature": the signature does not verify */
     REC_E_OWNER = -5,     /* "bad-owner": "owner" differs from the certificate's URI */
     REC_E_KEY = -6,       /* "bad-key": key != SHA-1(type "|" name) */
@@ -138,11 +138,13 @@ int rec_verifier_set_proxies(struct rec_verifier *v, const struct overlay_sip_pr
 
 /*
  * Full check of a parsed record at time `now`: the overlay matches; the
- * certificate parses, chains to the overlay CA, is valid now and has a URI
- * equal to "owner"; the signature verifies over the signed text; expires >
- * now (except for removal statements, which may be checked at any time
- * before their own expiry too: same rule) and expires <= now +
- * max_lifetime_s (0 = no cap); and the type's policy holds:
+ * certificate parses, chains to the overlay CA, is not revoked by the
+ * process's revocation list (crl.h; read again whenever it changed, cached
+ * certificate or not), is valid now and has a URI equal to "owner"; the
+ * signature verifies over the signed text; expires > now (except for removal
+ * statements, which may be checked at any time before their own expiry too:
+ * same rule) and expires <= now + max_lifetime_s (0 = no cap); and the type's
+ * policy holds:
  *   "user location":  name == the owner's URI without its "sip:"/"sips:"
  *                      scheme (key = SHA-1("user location|alice@example.org")
  *                      may be written only by sip:alice@example.org); or the
