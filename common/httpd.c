@@ -5,6 +5,18 @@
  * before each loop iteration (MHD may have queued work, e.g. a response a
  * handler just produced, that needs a run without any new I/O).
  *
+ * Deferred answers use MHD's suspend/resume. MHD must be the one to queue a
+ * response, from inside the access handler: a handler that defers leaves the
+ * request unanswered, on_access suspends the connection when the handler
+ * returns, a later httpd_respond*() keeps the response and resumes, and the
+ * next on_access call (MHD calls it again once resumed) queues it. A deferred
+ * request still unanswered when MHD ends it (httpd_stop) is reported to the
+ * owner's cancel callback before it is freed. MHD does not watch a suspended
+ * connection, so we do: an ev_io on its socket, and a hang-up seen there
+ * (POLLRDHUP: the client shut its side, closed, or reset) cancels the owner's
+ * work and lets MHD close the connection, rather than keep it until the
+ * owner's answer would have come.
+ *
  * Connection bounds are ours rather than MHD's: MHD's per-IP limit counts
  * whole IPv6 addresses and refuses silently. MHD asks our accept policy about
  * every accepted socket, and tells us when a connection starts and when it is
@@ -19,6 +31,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <poll.h>
 #include <string.h>
 #include <sys/resource.h>
 
@@ -62,6 +75,8 @@ struct httpd {
     unsigned max_conns, max_per_src, n_conns;
     struct src *srcs[SRC_BUCKETS];
     struct conn_refusals refused;
+    struct httpd_req *suspended; /* deferred requests waiting for their answer */
+    bool kick;                   /* a connection was resumed: run MHD at the next turn */
 };
 
 struct httpd_req {
@@ -73,6 +88,13 @@ struct httpd_req {
     char *body;
     size_t len, cap;
     bool too_large, responded;
+    bool deferred, suspended;
+    struct MHD_Response *pending; /* a deferred answer, queued when MHD calls on_access again */
+    unsigned pending_status;
+    httpd_cancel_cb cancel;
+    void *cancel_ud;
+    struct httpd_req *prev, *next; /* in h->suspended while suspended */
+    ev_io hangup;                  /* the socket, while suspended: is the client still there? */
     struct header *headers;
 };
 
@@ -80,6 +102,7 @@ struct httpd_req {
 
 static void run(struct httpd *h)
 {
+    h->kick = false;
     if (MHD_run(h->d) != MHD_YES)
         log_debug("http", "MHD_run reported an error");
 }
@@ -99,7 +122,10 @@ static void on_prepare(struct ev_loop *loop, ev_prepare *w, int revents)
     struct httpd *h = w->data;
     MHD_UNSIGNED_LONG_LONG ms;
     ev_timer_stop(loop, &h->timer);
-    if (MHD_get_timeout(h->d, &ms) == MHD_YES) {
+    if (h->kick) {
+        ev_timer_set(&h->timer, 0., 0.);
+        ev_timer_start(loop, &h->timer);
+    } else if (MHD_get_timeout(h->d, &ms) == MHD_YES) {
         ev_timer_set(&h->timer, (double)ms / 1000.0, 0.);
         ev_timer_start(loop, &h->timer);
     }
@@ -211,16 +237,43 @@ static void req_free(struct httpd_req *r)
         free(x->value);
         free(x);
     }
+    if (r->pending)
+        MHD_destroy_response(r->pending);
     free(r->path);
     free(r->body);
     free(r);
 }
 
+static void suspended_unlink(struct httpd_req *r)
+{
+    if (!r->suspended)
+        return;
+    ev_io_stop(r->h->loop, &r->hangup);
+    if (r->prev)
+        r->prev->next = r->next;
+    else
+        r->h->suspended = r->next;
+    if (r->next)
+        r->next->prev = r->prev;
+    r->prev = r->next = NULL;
+    r->suspended = false;
+}
+
 static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
                          enum MHD_RequestTerminationCode toe)
 {
-    req_free(*con_cls);
+    struct httpd_req *r = *con_cls;
     *con_cls = NULL;
+    if (!r)
+        return;
+    suspended_unlink(r);
+    /* The owner still holds a deferred request it has not answered: it must let go. */
+    if (r->deferred && !r->responded && r->cancel) {
+        log_debug("http", "%s %s %s: ended before its deferred answer (code %d)", r->addr,
+                  r->method, r->path, (int)toe);
+        r->cancel(r, r->cancel_ud);
+    }
+    req_free(r);
 }
 
 static struct httpd_req *req_new(struct httpd *h, struct MHD_Connection *c, const char *url,
@@ -250,6 +303,26 @@ static struct httpd_req *req_new(struct httpd *h, struct MHD_Connection *c, cons
         return NULL;
     }
     return r;
+}
+
+/*
+ * The socket of a waiting request is readable: either the client hung up, or
+ * it sent more (a pipelined request, TLS records), which waits for MHD.
+ */
+static void on_hangup(struct ev_loop *loop, ev_io *w, int revents)
+{
+    struct httpd_req *r = w->data;
+    struct pollfd p = {.fd = w->fd, .events = POLLRDHUP};
+    ev_io_stop(loop, w); /* either way: level-triggered, it would fire again at once */
+    if (poll(&p, 1, 0) != 1 || !(p.revents & (POLLRDHUP | POLLHUP | POLLERR)))
+        return;
+    log_info("http", "%s %s %s: the client left before its answer", r->addr, r->method, r->path);
+    r->responded = true; /* no answer: on_access closes the connection */
+    if (r->cancel)
+        r->cancel(r, r->cancel_ud);
+    suspended_unlink(r);
+    MHD_resume_connection(r->conn);
+    r->h->kick = true;
 }
 
 static enum MHD_Result on_access(void *cls, struct MHD_Connection *c, const char *url,
@@ -311,7 +384,18 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *c, const char
         r->len += n;
         return MHD_YES;
     }
-    if (r->responded)
+    if (r->pending) {
+        /* Resumed with the deferred answer: MHD takes it only from in here. */
+        if (MHD_queue_response(c, r->pending_status, r->pending) != MHD_YES)
+            log_warn("http", "%s %s: cannot queue the %u response", r->method, r->path,
+                     r->pending_status);
+        MHD_destroy_response(r->pending);
+        r->pending = NULL;
+        return MHD_YES;
+    }
+    if (r->deferred && r->responded)
+        return MHD_NO; /* its answer could not be made: close rather than spin */
+    if (r->responded || r->suspended)
         return MHD_YES;
     if (r->too_large) {
         char why[96];
@@ -326,6 +410,23 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *c, const char
     }
     r->body[r->len] = '\0';
     h->handler(r, h->ud);
+    if (!r->responded && r->deferred) {
+        /* Out of MHD's polling until httpd_respond*() resumes it. */
+        MHD_suspend_connection(c);
+        r->suspended = true;
+        r->next = h->suspended;
+        if (r->next)
+            r->next->prev = r;
+        h->suspended = r;
+        const union MHD_ConnectionInfo *fi =
+            MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+        if (fi) {
+            ev_io_init(&r->hangup, on_hangup, fi->connect_fd, EV_READ);
+            r->hangup.data = r;
+            ev_io_start(h->loop, &r->hangup);
+        }
+        return MHD_YES;
+    }
     if (!r->responded) {
         log_error("http", "%s %s: handler gave no answer", r->method, r->path);
         httpd_respond_error(r, 500, "internal", "no answer");
@@ -432,6 +533,16 @@ out:
     return rc;
 }
 
+int httpd_req_defer(struct httpd_req *r, httpd_cancel_cb cancel, void *ud)
+{
+    if (r->responded || r->deferred)
+        return -1;
+    r->deferred = true;
+    r->cancel = cancel;
+    r->cancel_ud = ud;
+    return 0;
+}
+
 void httpd_add_header(struct httpd_req *r, const char *name, const char *value)
 {
     struct header *x = calloc(1, sizeof(*x));
@@ -457,13 +568,27 @@ void httpd_respond(struct httpd_req *r, unsigned status, const char *content_typ
     r->responded = true;
     struct MHD_Response *resp =
         MHD_create_response_from_buffer(len, (void *)(uintptr_t)body, MHD_RESPMEM_MUST_COPY);
-    if (!resp)
+    if (!resp) {
+        if (r->suspended) { /* resumed without an answer: on_access closes it */
+            suspended_unlink(r);
+            MHD_resume_connection(r->conn);
+            r->h->kick = true;
+        }
         return;
+    }
     if (content_type)
         MHD_add_response_header(resp, "Content-Type", content_type);
     MHD_add_response_header(resp, "Cache-Control", "no-store");
     for (struct header *x = r->headers; x; x = x->next)
         MHD_add_response_header(resp, x->name, x->value);
+    if (r->suspended) {
+        r->pending = resp;
+        r->pending_status = status;
+        suspended_unlink(r);
+        MHD_resume_connection(r->conn);
+        r->h->kick = true;
+        return;
+    }
     if (MHD_queue_response(r->conn, status, resp) != MHD_YES)
         log_warn("http", "%s %s: cannot queue the %u response", r->method, r->path, status);
     MHD_destroy_response(resp);
@@ -548,7 +673,8 @@ struct httpd *httpd_start(struct ev_loop *loop, const struct httpd_config *cfg,
     memset(&ss, 0, sizeof(ss));
     /* Without a certificate: plain HTTP (a local /metrics port, never the public services). */
     bool tls = cfg->cert_pem != NULL;
-    unsigned flags = (tls ? MHD_USE_TLS : 0) | MHD_USE_EPOLL | MHD_USE_ERROR_LOG;
+    unsigned flags =
+        (tls ? MHD_USE_TLS : 0) | MHD_USE_EPOLL | MHD_USE_ERROR_LOG | MHD_ALLOW_SUSPEND_RESUME;
     if (strchr(host, ':')) {
         struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
         s6->sin6_family = AF_INET6;
@@ -627,6 +753,13 @@ void httpd_stop(struct httpd *h)
         ev_io_stop(h->loop, &h->io);
         ev_timer_stop(h->loop, &h->timer);
         ev_prepare_stop(h->loop, &h->prepare);
+    }
+    /* MHD refuses to stop with suspended connections: resume them unanswered. MHD then
+     * ends each, and on_completed tells its owner through the cancel callback. */
+    while (h->suspended) {
+        struct httpd_req *r = h->suspended;
+        suspended_unlink(r);
+        MHD_resume_connection(r->conn);
     }
     if (h->d)
         MHD_stop_daemon(h->d); /* tells on_connection of every connection it closes */

@@ -1,7 +1,10 @@
 /*
  * HTTPS server for the login and bootstrap servers: libmicrohttpd with
  * GnuTLS, run from the caller's libev loop (no threads). The owner gives one
- * handler that sees every complete request and answers it before returning.
+ * handler that sees every complete request and answers it before returning,
+ * or defers it (httpd_req_defer) and answers later from the same loop: the
+ * connection then waits, out of MHD's polling, while every other connection
+ * is served.
  *
  * What this layer guarantees to handlers: the body is complete, at most
  * max_body bytes and NUL-terminated; a larger body was already answered with
@@ -39,15 +42,24 @@ struct httpd_config {
 struct httpd;
 struct httpd_req;
 
-/* Called once per complete request; must answer with one httpd_respond*() call. */
+/* Called once per complete request; must answer with one httpd_respond*() call, or defer. */
 typedef void (*httpd_handler)(struct httpd_req *req, void *ud);
+/*
+ * Tells the owner of a deferred request that it ended unanswered (the client
+ * went away, or httpd_stop): `req` is freed right after, so forget it and
+ * never answer it.
+ */
+typedef void (*httpd_cancel_cb)(struct httpd_req *req, void *ud);
 
 /* Starts serving. NULL and a one-line reason in err on failure. */
 struct httpd *httpd_start(struct ev_loop *loop, const struct httpd_config *cfg,
                           httpd_handler handler, void *ud, char *err, size_t errlen);
 /* The bound port. */
 int httpd_port(const struct httpd *h);
-/* Stops listening and closes every connection. NULL is fine. */
+/*
+ * Stops listening and closes every connection; each deferred request still
+ * unanswered is reported to its cancel callback first. NULL is fine.
+ */
 void httpd_stop(struct httpd *h);
 
 const char *httpd_req_method(const struct httpd_req *r);
@@ -69,6 +81,17 @@ const char *httpd_req_query(const struct httpd_req *r, const char *name);
  */
 int httpd_req_client_identity(struct httpd_req *r, struct peer_identity *id, char *err,
                               size_t errlen);
+
+/*
+ * Called by the handler: the answer comes later, by one httpd_respond*() call
+ * from the loop's thread (e.g. when a worker's result arrives), and until
+ * then `r` stays valid unless `cancel` is called: when the client hangs up
+ * while waiting (its socket is watched), or at httpd_stop. An answer given
+ * before the handler returns is sent as usual. A client that only shuts its
+ * sending side counts as gone. Returns 0, or -1 when `r` was already answered
+ * or deferred.
+ */
+int httpd_req_defer(struct httpd_req *r, httpd_cancel_cb cancel, void *ud);
 
 /* Adds a header to the coming response (e.g. "Retry-After", "Allow"). */
 void httpd_add_header(struct httpd_req *r, const char *name, const char *value);

@@ -43,6 +43,9 @@ struct ls_config {
     long long cert_window_s;
     long long crl_next_update_s;
     long long max_connections;
+    long long pbkdf2_threads;
+    long long pbkdf2_queue;
+    long long pbkdf2_per_address;
     long long replication_factor;
     long long max_record_bytes;
     long long max_record_lifetime_s;
@@ -91,7 +94,14 @@ static const struct cfg_field ls_fields[] = {
       "the window those failures are counted in"),
     F("user_slowdown_s", CFG_INT, user_slowdown_s, 1, 3600, "2",
       "a user with max_failures failures in the window, from all addresses together, gets at "
-      "most one login attempt per this many seconds (a slow-down, never a lockout)"),
+      "most one login attempt per this many seconds: later ones are answered that much later "
+      "(a slow-down, never a lockout; 429 only when the wait would pass 10 s)"),
+    F("pbkdf2_threads", CFG_INT, pbkdf2_threads, 1, 64, "2",
+      "worker threads that check passwords (PBKDF2), so that checks never stall the server"),
+    F("pbkdf2_queue", CFG_INT, pbkdf2_queue, 1, 100000, "64",
+      "password checks waiting for a worker; an enrollment beyond them gets 503"),
+    F("pbkdf2_per_address", CFG_INT, pbkdf2_per_address, 1, 100000, "16",
+      "enrollments one client address may have in progress at once; more get 503"),
     F("max_devices", CFG_INT, max_devices, 1, 10000, "5",
       "devices (Node-IDs) per account; enrolling a further device gets 403"),
     F("max_certs_per_user", CFG_INT, max_certs_per_user, 1, 1000000, "10",
@@ -659,6 +669,9 @@ static int ls_start(struct ev_loop *loop, const void *p, void **state)
         .validity_days = c->cert_validity_days,
         .max_connections = (unsigned)c->max_connections,
         .pbkdf2_iterations = (unsigned)c->pbkdf2_iterations,
+        .pbkdf2_threads = (unsigned)c->pbkdf2_threads,
+        .pbkdf2_queue = (unsigned)c->pbkdf2_queue,
+        .pbkdf2_per_address = (unsigned)c->pbkdf2_per_address,
     };
     st->server = ls_server_start(loop, st->ca, st->users, &sc, err, sizeof(err));
     if (!st->server) {
@@ -673,7 +686,8 @@ static int ls_start(struct ev_loop *loop, const void *p, void **state)
 static void ls_stop(struct ev_loop *loop, void *p)
 {
     struct ls_state *st = p;
-    /* Requests are answered synchronously: nothing is in flight between loop turns. */
+    /* Enrollments in progress are dropped unanswered (their clients see the connection
+     * close); workers finish their current check first. */
     ls_server_stop(st->server);
     st->server = NULL;
 }

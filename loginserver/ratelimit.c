@@ -209,6 +209,37 @@ bool ratelimit_blocked(struct ratelimit *rl, const char *key, double now, double
     return true;
 }
 
+bool ratelimit_reserve(struct ratelimit *rl, const char *key, double now, double max_delay_s,
+                       double *delay_s)
+{
+    purge(rl, now);
+    size_t len = strnlen(key, RATELIMIT_KEY_MAX);
+    uint32_t i = find(rl, key, len, hash_key(key, len));
+    struct rl_entry *x = i == NIL ? NULL : &rl->e[i];
+    if (!x || window_ended(rl, x, now)) {
+        *delay_s = 0;
+        ratelimit_failure(rl, key, now);
+        return true;
+    }
+    /* The window (perhaps one booked ahead) has room, or the one right after it does. */
+    double at = x->count < rl->max_failures ? x->start : x->start + rl->window;
+    *delay_s = at > now ? at - now : 0;
+    if (*delay_s > max_delay_s)
+        return false;
+    if (x->count < rl->max_failures) {
+        x->count++;
+    } else {
+        /* To the tail, though a window booked ahead may open after ones appended later:
+         * the age list is then only nearly in order, which can delay purging a little or
+         * evict this booking early, never make any key stricter. */
+        x->start = at;
+        x->count = 1;
+        list_unlink(rl, i);
+        list_append(rl, i);
+    }
+    return true;
+}
+
 void ratelimit_failure(struct ratelimit *rl, const char *key, double now)
 {
     purge(rl, now);

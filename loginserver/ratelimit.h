@@ -48,6 +48,18 @@ void ratelimit_free(struct ratelimit *rl);
 bool ratelimit_blocked(struct ratelimit *rl, const char *key, double now, double *retry_after_s);
 /* Counts one failure of `key` at `now`. */
 void ratelimit_failure(struct ratelimit *rl, const char *key, double now);
+/*
+ * Books the earliest moment, at `now` or later, at which one more failure of
+ * `key` fits (its window not yet full, or the next window), and counts it
+ * there: with max_failures 1 and window w, successive calls space their
+ * moments w apart, which is how the login server queues attempts for a user
+ * under attack. True with *delay_s >= 0 (the wait until that moment) when the
+ * wait is at most max_delay_s; otherwise false, nothing counted, and *delay_s
+ * is the wait it would have been. A key booked into the future counts as
+ * blocked (ratelimit_blocked) until its booked window ends.
+ */
+bool ratelimit_reserve(struct ratelimit *rl, const char *key, double now, double max_delay_s,
+                       double *delay_s);
 /* The number of keys tracked now (<= max_keys). */
 size_t ratelimit_size(const struct ratelimit *rl);
 

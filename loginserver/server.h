@@ -1,6 +1,7 @@
 /*
  * The login server's HTTPS front (docs/protocol.md section 2): the signed
- * overlay document, enrollment and renewal. Runs on the caller's loop.
+ * overlay document, enrollment and renewal. Runs on the caller's loop, with
+ * a few worker threads of its own for password checks (server.c says how).
  */
 #ifndef P2P_LS_SERVER_H
 #define P2P_LS_SERVER_H
@@ -27,6 +28,9 @@ struct ls_server_config {
     long long validity_days;     /* of node certificates */
     unsigned pbkdf2_iterations;  /* hashes weaker than this are upgraded at the next login */
     unsigned max_connections;
+    unsigned pbkdf2_threads;     /* worker threads for password checks; 0 = 2 */
+    unsigned pbkdf2_queue;       /* checks waiting for a worker before 503; 0 = 64 */
+    unsigned pbkdf2_per_address; /* enrollments one address may have in progress; 0 = 16 */
 };
 
 struct ls_server;

@@ -31,7 +31,7 @@
 #define HASH_LEN        32
 #define HASH_PREFIX     "pbkdf2-sha256$"
 /* Prefix + 8 digits + salt and hash in base64 + separators, with room to spare. */
-#define HASH_STR_MAX 192
+#define HASH_STR_MAX USERSTORE_HASH_STR_MAX
 /* Never matched: an unknown user's password is hashed against it all the same. */
 #define DUMMY_SALT_B64  "AAAAAAAAAAAAAAAAAAAAAA=="
 #define DUMMY_HASH_B64  "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
@@ -418,16 +418,23 @@ static int pbkdf2(const char *password, const uint8_t *salt, size_t salt_len, un
     return gnutls_pbkdf2(GNUTLS_MAC_SHA256, &key, &s, iterations, out, HASH_LEN) == 0 ? 0 : -1;
 }
 
-/* Writes a fresh hash string for `password` (already checked) to out[HASH_STR_MAX]. */
-static int hash_password(struct userstore *us, const char *password, unsigned iterations, char *out)
+/*
+ * Writes a fresh hash string for `password` (already checked) to out[HASH_STR_MAX].
+ * Touches no store: userstore_check_verify runs it on worker threads. -1 names the
+ * failing part in *what.
+ */
+static int make_hash(const char *password, unsigned iterations, char *out, const char **what)
 {
     uint8_t salt[SALT_LEN], hash[HASH_LEN];
     char salt64[4 * ((SALT_LEN + 2) / 3) + 1], hash64[4 * ((HASH_LEN + 2) / 3) + 1];
-    int ret = US_OK;
-    if (gnutls_rnd(GNUTLS_RND_RANDOM, salt, sizeof(salt)) != 0)
-        return set_err(us, US_INTERNAL, "the random generator failed");
+    int ret = 0;
+    if (gnutls_rnd(GNUTLS_RND_RANDOM, salt, sizeof(salt)) != 0) {
+        *what = "the random generator failed";
+        return -1;
+    }
     if (pbkdf2(password, salt, sizeof(salt), iterations, hash) != 0) {
-        ret = set_err(us, US_INTERNAL, "PBKDF2 failed");
+        *what = "PBKDF2 failed";
+        ret = -1;
         goto out;
     }
     b64_encode(salt, sizeof(salt), salt64);
@@ -436,6 +443,14 @@ static int hash_password(struct userstore *us, const char *password, unsigned it
 out:
     gnutls_memset(hash, 0, sizeof(hash));
     return ret;
+}
+
+static int hash_password(struct userstore *us, const char *password, unsigned iterations, char *out)
+{
+    const char *what = "";
+    if (make_hash(password, iterations, out, &what) != 0)
+        return set_err(us, US_INTERNAL, "%s", what);
+    return US_OK;
 }
 
 /* Compares all n bytes whatever they hold: no early exit to time. */
@@ -1018,15 +1033,11 @@ int userstore_list(struct userstore *us, void (*cb)(const struct user_info *, vo
     return ret;
 }
 
-int userstore_check(struct userstore *us, const char *name, const char *password,
-                    struct user_info *out)
+int userstore_check_read(struct userstore *us, const char *name, const char *password,
+                         struct userstore_check *c)
 {
-    struct user_info info;
-    char stored[HASH_STR_MAX], dummy[HASH_STR_MAX];
-    bool known = false, match = false;
-    memset(&info, 0, sizeof(info));
-    if (out)
-        memset(out, 0, sizeof(*out));
+    char dummy[HASH_STR_MAX];
+    memset(c, 0, sizeof(*c));
     int ret = check_name(us, name);
     if (ret != US_OK)
         return ret;
@@ -1050,26 +1061,79 @@ int userstore_check(struct userstore *us, const char *name, const char *password
         dummy_iterations = USERSTORE_DEFAULT_ITERATIONS;
     snprintf(dummy, sizeof(dummy), HASH_PREFIX "%u$" DUMMY_SALT_B64 "$" DUMMY_HASH_B64,
              dummy_iterations);
+    snprintf(c->dummy, sizeof(c->dummy), "%s", dummy);
     const char *pw = (const char *)sqlite3_column_text(s, 2);
-    known = pw != NULL;
-    snprintf(stored, sizeof(stored), "%s", known ? pw : dummy);
-    if (known)
-        row_to_info(s, 1, &info);
+    c->known = pw != NULL;
+    snprintf(c->stored, sizeof(c->stored), "%s", c->known ? pw : dummy);
+    if (c->known)
+        row_to_info(s, 1, &c->info);
     stmt_done(s);
-
-    if (verify_hash(password, stored, &match) != 0) {
-        bool ignored;
-        verify_hash(password, dummy, &ignored); /* the same work as any other refusal */
-        gnutls_memset(stored, 0, sizeof(stored));
-        return set_err(us, US_INTERNAL, "the stored password hash of user %s is malformed", name);
-    }
-    gnutls_memset(stored, 0, sizeof(stored));
-    if (!known || !match)
-        return set_err(us, US_BAD_CREDENTIALS, "unknown user or wrong password");
-    if (out)
-        *out = info;
     us->err[0] = '\0';
     return US_OK;
+}
+
+int userstore_check_verify(struct userstore_check *c, const char *password)
+{
+    bool match = false;
+    c->new_hash[0] = '\0';
+    if (verify_hash(password, c->stored, &match) != 0) {
+        bool ignored;
+        verify_hash(password, c->dummy, &ignored); /* the same work as any other refusal */
+        userstore_check_clear(c);
+        return US_INTERNAL;
+    }
+    int ret = c->known && match ? US_OK : US_BAD_CREDENTIALS;
+    if (ret == US_OK && c->rehash_iterations >= USERSTORE_MIN_ITERATIONS &&
+        c->rehash_iterations <= USERSTORE_MAX_ITERATIONS) {
+        const char *what;
+        if (make_hash(password, c->rehash_iterations, c->new_hash, &what) != 0)
+            c->new_hash[0] = '\0'; /* no upgrade this time: the check itself stands */
+    }
+    gnutls_memset(c->stored, 0, sizeof(c->stored));
+    return ret;
+}
+
+void userstore_check_clear(struct userstore_check *c)
+{
+    gnutls_memset(c->stored, 0, sizeof(c->stored));
+    gnutls_memset(c->new_hash, 0, sizeof(c->new_hash));
+}
+
+int userstore_check(struct userstore *us, const char *name, const char *password,
+                    struct user_info *out)
+{
+    struct userstore_check c;
+    if (out)
+        memset(out, 0, sizeof(*out));
+    int ret = userstore_check_read(us, name, password, &c);
+    if (ret != US_OK)
+        return ret;
+    ret = userstore_check_verify(&c, password);
+    if (ret == US_INTERNAL)
+        set_err(us, US_INTERNAL, "the stored password hash of user %s is malformed", name);
+    else if (ret == US_BAD_CREDENTIALS)
+        set_err(us, US_BAD_CREDENTIALS, "unknown user or wrong password");
+    else if (out)
+        *out = c.info;
+    userstore_check_clear(&c);
+    return ret;
+}
+
+int userstore_set_hash(struct userstore *us, const char *name, const char *hash)
+{
+    struct pw_hash h;
+    int ret = check_name(us, name);
+    if (ret != US_OK)
+        return ret;
+    if (!hash || strlen(hash) >= HASH_STR_MAX || !parse_hash(hash, &h))
+        return set_err(us, US_BAD_ARG, "not a password hash of this store's form");
+    sqlite3_stmt *s = stmt(us, ST_SET_PW);
+    if (!s)
+        return US_DB;
+    sqlite3_bind_text(s, 1, name, -1, SQLITE_STATIC);
+    sqlite3_bind_text(s, 2, hash, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(s, 3, now_s());
+    return change_user(us, s, name, "changing a password", h.iterations);
 }
 
 /* ---- certificates ---- */

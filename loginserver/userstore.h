@@ -12,7 +12,8 @@
  * working. userstore_check() answers alike, in code and in time, for an
  * unknown user and a wrong password, so user names cannot be probed.
  *
- * Contracts: one thread per store (SQLite is opened without its mutexes);
+ * Contracts: one thread per store (SQLite is opened without its mutexes;
+ * userstore_check_verify alone touches no store and may run on any thread);
  * a process that forks must not use its store in the child (open a new one).
  * Every string argument is NUL-terminated and must not be NULL unless said
  * otherwise. Nothing here logs a password.
@@ -50,6 +51,8 @@ enum userstore_status {
 #define USERSTORE_MIN_ITERATIONS     1000u
 #define USERSTORE_MAX_ITERATIONS     10000000u
 #define USERSTORE_SCHEMA_VERSION     2
+/* A stored password hash string, NUL included, is at most this long. */
+#define USERSTORE_HASH_STR_MAX 192
 /* Certificate serials: 1 to 20 octets (RFC 5280), as hex. */
 #define USERSTORE_SERIAL_HEX_MAX 40
 #define USERSTORE_CERT_USER_MAX  255
@@ -148,6 +151,36 @@ int userstore_list(struct userstore *us, void (*cb)(const struct user_info *, vo
  */
 int userstore_check(struct userstore *us, const char *name, const char *password,
                     struct user_info *out);
+
+/*
+ * userstore_check in two steps, so that the costly one can run on another
+ * thread (the login server's PBKDF2 workers) while the store stays on its
+ * own: userstore_check_read reads what the check needs (the stored hash, or
+ * the dummy one for an unknown user) and gives US_OK, or what
+ * userstore_check gives for a bad name or password form (at once) or a
+ * database failure. userstore_check_verify then runs PBKDF2 on `c` alone
+ * (no store, no log, no shared state: any thread) and gives US_OK (c->info is
+ * the account), US_BAD_CREDENTIALS after the same work as a known user, or
+ * US_INTERNAL for a malformed stored hash. When the caller set
+ * c->rehash_iterations (within USERSTORE_MIN/MAX_ITERATIONS) and the password
+ * is right, c->new_hash is then a fresh hash with that many iterations (""
+ * if making it failed), for userstore_set_hash. Both wipe what they no
+ * longer need; userstore_check_clear wipes the rest.
+ */
+struct userstore_check {
+    bool known;
+    struct user_info info;
+    unsigned rehash_iterations;
+    char stored[USERSTORE_HASH_STR_MAX];
+    char dummy[USERSTORE_HASH_STR_MAX];
+    char new_hash[USERSTORE_HASH_STR_MAX];
+};
+int userstore_check_read(struct userstore *us, const char *name, const char *password,
+                         struct userstore_check *c);
+int userstore_check_verify(struct userstore_check *c, const char *password);
+void userstore_check_clear(struct userstore_check *c);
+/* Stores a hash string made by userstore_check_verify as the user's password. */
+int userstore_set_hash(struct userstore *us, const char *name, const char *hash);
 
 /*
  * The register of issued certificates, for audit and later revocation.

@@ -503,6 +503,40 @@ class LoginServer(unittest.TestCase):
             self.assertEqual(rc, 2)
             self.assertEqual(len(err.splitlines()), 1)
 
+    def test_zy_stop_with_answers_held(self):
+        # Named to run next to last: it restarts the shared server. bob has max_failures
+        # failures: his attempts are spaced user_slowdown_s (2 s) apart by holding answers.
+        # A stop while one is held (and another may be with the PBKDF2 workers) ends cleanly:
+        # the held client sees the connection close, nothing leaks (valgrind_loginserver).
+        self.src = "127.0.0.20"
+        csr, _ = self.csr("held")
+        wrong = {"user": "bob", "password": "wrong-password", "csr": csr}
+        for _ in range(5):
+            st, _, _ = self.request("POST", "/v1/enroll", wrong)
+            self.assertEqual(st, 401)
+        outcome = []
+
+        def attempt(src):
+            try:
+                conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.ctx(),
+                                                   timeout=60, source_address=(src, 0))
+                conn.request("POST", "/v1/enroll", body=json.dumps(wrong))
+                outcome.append(conn.getresponse().status)
+            except (OSError, http.client.HTTPException) as e:
+                outcome.append(type(e).__name__)
+        threads = [threading.Thread(target=attempt, args=("127.0.0.%d" % i,))
+                   for i in (21, 22, 23)]
+        for t in threads:
+            t.start()
+        self.daemon.wait_for("attempt for bob held", timeout=60)
+        self.assertEqual(self.daemon.stop(signal.SIGTERM), 0)
+        for t in threads:
+            t.join(60)
+        # The first was answered at once; the held ones got no answer.
+        self.assertEqual(len(outcome), 3)
+        self.assertTrue(any(o != 401 for o in outcome), outcome)
+        self.start()
+
     def test_zz_restart_keeps_accounts_and_ca(self):
         # Named to run last in this class: it restarts the shared server.
         before = self.stored_state()

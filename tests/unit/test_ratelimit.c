@@ -59,6 +59,62 @@ static void test_at_limit_and_retry_after(void **state)
     ratelimit_free(rl);
 }
 
+/* The login server's slow-down: turns booked one window apart, up to a longest wait. */
+static void test_reserve_spaces_turns(void **state)
+{
+    struct ratelimit *rl = ratelimit_new(1, 2, 10);
+    double d = -1;
+    assert_true(ratelimit_reserve(rl, "alice", 100, 10, &d));
+    assert_true(d == 0);
+    /* Three more at once: 2, 4 and 6 s later. */
+    assert_true(ratelimit_reserve(rl, "alice", 100.5, 10, &d));
+    assert_true(d > 1.5 - EPS && d < 1.5 + EPS);
+    assert_true(ratelimit_reserve(rl, "alice", 100.5, 10, &d));
+    assert_true(d > 3.5 - EPS && d < 3.5 + EPS);
+    assert_true(ratelimit_reserve(rl, "alice", 100.5, 10, &d));
+    assert_true(d > 5.5 - EPS && d < 5.5 + EPS);
+    /* A booked turn counts as blocked until its window ends (106 + 2). */
+    assert_true(ratelimit_blocked(rl, "alice", 101, &d));
+    assert_true(d > 7 - EPS && d < 7 + EPS);
+    /* Beyond the longest wait: refused, nothing booked, the wait said. */
+    assert_true(ratelimit_reserve(rl, "alice", 100.5, 7.5, &d));
+    assert_true(d > 7.5 - EPS && d < 7.5 + EPS);
+    assert_false(ratelimit_reserve(rl, "alice", 100.5, 7.5, &d));
+    assert_true(d > 9.5 - EPS && d < 9.5 + EPS);
+    assert_false(ratelimit_reserve(rl, "alice", 100.5, 7.5, &d));
+    assert_true(d > 9.5 - EPS && d < 9.5 + EPS);
+    /* Other keys are not affected; once every booking has passed, at once again. */
+    assert_true(ratelimit_reserve(rl, "bob", 100.5, 10, &d));
+    assert_true(d == 0);
+    assert_true(ratelimit_reserve(rl, "alice", 110, 10, &d));
+    assert_true(d == 0);
+    assert_int_equal(ratelimit_size(rl), 1); /* bob's window ended and was purged */
+    ratelimit_free(rl);
+}
+
+/* With room for more than one failure per window, turns fill a window before the next. */
+static void test_reserve_fills_window(void **state)
+{
+    struct ratelimit *rl = ratelimit_new(2, 10, 4);
+    double d = -1;
+    assert_true(ratelimit_reserve(rl, "k", 0, 100, &d) && d == 0);
+    assert_true(ratelimit_reserve(rl, "k", 1, 100, &d) && d == 0);
+    assert_true(ratelimit_reserve(rl, "k", 2, 100, &d));
+    assert_true(d > 8 - EPS && d < 8 + EPS);
+    assert_true(ratelimit_reserve(rl, "k", 2, 100, &d));
+    assert_true(d > 8 - EPS && d < 8 + EPS);
+    assert_true(ratelimit_reserve(rl, "k", 2, 100, &d));
+    assert_true(d > 18 - EPS && d < 18 + EPS);
+    /* Booked entries are bounded like any other: a full table still takes new keys. */
+    for (int i = 0; i < 10; i++) {
+        char key[16];
+        snprintf(key, sizeof(key), "x%d", i);
+        assert_true(ratelimit_reserve(rl, key, 3, 100, &d) && d == 0);
+        assert_true(ratelimit_size(rl) <= 4);
+    }
+    ratelimit_free(rl);
+}
+
 static void test_unblocked_after_window(void **state)
 {
     struct ratelimit *rl = ratelimit_new(3, 60, 10);
@@ -339,6 +395,8 @@ int main(void)
         cmocka_unit_test(test_bad_arguments),
         cmocka_unit_test(test_under_limit),
         cmocka_unit_test(test_at_limit_and_retry_after),
+        cmocka_unit_test(test_reserve_spaces_turns),
+        cmocka_unit_test(test_reserve_fills_window),
         cmocka_unit_test(test_unblocked_after_window),
         cmocka_unit_test(test_success_does_not_reset),
         cmocka_unit_test(test_keys_independent),

@@ -12,6 +12,7 @@
 #include <cmocka.h>
 #include <fcntl.h>
 #include <ftw.h>
+#include <pthread.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -620,6 +621,60 @@ static void test_malformed_stored_hash(void **state)
     assert_non_null(strstr(userstore_errmsg(f->us), "malformed"));
 }
 
+/* The two halves the login server runs on its loop and on a worker thread. */
+static void *verify_thread(void *p)
+{
+    struct userstore_check *c = p;
+    c->info.certs = (uint64_t)(userstore_check_verify(c, PW) + 100); /* result, carried back */
+    return NULL;
+}
+
+static void test_check_split(void **state)
+{
+    struct fixture *f = *state;
+    struct userstore_check c;
+    assert_int_equal(userstore_add(f->us, "alice", PW, true, IT), US_OK);
+    /* Right password, verified on another thread with the store untouched. */
+    assert_int_equal(userstore_check_read(f->us, "alice", PW, &c), US_OK);
+    assert_true(c.known);
+    assert_int_equal(c.info.pw_iterations, IT);
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, verify_thread, &c), 0);
+    assert_int_equal(pthread_join(t, NULL), 0);
+    assert_int_equal((int)c.info.certs - 100, US_OK);
+    assert_string_equal(c.info.name, "alice");
+    assert_true(c.info.may_supernode);
+    assert_string_equal(c.new_hash, ""); /* no upgrade asked for */
+    /* Wrong password; unknown user (its dummy has the latest cost): both refused. */
+    assert_int_equal(userstore_check_read(f->us, "alice", PW, &c), US_OK);
+    assert_int_equal(userstore_check_verify(&c, "wrong password"), US_BAD_CREDENTIALS);
+    assert_int_equal(userstore_check_read(f->us, "nobody", PW, &c), US_OK);
+    assert_false(c.known);
+    assert_non_null(strstr(c.stored, "$1000$"));
+    assert_int_equal(userstore_check_verify(&c, PW), US_BAD_CREDENTIALS);
+    /* Refused at once, before any hashing: bad names and passwords of no allowed form. */
+    assert_int_equal(userstore_check_read(f->us, "Bad Name", PW, &c), US_BAD_NAME);
+    assert_int_equal(userstore_check_read(f->us, "alice", "short", &c), US_BAD_CREDENTIALS);
+    /* An upgrade made while the password is at hand, stored afterwards. */
+    assert_int_equal(userstore_check_read(f->us, "alice", PW, &c), US_OK);
+    c.rehash_iterations = 2 * IT;
+    assert_int_equal(userstore_check_verify(&c, PW), US_OK);
+    assert_non_null(strstr(c.new_hash, "pbkdf2-sha256$2000$"));
+    assert_int_equal(userstore_set_hash(f->us, "alice", c.new_hash), US_OK);
+    struct user_info u;
+    assert_int_equal(userstore_check(f->us, "alice", PW, &u), US_OK);
+    assert_int_equal(u.pw_iterations, 2 * IT);
+    /* No upgrade for a wrong password; set_hash takes only hashes of the store's form. */
+    assert_int_equal(userstore_check_read(f->us, "alice", PW, &c), US_OK);
+    c.rehash_iterations = 3 * IT;
+    assert_int_equal(userstore_check_verify(&c, "wrong password"), US_BAD_CREDENTIALS);
+    assert_string_equal(c.new_hash, "");
+    assert_int_equal(userstore_set_hash(f->us, "alice", "plain:" PW), US_BAD_ARG);
+    assert_int_equal(userstore_set_hash(f->us, "nobody", c.dummy), US_NOT_FOUND);
+    assert_int_equal(userstore_check(f->us, "alice", PW, NULL), US_OK);
+    userstore_check_clear(&c);
+}
+
 static void test_persistence(void **state)
 {
     struct fixture *f = *state;
@@ -818,6 +873,7 @@ int main(void)
         T(test_check_timing),
         T(test_hash_format),
         T(test_malformed_stored_hash),
+        T(test_check_split),
         T(test_persistence),
         T(test_concurrent_writers),
         T(test_concurrent_creation),
