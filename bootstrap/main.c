@@ -9,7 +9,9 @@
 #include <stdlib.h>
 
 #include "daemon.h"
+#include "fsutil.h"
 #include "log.h"
+#include "renewer.h"
 #include "server.h"
 
 struct bs_config {
@@ -30,6 +32,14 @@ struct bs_config {
     long long max_body_bytes;
     long long max_connections;
     long long max_connections_per_address;
+    struct cfg_strlist login_urls;
+    long long crl_check_interval_s;
+};
+
+/* What runs: the server, and the fetcher of the overlay's revocation list (may be NULL). */
+struct bs_state {
+    struct bs_server *server;
+    struct renewer_crl *crl;
 };
 
 static const struct cfg_field bs_fields[] = {
@@ -68,6 +78,11 @@ static const struct cfg_field bs_fields[] = {
      "loopback); false for a LAN overlay"},
     {"max_capacity", CFG_INT, offsetof(struct bs_config, max_capacity), 1, 10000000, NULL, "10000",
      "announced capacities count up to this in the weighted list"},
+    {"login_urls", CFG_STRLIST, offsetof(struct bs_config, login_urls), 0, 0, NULL, NULL,
+     "login servers (https://host:port) whose revocation list is fetched: revoked super nodes "
+     "are then refused (default: none, and no list)"},
+    {"crl_check_interval_s", CFG_INT, offsetof(struct bs_config, crl_check_interval_s), 1, 86400,
+     NULL, "3600", "longest time between two fetches of the revocation list"},
 };
 
 static const struct cfg_schema bs_schema = {bs_fields, sizeof(bs_fields) / sizeof(bs_fields[0]),
@@ -112,26 +127,59 @@ static int bs_start(struct ev_loop *loop, const void *p, void **state)
         .max_per_address = (unsigned)cfg->max_connections_per_address,
     };
     char err[512];
-    struct bs_server *s = bs_server_start(loop, &sc, err, sizeof(err));
-    if (!s) {
-        log_error("main", "%s", err);
+    struct bs_state *st = calloc(1, sizeof(*st));
+    if (!st) {
+        log_error("main", "out of memory");
         return -1;
     }
-    *state = s;
+    /* The list first: a revoked super node must not pass an announce made right at start. */
+    if (cfg->login_urls.n > 0) {
+        char crl_path[4096];
+        struct renewer_crl_config rc = {
+            .login_urls = (const char *const *)cfg->login_urls.items,
+            .n_login_urls = cfg->login_urls.n,
+            .ca_file = cfg->ca_file,
+            .crl_path = fs_join(crl_path, sizeof(crl_path), cfg->state_dir, "crl.pem") == 0
+                            ? crl_path
+                            : NULL,
+            .max_interval_s = (double)cfg->crl_check_interval_s,
+        };
+        st->crl = renewer_crl_start(loop, &rc);
+        if (!st->crl) {
+            free(st);
+            return -1;
+        }
+    }
+    st->server = bs_server_start(loop, &sc, err, sizeof(err));
+    if (!st->server) {
+        log_error("main", "%s", err);
+        renewer_crl_stop(st->crl);
+        free(st);
+        return -1;
+    }
+    *state = st;
     log_info("main", "overlay %s: serving on %s port %d (announce period %llds%s)", cfg->overlay,
-             cfg->listen, bs_server_port(s), cfg->announce_period_s,
+             cfg->listen, bs_server_port(st->server), cfg->announce_period_s,
              cfg->public_only ? ", public addresses only" : "");
     return 0;
 }
 
 static void bs_stop(struct ev_loop *loop, void *state)
 {
-    bs_server_stop(state);
+    struct bs_state *st = state;
+    renewer_crl_stop(st->crl);
+    st->crl = NULL;
+    bs_server_stop(st->server);
 }
 
 static void bs_cleanup(void *state)
 {
-    bs_server_free(state);
+    struct bs_state *st = state;
+    if (!st)
+        return;
+    renewer_crl_stop(st->crl);
+    bs_server_free(st->server);
+    free(st);
 }
 
 static const struct daemon_spec bs_spec = {

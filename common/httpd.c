@@ -37,6 +37,7 @@
 
 #include "config.h"
 #include "conn.h"
+#include "crl.h"
 #include "log.h"
 
 #define DEF_MAX_BODY   (16 * 1024)
@@ -520,6 +521,10 @@ int httpd_req_client_identity(struct httpd_req *r, struct peer_identity *id, cha
         } else {
             snprintf(err, errlen, "client certificate refused (status 0x%x)", status);
         }
+        goto out;
+    }
+    if (crl_crt_revoked(chain[0])) { /* the process's revocation list (crl.h), if it holds one */
+        snprintf(err, errlen, "client certificate refused: revoked by the overlay CA");
         goto out;
     }
     if (cred_identity(chain[0], id) < 0) {

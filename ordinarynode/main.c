@@ -75,7 +75,9 @@ static const struct cfg_field on_fields[] = {
      "renew the certificate once less than this remains (0 = a third of "
      "its validity)"},
     {"cert_check_interval_s", CFG_INT, offsetof(struct on_config, cert_check_interval_s), 1, 86400,
-     NULL, "3600", "how often the certificate's expiry is checked"},
+     NULL, "3600",
+     "how often the certificate's expiry is checked; also the longest time between two fetches "
+     "of the overlay's revocation list"},
     {"bootstrap_urls", CFG_STRLIST, offsetof(struct on_config, bootstrap_urls), 0, 0, NULL, NULL,
      "bootstrap server URLs (https://...); default: those of the overlay document"},
     {"listen", CFG_HOSTPORT, offsetof(struct on_config, listen), 0, 0, NULL, NULL,

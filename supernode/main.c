@@ -144,7 +144,9 @@ static const struct cfg_field sn_fields[] = {
     {"cert_renew_margin_s", CFG_INT, offsetof(struct sn_config, cert_renew_margin_s), 0, 315360000,
      NULL, "0", "renew the certificate once less than this remains (0 = a third of its validity)"},
     {"cert_check_interval_s", CFG_INT, offsetof(struct sn_config, cert_check_interval_s), 1, 86400,
-     NULL, "3600", "how often the certificate's expiry is checked"},
+     NULL, "3600",
+     "how often the certificate's expiry is checked; also the longest time between two fetches "
+     "of the overlay's revocation list"},
     {"max_frame", CFG_INT, offsetof(struct sn_config, max_frame), 1024, MSG_MAX_FRAME_LIMIT, NULL,
      "65536", "largest accepted message, in bytes"},
     {"advertise", CFG_HOSTPORT, offsetof(struct sn_config, advertise), 0, 0, NULL, NULL,

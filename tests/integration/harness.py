@@ -168,10 +168,11 @@ class OverlayScenario:
         others join through the bootstrap server; ordinary nodes get a free sip_listen in
         cls.sip[u]; node_conf() may change any of it), the bootstrap server started, and the
         super nodes of start_sns (default: all) started and listed. Sets cls.ca, cls.bs_port,
-        cls.svc, cls.node_id, cls.sn (running super nodes) and cls.on ({})."""
+        cls.ls_port, cls.svc, cls.node_id, cls.sn (running super nodes) and cls.on ({})."""
         import json
         import re
         cls.bs_port, ls_port = free_port(), free_port()
+        cls.ls_port = ls_port
         state = os.path.join(cls.tmp, "ls")
         cls.ca = os.path.join(state, "ca.pem")
         cfg = os.path.join(cls.tmp, "ls.json")

@@ -18,12 +18,15 @@ removes mallory's device (`loginserver user forget`) and deletes eve's account
 - a record mallory signed earlier no longer verifies for alice (bad-certificate, revoked);
 - a node that dials a listener presenting mallory's certificate refuses it (the other
   direction of the handshake), also right after a restart (the list kept in crl.pem);
+- a bootstrap server that fetches the list (login_urls) stops listing mallory's rogue super
+  node: her announces are refused;
 - alice and bob keep attaching, storing and looking up.
 
 Run: python3 tests/integration/test_revocation.py --bindir <build dir>
 When a test fails, every daemon's log is written to <bindir>/test_revocation-logs/.
 """
 
+import http.client
 import json
 import os
 import shutil
@@ -109,6 +112,29 @@ class Revocation(harness.OverlayScenario, unittest.TestCase):
         l.close()
         return None
 
+    def announce(self, port, u, address):
+        """POST /v1/announce to the bootstrap server at port with u's client certificate:
+        (status, answer) or (None, why) when the TLS handshake itself refused us."""
+        d = os.path.join(self.tmp, u)
+        ctx = ssl.create_default_context(cafile=self.ca)
+        ctx.check_hostname = False
+        ctx.load_cert_chain(os.path.join(d, "cert.pem"), os.path.join(d, "key.pem"))
+        c = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+        body = json.dumps({"node_id": self.node_id[u], "address": address, "attached": 0,
+                           "capacity": 100, "uptime_s": 1})
+        try:
+            c.request("POST", "/v1/announce", body, {"Content-Type": "application/json"})
+            r = c.getresponse()
+            text = r.read().decode()
+            try:
+                return r.status, json.loads(text)
+            except ValueError:
+                return r.status, text
+        except (ssl.SSLError, OSError, http.client.HTTPException) as e:
+            return None, repr(e)
+        finally:
+            c.close()
+
     def test_revoked_device_and_account(self):
         mallory_uri = "sip:mallory@" + OVERLAY
         for u in ("alice", "bob", "mallory"):
@@ -134,6 +160,27 @@ class Revocation(harness.OverlayScenario, unittest.TestCase):
         self.assertIsNone(self.refused("eve", SNS[0]))
         with open(os.path.join(self.tmp, "mallory", "device")) as f:
             device = f.read().strip()
+        # A bootstrap server that fetches the list; mallory's rogue super node gets listed.
+        bs2_port = harness.free_port()
+        bs2 = self.start([self.bin("bootstrap"), "-d", "-o", "overlay=" + OVERLAY,
+                          "-o", "listen=127.0.0.1:%d" % bs2_port,
+                          "-o", "state_dir=" + os.path.join(self.tmp, "bs2"),
+                          "-o", "ca_file=" + self.ca,
+                          "-o", "cert_file=" + os.path.join(self.svc, "127.0.0.1.pem"),
+                          "-o", "key_file=" + os.path.join(self.svc, "127.0.0.1.key"),
+                          "-o", "announce_period_s=1",
+                          "-o", "login_urls=https://127.0.0.1:%d" % self.ls_port,
+                          "-o", "crl_check_interval_s=%d" % FETCH_S])
+        bs2.wait_for("serving on")
+        bs2.wait_for("revocation list from https://127.0.0.1", timeout=WAIT)
+        mrogue = overlaypeer.Listener(os.path.join(self.tmp, "mallory"), OVERLAY)
+        self.addCleanup(mrogue.close)
+
+        def announced_state():
+            st, js = self.announce(bs2_port, "mallory", mrogue.addr)
+            return js.get("state") if st == 200 and isinstance(js, dict) else None
+        wait_until("mallory's rogue super node listed", lambda: announced_state() == "listed",
+                   WAIT)
         marks = {sn: len(self.sn[sn].lines) for sn in SNS}
 
         # The operator removes mallory's device and deletes eve's account.
@@ -190,6 +237,14 @@ class Revocation(harness.OverlayScenario, unittest.TestCase):
         note("alice reading mallory's record: %s: %s", rec["code"], rec["error"])
         note("every refusal in place %.1f s after 'user forget' (bound %d s)",
              time.monotonic() - t0, BOUND_S)
+
+        # The bootstrap server took the list too: mallory's announces are refused now (at
+        # the HTTPS handshake or by the server's check of her certificate), and she drops out
+        # of the list.
+        bs2.wait_for("2 revoked certificates", timeout=BOUND_S)
+        st, js = self.announce(bs2_port, "mallory", mrogue.addr)
+        self.assertNotEqual(st, 200, js)
+        note("mallory announcing to a bootstrap server with the list: %s %s", st, js)
 
         # Honest users: storing and looking up still work.
         rc, out, err = self.cli("alice", "add", "note", "alice-note", '{"text": "hi"}',
