@@ -1279,12 +1279,27 @@ void onode_publish(struct onode *o, const char *mode, const char *type, const ch
 
 /* ---- lookups ------------------------------------------------------------------------------- */
 
+/*
+ * A key with many owners does not fit one answer: the super node pages it (docs/protocol.md
+ * 4.5, "more" and "after"), and a lookup reads page after page into one answer. A page must
+ * move on ("after" past the previous one, at least one record), and a lookup reads at most
+ * LOOKUP_MAX_PAGES pages (about 2 MiB of records; the default key quota of 32 owners of 4 KB
+ * fits in 3), so a super node cannot keep a lookup, or the node's memory, busy for ever; past
+ * the bound the answer holds what was read and says "incomplete".
+ */
+#define LOOKUP_MAX_PAGES 32
+
 struct lookup {
     struct onode *o;
     on_result_fn cb;
     void *ud;
-    nid_t key; /* the key asked for: it names one type and name (types hold no '|') */
+    nid_t key;   /* the key asked for: it names one type and name (types hold no '|') */
+    json_t *out; /* the records of the pages read so far, checked and verified */
+    unsigned pages;
+    char after[REC_OWNER_MAX + 1]; /* the owner the next page starts after ("" for the first) */
 };
+
+static void lookup_send(struct lookup *lk);
 
 /*
  * Only what was asked for is an answer: the super node, and whoever it relays, can return any
@@ -1292,16 +1307,23 @@ struct lookup {
  * type or name is not the one looked up. Such a record is dropped before anyone sees it (the
  * SIP proxy routes calls by what a lookup returns), and logged with both keys.
  */
+static void lookup_free(struct lookup *lk)
+{
+    json_decref(lk->out);
+    free(lk);
+}
+
 static void lookup_done(void *ud, const struct on_result *r)
 {
     struct lookup *lk = ud;
     struct onode *o = lk->o;
     if (!r->ok) {
-        lk->cb(lk->ud, r);
-        free(lk);
+        lk->cb(lk->ud, r); /* a page missing: the key was not read, whatever came before */
+        lookup_free(lk);
         return;
     }
-    json_t *out = json_array();
+    json_t *out = lk->out;
+    lk->pages++;
     size_t i;
     json_t *env;
     time_t now = time(NULL);
@@ -1337,13 +1359,48 @@ static void lookup_done(void *ud, const struct on_result *r)
         rec_free(&rec); /* rec_parse zeroes it on failure: always safe */
         json_array_append_new(out, e);
     }
-    json_t *body = json_pack("{s:o,s:O,s:O}", "records", out, "hops",
-                             json_object_get(r->body, "hops") ?: json_null(), "node",
-                             json_object_get(r->body, "node") ?: json_null());
+    bool incomplete = false;
+    if (json_is_true(json_object_get(r->body, "more"))) {
+        const char *next = json_string_value(json_object_get(r->body, "after"));
+        size_t got = json_array_size(json_object_get(r->body, "records"));
+        if (!next || !next[0] || strlen(next) > REC_OWNER_MAX || strcmp(next, lk->after) <= 0 ||
+            got == 0) {
+            log_warn(LOGM,
+                     "super node %s (%s) paged a lookup without moving on (after \"%.64s\"); "
+                     "answering the %u pages read",
+                     o->sn.addr[0] ? o->sn.addr : "?", o->sn.id[0] ? o->sn.id : "?",
+                     next ? next : "", lk->pages);
+            incomplete = true;
+        } else if (lk->pages >= LOOKUP_MAX_PAGES) {
+            log_warn(LOGM, "a lookup stopped after %u pages (%zu records): the key holds more",
+                     lk->pages, json_array_size(out));
+            incomplete = true;
+        } else {
+            snprintf(lk->after, sizeof(lk->after), "%s", next);
+            lookup_send(lk);
+            return;
+        }
+    }
+    json_t *body =
+        json_pack("{s:O,s:O,s:O,s:I}", "records", out, "hops",
+                  json_object_get(r->body, "hops") ?: json_null(), "node",
+                  json_object_get(r->body, "node") ?: json_null(), "pages", (json_int_t)lk->pages);
+    if (incomplete)
+        json_object_set_new(body, "incomplete", json_true());
     struct on_result res = {.ok = true, .body = body};
     lk->cb(lk->ud, &res);
     json_decref(body);
-    free(lk);
+    lookup_free(lk);
+}
+
+static void lookup_send(struct lookup *lk)
+{
+    char hex[NID_HEX_LEN + 1];
+    json_t *b = json_pack("{s:s}", "key", nid_to_hex(&lk->key, hex));
+    if (lk->after[0])
+        json_object_set_new(b, "after", json_string(lk->after));
+    onode_request(lk->o, "get", b, lookup_done, lk);
+    json_decref(b);
 }
 
 void onode_lookup(struct onode *o, const char *key_hex, on_result_fn cb, void *ud)
@@ -1361,10 +1418,13 @@ void onode_lookup(struct onode *o, const char *key_hex, on_result_fn cb, void *u
     lk->o = o;
     lk->cb = cb;
     lk->ud = ud;
-    char hex[NID_HEX_LEN + 1];
-    json_t *b = json_pack("{s:s}", "key", nid_to_hex(&lk->key, hex));
-    onode_request(o, "get", b, lookup_done, lk);
-    json_decref(b);
+    lk->out = json_array();
+    if (!lk->out) {
+        free(lk);
+        fail_later(o, cb, ud, "internal", "out of memory");
+        return;
+    }
+    lookup_send(lk);
 }
 
 /* ---- probes: super nodes connecting back (docs/protocol.md 5.5) ---------------------------- */

@@ -98,9 +98,12 @@ void onode_publish(struct onode *o, const char *mode, const char *type, const ch
  * Looks up a key and verifies every record found (signature, certificate
  * chain, policy). The answer body is {"records": [{"owner", "seq",
  * "expires", "value", "verified": true} or {... "verified": false,
- * "error": "..."}], "hops", "node"}. A record that is not under the key asked
- * for (rec_answers) is no answer: it is left out and logged, whoever signed
- * it, and counted in the status ("lookup_mismatches").
+ * "error": "..."}], "hops", "node", "pages"}. A key whose records do not fit
+ * one answer is read page by page (docs/protocol.md 4.5), at most 32 pages;
+ * past that, or when the super node pages without moving on, the answer holds
+ * the pages read and "incomplete": true. A record that is not under the key
+ * asked for (rec_answers) is no answer, on every page: it is left out and
+ * logged, whoever signed it, and counted in the status ("lookup_mismatches").
  */
 void onode_lookup(struct onode *o, const char *key_hex, on_result_fn cb, void *ud);
 

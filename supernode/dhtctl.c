@@ -1580,11 +1580,13 @@ static int cmd_send(struct ctx *x)
 
 /*
  * Parses and (unless no_verify) verifies one record of a get answer for
- * `key`. Returns REC_OK, or a negative code with `err`; *parsed tells whether
- * `r` holds a parsed record (rec_free it).
+ * `key` (and `type` and `name` when not NULL: rec_answers). Returns REC_OK, or
+ * a negative code with `err`; *parsed tells whether `r` holds a parsed record
+ * (rec_free it).
  */
-static int check_record(struct ctx *x, json_t *env, const nid_t *key, bool no_verify,
-                        struct record *r, bool *parsed, char *err, size_t errlen)
+static int check_record(struct ctx *x, json_t *env, const nid_t *key, const char *type,
+                        const char *name, bool no_verify, struct record *r, bool *parsed, char *err,
+                        size_t errlen)
 {
     *parsed = false;
     if (!json_is_object(env)) {
@@ -1595,10 +1597,9 @@ static int check_record(struct ctx *x, json_t *env, const nid_t *key, bool no_ve
     if (st != REC_OK)
         return st;
     *parsed = true;
-    if (!nid_eq(&r->key, key)) {
-        snprintf(err, errlen, "the record is for another key");
-        return REC_E_KEY;
-    }
+    st = rec_answers(r, key, type, name, err, errlen);
+    if (st != REC_OK)
+        return st;
     if (no_verify)
         return REC_OK;
     struct rec_verifier *v = verifier(x);
@@ -1607,6 +1608,112 @@ static int check_record(struct ctx *x, json_t *env, const nid_t *key, bool no_ve
         return REC_E_NOMEM;
     }
     return rec_verify(v, r, time(NULL), x->max_lifetime_s, err, errlen);
+}
+
+/*
+ * A key whose records do not fit one answer comes in pages (docs/protocol.md
+ * 4.5: "more", and "after" to ask on with). get reads them all on one
+ * connection, at most GET_MAX_PAGES (about 2 MiB of records; the default key
+ * quota of 32 owners of 4 KB fits in 3). A page that does not move on
+ * ("after" not past the previous one, or no record), or the bound reached,
+ * ends the reading with what was read, marked incomplete.
+ */
+#define GET_MAX_PAGES 32
+
+struct pget {
+    const char *khex;
+    json_t *records; /* the envelopes of every page read */
+    json_t *last;    /* the last page's answer (node, hops) */
+    char after[REC_OWNER_MAX + 1];
+    unsigned pages;
+    bool next, ok, incomplete;
+    char code[64];
+    char reason[1024];
+};
+
+static int pget_make(struct job *j, size_t idx, struct job_item *it)
+{
+    struct pget *g = j->ud;
+    if (idx > 0 && !g->next)
+        return MAKE_EOF;
+    g->next = false;
+    it->type = "get";
+    it->body = json_pack("{s:s}", "key", g->khex);
+    if (it->body && g->after[0])
+        json_object_set_new(it->body, "after", json_string(g->after));
+    return it->body ? MAKE_OK : MAKE_FAIL;
+}
+
+static void pget_finish(struct job *j, size_t idx, const struct answer *a)
+{
+    struct pget *g = j->ud;
+    json_t *recs = a->ok ? json_object_get(a->body, "records") : NULL;
+    if (!a->ok || !json_is_array(recs)) {
+        g->ok = false;
+        snprintf(g->code, sizeof(g->code), "%s",
+                 a->ok     ? "invalid-answer"
+                 : a->code ? a->code
+                           : "error");
+        snprintf(g->reason, sizeof(g->reason), "%s%s",
+                 a->ok       ? "the answer has no \"records\" array"
+                 : a->reason ? a->reason
+                             : "",
+                 g->pages ? " (after a page)" : "");
+        return;
+    }
+    g->ok = true;
+    g->pages++;
+    json_array_extend(g->records, recs);
+    json_decref(g->last);
+    g->last = json_incref(a->body);
+    if (!json_is_true(json_object_get(a->body, "more")))
+        return;
+    const char *next = json_string_value(json_object_get(a->body, "after"));
+    if (!next || !next[0] || strlen(next) > REC_OWNER_MAX || strcmp(next, g->after) <= 0 ||
+        json_array_size(recs) == 0) {
+        errorf("the super node paged without moving on (after \"%.64s\"); %u pages read",
+               next ? next : "", g->pages);
+        g->incomplete = true;
+    } else if (g->pages >= GET_MAX_PAGES) {
+        errorf("stopped after %u pages (%zu records): the key holds more", g->pages,
+               json_array_size(g->records));
+        g->incomplete = true;
+    } else {
+        snprintf(g->after, sizeof(g->after), "%s", next);
+        g->next = true;
+    }
+}
+
+/* Like single_request, for every page of a get; 0 when answered (g->ok), -1 without a link. */
+static int paged_get(struct ctx *x, struct pget *g)
+{
+    struct client cl;
+    const char *code;
+    int ret = -1;
+    if (client_init(&cl, x, 1) == 0) {
+        if (client_connect(&cl, false, &code, g->reason, sizeof(g->reason)) == 0) {
+            struct job j = {.cl = &cl,
+                            .count = SIZE_MAX,
+                            .window = 1,
+                            .make = pget_make,
+                            .finish = pget_finish,
+                            .ud = g};
+            job_run(&j);
+            ret = 0;
+        } else {
+            snprintf(g->code, sizeof(g->code), "%s", code);
+        }
+    } else {
+        snprintf(g->code, sizeof(g->code), "internal");
+        snprintf(g->reason, sizeof(g->reason), "cannot set up TLS");
+    }
+    client_free(&cl);
+    return ret;
+}
+
+static void print_pget_failure_json(const struct pget *g)
+{
+    print_json(json_pack("{s:b, s:s, s:s}", "ok", 0, "code", g->code, "reason", g->reason));
 }
 
 static int cmd_get(struct ctx *x)
@@ -1627,34 +1734,28 @@ static int cmd_get(struct ctx *x)
         nid_to_hex(&key, khex);
         snprintf(what, sizeof(what), "%s|%s", o->val[OPT_TYPE], o->val[OPT_NAME]);
     }
-    struct single s = {.type = "get", .body = json_pack("{s:s}", "key", khex)};
-    if (!s.body) {
+    const char *type = o->given[OPT_KEYHEX] ? NULL : o->val[OPT_TYPE];
+    const char *name = o->given[OPT_KEYHEX] ? NULL : o->val[OPT_NAME];
+    struct pget g = {.khex = khex, .records = json_array()};
+    if (!g.records) {
         errorf("out of memory");
         return 1;
     }
     int ret = 1;
-    if (single_request(x, &s) < 0) {
+    if (paged_get(x, &g) < 0) {
         if (o->json)
-            print_failure_json(&s);
+            print_pget_failure_json(&g);
         goto out;
     }
-    if (!s.ok) {
-        errorf("get %s: %s: %s", what, s.code, s.reason);
+    if (!g.ok) {
+        errorf("get %s: %s: %s", what, g.code, g.reason);
         if (o->json)
-            print_failure_json(&s);
+            print_pget_failure_json(&g);
         goto out;
     }
-    json_t *records = json_object_get(s.res, "records");
-    json_t *node = json_object_get(s.res, "node");
-    long long hops = jint(s.res, "hops", -1);
-    if (!json_is_array(records)) {
-        snprintf(s.code, sizeof(s.code), "invalid-answer");
-        snprintf(s.reason, sizeof(s.reason), "the answer has no \"records\" array");
-        errorf("get %s: %s: %s", what, s.code, s.reason);
-        if (o->json)
-            print_failure_json(&s);
-        goto out;
-    }
+    json_t *records = g.records;
+    json_t *node = json_object_get(g.last, "node");
+    long long hops = jint(g.last, "hops", -1);
     json_t *out_records = json_array();
     bool all_good = true;
     size_t i;
@@ -1664,7 +1765,7 @@ static int cmd_get(struct ctx *x)
         struct record r;
         bool parsed;
         char err[512];
-        int st = check_record(x, env, &key, no_verify, &r, &parsed, err, sizeof(err));
+        int st = check_record(x, env, &key, type, name, no_verify, &r, &parsed, err, sizeof(err));
         if (st != REC_OK)
             all_good = false;
         char seq[24] = "?";
@@ -1708,17 +1809,19 @@ static int cmd_get(struct ctx *x)
             rec_free(&r);
     }
     if (o->json)
-        print_json(json_pack("{s:b, s:s, s:O?, s:I, s:o}", "ok", 1, "key", khex, "node", node,
-                             "hops", (json_int_t)hops, "records", out_records));
+        print_json(json_pack("{s:b, s:s, s:O?, s:I, s:I, s:b, s:o}", "ok", 1, "key", khex, "node",
+                             node, "hops", (json_int_t)hops, "pages", (json_int_t)g.pages,
+                             "incomplete", g.incomplete, "records", out_records));
     else {
-        printf("%zu records from node %s in %lld hops\n", json_array_size(records),
-               jstr(node, "id", "?"), hops);
+        printf("%zu records from node %s in %lld hops (%u page%s%s)\n", json_array_size(records),
+               jstr(node, "id", "?"), hops, g.pages, g.pages == 1 ? "" : "s",
+               g.incomplete ? ", incomplete" : "");
         json_decref(out_records);
     }
-    ret = all_good ? 0 : 1;
+    ret = all_good && !g.incomplete ? 0 : 1;
 out:
-    json_decref(s.body);
-    json_decref(s.res);
+    json_decref(g.records);
+    json_decref(g.last);
     return ret;
 }
 
@@ -1955,8 +2058,8 @@ static void check_finish(struct job *j, size_t idx, const struct answer *a)
         bool parsed;
         char err[512];
         nid_key(&key, b->type, name);
-        int st =
-            check_record(x, json_array_get(records, 0), &key, false, &r, &parsed, err, sizeof(err));
+        int st = check_record(x, json_array_get(records, 0), &key, NULL, NULL, false, &r, &parsed,
+                              err, sizeof(err));
         if (st != REC_OK) {
             snprintf(why, sizeof(why), "%s: %s", rec_strcode(st), err);
         } else if (strcmp(r.owner, x->self.uri) != 0) {

@@ -11,6 +11,15 @@
  * ask is bounded (docs/ring.md 8): a node syncs only its own range, and one
  * message compares at most SN_SYNC_MAX_SCAN entries and pushes at most
  * SN_SYNC_MAX_PUSH; the rest waits for the next round.
+ *
+ * Rollback marks (store.h) travel too, as the expired records themselves, signed by their
+ * owners: a bare "(key, owner, seq) expired" would be a rogue peer's word, able to lock an
+ * owner out of a key for a day, while a signed record only proves what its owner wrote. A
+ * sync compares a second digest over the marks of the range (and entries expired but not
+ * yet purged, which become marks); when it differs, each side pushes the other its marks of
+ * the range in `replicate` ("marks"), at most SN_SYNC_MAX_PUSH per round, and a node that
+ * leaves hands its marks over with its records. A receiver keeps a mark only after checking
+ * its signature as of its own lifetime (repl_apply_mark).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -49,20 +58,68 @@ int repl_apply(struct sn *s, json_t *env, enum store_mode mode, char *err, size_
     return 0;
 }
 
+/*
+ * Verifies and keeps one rollback mark from another node (store_put_mark): an expired record,
+ * checked as of its own lifetime (signature, certificate chain, owner, policy). What the
+ * store knows already costs no verification. 0, or a negative code with *code and err.
+ */
+static int repl_apply_mark(struct sn *s, json_t *env, char *err, size_t errlen, const char **code)
+{
+    struct record r;
+    double now = sn_now(s);
+    int rc = rec_parse(env, s->p.max_record_bytes, &r, err, errlen);
+    if (rc != REC_OK) {
+        *code = rec_strcode(rc);
+        return STORE_E_MODE;
+    }
+    if ((double)r.expires > now) {
+        rec_free(&r);
+        *code = "invalid-request";
+        snprintf(err, errlen, "a mark must be an expired record");
+        return STORE_E_MODE;
+    }
+    if (store_knows(s->store, &r.key, r.owner, r.seq)) {
+        rec_free(&r);
+        *code = "stale";
+        snprintf(err, errlen, "known");
+        return STORE_E_STALE;
+    }
+    /* Checked as of its last live second: it proves what its owner wrote then. */
+    rc = rec_verify(s->verifier, &r, (time_t)(r.expires - 1), s->p.max_lifetime_s, err, errlen);
+    if (rc != REC_OK) {
+        *code = rec_strcode(rc);
+        rec_free(&r);
+        return STORE_E_MODE; /* refused: not evidence */
+    }
+    rc = store_put_mark(s->store, &r, now, err, errlen);
+    if (rc != STORE_OK)
+        *code = store_strcode(rc);
+    rec_free(&r);
+    return rc;
+}
+
 /* ---- pushing records ---- */
 
 struct batch {
-    json_t *arr;
+    json_t *arr;   /* records */
+    json_t *marks; /* expired records: rollback marks */
     size_t bytes;
 };
 
 static void batch_flush(struct sn *s, struct peer *to, struct link *via, struct batch *b,
                         preq_cb cb)
 {
-    if (!b->arr || json_array_size(b->arr) == 0)
+    if ((!b->arr || json_array_size(b->arr) == 0) &&
+        (!b->marks || json_array_size(b->marks) == 0)) {
+        json_decref(b->arr);
+        json_decref(b->marks);
+        b->arr = b->marks = NULL;
         return;
-    json_t *body = json_pack("{s:o}", "records", b->arr);
-    s->c.replicated_out += json_array_size(b->arr);
+    }
+    json_t *body = json_pack("{s:o}", "records", b->arr ? b->arr : json_array());
+    if (b->marks)
+        json_object_set_new(body, "marks", b->marks);
+    s->c.replicated_out += json_array_size(json_object_get(body, "records"));
     if (cb) {
         if (peer_request(s, to, "replicate", body, 10.0, cb, NULL))
             s->leave_pending++;
@@ -73,18 +130,28 @@ static void batch_flush(struct sn *s, struct peer *to, struct link *via, struct 
     }
     json_decref(body);
     b->arr = NULL;
+    b->marks = NULL;
     b->bytes = 0;
+}
+
+static void batch_add_env(struct sn *s, struct peer *to, struct link *via, struct batch *b,
+                          json_t *env, size_t size, bool mark, preq_cb cb)
+{
+    if ((b->arr || b->marks) &&
+        (b->bytes + size + 64 > s->max_frame / 2 ||
+         (mark && b->marks && json_array_size(b->marks) >= SN_MAX_MARKS_IN)))
+        batch_flush(s, to, via, b, cb);
+    json_t **a = mark ? &b->marks : &b->arr;
+    if (!*a)
+        *a = json_array();
+    json_array_append(*a, env);
+    b->bytes += size + 1;
 }
 
 static void batch_add(struct sn *s, struct peer *to, struct link *via, struct batch *b,
                       const struct record *r, preq_cb cb)
 {
-    if (b->arr && b->bytes + r->size + 64 > s->max_frame / 2)
-        batch_flush(s, to, via, b, cb);
-    if (!b->arr)
-        b->arr = json_array();
-    json_array_append(b->arr, r->envelope);
-    b->bytes += r->size + 1;
+    batch_add_env(s, to, via, b, r->envelope, r->size, false, cb);
 }
 
 void repl_after_store(struct sn *s, json_t *env)
@@ -150,8 +217,33 @@ void repl_on_replicate(struct sn *s, struct link *l, const struct msg *m)
         json_decref(so);
     }
     s->c.replicated_in += stored;
+    /* Rollback marks: at most SN_MAX_MARKS_IN checked per message, the rest ignored. */
+    size_t kept = 0, known = 0, bad = 0;
+    char why[600] = "";
+    json_array_foreach(json_object_get(m->body, "marks"), i, env)
+    {
+        if (i >= SN_MAX_MARKS_IN)
+            break;
+        char err[512];
+        const char *code = "";
+        int rc = repl_apply_mark(s, env, err, sizeof(err), &code);
+        if (rc == 0)
+            kept++;
+        else if (rc == STORE_E_STALE || rc == STORE_E_EXPIRED)
+            known++;
+        else if (bad++ == 0)
+            snprintf(why, sizeof(why), "%s: %s", code, err);
+    }
+    if (bad) /* one line per message, whatever a peer sends */
+        log_info("repl", "%s: %zu rollback marks refused (first: %s)", conn_peer_addr(l->conn), bad,
+                 why);
+    if (kept)
+        log_debug("repl", "%s: kept %zu rollback marks (%zu known)", conn_peer_addr(l->conn), kept,
+                  known);
     json_t *b = json_pack("{s:i,s:i,s:o}", "stored", (int)stored, "current", (int)current,
                           "refused", refused);
+    if (json_object_get(m->body, "marks"))
+        json_object_set_new(b, "marks", json_integer((json_int_t)kept));
     link_send(l, "replicate", MSG_RES, m->tid, b);
     json_decref(b);
 }
@@ -204,20 +296,112 @@ static void collect_range(struct sn *s, const nid_t *lo, const nid_t *hi, struct
     store_foreach_range(s->store, lo, hi, collect_fn, c);
 }
 
+/* acc ^= SHA-1(key "|" owner "|" seq): one entry's part of a sync digest. */
+static void digest_add(nid_t *acc, const nid_t *key, const char *owner, uint64_t seq)
+{
+    char buf[NID_HEX_LEN + 1 + REC_OWNER_MAX + 24], hex[NID_HEX_LEN + 1];
+    int len = snprintf(buf, sizeof(buf), "%s|%s|%llu", nid_to_hex(key, hex), owner,
+                       (unsigned long long)seq);
+    uint8_t h[20];
+    gnutls_hash_fast(GNUTLS_DIG_SHA1, buf, (size_t)len, h);
+    for (int k = 0; k < 20; k++)
+        acc->b[k] ^= h[k];
+}
+
 static void digest(const struct collect *c, char out[NID_HEX_LEN + 1])
 {
     nid_t acc;
     memset(&acc, 0, sizeof(acc));
-    for (size_t i = 0; i < c->n; i++) {
-        char buf[NID_HEX_LEN + 1 + REC_OWNER_MAX + 24], hex[NID_HEX_LEN + 1];
-        int len = snprintf(buf, sizeof(buf), "%s|%s|%llu", nid_to_hex(&c->v[i].key, hex),
-                           c->v[i].owner, (unsigned long long)c->v[i].seq);
-        uint8_t h[20];
-        gnutls_hash_fast(GNUTLS_DIG_SHA1, buf, (size_t)len, h);
-        for (int k = 0; k < 20; k++)
-            acc.b[k] ^= h[k];
-    }
+    for (size_t i = 0; i < c->n; i++)
+        digest_add(&acc, &c->v[i].key, c->v[i].owner, c->v[i].seq);
     nid_to_hex(&acc, out);
+}
+
+/* ---- rollback marks: their digest and their push ---- */
+
+struct mdigest {
+    nid_t acc;
+    size_t n;
+    double now;
+    bool truncated; /* more than SN_SYNC_MAX_SCAN: the digest cannot tell */
+};
+
+static bool mdigest_mark(const struct store_mark *m, void *ud)
+{
+    struct mdigest *d = ud;
+    if (d->n++ == SN_SYNC_MAX_SCAN) {
+        d->truncated = true;
+        return false;
+    }
+    digest_add(&d->acc, &m->key, m->owner, m->seq);
+    return true;
+}
+
+/* An entry expired but not purged yet is a mark about to be: it counts as one. */
+static bool mdigest_entry(const struct store_entry *e, void *ud)
+{
+    struct mdigest *d = ud;
+    if (e->rec->expires > d->now)
+        return true;
+    if (d->n++ == SN_SYNC_MAX_SCAN) {
+        d->truncated = true;
+        return false;
+    }
+    digest_add(&d->acc, &e->rec->key, e->rec->owner, e->rec->seq);
+    return true;
+}
+
+/* The digest of the marks of (lo, hi]; false when there are too many to tell. */
+static bool marks_digest(struct sn *s, const nid_t *lo, const nid_t *hi, char out[NID_HEX_LEN + 1])
+{
+    struct mdigest d = {.now = sn_now(s)};
+    store_foreach_mark(s->store, lo, hi, d.now, mdigest_mark, &d);
+    if (!d.truncated)
+        store_foreach_range(s->store, lo, hi, mdigest_entry, &d);
+    nid_to_hex(&d.acc, out);
+    return !d.truncated;
+}
+
+struct mpush {
+    struct sn *s;
+    struct peer *to;
+    struct link *via;
+    preq_cb cb;
+    struct batch b;
+    size_t skip, seen, pushed, max;
+};
+
+static bool mpush_fn(const struct store_mark *m, void *ud)
+{
+    struct mpush *p = ud;
+    if (p->seen++ < p->skip)
+        return true;
+    if (p->max && p->pushed == p->max)
+        return false;
+    batch_add_env(p->s, p->to, p->via, &p->b, m->envelope, m->size, true, p->cb);
+    p->pushed++;
+    return true;
+}
+
+/*
+ * Sends `to` the marks of (lo, hi] (in replicate, "marks"), at most SN_SYNC_MAX_PUSH a round
+ * from where the last round stopped, so that a range with more marks is covered over rounds.
+ */
+static void push_marks(struct sn *s, struct peer *to, struct link *via, const nid_t *lo,
+                       const nid_t *hi)
+{
+    struct mpush p = {
+        .s = s, .to = to, .via = via, .skip = s->marks_cursor, .max = SN_SYNC_MAX_PUSH};
+    double now = sn_now(s);
+    store_foreach_mark(s->store, lo, hi, now, mpush_fn, &p);
+    if (p.pushed == 0 && p.skip > 0) { /* the cursor was past this range's end */
+        p.skip = p.seen = 0;
+        store_foreach_mark(s->store, lo, hi, now, mpush_fn, &p);
+    }
+    batch_flush(s, to, via, &p.b, NULL);
+    s->marks_cursor = p.pushed == SN_SYNC_MAX_PUSH ? p.skip + p.pushed : 0;
+    if (p.pushed)
+        log_debug("repl", "pushed %zu rollback marks to %s", p.pushed, to ? to->addr : "?");
 }
 
 static json_t *entries_json(const struct collect *c, size_t from, size_t to)
@@ -260,14 +444,17 @@ static void digest_done(struct sn *s, struct preq *r, const struct msg *m, const
 {
     if (!m || m->kind != MSG_RES || s->state != SN_MEMBER)
         return;
-    if (json_is_true(json_object_get(m->body, "equal")))
-        return;
-    /* Send the range's entries in chunks; each chunk covers (from, to]. */
     const char *lo_hex = json_string_value(json_object_get(r->ud, "lo"));
     const char *hi_hex = json_string_value(json_object_get(r->ud, "hi"));
     nid_t lo, hi;
     nid_from_hex(&lo, lo_hex);
     nid_from_hex(&hi, hi_hex);
+    /* The replica's marks of our range differ from ours: it gets ours (and sent us its own). */
+    if (json_is_false(json_object_get(m->body, "marks_equal")))
+        push_marks(s, r->peer, NULL, &lo, &hi);
+    if (json_is_true(json_object_get(m->body, "equal")))
+        return;
+    /* Send the range's entries in chunks; each chunk covers (from, to]. */
     struct collect c;
     collect_range(s, &lo, &hi, &c, 0);
     size_t start = 0;
@@ -304,11 +491,13 @@ static void sync_with(struct sn *s, struct peer *p, const nid_t *lo, const nid_t
 {
     struct collect c;
     collect_range(s, lo, hi, &c, 0);
-    char d[NID_HEX_LEN + 1], lh[NID_HEX_LEN + 1], hh[NID_HEX_LEN + 1];
+    char d[NID_HEX_LEN + 1], md[NID_HEX_LEN + 1], lh[NID_HEX_LEN + 1], hh[NID_HEX_LEN + 1];
     digest(&c, d);
     free(c.v);
     json_t *body =
         json_pack("{s:s,s:s,s:s}", "lo", nid_to_hex(lo, lh), "hi", nid_to_hex(hi, hh), "digest", d);
+    if (marks_digest(s, lo, hi, md))
+        json_object_set_new(body, "marks", json_string(md));
     json_t *ctx = json_pack("{s:s,s:s}", "lo", lh, "hi", hh);
     if (!peer_request(s, p, "sync", body, 10.0, digest_req_done, ctx))
         json_decref(ctx);
@@ -363,6 +552,14 @@ void repl_on_sync(struct sn *s, struct link *l, const struct msg *m)
         }
         free(c.v);
         json_t *res = json_pack("{s:b}", "equal", equal);
+        const char *theirs = json_string_value(json_object_get(b, "marks"));
+        if (theirs) {
+            char md[NID_HEX_LEN + 1];
+            bool mequal = marks_digest(s, &lo, &hi, md) && !strcmp(md, theirs);
+            json_object_set_new(res, "marks_equal", json_boolean(mequal));
+            if (!mequal) /* the sender gets ours; it sends us its own on this answer */
+                push_marks(s, l->peer, l, &lo, &hi);
+        }
         link_send(l, "sync", MSG_RES, m->tid, res);
         json_decref(res);
         s->c.sync_rounds++;
@@ -488,14 +685,21 @@ static void offer_done(struct sn *s, struct rreq *r, bool ok, json_t *result, co
     bool confirmed = ok || (code && strcmp(code, "timeout") && strcmp(code, "not-ready") &&
                             strcmp(code, "hop-limit") && strcmp(code, "internal"));
     /*
-     * The word of our own predecessor is not enough: when it is the key's responsible node we
-     * are its first successor, one of the key's holders (replication >= 2), whatever it says.
-     * (A rogue responsible node that never syncs would otherwise have its replicas drop
-     * everything by confirming their offers.)
+     * The responsible node's word is not enough: a rogue one that never syncs its range and
+     * confirms every offer would have all its replicas drop their copies. We are one of the
+     * key's holders unless `replication` nodes lie in [key, us) -- the responsible node and
+     * the r - 1 after it -- so we drop only when we know that many: live nodes we heard from
+     * lately, each on its own link (the responder among them). An honest ring gives a node
+     * that is no holder this evidence: its r - 1 predecessors sync their ranges with it.
+     * Without it the copy stays (an extra copy, until the evidence comes or it expires).
      */
-    if (confirmed && s->p.replication >= 2 && s->pred &&
-        peer_parse(node, &nid, addr, sizeof(addr)) == 0 && nid_eq(&nid, &s->pred->id))
+    if (confirmed && !ring_live_at_least(s, &x->key, &s->id, s->p.replication)) {
+        log_debug("repl",
+                  "offer confirmed, but fewer than %u live nodes precede us from the "
+                  "key: keeping the copy",
+                  s->p.replication);
         confirmed = false;
+    }
     if (confirmed && peer_parse(node, &nid, addr, sizeof(addr)) == 0 && !nid_eq(&nid, &s->id)) {
         const struct store_entry *e = store_find(s->store, &x->key, x->owner);
         if (e && e->rec->seq == x->seq && !ring_is_primary(s, &x->key) &&
@@ -589,6 +793,12 @@ void repl_handoff(struct sn *s, struct peer *to)
     for (size_t i = 0; i < c.n; i++)
         batch_add(s, to, NULL, &b, c.v[i].rec, handoff_done);
     batch_flush(s, to, NULL, &b, handoff_done);
-    log_info("repl", "handing %zu records to %s", c.n, to->addr);
+    /* The marks of the range `to` takes over go with it: else an older record of an owner
+     * whose record expired here could be replayed there (rollback). */
+    const nid_t *lo = s->pred ? &s->pred->id : &s->id;
+    struct mpush p = {.s = s, .to = to, .cb = handoff_done};
+    store_foreach_mark(s->store, lo, &s->id, sn_now(s), mpush_fn, &p);
+    batch_flush(s, to, NULL, &p.b, handoff_done);
+    log_info("repl", "handing %zu records and %zu rollback marks to %s", c.n, p.pushed, to->addr);
     free(c.v);
 }

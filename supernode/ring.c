@@ -814,6 +814,44 @@ static bool reply_plausible(const struct sn *s, const struct rreq *r, const nid_
     return true;
 }
 
+static bool live_add(nid_t *seen, size_t *n, const nid_t *id, const struct sn *s, const nid_t *from,
+                     const nid_t *to)
+{
+    if (nid_eq(id, &s->id) || !(nid_eq(id, from) || nid_in_open(id, from, to)))
+        return false;
+    for (size_t i = 0; i < *n; i++)
+        if (nid_eq(&seen[i], id))
+            return false;
+    seen[(*n)++] = *id;
+    return true;
+}
+
+/*
+ * Peers we heard from lately, and the super node links that carried ring traffic lately (a
+ * node that syncs its range with us may not be in our peer table: its link still names it by
+ * its certificate).
+ */
+bool ring_live_at_least(const struct sn *s, const nid_t *from, const nid_t *to, size_t need)
+{
+    nid_t seen[64];
+    size_t n = 0;
+    if (need > 64)
+        need = 64;
+    double now = ev_now(s->loop), fresh = 3 * s->p.stabilize_s;
+    for (const struct peer *p = s->peers; p && n < need; p = p->next) {
+        if (p->anon || p->dead_at > 0 || p->heard_at <= 0 || now - p->heard_at > fresh)
+            continue;
+        live_add(seen, &n, &p->id, s, from, to);
+    }
+    for (const struct link *l = s->links.next; l != &s->links && n < need; l = l->next) {
+        if (!l->open || l->closing || !l->has_id || !l->ring || !link_is_sn(l) ||
+            now - l->last_used > fresh)
+            continue;
+        live_add(seen, &n, &l->id, s, from, to);
+    }
+    return n >= need;
+}
+
 static void on_reply(struct sn *s, struct link *l, const struct msg *m)
 {
     const char *rid = json_string_value(json_object_get(m->body, "rid"));
@@ -1661,6 +1699,11 @@ json_t *sn_status(struct sn *s)
         (json_int_t)s->c.dropped_replicas, "verifier", "cached", (int)vc_entries, "hits",
         (json_int_t)vc_hits, "misses", (json_int_t)vc_misses);
     if (st_doc) {
+        /* rollback marks (store.h): how many, their bytes, and how many went early for room */
+        json_t *sto = json_object_get(st_doc, "store");
+        json_object_set_new(sto, "marks", json_integer((json_int_t)st.marks));
+        json_object_set_new(sto, "mark_bytes", json_integer((json_int_t)st.mark_bytes));
+        json_object_set_new(sto, "marks_evicted", json_integer((json_int_t)st.marks_evicted));
         json_object_set_new(st_doc, "healthy", json_boolean(s->healthy));
         json_object_set_new(st_doc, "attached", json_integer((json_int_t)s->n_attached));
         json_object_set_new(st_doc, "max_attached", json_integer((json_int_t)s->p.max_attached));

@@ -27,6 +27,7 @@
 #define SN_MAX_UNVERIFIED_DIALS 16    /* links in progress to addresses not yet authenticated */
 #define SN_SYNC_MAX_SCAN        65536 /* entries one sync digest may compare (docs/ring.md 8) */
 #define SN_SYNC_MAX_PUSH        1024  /* entries one sync chunk may make us push or ask for */
+#define SN_MAX_MARKS_IN         1024  /* rollback marks one replicate may make us check */
 #define SN_UNREAD_S             5.0   /* a peer leaving half our write queue unread this long */
 
 struct link;
@@ -268,7 +269,8 @@ struct sn {
     void *leave_ud;
     ev_timer leave_timer;
     size_t leave_pending;
-    size_t n_offers; /* unconfirmed copies offered to their responsible nodes */
+    size_t n_offers;     /* unconfirmed copies offered to their responsible nodes */
+    size_t marks_cursor; /* where the next push of rollback marks starts (repl.c) */
 
     /* ordinary nodes (onsvc.c) */
     struct attached *on_hash[SN_ON_BUCKETS];
@@ -341,6 +343,10 @@ int sn_listen(struct sn *s, char *err, size_t errlen);
 void ring_message(struct sn *s, struct link *l, const struct msg *m);
 void ring_peer_lost(struct sn *s, struct peer *p, const char *why);
 bool ring_is_primary(const struct sn *s, const nid_t *key);
+/* Do we know `need` live nodes (not us) in [from, to)? Peers we heard from lately (3 periods,
+ * link still up) and super node links with ring traffic as lately, each counted once by its
+ * certificate's Node-ID: evidence no single peer can make up. */
+bool ring_live_at_least(const struct sn *s, const nid_t *from, const nid_t *to, size_t need);
 void ring_changed(struct sn *s);
 /* The hand-off of a leaving node is done when nothing of it is pending any more. */
 void sn_leave_handoff_done(struct sn *s);

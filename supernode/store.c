@@ -8,11 +8,12 @@
  * distance from the start, which is O(n log n) and needs no ordered index on
  * the write path.
  *
- * A third table holds the marks (store.h, "Rollback"): the highest seq of an
- * (key, owner) whose entry expired, kept for the longest lifetime a record may
- * have. Marks sit on two FIFO lists, the store's and their owner's, which is
- * what bounds them: the oldest go first, and an owner's own marks go before
- * anyone else's once it holds as many as its record quota.
+ * A third table holds the marks (store.h, "Rollback"): the expired record of
+ * an (key, owner) -- its envelope, which proves its seq to other nodes --
+ * kept for the longest lifetime a record may have. Marks sit on two FIFO
+ * lists, the store's and their owner's, which is what bounds them (in number
+ * and bytes): the oldest go first, and an owner's own marks go before
+ * anyone else's once it holds as many (or as many bytes) as its record quota.
  */
 #include "store.h"
 
@@ -127,16 +128,19 @@ struct ownerslot {
     struct hnode hn;
     size_t count, bytes;
     size_t marks;               /* this owner's marks; the slot lives while count or marks */
+    size_t mark_bytes;          /* the sizes of their envelopes */
     struct mark *mhead, *mtail; /* its marks, oldest first */
     char owner[];               /* NUL-terminated */
 };
 
-/* What is left of an expired (key, owner): its seq, until keep_until. */
+/* What is left of an expired (key, owner): its seq and signed envelope, until keep_until. */
 struct mark {
     struct hnode hn; /* first: a mark is its hash node */
     nid_t key;
     uint64_t seq;
     double keep_until;
+    json_t *env; /* the expired record's envelope (a reference) */
+    size_t size; /* its compact size */
     struct ownerslot *o;
     struct mark *prev, *next;   /* the store's list, oldest first */
     struct mark *oprev, *onext; /* the owner's list, oldest first */
@@ -147,7 +151,7 @@ struct store {
     uint64_t seed;
     struct htab keys, owners, marks;
     struct mark *mhead, *mtail;
-    size_t max_marks;
+    size_t max_marks, max_mark_bytes, mark_bytes;
     double max_lifetime;  /* store_set_max_lifetime(), or STORE_MARK_LIFETIME_DEF */
     double lifetime_seen; /* the longest expires - now of a record accepted */
     uint64_t marks_evicted;
@@ -257,6 +261,7 @@ struct store *store_new(const struct store_limits *lim)
     if (lim)
         s->lim = *lim;
     s->max_marks = s->lim.marks ? s->lim.marks : STORE_MARKS_DEF;
+    s->max_mark_bytes = s->lim.marks_bytes ? s->lim.marks_bytes : STORE_MARKS_BYTES_DEF;
     s->max_lifetime = STORE_MARK_LIFETIME_DEF;
     if (gnutls_rnd(GNUTLS_RND_NONCE, &s->seed, sizeof(s->seed)) < 0)
         s->seed = 0x243f6a8885a308d3ull ^ (uint64_t)(uintptr_t)s;
@@ -290,6 +295,7 @@ void store_free(struct store *s)
     free_proxies(s);
     for (struct mark *m = s->mhead, *next; m; m = next) {
         next = m->next;
+        json_decref(m->env);
         free(m);
     }
     for (size_t i = 0; i < s->keys.nb; i++) {
@@ -421,6 +427,9 @@ static void mark_remove(struct store *s, struct mark *m)
     *(m->oprev ? &m->oprev->onext : &o->mhead) = m->onext;
     *(m->onext ? &m->onext->oprev : &o->mtail) = m->oprev;
     o->marks--;
+    o->mark_bytes -= m->size < o->mark_bytes ? m->size : o->mark_bytes;
+    s->mark_bytes -= m->size < s->mark_bytes ? m->size : s->mark_bytes;
+    json_decref(m->env);
     free(m);
     owner_release(s, o);
 }
@@ -450,6 +459,8 @@ static void mark_add(struct store *s, const struct record *r, struct ownerslot *
     m->key = r->key;
     m->seq = r->seq;
     m->keep_until = keep_until;
+    m->env = json_incref(r->envelope);
+    m->size = r->size;
     m->o = o;
     m->hn.hash = mark_hash(s, &r->key, o);
     htab_insert(&s->marks, &m->hn);
@@ -460,14 +471,19 @@ static void mark_add(struct store *s, const struct record *r, struct ownerslot *
     *(o->mtail ? &o->mtail->onext : &o->mhead) = m;
     o->mtail = m;
     o->marks++;
+    o->mark_bytes += m->size;
+    s->mark_bytes += m->size;
     /* An owner filling the table pushes out its own marks first, then the oldest go. */
     bool px = s->n_proxies && is_proxy(s, o->owner);
     size_t per_owner = px ? s->lim.per_proxy : s->lim.per_owner;
-    while (per_owner && o->marks > per_owner && o->mhead != m) {
+    size_t per_owner_bytes = px ? s->lim.per_proxy_bytes : s->lim.per_owner_bytes;
+    while (((per_owner && o->marks > per_owner) ||
+            (per_owner_bytes && o->mark_bytes > per_owner_bytes)) &&
+           o->mhead != m) {
         mark_remove(s, o->mhead);
         s->marks_evicted++;
     }
-    while (s->marks.count > s->max_marks && s->mhead != m) {
+    while ((s->marks.count > s->max_marks || s->mark_bytes > s->max_mark_bytes) && s->mhead != m) {
         mark_remove(s, s->mhead);
         s->marks_evicted++;
     }
@@ -752,6 +768,69 @@ size_t store_expire(struct store *s, double now)
     return dropped;
 }
 
+bool store_knows(const struct store *s, const nid_t *key, const char *owner, uint64_t seq)
+{
+    struct sentry *e = entry_find(s, key, owner, NULL, NULL);
+    if (e)
+        return e->rec.seq >= seq;
+    struct mark *m = mark_find(s, key, owner);
+    return m && m->seq >= seq;
+}
+
+int store_put_mark(struct store *s, const struct record *r, double now, char *err, size_t errlen)
+{
+    char khex[NID_HEX_LEN + 1];
+    nid_to_hex(&r->key, khex);
+    if (err && errlen)
+        err[0] = '\0';
+    if (!is_expired(r, now))
+        return errbuf_set(err, errlen, STORE_E_MODE,
+                          "%s's record under %s has not expired: it is no mark", r->owner, khex);
+    if ((double)r->expires + mark_lifetime(s) <= now)
+        return errbuf_set(err, errlen, STORE_E_EXPIRED,
+                          "%s's record under %s expired too long ago to matter", r->owner, khex);
+    if (store_knows(s, &r->key, r->owner, r->seq))
+        return errbuf_set(err, errlen, STORE_E_STALE,
+                          "%s's seq %" PRIu64 " under %s is known here already", r->owner, r->seq,
+                          khex);
+    struct ownerslot *o = owner_find(s, r->owner);
+    if (!o) {
+        size_t len = strlen(r->owner);
+        if (!(o = calloc(1, sizeof(*o) + len + 1)))
+            return errbuf_set(err, errlen, STORE_E_NOMEM, "%s: out of memory", khex);
+        memcpy(o->owner, r->owner, len + 1);
+        o->hn.hash = hash_bytes(s->seed, r->owner, len);
+        htab_insert(&s->owners, &o->hn);
+    }
+    o->marks++; /* holds the slot while the older entry or mark goes */
+    struct keyslot *k;
+    size_t idx;
+    if (entry_find(s, &r->key, r->owner, &k, &idx))
+        entry_unlink(s, k, idx); /* older than a record its owner wrote since: a replay */
+    struct mark *old = mark_find(s, &r->key, r->owner);
+    if (old)
+        mark_remove(s, old);
+    o->marks--;
+    mark_add(s, r, o, now); /* never evicts the new mark itself */
+    if (!mark_find(s, &r->key, r->owner)) {
+        owner_release(s, o);
+        return errbuf_set(err, errlen, STORE_E_NOMEM, "%s: out of memory", khex);
+    }
+    return STORE_OK;
+}
+
+void store_foreach_mark(const struct store *s, const nid_t *lo, const nid_t *hi, double now,
+                        bool (*fn)(const struct store_mark *m, void *ud), void *ud)
+{
+    for (const struct mark *m = s->mhead; m; m = m->next) {
+        if (m->keep_until <= now || !nid_in_open_closed(&m->key, lo, hi))
+            continue;
+        struct store_mark pub = {m->key, m->o->owner, m->seq, m->keep_until, m->env, m->size};
+        if (!fn(&pub, ud))
+            return;
+    }
+}
+
 struct ranged {
     uint64_t top; /* the first 8 bytes of dist, big-endian: most comparisons end here */
     nid_t dist;   /* clockwise distance from lo + 1: lo itself comes last */
@@ -805,6 +884,7 @@ void store_stats(const struct store *s, double now, struct store_stats *out)
     memset(out, 0, sizeof(*out));
     out->keys = s->keys.count;
     out->marks = s->marks.count;
+    out->mark_bytes = s->mark_bytes;
     out->marks_evicted = s->marks_evicted;
     for (size_t b = 0; b < s->keys.nb; b++) {
         for (struct hnode *x = s->keys.b[b]; x; x = x->next) {

@@ -35,16 +35,18 @@
  * Rollback (issue 15): an entry that expires is not forgotten at once. An
  * older record of the same owner may still be valid (signed earlier with a
  * longer lifetime) and would otherwise take the expired one's place, so
- * store_expire() leaves a mark of (K, O, seq) behind, kept until the expired
+ * store_expire() leaves a mark of (K, O, seq) behind -- the expired record's
+ * envelope, which other nodes can check (store_put_mark) -- kept until the expired
  * entry's "expires" plus the longest record lifetime (store_set_max_lifetime,
  * or longer when a record accepted here had a longer one): every older
  * record has expired by then, since it was signed before this one was stored.
  * While a mark is kept, any record of (K, O) with seq <= the mark's is
  * STORE_E_STALE, in every mode, replicas and hand-offs included. An expired
  * entry not yet purged counts the same way. Marks are bounded: at most
- * `marks` in all (default STORE_MARKS_DEF), the oldest dropped first; and an
- * owner holding as many marks as its record quota (per_owner, per_proxy)
- * loses its own oldest first, so nobody can push others' marks out by
+ * `marks` in all (default STORE_MARKS_DEF) and `marks_bytes` of envelopes
+ * (default STORE_MARKS_BYTES_DEF), the oldest dropped first; and an
+ * owner holding as many marks (or bytes) as its record quota (per_owner,
+ * per_proxy and their bytes) loses its own oldest first, so nobody can push others' marks out by
  * writing short-lived records alone. A dropped mark reopens the replay for
  * its (K, O) only, and is counted (store_stats().marks_evicted).
  * store_drop() leaves no mark: the copy lives on at the responsible node.
@@ -92,12 +94,14 @@ struct store_limits {
     /* Owners named by store_set_proxies(): P2P proxies write for a whole SIP domain. */
     size_t per_proxy;
     size_t per_proxy_bytes;
-    /* Marks of expired entries kept against rollback (0 = STORE_MARKS_DEF). About 100 bytes
-     * each. */
+    /* Marks of expired entries kept against rollback (0 = STORE_MARKS_DEF), and the bytes of
+     * their envelopes (0 = STORE_MARKS_BYTES_DEF). About 100 bytes each besides the envelope. */
     size_t marks;
+    size_t marks_bytes;
 };
 
 #define STORE_MARKS_DEF         262144
+#define STORE_MARKS_BYTES_DEF   (64u << 20)
 #define STORE_MARK_LIFETIME_DEF 86400.0 /* the overlay document's default max_record_lifetime_s */
 
 /* One stored entry, as iteration and lookups show it (read-only). */
@@ -156,12 +160,42 @@ size_t store_expire(struct store *s, double now);
 void store_foreach_range(const struct store *s, const nid_t *lo, const nid_t *hi,
                          bool (*fn)(const struct store_entry *e, void *ud), void *ud);
 
+/*
+ * Marks as evidence (docs/protocol.md 4.4): a mark is the expired record itself, signed by its
+ * owner, so it proves to another node that the owner wrote that seq under that key and that
+ * nothing older of it may come back. Other nodes' marks reach a store through
+ * store_put_mark(): r must have been verified as of its own lifetime (rec_verify at
+ * r->expires - 1) and have expired (expires <= now). STORE_OK: kept as a mark until
+ * expires + the longest lifetime (an older entry of the owner under the key, a replay that got
+ * in meanwhile, is dropped); STORE_E_STALE: the store knows that seq or a newer one of
+ * (key, owner) already; STORE_E_EXPIRED: its time is over; STORE_E_MODE: not expired. The
+ * bounds of the marks apply (in number and bytes, per owner and in all). r is not taken.
+ */
+int store_put_mark(struct store *s, const struct record *r, double now, char *err, size_t errlen);
+/* true when an entry or mark of (key, owner) has seq >= `seq` (nothing to learn from it). */
+bool store_knows(const struct store *s, const nid_t *key, const char *owner, uint64_t seq);
+
+/* One mark, as store_foreach_mark() shows it (read-only, valid during the callback). */
+struct store_mark {
+    nid_t key;
+    const char *owner;
+    uint64_t seq;
+    double keep_until;
+    json_t *envelope; /* the expired record's, signed by its owner */
+    size_t size;
+};
+/* Calls fn for every mark kept at `now` whose key lies in (lo, hi] (lo == hi: all), oldest
+ * first; fn returns false to stop. */
+void store_foreach_mark(const struct store *s, const nid_t *lo, const nid_t *hi, double now,
+                        bool (*fn)(const struct store_mark *m, void *ud), void *ud);
+
 struct store_stats {
     size_t keys;    /* distinct keys */
     size_t records; /* live records (not expired) */
     size_t tombstones;
     size_t bytes;           /* sum of record sizes, tombstones included */
-    size_t marks;           /* seqs of expired entries remembered against rollback */
+    size_t marks;           /* expired entries remembered against rollback */
+    size_t mark_bytes;      /* the sizes of their envelopes */
     uint64_t marks_evicted; /* marks dropped early for room (each reopens one replay) */
 };
 void store_stats(const struct store *s, double now, struct store_stats *out);

@@ -17,12 +17,16 @@ are intact.
    and unknown Node-IDs there (item 5): no connection for the known ones,
    at most the budget of unverified dials for the others.
 3. `sync` with lo == hi, from == to or another node's range (item 9):
-   refused, nothing pushed.
+   refused, nothing pushed. 3b: forged rollback marks in `replicate` (a bare
+   seq, a tampered or live record) are not kept; alice can still write.
 4. a `get` for a key with eight 14 KB records (item 14): the answer fits the
-   frame limit, and paging (`after`) returns the rest.
+   frame limit, and paging (`after`) returns the rest; `dhtctl get` and an
+   ordinary node's `get` follow the pages and return all eight, verified.
 5. a ping flood from a peer that never reads (item 9): cut off and logged;
    5b. the same well under the rate budget: cut once it leaves our write
-   queue unread.
+   queue unread. 5c. a rogue, responsible for a range, never syncs it and
+   confirms every `offer`: the replicas that are holders keep their copies,
+   the node that is none drops its copy.
 6. the rogue joins for real; a second rogue identity answers a read routed
    to it (item 1): the origin refuses the reply. Then the predecessor runs
    out of descriptors while the rogue drops its link (item 4): it does not
@@ -95,6 +99,8 @@ class RingAttack(harness.OverlayScenario, unittest.TestCase):
     def node_conf(cls, u, conf):
         if u == "sn9":
             conf.update({"seed": True, "max_connections": 1, "peer_idle_s": 1})
+        if u == "alice":  # her ordinary node (test 4) reads through the ring, not lone sn9
+            conf["supernodes"] = [cls.addr[sn] for sn in RING]
         if u in SNS:
             debug = u == "sn9" or os.environ.get("RING_ATTACK_DEBUG")
             conf["log_level"] = "debug" if debug else "info"
@@ -349,6 +355,42 @@ class RingAttack(harness.OverlayScenario, unittest.TestCase):
         self.assertGreaterEqual(self.refused("sn2").get("syncs", 0), 4)
         self.assert_honest_ok("sync")
 
+    # ---- 3b: forged rollback marks ----
+
+    def test_3b_forged_marks(self):
+        """Rollback marks travel in `replicate` (protocol.md 4.4). rogue tries to lock alice
+        out of a key with marks that claim a huge seq: a bare [key, owner, seq], and alice's
+        expired record with its seq raised (the signature no longer holds), and a live record
+        passed off as a mark. sn2 keeps none of them and says why in one log line; alice's
+        next write to that key is stored. A genuine expired record of hers is kept (it proves
+        only what she wrote)."""
+        huge = str((1 << 64) - 1)
+        old = self.dht("alice", None, "sign", "--type", "note", "--name", "locked",
+                       "--value", "1", "--lifetime", "-5")
+        forged = dict(old)
+        so = json.loads(forged["signed"])
+        so["seq"] = huge
+        forged["signed"] = json.dumps(so, separators=(",", ":"))
+        live = self.dht("alice", None, "sign", "--type", "note", "--name", "locked",
+                        "--value", "2")
+        key = key_of("note", "locked")
+        before = self.ctl_status("sn2")["store"]["marks"]
+        with self.link("sn2") as l:
+            a = l.request("replicate", {"records": [], "marks": [
+                [key, "sip:alice@" + OVERLAY, huge], forged, live]})
+            self.assertEqual((a or {}).get("kind"), "res", a)
+            self.assertEqual(a["body"].get("marks"), 0, a)
+            line = self.sn["sn2"].wait_for("rollback marks refused", 5)
+            note("sn2: %s", line.split(" repl: ", 1)[-1][:200])
+            self.assertIn("3 rollback marks refused", line)
+            self.assertEqual(self.ctl_status("sn2")["store"]["marks"], before)
+            a = l.request("replicate", {"records": [], "marks": [old]})
+            self.assertEqual(a["body"].get("marks"), 1, a)  # signed evidence: kept
+        r = self.dht("alice", "sn2", "put", "--type", "note", "--name", "locked",
+                     "--value", "3", "--mode", "update")
+        self.assertTrue(r.get("ok"), "alice was locked out of her key: %r" % r)
+        self.assert_honest_ok("forged-marks")
+
     # ---- 4: a key with many large records ----
 
     def test_4_get_pages(self):
@@ -384,7 +426,33 @@ class RingAttack(harness.OverlayScenario, unittest.TestCase):
                 after = a["body"]["after"]
                 self.assertLess(pages, 10)
         self.assertGreater(pages, 1)
-        self.assertEqual(sorted(got), sorted("sip:%s@%s" % (u, OVERLAY) for u in owners))
+        want = sorted("sip:%s@%s" % (u, OVERLAY) for u in owners)
+        self.assertEqual(sorted(got), want)
+        # The readers follow the pages: dhtctl get through every member, and an ordinary
+        # node's lookup (which checks key, type and name of every record on every page).
+        for u in RING:
+            r = self.dht("bob", u, "get", "--type", "shared", "--name", "big")
+            recs = r.get("records", [])
+            note("dhtctl get through %s: %d records in %s pages", u, len(recs), r.get("pages"))
+            self.assertTrue(r.get("ok") and not r.get("incomplete"), r)
+            self.assertGreater(r.get("pages", 0), 1)
+            self.assertEqual(sorted(e.get("owner") for e in recs), want)
+            self.assertTrue(all(e.get("verified") and e.get("value") == big for e in recs))
+        on = self.start_on("alice")
+        try:
+            on.wait_for("published user location", timeout=WAIT)
+            rc, out, err = self.cli("alice", "get", "shared", "big", "--json")
+            self.assertEqual(rc, 0, err)
+            res = json.loads(out)
+            recs = res.get("records", [])
+            note("ordinarynode get: %d records in %s pages", len(recs), res.get("pages"))
+            self.assertGreater(res.get("pages", 0), 1)
+            self.assertFalse(res.get("incomplete"))
+            self.assertEqual(sorted(e.get("owner") for e in recs), want)
+            self.assertTrue(all(e.get("verified") and e.get("value") == big for e in recs))
+            self.assertNotIn("not asked for", on.log())
+        finally:
+            self.assertEqual(on.stop(), 0)
         self.assert_honest_ok("get-pages")
 
     # ---- 5: ping flood ----
@@ -425,6 +493,88 @@ class RingAttack(harness.OverlayScenario, unittest.TestCase):
         line = self.sn["sn3"].wait_for("without reading the answers", 10)
         note("after %.1f s: %s", time.monotonic() - t0, line.split(" link: ", 1)[-1])
         self.assert_honest_ok("unread")
+
+    # ---- 5c: a rogue responsible node confirms every offer ----
+
+    def test_5c_offers_confirmed_by_rogue(self):
+        """rogue2 joins for real as X between A and S (rogue2, since test 6 joins as rogue:
+        one identity joining twice would meet the address the ring learnt the first time), never syncs its range and confirms every
+        `offer` (the replica drop of docs/ring.md 8). A record of (A, X] was stored before:
+        S, its successor T and A hold it. After the lease, the copies no responsible node
+        confirms are offered to X, which says it holds them. Before: S kept its copy (X is its
+        predecessor) but T dropped it, and every copy but one could be made to go. Now a node
+        drops only when it knows `replication` live nodes in [key, itself): T knows X and S, 2
+        of 3, and keeps its copy; A, which is no holder (X, S and T precede it), drops it."""
+        x = self.node_id["rogue2"]
+        ids = sorted(self.node_id[u] for u in RING)
+        succ_id = next((i for i in ids if i > x), ids[0])
+        pred_id = [i for i in ids if i < x][-1] if any(i < x for i in ids) else ids[-1]
+        s_name = next(u for u in RING if self.node_id[u] == succ_id)
+        a_name = next(u for u in RING if self.node_id[u] == pred_id)
+        t_name = next(u for u in RING if u not in (s_name, a_name))
+        width = (int(x, 16) - int(pred_id, 16)) % (1 << 160)
+        name = next("offer-%d" % n for n in range(5000000)
+                    if 0 < (int(key_of("note", "offer-%d" % n), 16) - int(pred_id, 16))
+                    % (1 << 160) <= width)
+        key = key_of("note", name)
+        r = self.dht("alice", t_name, "put", "--type", "note", "--name", name,
+                     "--value", json.dumps({"kept": True}), "--mode", "update")
+        self.assertTrue(r.get("ok"), r)
+
+        def holds(u):
+            recs = self.ctl(u, {"cmd": "records"}).get("records", [])
+            return any(e[0] == key for e in recs)
+        wait_until("every member holds the record", lambda: all(holds(u) for u in RING), WAIT)
+        state = {"offers": {}}
+
+        def member(link, f):
+            if f.get("type") == "stabilize" and f.get("kind") == "req":
+                link.send("stabilize", "res", {
+                    "pred": {"id": pred_id, "addr": self.addr[a_name]},
+                    "succ": [{"id": succ_id, "addr": self.addr[s_name]}],
+                    "load": {"attached": 0, "capacity": 10}}, f["tid"])
+            elif f.get("type") == "route" and f.get("kind") == "ind":
+                b = f["body"]
+                if b.get("op") == "offer":
+                    who = b.get("origin", {}).get("id")
+                    state["offers"][who] = state["offers"].get(who, 0) + 1
+                ok = b.get("op") != "join"
+                link.send("reply", "ind", {
+                    "rid": b["rid"], "hops": b.get("hops", 0), "ok": ok,
+                    "result": {"records": []} if b.get("op") == "get" else {},
+                    "node": {"id": x, "addr": lst.addr}} if ok else {
+                    "rid": b["rid"], "hops": 0, "ok": False, "code": "not-ready",
+                    "node": {"id": x, "addr": lst.addr}, "reason": "test"})
+
+        lst = overlaypeer.Listener(self.dirs["rogue2"], OVERLAY, on_frame=member)
+        join = self.link(s_name, who="rogue2", on_frame=member)
+        try:
+            join.send("route", "ind", {
+                "rid": overlaypeer.new_tid(), "target": x, "origin": {"id": x, "addr": lst.addr},
+                "hops": 0, "final": False, "op": "join", "args": {}})
+            wait_until("%s adopts the rogue as its successor" % a_name,
+                       lambda: self.ctl_status(a_name)["succ"][0]["id"] == x, WAIT)
+            t_id = self.node_id[t_name]
+            wait_until("%s offers its copies to the rogue" % t_name,
+                       lambda: state["offers"].get(t_id, 0) >= 1, 40)
+            wait_until("%s drops its copy (no holder)" % a_name, lambda: not holds(a_name), 20)
+            time.sleep(2)  # T's offer is answered by now
+            note("offers confirmed by the rogue, by origin: %s",
+                 {next(u for u in RING if self.node_id[u] == k): v
+                  for k, v in state["offers"].items() if k in ids})
+            kept = {u: holds(u) for u in RING}
+            note("copies after the rogue's confirmations (S %s, T %s, A %s): %s", s_name,
+                 t_name, a_name, kept)
+            self.assertTrue(kept[s_name] and kept[t_name],
+                            "a holder dropped its copy on the rogue's word: %s" % kept)
+        finally:
+            lst.close()
+            join.close()
+        wait_until("the ring without the rogue", lambda: self.ring_ok(RING), WAIT)
+        r = self.dht("bob", s_name, "get", "--type", "note", "--name", name)
+        recs = r.get("records", [])
+        self.assertTrue(len(recs) == 1 and recs[0].get("value") == {"kept": True}, r)
+        self.assert_honest_ok("offers")
 
     # ---- 6: a forged reply (the rogue joins the ring: runs last) ----
 
@@ -552,6 +702,21 @@ class RingAttack(harness.OverlayScenario, unittest.TestCase):
         wait_until("%s links to X again" % a_name, lambda: len(lst.links) > 0, 10)
         self.assertEqual(self.ctl_status(a_name)["succ"][0]["id"], x)
         note("%s kept X as its successor through the shortage and linked again", a_name)
+
+    def ctl(self, u, request, timeout=10.0):
+        """One request on u's control socket: the parsed answer."""
+        import socket
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.settimeout(timeout)
+            c.connect(os.path.join(self.dirs[u], "control.sock"))
+            c.sendall(json.dumps(request).encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = c.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        return json.loads(buf)
 
 
 if __name__ == "__main__":

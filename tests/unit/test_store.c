@@ -364,6 +364,75 @@ static void test_mark_bounds(void **state)
     store_free(s);
 }
 
+static bool count_marks(const struct store_mark *m, void *ud)
+{
+    (void)m;
+    (*(size_t *)ud)++;
+    return true;
+}
+
+/* Marks from other nodes (store_put_mark): the expired record itself, kept when it tells the
+ * store something new, refusing replays from then on; a replay that got in is dropped; marks
+ * are listed by range; their bytes are bounded. */
+static void test_mark_evidence(void **state)
+{
+    (void)state;
+    struct store *s = store_new(&(struct store_limits){.marks_bytes = 250});
+    char err[256];
+    /* Alice's seq 6 expired elsewhere; here nothing of hers is known. */
+    struct spec sp6 = SP(K1, A, 6, .expires = 2);
+    struct record r6 = mk(&sp6);
+    assert_false(store_knows(s, &K1, A, 6));
+    assert_int_equal(store_put_mark(s, &r6, NOW + 1, err, sizeof(err)), STORE_E_MODE); /* live */
+    assert_int_equal(store_put_mark(s, &r6, NOW + 3, err, sizeof(err)), STORE_OK);
+    assert_true(store_knows(s, &K1, A, 6));
+    assert_int_equal(store_put_mark(s, &r6, NOW + 3, err, sizeof(err)), STORE_E_STALE);
+    for (enum store_mode m = STORE_ADD; m <= STORE_REPLICA; m++)
+        if (m != STORE_REMOVE)
+            assert_int_equal(put(s, m, NOW + 4, SP(K1, A, 5, .expires = 3600)), STORE_E_STALE);
+    assert_int_equal(put(s, STORE_ADD, NOW + 4, SP(K1, A, 7, .expires = 3600)), STORE_OK);
+    assert_true(store_knows(s, &K1, A, 7));
+    rec_free(&r6);
+
+    /* A replay that got in before the evidence arrived is dropped by it. */
+    assert_int_equal(put(s, STORE_ADD, NOW, SP(K2, B, 5, .expires = 3600)), STORE_OK);
+    struct spec spb = SP(K2, B, 6, .expires = 2);
+    struct record rb = mk(&spb);
+    assert_int_equal(store_put_mark(s, &rb, NOW + 3, err, sizeof(err)), STORE_OK);
+    assert_null(store_find(s, &K2, B));
+    assert_int_equal(live(s, K2, NOW + 3), 0);
+    rec_free(&rb);
+
+    /* Too old to matter: expires + the longest lifetime is over. */
+    struct spec spo = SP(K3, C, 9, .expires = 2);
+    struct record ro = mk(&spo);
+    assert_int_equal(
+        store_put_mark(s, &ro, NOW + 2 + STORE_MARK_LIFETIME_DEF + 1, err, sizeof(err)),
+        STORE_E_EXPIRED);
+    rec_free(&ro);
+
+    size_t n = 0;
+    store_foreach_mark(s, &K1, &K1, NOW + 3, count_marks, &n);
+    assert_int_equal(n, 1); /* bob's under K2 (alice's gave way to her new record) */
+    n = 0;
+    store_foreach_mark(s, &K2, &K3, NOW + 3, count_marks, &n);
+    assert_int_equal(n, 0); /* (K2, K3] holds none */
+
+    /* Bytes: 100 each, 250 at most; the oldest goes. */
+    for (uint32_t i = 0; i < 3; i++) {
+        struct spec x = SP(key_n(200 + i), C, 3, .expires = 1);
+        struct record rx = mk(&x);
+        assert_int_equal(store_put_mark(s, &rx, NOW + 3, err, sizeof(err)), STORE_OK);
+        rec_free(&rx);
+    }
+    struct store_stats st;
+    store_stats(s, NOW + 3, &st);
+    assert_int_equal(st.marks, 2);
+    assert_int_equal(st.mark_bytes, 200);
+    assert_false(store_knows(s, &K2, B, 6));
+    store_free(s);
+}
+
 static void test_no_update(void **state)
 {
     (void)state;
@@ -841,6 +910,7 @@ int main(void)
         cmocka_unit_test(test_foreach_range),
         cmocka_unit_test(test_drop_and_touch),
         cmocka_unit_test(test_codes),
+        cmocka_unit_test(test_mark_evidence),
         cmocka_unit_test(test_scale),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
