@@ -33,12 +33,12 @@
 /* A transaction never answered is forgotten after this (its owner answers every one far
  * sooner: 32 s, or 180 s of ringing); an answered one is remembered TXN_LINGER_S, so that its
  * retransmissions are not new transactions. */
-#define TXN_LIFE_S   300.0
-#define TXN_LINGER_S 32.0
-#define TXN_BUCKETS  4096
-#define TCP_OUT_MAX  (1u << 20) /* queued bytes to one TCP peer before it is dropped */
-#define LOG_BURST    10         /* bad-input lines logged per LOG_WINDOW_S, then counted */
-#define LOG_WINDOW_S 10.0
+#define TXN_LIFE_S      300.0
+#define TXN_LINGER_S    32.0
+#define TXN_BUCKETS_MIN 1024 /* the table doubles while it holds more transactions than buckets */
+#define TCP_OUT_MAX     (1u << 20) /* queued bytes to one TCP peer before it is dropped */
+#define LOG_BURST       10         /* bad-input lines logged per LOG_WINDOW_S, then counted */
+#define LOG_WINDOW_S    10.0
 
 /* One key's state in a keyed table (struct ktab). */
 struct kslot {
@@ -108,7 +108,8 @@ struct sip_endpoint {
     uint64_t next_serial;
     struct ktab src; /* per source address: message rate, open transactions */
     unsigned char txn_key[crypto_shorthash_KEYBYTES];
-    struct stxn *txns[TXN_BUCKETS];
+    struct stxn **txns; /* hash table of open and answered transactions by key */
+    size_t txn_buckets; /* a power of two */
     struct txn_list open, answered;
     ev_timer sweep;
     struct sip_counters c;
@@ -398,9 +399,32 @@ static int txn_key(const struct sip_endpoint *e, const osip_message_t *m, const 
     return 0;
 }
 
+/*
+ * Doubles the hash table: at a few thousand REGISTERs a second, 32 s of answered transactions
+ * are a hundred thousand, and chains in a fixed table of 4096 made every lookup a walk (10 %
+ * of a front end's CPU). Keys are keyed hashes, so chains stay short. If the larger table
+ * cannot be had, the old one serves on (longer chains, no error).
+ */
+static void txn_grow(struct sip_endpoint *e)
+{
+    size_t nb = e->txn_buckets * 2;
+    struct stxn **t = calloc(nb, sizeof(*t));
+    if (!t)
+        return;
+    for (size_t i = 0; i < e->txn_buckets; i++)
+        for (struct stxn *x = e->txns[i], *next; x; x = next) {
+            next = x->hnext;
+            x->hnext = t[x->key & (nb - 1)];
+            t[x->key & (nb - 1)] = x;
+        }
+    free(e->txns);
+    e->txns = t;
+    e->txn_buckets = nb;
+}
+
 static struct stxn *txn_find(struct sip_endpoint *e, uint64_t key)
 {
-    for (struct stxn *t = e->txns[key % TXN_BUCKETS]; t; t = t->hnext)
+    for (struct stxn *t = e->txns[key & (e->txn_buckets - 1)]; t; t = t->hnext)
         if (t->key == key)
             return t;
     return NULL;
@@ -418,7 +442,7 @@ static void txn_free(struct sip_endpoint *e, struct stxn *t)
 {
     txn_release(e, t);
     txn_list_remove(t->done ? &e->answered : &e->open, t);
-    for (struct stxn **pp = &e->txns[t->key % TXN_BUCKETS]; *pp; pp = &(*pp)->hnext)
+    for (struct stxn **pp = &e->txns[t->key & (e->txn_buckets - 1)]; *pp; pp = &(*pp)->hnext)
         if (*pp == t) {
             *pp = t->hnext;
             break;
@@ -475,9 +499,11 @@ static bool txn_admit(struct sip_endpoint *e, const osip_message_t *m, const str
     t->gen = b->gen;
     t->at = ev_now(e->loop);
     b->open++;
-    t->hnext = e->txns[key % TXN_BUCKETS];
-    e->txns[key % TXN_BUCKETS] = t;
     txn_list_append(&e->open, t);
+    if (e->open.n + e->answered.n > e->txn_buckets)
+        txn_grow(e);
+    t->hnext = e->txns[key & (e->txn_buckets - 1)];
+    e->txns[key & (e->txn_buckets - 1)] = t;
     return true;
 }
 
@@ -1120,9 +1146,11 @@ struct sip_endpoint *sip_endpoint_start(struct ev_loop *loop, const char *hostpo
         e->lim.tcp_idle_s = 300;
     e->log_window = ev_now(loop);
     crypto_shorthash_keygen(e->txn_key);
+    e->txn_buckets = TXN_BUCKETS_MIN;
+    e->txns = calloc(e->txn_buckets, sizeof(*e->txns));
     ev_timer_init(&e->sweep, sweep_cb, 1., 1.);
     e->sweep.data = e;
-    if (ktab_init(&e->src, SRC_SETS * SRC_WAYS, e->lim.rate, 2 * e->lim.rate) != 0 ||
+    if (ktab_init(&e->src, SRC_SETS * SRC_WAYS, e->lim.rate, 2 * e->lim.rate) != 0 || !e->txns ||
         !(e->rbuf = malloc(e->lim.max_message + 1))) {
         errbuf_set(err, errlen, -1, "out of memory");
         goto fail;
@@ -1183,6 +1211,7 @@ void sip_endpoint_stop(struct sip_endpoint *e)
         txn_free(e, e->open.head);
     while (e->answered.head)
         txn_free(e, e->answered.head);
+    free(e->txns);
     free(e->src.s);
     if (e->udp_fd >= 0) {
         ev_io_stop(e->loop, &e->udp_io);
