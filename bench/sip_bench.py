@@ -615,33 +615,42 @@ def register_phase(tgt, wdir, args, rates):
     return {"steps": steps, "best": best, "closed": closed}
 
 
-def register_callees(tgt, wdir, pairs):
-    """Each callee's phone registers from the port its UAS will answer on."""
-    ports = []
-    for caller, callee, _, reg_addr in pairs:
-        port = harness.free_port()
-        p = Sipp(wdir, "callee-reg-%s-%d" % (callee, port), "register.xml", port, reg_addr,
-                 rate=1, count=1, inf=users_csv(os.path.join(wdir, callee + ".csv"), [callee]),
-                 keys=(("domain", DOMAIN), ("expires", 3600)), timeout=20)
-        r = p.wait(30)
-        if r["ok"] != 1:
-            raise RuntimeError("%s: the callee %s could not register (%s); see %s"
-                               % (tgt.name, callee, r, p.dir))
-        ports.append(port)
-    return ports
+def register_phone(tgt, wdir, user, reg_addr):
+    """One phone of `user` registers at reg_addr; returns the port it registered from, which
+    its later sipp (UAS or UAC) must use: an ordinary node takes calls out only from its own
+    phones, known by the address they registered from (docs/sip.md)."""
+    port = harness.free_port()
+    p = Sipp(wdir, "reg-%s-%d" % (user, port), "register.xml", port, reg_addr,
+             rate=1, count=1, inf=users_csv(os.path.join(wdir, user + ".csv"), [user]),
+             keys=(("domain", DOMAIN), ("expires", 3600)), timeout=20)
+    r = p.wait(30)
+    if r["ok"] != 1:
+        raise RuntimeError("%s: %s could not register (%s); see %s" % (tgt.name, user, r, p.dir))
+    return port
+
+
+def register_phones(tgt, wdir, pairs):
+    """Each callee's phone registers from the port its UAS will answer on, each caller's from
+    the port its UAC will call from (at its proxy)."""
+    callee_ports, caller_ports = [], []
+    for caller, callee, proxy, reg_addr in pairs:
+        callee_ports.append(register_phone(tgt, wdir, callee, reg_addr))
+        caller_ports.append(register_phone(tgt, wdir, caller, proxy))
+    return callee_ports, caller_ports
 
 
 def call_step(tgt, wdir, pairs, ports, rate, count, trace=False, tag=""):
+    ports, caller_ports = ports
     uas, uac = [], []
     per_rate, per_count = rate / len(pairs), max(1, count // len(pairs))
     for (caller, callee, proxy, _), port in zip(pairs, ports):
         uas.append(Sipp(wdir, "%suas-%g-%s" % (tag, rate, callee), "uas_answer.xml", port,
                         count=per_count, timeout=int(per_count / per_rate * 3 + 60)))
     time.sleep(0.5)  # the UASes listen
-    for caller, callee, proxy, _ in pairs:
+    for (caller, callee, proxy, _), cport in zip(pairs, caller_ports):
         inf = users_csv(os.path.join(wdir, "callee-%s.csv" % callee), [callee])
         uac.append(Sipp(wdir, "%suac-%g-%s" % (tag, rate, caller), "uac_call.xml",
-                        harness.free_port(), proxy, rate=per_rate, count=per_count, inf=inf,
+                        cport, proxy, rate=per_rate, count=per_count, inf=inf,
                         service=caller, keys=(("domain", DOMAIN),), trace_msg=trace,
                         timeout=int(per_count / per_rate * 3 + 60)))
     res = [p.wait(per_count / per_rate * 3 + 90) for p in uac]
@@ -659,11 +668,11 @@ def call_step(tgt, wdir, pairs, ports, rate, count, trace=False, tag=""):
 
 def call_phase(tgt, wdir, args):
     pairs = tgt.call_pairs(args.call_pairs)
-    ports = register_callees(tgt, wdir, pairs)
+    ports = register_phones(tgt, wdir, pairs)
     out = {"steps": [], "best": None}
     # latency first, on a quiet system, one pair
-    lat = call_step(tgt, wdir, pairs[:1], ports[:1], args.lat_rate, args.lat_calls, trace=True,
-                    tag="lat-")
+    lat = call_step(tgt, wdir, pairs[:1], (ports[0][:1], ports[1][:1]), args.lat_rate,
+                    args.lat_calls, trace=True, tag="lat-")
     ts = lat.pop("invite_200_ms")
     lat["n_times"] = len(ts)
     if ts:
