@@ -279,6 +279,8 @@ static void handle_withdraw(struct bs_server *s, struct httpd_req *r)
 
 /* ---- Reading ------------------------------------------------------------------------------- */
 
+static void expire_now(struct bs_server *s);
+
 static void handle_list(struct bs_server *s, struct httpd_req *r)
 {
     const char *q = httpd_req_query(r, "count");
@@ -292,6 +294,7 @@ static void handle_list(struct bs_server *s, struct httpd_req *r)
         }
     }
     const struct bs_entry *out[MAX_COUNT];
+    expire_now(s);
     size_t n = bs_registry_pick(s->reg, (size_t)count, next_random, &s->rng, out);
     json_t *list = json_array();
     for (size_t i = 0; i < n; i++) {
@@ -462,13 +465,19 @@ static void handle(struct httpd_req *r, void *ud)
     httpd_respond_unrouted(r, allow);
 }
 
-static void on_expire(struct ev_loop *loop, ev_timer *w, int revents)
+/* Drops the super nodes silent for 3 periods: from the timer, and before every list, so that
+ * nobody is handed a node that stopped announcing up to a period ago. */
+static void expire_now(struct bs_server *s)
 {
-    struct bs_server *s = w->data;
-    size_t n = bs_registry_expire(s->reg, ev_now(loop));
+    size_t n = bs_registry_expire(s->reg, ev_now(s->loop));
     if (n)
         log_info("bootstrap", "%zu super node%s dropped after 3 silent periods", n,
                  n == 1 ? "" : "s");
+}
+
+static void on_expire(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    expire_now(w->data);
 }
 
 struct bs_server *bs_server_start(struct ev_loop *loop, const struct bs_server_config *cfg,
