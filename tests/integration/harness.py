@@ -260,6 +260,29 @@ class OverlayScenario:
         return problems
 
     @classmethod
+    def stop_checked(cls, name):
+        """The end of a scenario: every daemon's log saved to <build dir>/<name>-logs/, every
+        daemon stopped, cls.tmp removed; a failed stop or a sanitizer's report in any log
+        fails it."""
+        import shutil
+        cls.save_logs(name)
+        problems = cls.stop_all()
+        logs = "\n".join(d.log() for d in cls.daemons)
+        if "AddressSanitizer" in logs or "runtime error" in logs:
+            problems.append("a sanitizer reported an error (see %s-logs)" % name)
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+        if problems:
+            raise AssertionError("; ".join(problems))
+
+    @classmethod
+    def sn_status(cls, u):
+        """`supernode status --json` of super node u, as a dict ({} when it does not answer)."""
+        import json
+        p = subprocess.run([cls.bin("supernode"), "-c", cls.cfg[u], "status", "--json"],
+                           capture_output=True, text=True, timeout=30)
+        return json.loads(p.stdout) if p.returncode == 0 else {}
+
+    @classmethod
     def start(cls, argv):
         """A daemon in the foreground; under P2P_TEST_WRAPPER only ordinary nodes are wrapped."""
         d = Daemon(argv if argv[1] == "-d" else [argv[0], "-d"] + argv[1:],

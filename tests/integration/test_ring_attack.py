@@ -42,7 +42,6 @@ import hashlib
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -107,28 +106,15 @@ class RingAttack(harness.OverlayScenario, unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
-        cls.save_logs("test_ring_attack")
-        problems = cls.stop_all()
-        logs = "\n".join(d.log() for d in cls.daemons)
-        if "AddressSanitizer" in logs or "runtime error" in logs:
-            problems.append("a sanitizer reported an error (see test_ring_attack-logs)")
-        shutil.rmtree(cls.tmp, ignore_errors=True)
-        if problems:
-            raise AssertionError("; ".join(problems))
+        cls.stop_checked("test_ring_attack")
 
     # ---- helpers ----
-
-    @classmethod
-    def ctl_status(cls, u):
-        p = subprocess.run([cls.bin("supernode"), "-c", cls.cfg[u], "status", "--json"],
-                           capture_output=True, text=True, timeout=30)
-        return json.loads(p.stdout) if p.returncode == 0 else {}
 
     @classmethod
     def ring_ok(cls, names):
         ids = sorted(cls.node_id[u] for u in names)
         for u in names:
-            st = cls.ctl_status(u)
+            st = cls.sn_status(u)
             me = cls.node_id[u]
             i = ids.index(me)
             if st.get("state") != "member":
@@ -244,7 +230,7 @@ class RingAttack(harness.OverlayScenario, unittest.TestCase):
     # ---- status helpers ----
 
     def refused(self, u):
-        return self.ctl_status(u).get("refused") or {}
+        return self.sn_status(u).get("refused") or {}
 
     def sorted_ring(self):
         return sorted(RING, key=lambda u: self.node_id[u])
@@ -276,7 +262,7 @@ class RingAttack(harness.OverlayScenario, unittest.TestCase):
                     if "join of" in line and lst.addr in line:
                         note("%s: %s", b, line.split(" ring: ", 1)[-1])
             time.sleep(3)  # three stabilisation periods
-            st_b, st_a = self.ctl_status(b), self.ctl_status(a)
+            st_b, st_a = self.sn_status(b), self.sn_status(a)
             self.assertEqual((st_b.get("pred") or {}).get("id"), self.node_id[a], st_b.get("pred"))
             self.assertEqual(st_a["succ"][0]["id"], self.node_id[b], st_a.get("succ"))
             self.assertEqual(st_b["pred"]["addr"], self.addr[a],
@@ -374,7 +360,7 @@ class RingAttack(harness.OverlayScenario, unittest.TestCase):
         live = self.dht("alice", None, "sign", "--type", "note", "--name", "locked",
                         "--value", "2")
         key = key_of("note", "locked")
-        before = self.ctl_status("sn2")["store"]["marks"]
+        before = self.sn_status("sn2")["store"]["marks"]
         with self.link("sn2") as l:
             a = l.request("replicate", {"records": [], "marks": [
                 [key, "sip:alice@" + OVERLAY, huge], forged, live]})
@@ -383,7 +369,7 @@ class RingAttack(harness.OverlayScenario, unittest.TestCase):
             line = self.sn["sn2"].wait_for("rollback marks refused", 5)
             note("sn2: %s", line.split(" repl: ", 1)[-1][:200])
             self.assertIn("3 rollback marks refused", line)
-            self.assertEqual(self.ctl_status("sn2")["store"]["marks"], before)
+            self.assertEqual(self.sn_status("sn2")["store"]["marks"], before)
             a = l.request("replicate", {"records": [], "marks": [old]})
             self.assertEqual(a["body"].get("marks"), 1, a)  # signed evidence: kept
         r = self.dht("alice", "sn2", "put", "--type", "note", "--name", "locked",
@@ -553,7 +539,7 @@ class RingAttack(harness.OverlayScenario, unittest.TestCase):
                 "rid": overlaypeer.new_tid(), "target": x, "origin": {"id": x, "addr": lst.addr},
                 "hops": 0, "final": False, "op": "join", "args": {}})
             wait_until("%s adopts the rogue as its successor" % a_name,
-                       lambda: self.ctl_status(a_name)["succ"][0]["id"] == x, WAIT)
+                       lambda: self.sn_status(a_name)["succ"][0]["id"] == x, WAIT)
             t_id = self.node_id[t_name]
             wait_until("%s offers its copies to the rogue" % t_name,
                        lambda: state["offers"].get(t_id, 0) >= 1, 40)
@@ -638,7 +624,7 @@ class RingAttack(harness.OverlayScenario, unittest.TestCase):
                 "rid": overlaypeer.new_tid(), "target": x, "origin": {"id": x, "addr": lst.addr},
                 "hops": 0, "final": False, "op": "join", "args": {}})
             wait_until("%s adopts the rogue as its successor" % a_name,
-                       lambda: self.ctl_status(a_name)["succ"][0]["id"] == x, WAIT)
+                       lambda: self.sn_status(a_name)["succ"][0]["id"] == x, WAIT)
             r = self.dht("bob", a_name, "get", "--type", "note", "--name", name)
             note("bob's read of %s through %s: %s", name, a_name,
                  {k: r.get(k) for k in ("ok", "code", "records")})
@@ -700,7 +686,7 @@ class RingAttack(harness.OverlayScenario, unittest.TestCase):
                       if gone in l and "is gone" in l]
         self.assertEqual(gone_lines, [], "%s declared X dead for its own shortage" % a_name)
         wait_until("%s links to X again" % a_name, lambda: len(lst.links) > 0, 10)
-        self.assertEqual(self.ctl_status(a_name)["succ"][0]["id"], x)
+        self.assertEqual(self.sn_status(a_name)["succ"][0]["id"], x)
         note("%s kept X as its successor through the shortage and linked again", a_name)
 
     def ctl(self, u, request, timeout=10.0):

@@ -27,7 +27,6 @@ Run: python3 tests/integration/test_ring_marks.py --bindir <build dir>
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -64,26 +63,13 @@ class MarksBase(harness.OverlayScenario):
 
     @classmethod
     def tearDownClass(cls):
-        cls.save_logs("test_ring_marks")
-        problems = cls.stop_all()
-        logs = "\n".join(d.log() for d in cls.daemons)
-        if "AddressSanitizer" in logs or "runtime error" in logs:
-            problems.append("a sanitizer reported an error (see test_ring_marks-logs)")
-        shutil.rmtree(cls.tmp, ignore_errors=True)
-        if problems:
-            raise AssertionError("; ".join(problems))
-
-    @classmethod
-    def ctl_status(cls, u):
-        p = subprocess.run([cls.bin("supernode"), "-c", cls.cfg[u], "status", "--json"],
-                           capture_output=True, text=True, timeout=30)
-        return json.loads(p.stdout) if p.returncode == 0 else {}
+        cls.stop_checked("test_ring_marks")
 
     @classmethod
     def ring_ok(cls, names):
         ids = sorted(cls.node_id[u] for u in names)
         for u in names:
-            st = cls.ctl_status(u)
+            st = cls.sn_status(u)
             i = ids.index(cls.node_id[u])
             if st.get("state") != "member" or (st.get("pred") or {}).get("id") != ids[i - 1]:
                 return False
@@ -158,10 +144,10 @@ class RingMarks(MarksBase, unittest.TestCase):
                      "--value", json.dumps({"v": "new"}), "--lifetime", "3", "--mode", "update")
         self.assertTrue(r.get("ok"), r)
         wait_until("the record expired into a mark at %s" % x,
-                   lambda: self.ctl_status(x).get("store", {}).get("marks", 0) >= 1, 15)
-        st_y = self.ctl_status(y).get("store", {})
+                   lambda: self.sn_status(x).get("store", {}).get("marks", 0) >= 1, 15)
+        st_y = self.sn_status(y).get("store", {})
         note("%s: marks %s; %s (never held it): marks %s", x,
-             self.ctl_status(x)["store"]["marks"], y, st_y.get("marks"))
+             self.sn_status(x)["store"]["marks"], y, st_y.get("marks"))
         # The replay at X: refused (the mark of issue 15).
         r = self.dht("alice", "sn1", "send", "--mode", "update", stdin=old + "\n")
         note("replay at %s: %r", x, r)
@@ -173,7 +159,7 @@ class RingMarks(MarksBase, unittest.TestCase):
         note("%s: %s", x, line[line.find("handing"):])
         rest = tuple(u for u in SNS if u != x)
         wait_until("a ring of three", lambda: self.ring_ok(rest), WAIT)
-        st_y = self.ctl_status(y).get("store", {})
+        st_y = self.sn_status(y).get("store", {})
         note("%s after the hand-off: marks %s", y, st_y.get("marks"))
 
         # The replay at Y, the new responsible node: refused too.
@@ -250,7 +236,7 @@ class RingMarksSync(MarksBase, unittest.TestCase):
         self.assertTrue(r.get("ok"), r)
         for u in (x, y):
             wait_until("the record expired into a mark at %s" % u,
-                       lambda: self.ctl_status(u).get("store", {}).get("marks", 0) >= 1, 15)
+                       lambda: self.sn_status(u).get("store", {}).get("marks", 0) >= 1, 15)
 
         # Y restarts with an empty store, and gets the mark back from X's sync.
         self.kill(y)
@@ -260,10 +246,10 @@ class RingMarksSync(MarksBase, unittest.TestCase):
         t0 = time.monotonic()
         try:
             wait_until("the mark back at %s" % y,
-                       lambda: self.ctl_status(y).get("store", {}).get("marks", 0) >= 1, 15)
+                       lambda: self.sn_status(y).get("store", {}).get("marks", 0) >= 1, 15)
         finally:
             note("%s after its restart: marks %s (%.1f s after the ring was whole)", y,
-                 self.ctl_status(y).get("store", {}).get("marks"), time.monotonic() - t0)
+                 self.sn_status(y).get("store", {}).get("marks"), time.monotonic() - t0)
 
         # X dies (no hand-off): Y is responsible now, and refuses the replay.
         self.kill(x)
