@@ -7,7 +7,7 @@ PACKAGES=(
   build-essential cmake pkg-config python3
   libev-dev libgnutls28-dev gnutls-bin libjansson-dev libcurl4-gnutls-dev
   libnice-dev libsodium-dev libmicrohttpd-dev libosip2-dev libsqlite3-dev libcmocka-dev
-  sip-tester valgrind curl nftables
+  sip-tester valgrind curl nftables iproute2
   # tests/integration/test_sip_front_attack.py: an attacker's toolkit (svwar, svcrack)
   sipvicious
   # scripts/fuzz.sh: libFuzzer's runtime is in libclang-rt-dev, which clang only recommends
