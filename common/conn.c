@@ -43,7 +43,11 @@
 #include "log.h"
 #include "version.h"
 
-#define TLS_PRIORITY     "NORMAL:-VERS-ALL:+VERS-TLS1.3"
+#define TLS_PRIORITY "NORMAL:-VERS-ALL:+VERS-TLS1.3"
+/* GnuTLS 3.7 has no DTLS 1.3; 1.2 with ECDHE and AEAD suites only. */
+#define DTLS_PRIORITY                                                                              \
+    "NORMAL:-VERS-ALL:+VERS-DTLS1.2:-CIPHER-ALL:+AES-128-GCM:+AES-256-GCM:+CHACHA20-POLY1305:-KX-" \
+    "ALL:+ECDHE-ECDSA"
 #define DEF_HANDSHAKE_MS 10000u
 #define DEF_WQUEUE       (1024u * 1024u)
 #define LINGER_MAX_MS    2000u
@@ -62,6 +66,15 @@
 struct tls_ctx {
     gnutls_certificate_credentials_t xcred;
     gnutls_priority_t prio;
+    gnutls_priority_t dtls_prio; /* made at the first DTLS session */
+    /* DTLS clients: GnuTLS 3.7 has no DTLS 1.3, and a DTLS 1.2 client finds no certificate of
+     * its own that fits a certificate request when its key is Ed25519 (TLS 1.2 certificate
+     * types know no EdDSA), though the server takes one. So DTLS clients hand theirs over
+     * from a callback, from credentials of their own. */
+    gnutls_certificate_credentials_t dtls_cli;
+    gnutls_pcert_st pcert;
+    gnutls_privkey_t pkey;
+    bool have_pcert;
     struct peer_identity self;
     char overlay[MSG_OVERLAY_MAX + 1];
     unsigned hs_ms, idle_ms;
@@ -279,6 +292,19 @@ static int load_file(const char *what, const char *path, gnutls_datum_t *out, ch
     return 0;
 }
 
+/* A DTLS client's certificate, whatever the request asked for (the server checks it). */
+static int dtls_client_cert(gnutls_session_t s, const gnutls_datum_t *req_ca, int nreq,
+                            const gnutls_pk_algorithm_t *algos, int nalgos, gnutls_pcert_st **pcert,
+                            unsigned *npcert, gnutls_privkey_t *key)
+{
+    (void)req_ca, (void)nreq, (void)algos, (void)nalgos;
+    struct tls_ctx *ctx = gnutls_session_get_ptr(s);
+    *pcert = &ctx->pcert;
+    *npcert = 1;
+    *key = ctx->pkey;
+    return 0;
+}
+
 struct tls_ctx *tls_ctx_new(const struct tls_config *cfg, char *err, size_t errlen)
 {
     struct tls_ctx *ctx = NULL;
@@ -374,6 +400,22 @@ struct tls_ctx *tls_ctx_new(const struct tls_config *cfg, char *err, size_t errl
                      cfg->key_file, gnutls_strerror(r));
         goto fail;
     }
+    if ((r = gnutls_certificate_allocate_credentials(&ctx->dtls_cli)) < 0 ||
+        (r = gnutls_certificate_set_x509_trust_mem(ctx->dtls_cli, &ca_pem, GNUTLS_X509_FMT_PEM)) <
+            0 ||
+        (r = gnutls_pcert_import_x509_raw(&ctx->pcert, &cert_pem, GNUTLS_X509_FMT_PEM, 0)) < 0) {
+        snprintf(err, errlen, "cannot set up DTLS credentials from %s: %s", cfg->cert_file,
+                 gnutls_strerror(r));
+        goto fail;
+    }
+    ctx->have_pcert = true;
+    if ((r = gnutls_privkey_init(&ctx->pkey)) < 0 ||
+        (r = gnutls_privkey_import_x509_raw(ctx->pkey, &key_pem, GNUTLS_X509_FMT_PEM, NULL, 0)) <
+            0) {
+        snprintf(err, errlen, "cannot load key %s for DTLS: %s", cfg->key_file, gnutls_strerror(r));
+        goto fail;
+    }
+    gnutls_certificate_set_retrieve_function2(ctx->dtls_cli, dtls_client_cert);
     if ((r = gnutls_priority_init(&ctx->prio, TLS_PRIORITY, &errpos)) < 0) {
         snprintf(err, errlen, "TLS priority string rejected at \"%s\": %s", errpos ? errpos : "?",
                  gnutls_strerror(r));
@@ -413,6 +455,14 @@ void tls_ctx_free(struct tls_ctx *ctx)
         return;
     if (ctx->prio)
         gnutls_priority_deinit(ctx->prio);
+    if (ctx->dtls_prio)
+        gnutls_priority_deinit(ctx->dtls_prio);
+    if (ctx->dtls_cli)
+        gnutls_certificate_free_credentials(ctx->dtls_cli);
+    if (ctx->have_pcert)
+        gnutls_pcert_deinit(&ctx->pcert);
+    if (ctx->pkey)
+        gnutls_privkey_deinit(ctx->pkey);
     if (ctx->xcred)
         gnutls_certificate_free_credentials(ctx->xcred);
     free(ctx);
@@ -1205,6 +1255,13 @@ static void do_handshake(struct conn *c)
     }
 }
 
+/* What a peer certificate must be good for (no hostname: a peer is who its certificate says,
+ * URI SAN and Node-ID, which callers check; GnuTLS checks the chain and the key purpose). */
+static gnutls_typed_vdata_st want_server = {.type = GNUTLS_DT_KEY_PURPOSE_OID,
+                                            .data = (unsigned char *)GNUTLS_KP_TLS_WWW_SERVER};
+static gnutls_typed_vdata_st want_client = {.type = GNUTLS_DT_KEY_PURPOSE_OID,
+                                            .data = (unsigned char *)GNUTLS_KP_TLS_WWW_CLIENT};
+
 static int start_tls(struct conn *c)
 {
     unsigned flags = (c->outgoing ? GNUTLS_CLIENT : GNUTLS_SERVER) | GNUTLS_NONBLOCK |
@@ -1218,10 +1275,6 @@ static int start_tls(struct conn *c)
      * No hostname: a peer is who its certificate says (URI SAN, Node-ID),
      * which callers check; GnuTLS checks the chain and the key purpose.
      */
-    static gnutls_typed_vdata_st want_server = {.type = GNUTLS_DT_KEY_PURPOSE_OID,
-                                                .data = (unsigned char *)GNUTLS_KP_TLS_WWW_SERVER};
-    static gnutls_typed_vdata_st want_client = {.type = GNUTLS_DT_KEY_PURPOSE_OID,
-                                                .data = (unsigned char *)GNUTLS_KP_TLS_WWW_CLIENT};
     if ((r = gnutls_priority_set(c->s, c->ctx->prio)) < 0 ||
         (r = gnutls_credentials_set(c->s, GNUTLS_CRD_CERTIFICATE, c->ctx->xcred)) < 0)
         return r;
@@ -1233,6 +1286,59 @@ static int start_tls(struct conn *c)
     if (c->state != CONN_HANDSHAKING)
         conn_set_state(c, CONN_HANDSHAKING);
     set_rio(c, true);
+    return 0;
+}
+
+/* ---- DTLS sessions for datagram channels (chan.c) ------------------------------------------ */
+
+int tls_ctx_dtls_session(struct tls_ctx *ctx, bool client, gnutls_session_t *out)
+{
+    int r;
+    const char *errpos = NULL;
+    *out = NULL;
+    if (!ctx->dtls_prio && (r = gnutls_priority_init(&ctx->dtls_prio, DTLS_PRIORITY, &errpos)) < 0)
+        return r;
+    gnutls_session_t s;
+    if ((r = gnutls_init(&s, (client ? GNUTLS_CLIENT : GNUTLS_SERVER) | GNUTLS_DATAGRAM |
+                                 GNUTLS_NONBLOCK | GNUTLS_NO_SIGNAL)) < 0)
+        return r;
+    gnutls_session_set_ptr(s, ctx);
+    if ((r = gnutls_priority_set(s, ctx->dtls_prio)) < 0 ||
+        (r = gnutls_credentials_set(s, GNUTLS_CRD_CERTIFICATE,
+                                    client ? ctx->dtls_cli : ctx->xcred)) < 0) {
+        gnutls_deinit(s);
+        return r;
+    }
+    if (!client)
+        gnutls_certificate_server_set_request(s, GNUTLS_CERT_REQUIRE);
+    gnutls_session_set_verify_cert2(s, client ? &want_server : &want_client, 1, 0);
+    *out = s;
+    return 0;
+}
+
+int tls_session_peer(gnutls_session_t s, struct peer_identity *out, char *err, size_t errlen)
+{
+    unsigned n = 0;
+    const gnutls_datum_t *certs = gnutls_certificate_get_peers(s, &n);
+    gnutls_x509_crt_t crt = NULL;
+    struct crl_ref ref;
+    int r = GNUTLS_E_NO_CERTIFICATE_FOUND;
+    if (certs && n > 0 && (r = gnutls_x509_crt_init(&crt)) >= 0 &&
+        (r = gnutls_x509_crt_import(crt, &certs[0], GNUTLS_X509_FMT_DER)) >= 0 &&
+        (r = cred_identity(crt, out)) >= 0)
+        r = crl_ref_of(crt, &ref);
+    gnutls_x509_crt_deinit(crt);
+    if (r < 0) {
+        snprintf(err, errlen, "cannot read the identity in the peer's certificate: %s",
+                 gnutls_strerror(r));
+        return -1;
+    }
+    if (crl_ref_revoked(&ref)) {
+        char who[512], serial[2 * CRL_SERIAL_MAX + 1];
+        snprintf(err, errlen, "%s (serial %s) is revoked", cred_identity_str(out, who, sizeof(who)),
+                 crl_ref_serial_hex(&ref, serial, sizeof(serial)));
+        return -1;
+    }
     return 0;
 }
 

@@ -79,6 +79,18 @@ void tls_ctx_free(struct tls_ctx *ctx);
 /* Our own identity, from our certificate. */
 const struct peer_identity *tls_ctx_identity(const struct tls_ctx *ctx);
 
+/*
+ * A DTLS 1.2 session (non-blocking) with the context's certificate and trust, for channels
+ * that carry datagrams over a transport of their own (the ordinary nodes' channels, chan.c):
+ * the caller sets the transport functions. The peer's chain is checked during the handshake as
+ * on links (overlay CA, key purpose; a server requires a client certificate); afterwards
+ * tls_session_peer() reads who it is. 0 or a GnuTLS error.
+ */
+int tls_ctx_dtls_session(struct tls_ctx *ctx, bool client, gnutls_session_t *out);
+/* The peer of a finished handshake: its identity, refused when the revocation list (crl.h)
+ * revokes it. 0, or -1 with one line in err. */
+int tls_session_peer(gnutls_session_t s, struct peer_identity *out, char *err, size_t errlen);
+
 enum conn_state {
     CONN_CONNECTING = 0, /* TCP connect in progress (outgoing only) */
     CONN_HANDSHAKING,    /* TLS handshake */

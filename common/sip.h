@@ -78,6 +78,7 @@ struct sip_source {
     /* Set by the owner for messages that travel through the overlay (sip_send refuses them):
      * the other node's Node-ID and its super node's, 40 hex each. */
     char node[41], sn[41];
+    bool chan; /* ...on a channel between the nodes (ordinarynode/chan.h), not `deliver` */
 };
 
 /* A message that parsed. msg stays the callback's: sip_* do not keep it. */

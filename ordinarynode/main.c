@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "chan.h"
 #include "ctlsock.h"
 #include "daemon.h"
 #include "enroll.h"
@@ -56,6 +57,10 @@ struct on_config {
     struct cfg_strlist sip_register_from;
     bool never_promote;
     long long sn_max_attached;
+    bool channels;
+    long long channel_setup_ms;
+    long long channel_idle_s;
+    struct cfg_strlist ice_addresses;
 };
 
 static const struct cfg_field on_fields[] = {
@@ -122,6 +127,19 @@ static const struct cfg_field on_fields[] = {
      "never become a super node, whatever the criteria say (docs/promotion.md)"},
     {"sn_max_attached", CFG_INT, offsetof(struct on_config, sn_max_attached), 1, 10000000, NULL,
      "1000", "once promoted: most ordinary nodes attached at once"},
+    {"channels", CFG_BOOL, offsetof(struct on_config, channels), 0, 0, NULL, "true",
+     "carry SIP to and from other nodes on channels of their own (ICE with the super node's "
+     "STUN and TURN, then DTLS with the overlay certificates; docs/nat.md), the overlay "
+     "(deliver) only when none can be opened"},
+    {"channel_setup_ms", CFG_INT, offsetof(struct on_config, channel_setup_ms), 500, 120000, NULL,
+     "10000",
+     "a channel not open this long after its first message is given up: its SIP goes "
+     "through the overlay, and the peer is tried again a minute later"},
+    {"channel_idle_s", CFG_INT, offsetof(struct on_config, channel_idle_s), 5, 86400, NULL, "300",
+     "a channel without SIP this long is closed"},
+    {"ice_addresses", CFG_STRLIST, offsetof(struct on_config, ice_addresses), 0, 0, NULL, NULL,
+     "IP addresses of this host that channels gather host candidates on; default: the address "
+     "the link to the super node leaves from (never every interface)"},
 };
 
 static int on_validate(const void *p, char *err, size_t len)
@@ -190,6 +208,10 @@ static const struct cli_command on_commands[] = {
      store_options},
     {"update", "update TYPE NAME JSON: replace this user's record (or create it)", store_options},
     {"remove", "remove TYPE NAME: store a signed removal of this user's record", json_options},
+    {"close-channels",
+     "close-channels [NODE-ID]: close the running node's channels to other nodes (all, or the "
+     "one to that node); the next SIP for a node opens a new one",
+     json_options},
     {"enroll", "get this node's certificate from the login server (once)", enroll_options},
     {"renew", "renew this node's certificate (same Node-ID, new key)", renew_options},
     {NULL, NULL, NULL},
@@ -222,6 +244,7 @@ struct on_state {
     struct onode *on;
     struct promo *promo;
     struct registrar *sip;
+    struct chans *chans;
     struct dns_resolver *dns;
     struct ctl_server *ctl;
     const char **bs; /* bootstrap URLs in use */
@@ -230,8 +253,21 @@ struct on_state {
 static void on_deliver(void *ud, const char *from, json_t *payload)
 {
     struct on_state *st = ud;
-    if (st->sip)
+    if (json_object_get(payload, "ice")) {
+        if (st->chans)
+            chans_signal(st->chans, from, payload);
+        else
+            log_info("main", "channel signal from node %.8s: channels are off here: dropped", from);
+    } else if (st->sip) {
         registrar_deliver(st->sip, from, payload);
+    }
+}
+
+static void on_chan_sip(void *ud, const char *node, const char *sn, const char *text, size_t len)
+{
+    struct on_state *st = ud;
+    if (st->sip)
+        registrar_from_node(st->sip, node, sn, text, len);
 }
 
 static void on_invite(void *ud, const char *reason)
@@ -269,6 +305,17 @@ static void on_control(struct ctl_req *r, json_t *req, void *ud)
             json_object_set_new(s, "promotion", promo_status(st->promo));
         if (st->sip)
             json_object_set_new(s, "sip", registrar_status(st->sip));
+        if (st->chans) {
+            json_t *c = chans_status(st->chans);
+            json_object_set(s, "channels", json_object_get(c, "channels"));
+            json_object_del(c, "channels");
+            if (json_object_get(c, "candidates"))
+                json_object_set(s, "candidates", json_object_get(c, "candidates"));
+            json_object_del(c, "candidates");
+            json_object_set(s, "nat_mapping", json_object_get(c, "nat_mapping"));
+            json_object_del(c, "nat_mapping");
+            json_object_set_new(s, "channel_counters", c);
+        }
         json_object_set_new(s, "ok", json_true());
         ctl_reply(r, s);
         return;
@@ -311,7 +358,17 @@ static void on_control(struct ctl_req *r, json_t *req, void *ud)
                       json_is_true(json_object_get(req, "no_update")), ctl_answer, r);
         return;
     }
-    ctl_reply_error(r, "unknown command \"%s\" (status, get, store)", cmd);
+    if (!strcmp(cmd, "close_channels")) {
+        const char *peer = json_string_value(json_object_get(req, "peer"));
+        if (!st->chans) {
+            ctl_reply_error(r, "channels are off on this node");
+            return;
+        }
+        size_t n = chans_close(st->chans, peer);
+        ctl_reply(r, json_pack("{s:b,s:I}", "ok", 1, "closed", (json_int_t)n));
+        return;
+    }
+    ctl_reply_error(r, "unknown command \"%s\" (status, get, store, close_channels)", cmd);
 }
 
 static int on_start(struct ev_loop *loop, const void *p, void **state)
@@ -370,6 +427,7 @@ static int on_start(struct ev_loop *loop, const void *p, void **state)
         .on_invite = on_invite,
         .on_deliver = on_deliver,
         .sip_via_overlay = cfg->sip && cfg->sip_via_overlay,
+        .channels = cfg->sip && cfg->channels,
         .ud = st,
     };
     if (!(st->on = onode_new(loop, &op, err, sizeof(err)))) {
@@ -401,6 +459,22 @@ static int on_start(struct ev_loop *loop, const void *p, void **state)
         registrar_phone_networks(st->sip, &cfg->sip_register_from, err, sizeof(err)) != 0) {
         log_error("main", "sip_register_from: %s", err);
         return -1;
+    }
+    if (st->sip && cfg->channels) {
+        struct chan_params cp = {
+            .on = st->on,
+            .on_sip = on_chan_sip,
+            .ud = st,
+            .setup_ms = (unsigned)cfg->channel_setup_ms,
+            .idle_s = (unsigned)cfg->channel_idle_s,
+            .addresses = (const char *const *)cfg->ice_addresses.items,
+            .n_addresses = cfg->ice_addresses.n,
+        };
+        if (!(st->chans = chans_new(loop, &cp, err, sizeof(err)))) {
+            log_error("main", "ice_addresses: %s", err);
+            return -1;
+        }
+        registrar_use_channels(st->sip, st->chans);
     }
     if (st->sip && cfg->sip_dns) {
         if (!(st->dns = dns_new(loop, cfg->sip_dns_server, err, sizeof(err)))) {
@@ -447,6 +521,8 @@ static void on_stop(struct ev_loop *loop, void *p)
     st->ctl = NULL;
     registrar_stop(st->sip);
     st->sip = NULL;
+    chans_free(st->chans);
+    st->chans = NULL;
     dns_free(st->dns);
     st->dns = NULL;
     if (st->on)
@@ -461,6 +537,7 @@ static void on_cleanup(void *p)
     renewer_stop(st->renewer);
     ctl_server_stop(st->ctl);
     registrar_stop(st->sip);
+    chans_free(st->chans);
     dns_free(st->dns);
     onode_free(st->on);
     promo_free(st->promo);
@@ -523,10 +600,36 @@ static int cmd_status(const struct cli_opts *o, const struct on_config *cfg)
             printf("reflexive    %s (as the super node sees us)%s%s\n", json_string_value(refl),
                    json_is_string(mapped) ? "; STUN: " : "",
                    json_is_string(mapped) ? json_string_value(mapped) : "");
+        if (sn)
+            printf("NAT          %s; mapping %s\n",
+                   json_is_true(json_object_get(res, "nat")) ? "behind NAT"
+                                                             : "none (the super node sees our own "
+                                                               "address)",
+                   json_string_value(json_object_get(res, "nat_mapping")) ?: "not measured");
         printf("host cache   %zu alternates\n",
                json_array_size(json_object_get(res, "host_cache")));
         size_t i;
         json_t *e;
+        json_array_foreach(json_object_get(res, "candidates"), i, e)
+        {
+            printf("candidate    %-5s %s:%lld (priority %lld)\n",
+                   json_string_value(json_object_get(e, "type")),
+                   json_string_value(json_object_get(e, "ip")),
+                   json_integer_value(json_object_get(e, "port")),
+                   json_integer_value(json_object_get(e, "priority")));
+        }
+        json_array_foreach(json_object_get(res, "channels"), i, e)
+        {
+            const char *path = json_string_value(json_object_get(e, "path"));
+            const char *error = json_string_value(json_object_get(e, "error"));
+            printf("channel      %.8s %s (%s)%s%s%s%s, %lld/%lld messages out/in\n",
+                   json_string_value(json_object_get(e, "peer")),
+                   json_string_value(json_object_get(e, "state")),
+                   json_string_value(json_object_get(e, "role")), path ? ", " : "",
+                   path ? path : "", error ? ": " : "", error ? error : "",
+                   json_integer_value(json_object_get(e, "messages_out")),
+                   json_integer_value(json_object_get(e, "messages_in")));
+        }
         json_array_foreach(json_object_get(res, "published"), i, e)
         {
             printf("published    %s|%s, expires %lld\n",
@@ -648,6 +751,25 @@ static int cmd_store(const struct cli_opts *o, const struct on_config *cfg)
     return rc;
 }
 
+static int cmd_close_channels(const struct cli_opts *o, const struct on_config *cfg)
+{
+    if (o->argc > 1 || (o->argc == 1 && strlen(o->argv[0]) != NID_HEX_LEN)) {
+        cli_error(&on_prog, "close-channels takes at most one Node-ID (40 hex digits)");
+        return 2;
+    }
+    json_t *req = json_pack("{s:s}", "cmd", "close_channels");
+    if (o->argc == 1)
+        json_object_set_new(req, "peer", json_string(o->argv[0]));
+    json_t *res = NULL;
+    int rc = call_daemon(cfg, "close-channels", req, &res);
+    if (rc == 0 && cli_opt(o, "json"))
+        print_json(res);
+    else if (rc == 0)
+        printf("%lld channels closed\n", json_integer_value(json_object_get(res, "closed")));
+    json_decref(res);
+    return rc;
+}
+
 static int on_command(const struct cli_opts *o, void *p)
 {
     const struct on_config *cfg = p;
@@ -659,6 +781,8 @@ static int on_command(const struct cli_opts *o, void *p)
         return cmd_status(o, cfg);
     if (strcmp(o->command, "get") == 0)
         return cmd_get(o, cfg);
+    if (strcmp(o->command, "close-channels") == 0)
+        return cmd_close_channels(o, cfg);
     if (!strcmp(o->command, "add") || !strcmp(o->command, "update") ||
         !strcmp(o->command, "remove"))
         return cmd_store(o, cfg);

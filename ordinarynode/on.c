@@ -135,8 +135,11 @@ struct onode {
     struct pub *pub_tab[PUB_BUCKETS];
     struct pub *pubs;
     char last_error[600];
-    char self_sn[128]; /* our own super node role's address while promoted, else "" */
-    json_t *bindings;  /* SIP registrations for the user location, or NULL */
+    char self_sn[128];   /* our own super node role's address while promoted, else "" */
+    json_t *bindings;    /* SIP registrations for the user location, or NULL */
+    struct on_turn turn; /* the super node's TURN credentials (expires 0: none) */
+    bool turn_pending;
+    double turn_refused_at; /* the super node said it has no relay */
 
     void (*stop_done)(void *ud);
     void *stop_ud;
@@ -572,6 +575,10 @@ static void attached(struct onode *o, const struct msg *m)
     o->ka_tid[0] = '\0';
     o->ka_sent = now_s(o);
     ev_timer_start(o->loop, &o->ka_timer);
+    memset(&o->turn, 0, sizeof(o->turn)); /* credentials are per super node */
+    o->turn_refused_at = 0;
+    if (o->p.channels)
+        onode_turn(o, NULL);
     if (o->p.on_attached)
         o->p.on_attached(o->p.ud, o->sn.id, o->sn.addr, o->sn.source);
     req_send_queued(o);
@@ -989,6 +996,8 @@ static json_t *user_location_value(struct onode *o)
         json_object_set(v, "bindings", o->bindings);
     if (onode_reach_via_overlay(o))
         json_object_set_new(v, "sip_via_overlay", json_true());
+    if (o->p.channels)
+        json_object_set_new(v, "channels", json_true());
     if (o->p.advertise || o->p.listen)
         json_object_set_new(v, "overlay_listen",
                             json_string(o->p.advertise ? o->p.advertise : o->p.listen));
@@ -1766,4 +1775,77 @@ const char *onode_id(const struct onode *o)
 bool onode_reach_via_overlay(const struct onode *o)
 {
     return o->p.sip_via_overlay || o->nat;
+}
+
+/* ---- for channels between nodes (chan.c) ---------------------------------------------------- */
+
+static void deliver_done(void *ud, const struct on_result *r)
+{
+    (void)ud;
+    if (!r->ok)
+        log_info(LOGM, "message through the overlay not delivered: %s: %s", r->code, r->reason);
+}
+
+void onode_deliver(struct onode *o, const char *to, const char *sn, json_t *payload)
+{
+    json_t *body = json_pack("{s:s,s:s,s:O}", "to", to, "sn", sn, "payload", payload);
+    onode_request(o, "deliver", body, deliver_done, NULL);
+    json_decref(body);
+}
+
+struct tls_ctx *onode_tls(struct onode *o)
+{
+    return o->tls;
+}
+
+const char *onode_stun_addr(const struct onode *o)
+{
+    return o->state == S_ATTACHED ? o->stun_addr : "";
+}
+
+const char *onode_local_addr(const struct onode *o)
+{
+    return o->state == S_ATTACHED ? o->local : "";
+}
+
+static void turn_answered(void *ud, const struct on_result *r)
+{
+    struct onode *o = ud;
+    o->turn_pending = false;
+    if (!r->ok) {
+        log_info(LOGM, "no TURN relay from our super node: %s: %s", r->code, r->reason);
+        o->turn_refused_at = now_s(o);
+        return;
+    }
+    const char *server = json_string_value(json_object_get(r->body, "server"));
+    const char *user = json_string_value(json_object_get(r->body, "username"));
+    const char *pass = json_string_value(json_object_get(r->body, "password"));
+    const char *realm = json_string_value(json_object_get(r->body, "realm"));
+    json_int_t expires = json_integer_value(json_object_get(r->body, "expires"));
+    struct on_turn t = {.expires = expires};
+    if (!server || !user || !pass || expires <= (json_int_t)time(NULL) ||
+        snprintf(t.server, sizeof(t.server), "%s", server) >= (int)sizeof(t.server) ||
+        snprintf(t.username, sizeof(t.username), "%s", user) >= (int)sizeof(t.username) ||
+        snprintf(t.password, sizeof(t.password), "%s", pass) >= (int)sizeof(t.password) ||
+        snprintf(t.realm, sizeof(t.realm), "%s", realm ? realm : "") >= (int)sizeof(t.realm)) {
+        log_warn(LOGM, "the super node's TURN credentials are malformed: ignored");
+        o->turn_refused_at = now_s(o);
+        return;
+    }
+    o->turn = t;
+    log_info(LOGM, "TURN relay %s (credentials until %lld)", t.server, (long long)t.expires);
+}
+
+bool onode_turn(struct onode *o, struct on_turn *out)
+{
+    int64_t now = (int64_t)time(NULL);
+    bool valid = o->turn.expires > now + 30;
+    if (o->state == S_ATTACHED && !o->turn_pending && o->turn.expires < now + 120 &&
+        (o->turn_refused_at == 0 || now_s(o) - o->turn_refused_at > 300)) {
+        o->turn_pending = true;
+        onode_request(o, "turn", NULL, turn_answered, o);
+    }
+    if (valid && out)
+        *out = o->turn;
+    return valid;
 }

@@ -47,6 +47,9 @@ struct on_params {
     void (*on_deliver)(void *ud, const char *from, json_t *payload);
     /* The user location says: reach this node's SIP front end through the overlay. */
     bool sip_via_overlay;
+    /* The user location says: this node takes SIP from other nodes over channels (chan.h); and
+     * the node asks its super node for TURN credentials for them. */
+    bool channels;
     void *ud;
 };
 
@@ -120,6 +123,24 @@ const char *onode_sn_id(const struct onode *o);
 const char *onode_id(const struct onode *o);
 /* Calls must reach us through the overlay: configured so, or we are behind NAT. */
 bool onode_reach_via_overlay(const struct onode *o);
+
+/* Sends payload (not taken) to node `to`, attached to super node `sn`, through the overlay
+ * (protocol.md 5.4); failures are logged. */
+void onode_deliver(struct onode *o, const char *to, const char *sn, json_t *payload);
+/* Our overlay credentials (for channels between nodes). */
+struct tls_ctx *onode_tls(struct onode *o);
+/* The super node's STUN server ("ip:port") and our own end of the link to it ("ip:port"), ""
+ * when unknown. */
+const char *onode_stun_addr(const struct onode *o);
+const char *onode_local_addr(const struct onode *o);
+/* TURN credentials for the super node's relay (protocol.md 5.8), when it offers one. */
+struct on_turn {
+    char server[64]; /* "ip:port" */
+    char username[128], password[128], realm[128];
+    int64_t expires;
+};
+/* true and *out when valid credentials are held; asks for new ones when they run out. */
+bool onode_turn(struct onode *o, struct on_turn *out);
 
 /* ---- for promotion (promo.c): the super node role in this same process ---- */
 

@@ -29,6 +29,7 @@
 #include "promo.h"
 #include "sn.h"
 #include "stun.h"
+#include "turn.h"
 
 #define LOGM             "promotion"
 #define DEMOTE_STREAK    3       /* failed probes (or low resource checks) in a row */
@@ -70,6 +71,7 @@ struct promo {
     struct sn *zombie; /* a role that left, freed ZOMBIE_S later (zombie_timer) */
     ev_timer zombie_timer;
     struct stun_server *stun;
+    struct turn_server *turn; /* on the STUN port, with the super node daemon's defaults */
     char stun_addr[160];
     struct http_client *http;
     struct announcer *ann;
@@ -297,6 +299,22 @@ static void promote(struct promo *pr)
         snprintf(pr->stun_addr, sizeof(pr->stun_addr), "%s", advertised(pr));
     else
         log_info(LOGM, "no STUN server (%s)", err);
+    /* TURN (turn.h) on the same port, relaying from the advertised IPv4 address, with the
+     * supernode daemon's default quotas; none when that address is IPv6. */
+    char relay[160];
+    unsigned rport;
+    pr->turn = NULL;
+    if (pr->stun && cfg_parse_hostport(advertised(pr), relay, sizeof(relay), &rport) == 0 &&
+        !strchr(relay, ':')) {
+        struct turn_params tp = {.realm = doc->overlay,
+                                 .relay_ip = relay,
+                                 .port_min = 49152,
+                                 .port_max = 65535,
+                                 .bandwidth_kbps = 2000};
+        pr->turn = turn_server_start(pr->loop, pr->stun, &tp, err, sizeof(err));
+        if (!pr->turn)
+            log_info(LOGM, "no TURN server (%s)", err);
+    }
     struct sn_params sp = {
         .overlay = doc->overlay,
         .listen = pr->p.listen,
@@ -309,6 +327,7 @@ static void promote(struct promo *pr)
         .on_rate = 50,
         .on_inflight = 32,
         .stun = pr->stun_addr[0] ? pr->stun_addr : NULL,
+        .turn = pr->turn,
         .on_membership = on_membership,
         .on_health = on_health,
         .ud = pr,
@@ -317,6 +336,8 @@ static void promote(struct promo *pr)
     pr->sn = sn_new(pr->loop, &sp, err, sizeof(err));
     if (!pr->sn) {
         log_warn(LOGM, "cannot start the super node role: %s", err);
+        turn_server_stop(pr->turn);
+        pr->turn = NULL;
         stun_server_stop(pr->stun);
         pr->stun = NULL;
         char e2[512];
@@ -390,6 +411,9 @@ static void zombie_cb(struct ev_loop *loop, ev_timer *w, int revents)
 static void reap_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
     struct promo *pr = w->data;
+    sn_set_turn(pr->sn, NULL);
+    turn_server_stop(pr->turn);
+    pr->turn = NULL;
     stun_server_stop(pr->stun);
     pr->stun = NULL;
     announcer_free(pr->ann);
@@ -635,6 +659,7 @@ void promo_free(struct promo *pr)
     ev_timer_stop(pr->loop, &pr->zombie_timer);
     sn_free(pr->sn);
     sn_free(pr->zombie);
+    turn_server_stop(pr->turn);
     stun_server_stop(pr->stun);
     announcer_free(pr->ann);
     if (pr->http)
@@ -670,7 +695,11 @@ json_t *promo_status(struct promo *pr)
     json_object_set_new(st, "criteria", c);
     if (pr->last_demotion[0])
         json_object_set_new(st, "last_demotion", json_string(pr->last_demotion));
-    if (pr->sn && (pr->state == P_SN || pr->state == P_JOINING))
-        json_object_set_new(st, "supernode", sn_status(pr->sn));
+    if (pr->sn && (pr->state == P_SN || pr->state == P_JOINING)) {
+        json_t *sn = sn_status(pr->sn);
+        if (pr->turn)
+            json_object_set_new(sn, "turn", turn_server_status(pr->turn));
+        json_object_set_new(st, "supernode", sn);
+    }
     return st;
 }

@@ -23,6 +23,7 @@
 
 #include <gnutls/crypto.h>
 
+#include "chan.h"
 #include "config.h"
 #include "dns.h"
 #include "log.h"
@@ -79,6 +80,7 @@ struct proxy {
     char domain[256];         /* the overlay's own SIP domain */
     char served[256];         /* a domain this proxy is the P2P proxy of ("" = none) */
     struct dns_resolver *dns; /* RFC 3263 for other domains, or NULL */
+    struct chans *chans;      /* channels to other nodes (chan.h), or NULL: the overlay */
     char self[80];            /* our host:port, as Via sent-by and Record-Route */
     proxy_binding_fn binding;
     void *ud;
@@ -89,7 +91,7 @@ struct proxy {
     size_t n_dlg;
     ev_timer sweep;
     uint64_t forwarded, not_found, unavailable, cancelled, looked_up, timeouts, via_overlay,
-        dns_located, refused;
+        dns_located, refused, to_nodes;
 };
 
 /* ---- helpers --------------------------------------------------------------------------------- */
@@ -104,13 +106,6 @@ static void new_branch(char *out, size_t len)
 
 /* ---- sending: directly, or through the overlay to a node (protocol.md 5.4) ---------------- */
 
-static void delivered(void *ud, const struct on_result *r)
-{
-    (void)ud;
-    if (!r->ok)
-        log_info(LOGM, "SIP message through the overlay not delivered: %s: %s", r->code, r->reason);
-}
-
 static int px_send(struct proxy *px, osip_message_t *m, const struct sip_source *to, char *err,
                    size_t errlen)
 {
@@ -123,12 +118,17 @@ static int px_send(struct proxy *px, osip_message_t *m, const struct sip_source 
         snprintf(err, errlen, "cannot serialise the message");
         return -1;
     }
+    if (px->chans && to->chan) { /* its channel, or the overlay when there can be none */
+        chans_send(px->chans, to->node, to->sn, text, len);
+        osip_free(text);
+        px->to_nodes++;
+        return 0;
+    }
     const char *my_sn = onode_sn_id(px->on);
     json_t *payload = json_pack("{s:s%,s:s}", "sip", text, len, "sn", my_sn ? my_sn : "");
     osip_free(text);
-    json_t *body = json_pack("{s:s,s:s,s:o}", "to", to->node, "sn", to->sn, "payload", payload);
-    onode_request(px->on, "deliver", body, delivered, NULL);
-    json_decref(body);
+    onode_deliver(px->on, to->node, to->sn, payload);
+    json_decref(payload);
     px->via_overlay++;
     return 0;
 }
@@ -145,12 +145,14 @@ static void px_reply(struct proxy *px, const osip_message_t *req, const struct s
 }
 
 /* A destination through the overlay: node and its super node. */
-static void overlay_target(struct sip_source *to, const char *node, const char *sn)
+static void overlay_target(struct sip_source *to, const char *node, const char *sn, bool chan)
 {
     memset(to, 0, sizeof(*to));
     snprintf(to->node, sizeof(to->node), "%s", node);
     snprintf(to->sn, sizeof(to->sn), "%s", sn);
-    snprintf(to->addr, sizeof(to->addr), "node %.8s (overlay)", node);
+    to->chan = chan;
+    snprintf(to->addr, sizeof(to->addr), chan ? "node %.8s (channel)" : "node %.8s (overlay)",
+             node);
 }
 
 static void direct_target(struct sip_source *to, const char *hostport, bool tcp)
@@ -400,7 +402,8 @@ static void forward(struct ptxn *t, const struct sip_source *to, const char *new
     px->forwarded++;
     log_debug(LOGM, "%s %s forwarded to %s", t->method, t->req->call_id->number, to->addr);
     t->rto = T1_S;
-    if (!tcp && !to->node[0]) { /* TCP and the overlay do their own retransmitting */
+    /* TCP and the overlay's links do their own retransmitting; a channel is datagrams. */
+    if (!tcp && (!to->node[0] || (px->chans && to->chan))) {
         ev_timer_set(&t->retrans, T1_S, 0.);
         ev_timer_start(px->loop, &t->retrans);
     }
@@ -526,9 +529,13 @@ static void looked_up(void *ud, const struct on_result *r)
             continue; /* a user's record without a registered phone */
         const char *node = json_string_value(json_object_get(v, "node_id"));
         const char *sn = json_string_value(json_object_get(json_object_get(v, "sn"), "id"));
-        if (json_is_true(json_object_get(v, "sip_via_overlay")) && node && sn &&
+        /* A node that takes channels is reached on one (chan.h), whatever its addresses; one
+         * that asks for the overlay, through the overlay. */
+        bool chan = px->chans && json_is_true(json_object_get(v, "channels")) &&
+                    strcmp(node ? node : "", onode_id(px->on)) != 0;
+        if ((chan || json_is_true(json_object_get(v, "sip_via_overlay"))) && node && sn &&
             strlen(node) == NID_HEX_LEN && strlen(sn) == NID_HEX_LEN) {
-            overlay_target(&to, node, sn);
+            overlay_target(&to, node, sn, chan);
             snprintf(target, sizeof(target), "%s", to.addr);
             overlay = true;
             break;
@@ -733,7 +740,7 @@ static int route_overlay(const osip_route_t *rt, struct sip_source *to)
     if (!pn || !ps || !pn->gvalue || !ps->gvalue || strlen(pn->gvalue) != NID_HEX_LEN ||
         strlen(ps->gvalue) != NID_HEX_LEN)
         return -1;
-    overlay_target(to, pn->gvalue, ps->gvalue);
+    overlay_target(to, pn->gvalue, ps->gvalue, false);
     return 0;
 }
 
@@ -1083,6 +1090,11 @@ struct proxy *proxy_new(struct ev_loop *loop, struct onode *on, struct sip_endpo
     return px;
 }
 
+void proxy_use_channels(struct proxy *px, struct chans *cs)
+{
+    px->chans = cs;
+}
+
 void proxy_use_dns(struct proxy *px, struct dns_resolver *dns)
 {
     px->dns = dns;
@@ -1095,11 +1107,12 @@ void proxy_serve_domain(struct proxy *px, const char *domain)
 
 json_t *proxy_status(struct proxy *px)
 {
-    return json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "refused",
-                     (json_int_t)px->refused, "dialogs", (json_int_t)px->n_dlg, "dns_located",
-                     (json_int_t)px->dns_located, "through_overlay", (json_int_t)px->via_overlay,
-                     "transactions", (json_int_t)px->n_txns, "forwarded", (json_int_t)px->forwarded,
-                     "looked_up", (json_int_t)px->looked_up, "not_found", (json_int_t)px->not_found,
+    return json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "to_nodes",
+                     (json_int_t)px->to_nodes, "refused", (json_int_t)px->refused, "dialogs",
+                     (json_int_t)px->n_dlg, "dns_located", (json_int_t)px->dns_located,
+                     "through_overlay", (json_int_t)px->via_overlay, "transactions",
+                     (json_int_t)px->n_txns, "forwarded", (json_int_t)px->forwarded, "looked_up",
+                     (json_int_t)px->looked_up, "not_found", (json_int_t)px->not_found,
                      "unavailable", (json_int_t)px->unavailable, "cancelled",
                      (json_int_t)px->cancelled, "timeouts", (json_int_t)px->timeouts);
 }

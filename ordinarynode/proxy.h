@@ -40,6 +40,11 @@ struct dns_resolver;
 /* Other domains the overlay knows nothing of are located through DNS (RFC 3263, dns.h); NULL:
  * they get 404. The resolver is the caller's and outlives the proxy. */
 void proxy_use_dns(struct proxy *px, struct dns_resolver *dns);
+struct chans;
+/* Other nodes that take channels (their location record says "channels") are reached on one
+ * (chan.h), and SIP to any node goes through cs, which falls back to the overlay; NULL: every
+ * message to a node goes through the overlay. cs is the caller's and outlives the proxy. */
+void proxy_use_channels(struct proxy *px, struct chans *cs);
 /* This proxy is the P2P proxy of `domain`: its users are looked up, never sent to a proxy. */
 void proxy_serve_domain(struct proxy *px, const char *domain);
 

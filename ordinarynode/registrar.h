@@ -26,6 +26,12 @@ struct registrar *registrar_start(struct ev_loop *loop, struct onode *on, const 
                                   int64_t max_expires, char *err, size_t errlen);
 /* A SIP message another node delivered through the overlay: {"sip": text, "sn": its SN}. */
 void registrar_deliver(struct registrar *r, const char *from, json_t *payload);
+/* A SIP message from node `from` (attached to super node sn), on a channel (chan.h). */
+void registrar_from_node(struct registrar *r, const char *from, const char *sn, const char *text,
+                         size_t len);
+struct chans;
+/* SIP to other nodes goes through cs (proxy_use_channels()). */
+void registrar_use_channels(struct registrar *r, struct chans *cs);
 /* {"listen", "bindings": [{"contact", "expires_in"}], "counters": {...}} */
 json_t *registrar_status(struct registrar *r);
 struct dns_resolver;

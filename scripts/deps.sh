@@ -10,6 +10,9 @@ PACKAGES=(
   sip-tester valgrind curl nftables iproute2
   # tests/integration/test_sip_front_attack.py: an attacker's toolkit (svwar, svcrack)
   sipvicious
+  # the TURN and STUN tests and bench/turn_bench.py: clients nobody here wrote
+  # (turnutils_uclient, turnutils_peer, turnutils_stunclient; stun), coturn as the reference
+  coturn stun-client
   # scripts/fuzz.sh: libFuzzer's runtime is in libclang-rt-dev, which clang only recommends
   clang libclang-rt-dev
 )

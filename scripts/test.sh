@@ -20,6 +20,9 @@ case "${1:-}" in
 esac
 
 "$top/scripts/deps.sh"
+# Everything the tests need is installed now: a test that finds something missing fails
+# rather than skips (tests/integration/harness.py, require()).
+export P2P_TEST_STRICT=1
 
 status=0
 for f in "${flavours[@]}"; do

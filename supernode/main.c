@@ -4,6 +4,7 @@
  * from the state directory, starting or joining the ring, the control socket
  * (`supernode status`), graceful leave on SIGTERM.
  */
+#include <arpa/inet.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,6 +28,7 @@
 #include "sipfront.h"
 #include "sn.h"
 #include "stun.h"
+#include "turn.h"
 
 struct sn_config {
     struct daemon_base base; /* must come first */
@@ -62,6 +64,17 @@ struct sn_config {
     long long on_inflight;
     char *metrics_listen;
     char *stun_listen;
+    bool turn;
+    char *turn_relay_ip;
+    char *turn_ports;
+    long long turn_max_allocations;
+    long long turn_allocations_per_node;
+    long long turn_permissions_per_allocation;
+    long long turn_channels_per_allocation;
+    long long turn_bandwidth_kbps;
+    long long turn_max_lifetime_s;
+    long long turn_credential_ttl_s;
+    struct cfg_strlist turn_allow_peers;
     char *lan_discovery_if;
     char *sip_listen;
     char *sip_advertise;
@@ -177,6 +190,37 @@ static const struct cfg_field sn_fields[] = {
      "requests one attached ordinary node may have in progress"},
     {"stun_listen", CFG_HOSTPORT, offsetof(struct sn_config, stun_listen), 0, 0, NULL, NULL,
      "UDP address of the STUN server (default: the host of advertise/listen, port 3478)"},
+    {"turn", CFG_BOOL, offsetof(struct sn_config, turn), 0, 0, NULL, "true",
+     "run a TURN relay (RFC 8656, UDP, IPv4) on the STUN server's port; attached ordinary "
+     "nodes get short-lived credentials with the `turn` request (docs/nat.md)"},
+    {"turn_relay_ip", CFG_STR, offsetof(struct sn_config, turn_relay_ip), 0, 0, NULL, NULL,
+     "IPv4 address relayed addresses are bound to and announced with (default: the STUN "
+     "listen host if it is not a wildcard, else the host of advertise/listen)"},
+    {"turn_ports", CFG_STR, offsetof(struct sn_config, turn_ports), 0, 0, NULL, "49152-65535",
+     "UDP port range of relayed addresses, LOW-HIGH (0-0: any port); open it in the firewall"},
+    {"turn_max_allocations", CFG_INT, offsetof(struct sn_config, turn_max_allocations), 1, 1000000,
+     NULL, "1000", "most TURN allocations in all (past it: 508 Insufficient Capacity)"},
+    {"turn_allocations_per_node", CFG_INT, offsetof(struct sn_config, turn_allocations_per_node), 1,
+     10000, NULL, "4",
+     "most TURN allocations one Node-ID may hold (past it: 486 Allocation Quota Reached)"},
+    {"turn_permissions_per_allocation", CFG_INT,
+     offsetof(struct sn_config, turn_permissions_per_allocation), 1, 10000, NULL, "32",
+     "most peer addresses with a permission in one allocation"},
+    {"turn_channels_per_allocation", CFG_INT,
+     offsetof(struct sn_config, turn_channels_per_allocation), 1, 4096, NULL, "32",
+     "most channel bindings in one allocation"},
+    {"turn_bandwidth_kbps", CFG_INT, offsetof(struct sn_config, turn_bandwidth_kbps), 0, 10000000,
+     NULL, "2000",
+     "relayed kbit/s per allocation, both ways together (token bucket, one second of burst; "
+     "excess is dropped and counted; 0 = unlimited)"},
+    {"turn_max_lifetime_s", CFG_INT, offsetof(struct sn_config, turn_max_lifetime_s), 60, 86400,
+     NULL, "3600", "longest lifetime a TURN allocation is granted per Allocate/Refresh"},
+    {"turn_credential_ttl_s", CFG_INT, offsetof(struct sn_config, turn_credential_ttl_s), 60, 86400,
+     NULL, "600", "validity of the TURN credentials handed out by the `turn` request"},
+    {"turn_allow_peers", CFG_STRLIST, offsetof(struct sn_config, turn_allow_peers), 0, 0, NULL,
+     NULL,
+     "IPv4 CIDRs the relay may send to although the peer policy refuses them (private, "
+     "loopback, ... ranges); for tests and labs, e.g. [\"127.0.0.0/8\"]"},
     {"lan_discovery_if", CFG_STR, offsetof(struct sn_config, lan_discovery_if), 0, 0, NULL, NULL,
      "IPv4 address of the interface on which to answer ordinary nodes' LAN discovery "
      "queries (the overlay document's group); default: off"},
@@ -231,6 +275,10 @@ static const struct cli_command sn_commands[] = {
      "sip-user NAME: read a password (one line on standard input) and print the sip_users line "
      "for NAME in sip_domain",
      NULL},
+    {"turn-credentials",
+     "turn-credentials NODE-ID: ask the running super node (control socket) for TURN "
+     "credentials of that node, as JSON (operators and tests)",
+     NULL},
     {"ping",
      "ping ADDR: connect to the node at host:port with this node's credentials, "
      "print its verified identity and the round-trip time",
@@ -276,6 +324,8 @@ struct sn_state {
     double started_at;
     struct httpd *metrics;
     struct stun_server *stun;
+    struct turn_server *turn;
+    char turn_addr[300]; /* what clients are told: the STUN server's address */
     struct landisc_responder *lan;
     char id_hex[NID_HEX_LEN + 1];
     /* The public SIP front end and its client of the overlay (sipfront.h). */
@@ -304,11 +354,39 @@ static void on_control(struct ctl_req *r, json_t *req, void *ud)
         json_t *s = sn_status(st->sn);
         if (st->sip)
             json_object_set_new(s, "sip", sipfront_status(st->sip));
+        if (st->stun) {
+            struct stun_stats ss;
+            stun_server_stats(st->stun, &ss);
+            json_object_set_new(s, "stun",
+                                json_pack("{s:I,s:I,s:I,s:I}", "answered", (json_int_t)ss.answered,
+                                          "classic", (json_int_t)ss.classic, "errors",
+                                          (json_int_t)ss.errors, "dropped",
+                                          (json_int_t)ss.dropped));
+        }
+        if (st->turn)
+            json_object_set_new(s, "turn", turn_server_status(st->turn));
         ctl_reply(r, s);
-    } else if (!strcmp(cmd, "records"))
+    } else if (!strcmp(cmd, "records")) {
         ctl_reply(r, json_pack("{s:b,s:o}", "ok", 1, "records", sn_records(st->sn)));
-    else
-        ctl_reply_error(r, "unknown command \"%s\" (status, records)", cmd);
+    } else if (!strcmp(cmd, "turn-credentials")) {
+        /* Local operators and tests only: the control socket is not reachable from outside. */
+        const char *id = json_string_value(json_object_get(req, "node_id"));
+        json_int_t ttl = json_integer_value(json_object_get(req, "ttl_s"));
+        char user[160], pass[64], realm[160];
+        if (!st->turn)
+            ctl_reply_error(r, "this super node runs no TURN server");
+        else if (!id ||
+                 turn_issue(st->turn, id,
+                            ttl > 0 && ttl <= 86400 ? (unsigned)ttl
+                                                    : (unsigned)st->cfg->turn_credential_ttl_s,
+                            user, sizeof(user), pass, sizeof(pass), realm, sizeof(realm)) != 0)
+            ctl_reply_error(r, "node_id must be 40 lowercase hex digits");
+        else
+            ctl_reply(r, json_pack("{s:b,s:s,s:s,s:s,s:s}", "ok", 1, "server", st->turn_addr,
+                                   "username", user, "password", pass, "realm", realm));
+    } else {
+        ctl_reply_error(r, "unknown command \"%s\" (status, records, turn-credentials)", cmd);
+    }
 }
 
 static void on_metrics(struct httpd_req *r, void *ud)
@@ -319,6 +397,37 @@ static void on_metrics(struct httpd_req *r, void *ud)
         return;
     }
     char *text = sn_metrics(st->sn);
+    if (text && st->stun) {
+        struct stun_stats ss;
+        stun_server_stats(st->stun, &ss);
+        char buf[512];
+        snprintf(buf, sizeof(buf),
+                 "# TYPE p2p_stun_answered_total counter\n"
+                 "p2p_stun_answered_total{kind=\"rfc5389\"} %llu\n"
+                 "p2p_stun_answered_total{kind=\"rfc3489\"} %llu\n"
+                 "# TYPE p2p_stun_errors_total counter\np2p_stun_errors_total %llu\n"
+                 "# TYPE p2p_stun_dropped_total counter\np2p_stun_dropped_total %llu\n",
+                 (unsigned long long)(ss.answered - ss.classic), (unsigned long long)ss.classic,
+                 (unsigned long long)ss.errors, (unsigned long long)ss.dropped);
+        char *both = malloc(strlen(text) + strlen(buf) + 1);
+        if (both) {
+            strcpy(both, text);
+            strcat(both, buf);
+            free(text);
+            text = both;
+        }
+    }
+    if (text && st->turn) {
+        char *t = turn_server_metrics(st->turn);
+        char *both = t ? malloc(strlen(text) + strlen(t) + 1) : NULL;
+        if (both) {
+            strcpy(both, text);
+            strcat(both, t);
+            free(text);
+            text = both;
+        }
+        free(t);
+    }
     if (!text) {
         httpd_respond_error(r, 500, "internal", "out of memory");
         return;
@@ -534,6 +643,59 @@ static int start_sip(struct sn_state *st, struct ev_loop *loop, const struct ove
     return 0;
 }
 
+/* The TURN relay on the STUN server's socket (turn.h); stun_addr is what clients are told. */
+static int start_turn(struct sn_state *st, struct ev_loop *loop, const char *stun_addr,
+                      const char *realm)
+{
+    const struct sn_config *cfg = st->cfg;
+    char relay[256] = "", err[512];
+    unsigned port;
+    if (cfg->turn_relay_ip)
+        snprintf(relay, sizeof(relay), "%s", cfg->turn_relay_ip);
+    else if (cfg_parse_hostport(
+                 cfg->stun_listen && !is_wildcard(cfg->stun_listen) ? cfg->stun_listen : stun_addr,
+                 relay, sizeof(relay), &port) != 0)
+        relay[0] = '\0';
+    struct in_addr v4;
+    if (!cfg->turn_relay_ip && inet_pton(AF_INET, relay, &v4) != 1) {
+        log_warn("main",
+                 "TURN: the relay is IPv4 only and %s is not an IPv4 address: running "
+                 "without TURN (set turn_relay_ip)",
+                 relay[0] ? relay : stun_addr);
+        return 0;
+    }
+    unsigned lo = 0, hi = 0;
+    char tail;
+    if (sscanf(cfg->turn_ports, "%u-%u%c", &lo, &hi, &tail) != 2) {
+        log_error("main", "TURN: turn_ports \"%s\": expected LOW-HIGH, e.g. 49152-65535 (0-0: any)",
+                  cfg->turn_ports);
+        return -1;
+    }
+    struct turn_params tp = {
+        .realm = realm,
+        .relay_ip = relay,
+        .port_min = lo,
+        .port_max = hi,
+        .max_allocations = (unsigned)cfg->turn_max_allocations,
+        .allocations_per_node = (unsigned)cfg->turn_allocations_per_node,
+        .permissions_per_alloc = (unsigned)cfg->turn_permissions_per_allocation,
+        .channels_per_alloc = (unsigned)cfg->turn_channels_per_allocation,
+        .bandwidth_kbps = (unsigned)cfg->turn_bandwidth_kbps,
+        .max_lifetime_s = (unsigned)cfg->turn_max_lifetime_s,
+        .allow_peers = (const char *const *)cfg->turn_allow_peers.items,
+        .n_allow_peers = cfg->turn_allow_peers.n,
+    };
+    if (tp.max_lifetime_s < 600)
+        tp.default_lifetime_s = tp.max_lifetime_s;
+    st->turn = turn_server_start(loop, st->stun, &tp, err, sizeof(err));
+    if (!st->turn) {
+        log_error("main", "TURN: %s (or set \"turn\": false)", err);
+        return -1;
+    }
+    snprintf(st->turn_addr, sizeof(st->turn_addr), "%s", stun_addr);
+    return 0;
+}
+
 static int sn_start(struct ev_loop *loop, const void *p, void **state)
 {
     const struct sn_config *cfg = p;
@@ -615,6 +777,8 @@ static int sn_start(struct ev_loop *loop, const void *p, void **state)
                     snprintf(stun_addr, sizeof(stun_addr), strchr(ahost, ':') ? "[%s]:%d" : "%s:%d",
                              ahost, stun_server_port(st->stun));
                 log_info("main", "STUN server on UDP %s", stun_addr);
+                if (cfg->turn && start_turn(st, loop, stun_addr, cfg->overlay) != 0)
+                    return -1;
             }
         }
     }
@@ -636,6 +800,8 @@ static int sn_start(struct ev_loop *loop, const void *p, void **state)
         .on_rate = (double)cfg->on_rate,
         .on_inflight = (unsigned)cfg->on_inflight,
         .stun = stun_addr[0] ? stun_addr : NULL,
+        .turn = st->turn,
+        .turn_ttl_s = (unsigned)cfg->turn_credential_ttl_s,
         .ud = st,
     };
     if (sn_params_from_doc(&sp, doc))
@@ -760,6 +926,9 @@ static void sn_stop_rest(struct sn_state *st)
     st->ctl = NULL;
     httpd_stop(st->metrics);
     st->metrics = NULL;
+    sn_set_turn(st->sn, NULL); /* attached nodes may still ask while the node leaves */
+    turn_server_stop(st->turn);
+    st->turn = NULL;
     stun_server_stop(st->stun);
     st->stun = NULL;
     landisc_responder_stop(st->lan);
@@ -785,6 +954,8 @@ static void sn_cleanup(void *p)
     }
     announcer_free(st->announcer);
     httpd_stop(st->metrics);
+    sn_set_turn(st->sn, NULL);
+    turn_server_stop(st->turn);
     stun_server_stop(st->stun);
     landisc_responder_stop(st->lan);
     bs_found_free(st);
@@ -871,6 +1042,22 @@ static int sn_status_cmd(const struct cli_opts *o, const struct sn_config *cfg)
                                                          : "unhealthy: not accepting any");
     printf("links        %lld open\n",
            json_integer_value(json_object_get(json_object_get(res, "links"), "open")));
+    json_t *turn = json_object_get(res, "turn");
+    if (turn)
+        printf("turn         %lld allocations (at most %lld), %lld permissions, %lld channels; "
+               "%lld created; refused %lld auth, %lld quota, %lld peer; relayed %lld/%lld "
+               "packets to peers/clients, %lld dropped over bandwidth\n",
+               json_integer_value(json_object_get(turn, "allocations")),
+               json_integer_value(json_object_get(turn, "max_allocations")),
+               json_integer_value(json_object_get(turn, "permissions")),
+               json_integer_value(json_object_get(turn, "channels")),
+               json_integer_value(json_object_get(turn, "created")),
+               json_integer_value(json_object_get(turn, "refused_auth")),
+               json_integer_value(json_object_get(turn, "refused_quota")),
+               json_integer_value(json_object_get(turn, "refused_peer")),
+               json_integer_value(json_object_get(turn, "packets_to_peer")),
+               json_integer_value(json_object_get(turn, "packets_to_client")),
+               json_integer_value(json_object_get(turn, "dropped_bandwidth")));
     printf("requests     %lld originated, %lld forwarded, %lld answered, %lld timed out\n",
            json_integer_value(json_object_get(rq, "originated")),
            json_integer_value(json_object_get(rq, "forwarded")),
@@ -1024,6 +1211,38 @@ static int sn_sip_user(const struct cli_opts *o, const struct sn_config *c)
     return 0;
 }
 
+/* "supernode turn-credentials NODE-ID": through the local control socket. */
+static int sn_turn_credentials(const struct cli_opts *o, const struct sn_config *cfg)
+{
+    if (o->argc != 1) {
+        cli_error(&sn_prog, "turn-credentials needs one Node-ID (40 hex digits)");
+        return 2;
+    }
+    char *path = control_path(cfg);
+    char err[512];
+    json_t *req = json_pack("{s:s,s:s}", "cmd", "turn-credentials", "node_id", o->argv[0]);
+    json_t *res = NULL;
+    int rc = ctl_call(path, req, 5000, &res, err, sizeof(err));
+    json_decref(req);
+    free(path);
+    if (rc != 0) {
+        fprintf(stderr, "supernode: turn-credentials: %s\n", err);
+        return 1;
+    }
+    if (!json_is_true(json_object_get(res, "ok"))) {
+        fprintf(stderr, "supernode: turn-credentials: %s\n",
+                json_string_value(json_object_get(res, "error")) ?: "refused");
+        json_decref(res);
+        return 1;
+    }
+    json_object_del(res, "ok");
+    char *txt = json_dumps(res, JSON_COMPACT);
+    printf("%s\n", txt ? txt : "{}");
+    free(txt);
+    json_decref(res);
+    return 0;
+}
+
 static int sn_command(const struct cli_opts *o, void *cfg)
 {
     const struct sn_config *c = cfg;
@@ -1037,6 +1256,8 @@ static int sn_command(const struct cli_opts *o, void *cfg)
         return sn_status_cmd(o, c);
     if (strcmp(o->command, "sip-user") == 0)
         return sn_sip_user(o, c);
+    if (strcmp(o->command, "turn-credentials") == 0)
+        return sn_turn_credentials(o, c);
     return 2;
 }
 

@@ -13,6 +13,7 @@
 #include "config.h"
 #include "log.h"
 #include "sn_int.h"
+#include "turn.h"
 
 #define ROUTE_FAILURES_UNHEALTHY 5 /* routed requests timing out in a row ... */
 #define ROUTE_SILENCE_PERIODS    6 /* ... with no reply at all for this many periods */
@@ -434,6 +435,44 @@ static void on_keepalive(struct sn *s, struct link *l, const struct msg *m)
     link_send(l, "keepalive", MSG_RES, m->tid, NULL);
 }
 
+/*
+ * TURN credentials (docs/protocol.md 5.8): always for the link's own,
+ * authenticated Node-ID (the body names nobody), rate-limited like the other
+ * requests of an attached node.
+ */
+static void on_turn(struct sn *s, struct link *l, const struct msg *m)
+{
+    if (!l->has_id) {
+        link_send_error(l, m->tid, "forbidden", "TURN credentials need a Node-ID");
+        return;
+    }
+    if (!onsvc_admit_request(s, l, m))
+        return;
+    char hex[NID_HEX_LEN + 1], user[160], pass[64], realm[160];
+    unsigned ttl = s->p.turn_ttl_s ? s->p.turn_ttl_s : 600;
+    nid_to_hex(&l->id, hex);
+    if (!s->p.turn || !s->p.stun) {
+        link_send_error(l, m->tid, "unavailable", "this super node runs no TURN server");
+    } else if (turn_issue(s->p.turn, hex, ttl, user, sizeof(user), pass, sizeof(pass), realm,
+                          sizeof(realm)) != 0) {
+        link_send_error(l, m->tid, "internal", "cannot make TURN credentials");
+    } else {
+        long long expires = strtoll(user, NULL, 10);
+        json_t *b = json_pack("{s:s,s:s,s:s,s:s,s:I}", "server", s->p.stun, "username", user,
+                              "password", pass, "realm", realm, "expires", (json_int_t)expires);
+        link_send(l, "turn", MSG_RES, m->tid, b);
+        json_decref(b);
+        log_debug("on", "TURN credentials for %.8s until %lld", hex, expires);
+    }
+    onsvc_request_done(s, l);
+}
+
+void sn_set_turn(struct sn *s, struct turn_server *t)
+{
+    if (s)
+        s->p.turn = t;
+}
+
 bool onsvc_message(struct sn *s, struct link *l, const struct msg *m)
 {
     if (m->kind != MSG_REQ)
@@ -444,6 +483,8 @@ bool onsvc_message(struct sn *s, struct link *l, const struct msg *m)
         on_keepalive(s, l, m);
     else if (!strcmp(m->type, "probe"))
         on_probe(s, l, m);
+    else if (!strcmp(m->type, "turn"))
+        on_turn(s, l, m);
     else
         return false;
     return true;

@@ -19,6 +19,8 @@
 #include "conn.h"
 #include "store.h"
 
+struct turn_server; /* turn.h */
+
 struct sn_params {
     const char *overlay;   /* overlay name */
     const char *listen;    /* "host:port" for node-to-node TLS */
@@ -40,6 +42,8 @@ struct sn_params {
     unsigned on_inflight;     /* requests in progress per attached node */
     double keepalive_s;       /* an attached node silent for 3 of these is dropped */
     const char *stun;         /* "host:port" of our STUN server, told to attaching nodes, or NULL */
+    struct turn_server *turn; /* the TURN relay on that port (turn.h), or NULL: `turn` request */
+    unsigned turn_ttl_s;      /* validity of the credentials it hands out (0 = 600) */
     long long sn_target_load; /* attached nodes above which we invite one to become a super node */
     /* The overlay document's P2P proxies (record policy, docs/sip.md); copied by sn_new(). */
     const struct overlay_sip_proxy *sip_proxies;
@@ -106,6 +110,13 @@ char *sn_metrics(struct sn *s);
  */
 int sn_probe_self(struct sn *s, void (*cb)(void *ud, int verdict, const char *detail, double kbps),
                   void *ud, char *who, size_t wholen);
+
+/*
+ * Replaces the TURN server the `turn` request issues credentials from (NULL:
+ * none, the request is answered `unavailable`). Call it with NULL before
+ * stopping that server: the node may still serve requests while it leaves.
+ */
+void sn_set_turn(struct sn *s, struct turn_server *t);
 
 /* Our identity. */
 const struct peer_identity *sn_identity(const struct sn *s);

@@ -9,9 +9,23 @@
  * server holds two agents and validates a FINGERPRINT-less datagram again
  * with the one that does not ask for it. Both agents ignore credentials: a
  * request with USERNAME/MESSAGE-INTEGRITY (an ICE check) is answered without
- * MESSAGE-INTEGRITY. RFC 3489 requests (no magic cookie) and requests with an
- * unknown comprehension-required attribute (CHANGE-REQUEST, ...) are dropped,
- * not answered with an error: the server answers Binding successes only.
+ * MESSAGE-INTEGRITY. A third agent, in RFC 3489 mode, takes requests without
+ * the magic cookie and answers with MAPPED-ADDRESS (RFC 5389 12.2).
+ *
+ * CHANGE-REQUEST (RFC 5780 / RFC 3489 tests II and III): this server has one
+ * address and sends no OTHER-ADDRESS, so an RFC 5780 client never asks it to
+ * change; one that does anyway (an RFC 5389 request with the magic cookie)
+ * gets 420 with UNKNOWN-ATTRIBUTES naming CHANGE-REQUEST, as RFC 5780 6.1 says
+ * for a server without an alternate address. A classic RFC 3489 request
+ * asking for another IP or port is dropped instead: RFC 3489 clients (Debian's
+ * `stun`, tried) take any answer to tests II and III, the 420 included, as
+ * "the change was honoured", and would report every NAT as full cone and every
+ * firewall as open; silence makes them conclude port-dependent filtering,
+ * which is what Linux masquerading and most NATs do. Answering from the same
+ * address would mislead them the same way as the 420. Test I (both flags
+ * clear) is answered normally, so they report the mapping either way.
+ * RESPONSE-ADDRESS (send the answer elsewhere) is never honoured: it is
+ * unknown here, hence 420.
  *
  * An IPv4 client reaching a dual-stack IPv6 socket is seen as ::ffff:a.b.c.d;
  * its XOR-MAPPED-ADDRESS is sent as the IPv4 address it really has.
@@ -40,16 +54,23 @@
 
 #define STUN_BATCH       64   /* datagrams per wakeup, so that a flood cannot starve the loop */
 #define STUN_RECV_BUF    2048 /* larger than any Ethernet-sized datagram; bigger ones are dropped */
-#define STUN_SEND_BUF    256  /* an answer is at most 20 + 24 + 8 bytes */
+#define STUN_SEND_BUF    256  /* an answer is at most 20 + 24 + 8 bytes, a 420 a little more */
 #define STUN_FIRST_RTO   100  /* ms, doubled at each retransmission (RFC 5389 7.2.1) */
 #define STUN_MAX_RTO     3200 /* ms */
 #define STUN_HEADER_SIZE 20
 
-/* What a request may carry and still be answered (credentials are ignored). */
+/* What a request may carry and still be answered (credentials are ignored). CHANGE-REQUEST is
+ * looked at after validation: both flags clear is fine, a change is refused (420). */
 static const uint16_t server_known_attributes[] = {
-    STUN_ATTRIBUTE_USERNAME,       STUN_ATTRIBUTE_MESSAGE_INTEGRITY, STUN_ATTRIBUTE_PRIORITY,
-    STUN_ATTRIBUTE_USE_CANDIDATE,  STUN_ATTRIBUTE_SOFTWARE,          STUN_ATTRIBUTE_FINGERPRINT,
-    STUN_ATTRIBUTE_ICE_CONTROLLED, STUN_ATTRIBUTE_ICE_CONTROLLING,   0};
+    STUN_ATTRIBUTE_USERNAME,       STUN_ATTRIBUTE_MESSAGE_INTEGRITY,
+    STUN_ATTRIBUTE_PRIORITY,       STUN_ATTRIBUTE_USE_CANDIDATE,
+    STUN_ATTRIBUTE_SOFTWARE,       STUN_ATTRIBUTE_FINGERPRINT,
+    STUN_ATTRIBUTE_ICE_CONTROLLED, STUN_ATTRIBUTE_ICE_CONTROLLING,
+    STUN_ATTRIBUTE_CHANGE_REQUEST, 0};
+
+#define STUN_CHANGE_IP   0x4
+#define STUN_CHANGE_PORT 0x2
+#define STUN_MAX_GROWTH  36 /* bytes an answer may exceed its request by */
 
 /* What an answer may carry (includes the RFC 3489 ones older servers still send). */
 static const uint16_t client_known_attributes[] = {STUN_ATTRIBUTE_MAPPED_ADDRESS,
@@ -75,7 +96,10 @@ struct stun_server {
     int port;
     StunAgent agent_fp;    /* requests with FINGERPRINT: checked, answered with one */
     StunAgent agent_plain; /* requests without: answered without */
+    StunAgent agent_3489;  /* classic requests (no magic cookie) */
     struct stun_stats stats;
+    stun_demux_fn demux; /* the TURN server, when one is attached */
+    void *demux_ud;
     uint8_t rbuf[STUN_RECV_BUF];
 };
 
@@ -198,49 +222,10 @@ static void drop(struct stun_server *s, size_t len, const struct sockaddr_storag
     }
 }
 
-/*
- * Checks one datagram (in s->rbuf) and answers it when it is a Binding
- * request. NULL when handled, or why it is dropped.
- */
-static const char *handle_datagram(struct stun_server *s, size_t len,
-                                   const struct sockaddr_storage *from, socklen_t fromlen)
+/* Sends an answer built in out (n bytes); false when it could not leave. */
+static bool answer(struct stun_server *s, const uint8_t *out, size_t n,
+                   const struct sockaddr_storage *from, socklen_t fromlen)
 {
-    if (len < STUN_HEADER_SIZE)
-        return "shorter than a STUN header";
-    if (len > sizeof(s->rbuf))
-        return "oversized";
-
-    StunMessage req;
-    StunAgent *agent = &s->agent_fp;
-    StunValidationStatus v = stun_agent_validate(agent, &req, s->rbuf, len, NULL, NULL);
-    if (v == STUN_VALIDATION_BAD_REQUEST) {
-        if (stun_message_has_attribute(&req, STUN_ATTRIBUTE_FINGERPRINT))
-            return "bad FINGERPRINT or no magic cookie";
-        agent = &s->agent_plain; /* no FINGERPRINT: fine, but then nothing to check */
-        v = stun_agent_validate(agent, &req, s->rbuf, len, NULL, NULL);
-    }
-    if (v == STUN_VALIDATION_BAD_REQUEST)
-        return "no magic cookie (RFC 3489)";
-    if (v != STUN_VALIDATION_SUCCESS)
-        return validation_reason(v);
-    if (stun_message_get_class(&req) != STUN_REQUEST)
-        return "not a request";
-    if (stun_message_get_method(&req) != STUN_BINDING)
-        return "not a Binding request";
-
-    struct sockaddr_storage mapped = *from;
-    socklen_t mappedlen = fromlen;
-    unmap_v4(&mapped, &mappedlen);
-    uint8_t out[STUN_SEND_BUF];
-    StunMessage resp;
-    size_t n = 0;
-    if (stun_agent_init_response(agent, &resp, out, sizeof(out), &req) &&
-        stun_message_append_xor_addr(&resp, STUN_ATTRIBUTE_XOR_MAPPED_ADDRESS, &mapped,
-                                     mappedlen) == STUN_MESSAGE_RETURN_SUCCESS)
-        n = stun_agent_finish_message(agent, &resp, NULL, 0);
-    if (n == 0)
-        return "cannot build the answer";
-
     if (sendto(s->fd, out, n, MSG_DONTWAIT | MSG_NOSIGNAL, (const struct sockaddr *)from, fromlen) <
         0) {
         /* A full send buffer or an unanswerable source (port 0): neither answered nor
@@ -252,9 +237,135 @@ static const char *handle_datagram(struct stun_server *s, size_t len,
                 snprintf(addr, sizeof(addr), "?");
             log_debug("stun", "cannot answer %s: %s", addr, strerror(e));
         }
+        return false;
+    }
+    return true;
+}
+
+/*
+ * 420 Unknown Attribute to req, naming the attributes in ids (network
+ * order; n of them). NULL when sent, or why not.
+ */
+static const char *answer_420(struct stun_server *s, StunAgent *agent, const StunMessage *req,
+                              size_t reqlen, uint16_t *ids, unsigned n,
+                              const struct sockaddr_storage *from, socklen_t fromlen)
+{
+    uint8_t out[STUN_SEND_BUF];
+    StunMessage resp;
+    size_t len = 0;
+    if (n & 1 && !stun_message_has_cookie(req))
+        ids[n++] = ids[0]; /* RFC 3489: the list is padded to 32 bits with a repeat */
+    if (stun_agent_init_error(agent, &resp, out, sizeof(out), req, STUN_ERROR_UNKNOWN_ATTRIBUTE) &&
+        stun_message_append_bytes(&resp, STUN_ATTRIBUTE_UNKNOWN_ATTRIBUTES, ids, n * 2) ==
+            STUN_MESSAGE_RETURN_SUCCESS)
+        len = stun_agent_finish_message(agent, &resp, NULL, 0);
+    if (len == 0)
+        return "cannot build the 420 answer";
+    if (len > reqlen + STUN_MAX_GROWTH)
+        return "a 420 answer would be much larger than the request";
+    if (answer(s, out, len, from, fromlen))
+        s->stats.errors++;
+    return NULL;
+}
+
+/* The method of a STUN message type (RFC 5389 6: bits M0-M11 around C0 and C1). */
+static unsigned raw_method(const uint8_t *b)
+{
+    unsigned t = (unsigned)b[0] << 8 | b[1];
+    return (t & 0x000F) | (t & 0x00E0) >> 1 | (t & 0x3E00) >> 2;
+}
+
+static bool has_cookie_raw(const uint8_t *b)
+{
+    return b[4] == 0x21 && b[5] == 0x12 && b[6] == 0xA4 && b[7] == 0x42;
+}
+
+/*
+ * Checks one datagram (in s->rbuf) and answers it when it is a Binding
+ * request. NULL when handled, or why it is dropped.
+ */
+static const char *handle_datagram(struct stun_server *s, size_t len,
+                                   const struct sockaddr_storage *from, socklen_t fromlen)
+{
+    if (len > sizeof(s->rbuf))
+        return "oversized";
+    if (s->demux && len >= 4 && (s->rbuf[0] & 0xC0) == 0x40) {
+        s->demux(s->demux_ud, s->rbuf, len, from, fromlen); /* ChannelData */
         return NULL;
     }
-    s->stats.answered++;
+    if (len < STUN_HEADER_SIZE)
+        return "shorter than a STUN header";
+    if (s->demux && (s->rbuf[0] & 0xC0) == 0 && has_cookie_raw(s->rbuf) &&
+        raw_method(s->rbuf) != STUN_BINDING) {
+        s->demux(s->demux_ud, s->rbuf, len, from, fromlen); /* Allocate, Send, ... */
+        return NULL;
+    }
+
+    StunMessage req;
+    StunAgent *agent = &s->agent_fp;
+    bool classic = !has_cookie_raw(s->rbuf);
+    StunValidationStatus v;
+    if (classic) {
+        agent = &s->agent_3489;
+        v = stun_agent_validate(agent, &req, s->rbuf, len, NULL, NULL);
+    } else {
+        v = stun_agent_validate(agent, &req, s->rbuf, len, NULL, NULL);
+        if (v == STUN_VALIDATION_BAD_REQUEST) {
+            if (stun_message_has_attribute(&req, STUN_ATTRIBUTE_FINGERPRINT))
+                return "bad FINGERPRINT";
+            agent = &s->agent_plain; /* no FINGERPRINT: fine, but then nothing to check */
+            v = stun_agent_validate(agent, &req, s->rbuf, len, NULL, NULL);
+        }
+    }
+    if (v == STUN_VALIDATION_UNKNOWN_REQUEST_ATTRIBUTE &&
+        stun_message_get_method(&req) == STUN_BINDING) {
+        /* RFC 5389 7.3.1: 420 + UNKNOWN-ATTRIBUTES. */
+        uint8_t out[STUN_SEND_BUF];
+        StunMessage resp;
+        size_t n = stun_agent_build_unknown_attributes_error(agent, &resp, out, sizeof(out), &req);
+        if (n == 0)
+            return "cannot build the 420 answer";
+        if (n > len + STUN_MAX_GROWTH)
+            return "a 420 answer would be much larger than the request";
+        if (answer(s, out, n, from, fromlen))
+            s->stats.errors++;
+        return NULL;
+    }
+    if (v != STUN_VALIDATION_SUCCESS)
+        return validation_reason(v);
+    if (stun_message_get_class(&req) != STUN_REQUEST)
+        return "not a request";
+    if (stun_message_get_method(&req) != STUN_BINDING)
+        return "not a Binding request";
+    uint32_t change = 0;
+    if (stun_message_find32(&req, STUN_ATTRIBUTE_CHANGE_REQUEST, &change) ==
+            STUN_MESSAGE_RETURN_SUCCESS &&
+        (change & (STUN_CHANGE_IP | STUN_CHANGE_PORT))) {
+        if (classic)
+            return "RFC 3489 CHANGE-REQUEST for another address (not answered: see above)";
+        uint16_t ids[2] = {htons(STUN_ATTRIBUTE_CHANGE_REQUEST)};
+        return answer_420(s, agent, &req, len, ids, 1, from, fromlen);
+    }
+
+    struct sockaddr_storage mapped = *from;
+    socklen_t mappedlen = fromlen;
+    unmap_v4(&mapped, &mappedlen);
+    uint8_t out[STUN_SEND_BUF];
+    StunMessage resp;
+    size_t n = 0;
+    if (stun_agent_init_response(agent, &resp, out, sizeof(out), &req) &&
+        (classic ? stun_message_append_addr(&resp, STUN_ATTRIBUTE_MAPPED_ADDRESS,
+                                            (struct sockaddr *)&mapped, mappedlen)
+                 : stun_message_append_xor_addr(&resp, STUN_ATTRIBUTE_XOR_MAPPED_ADDRESS, &mapped,
+                                                mappedlen)) == STUN_MESSAGE_RETURN_SUCCESS)
+        n = stun_agent_finish_message(agent, &resp, NULL, 0);
+    if (n == 0)
+        return "cannot build the answer";
+    if (answer(s, out, n, from, fromlen)) {
+        s->stats.answered++;
+        if (classic)
+            s->stats.classic++;
+    }
     return NULL;
 }
 
@@ -316,6 +427,8 @@ struct stun_server *stun_server_start(struct ev_loop *loop, const char *hostport
                     STUN_AGENT_USAGE_USE_FINGERPRINT | STUN_AGENT_USAGE_IGNORE_CREDENTIALS);
     stun_agent_init(&s->agent_plain, server_known_attributes, STUN_COMPATIBILITY_RFC5389,
                     STUN_AGENT_USAGE_IGNORE_CREDENTIALS);
+    stun_agent_init(&s->agent_3489, server_known_attributes, STUN_COMPATIBILITY_RFC3489,
+                    STUN_AGENT_USAGE_IGNORE_CREDENTIALS);
     ev_io_init(&s->io, on_readable, s->fd, EV_READ);
     s->io.data = s;
     ev_io_start(loop, &s->io);
@@ -337,6 +450,17 @@ void stun_server_stats(const struct stun_server *s, struct stun_stats *out)
         *out = s->stats;
     else
         memset(out, 0, sizeof(*out));
+}
+
+void stun_server_set_demux(struct stun_server *s, stun_demux_fn fn, void *ud)
+{
+    s->demux = fn;
+    s->demux_ud = ud;
+}
+
+int stun_server_fd(const struct stun_server *s)
+{
+    return s->fd;
 }
 
 void stun_server_stop(struct stun_server *s)

@@ -4,10 +4,17 @@
  * reflexive (public) address from the XOR-MAPPED-ADDRESS of the answer. Built
  * on libnice's STUN message API, on the caller's libev loop (no GLib loop).
  *
- * Only Binding requests are answered; anything else that arrives (not STUN,
- * a malformed or truncated message, a bad FINGERPRINT, a response or an
- * indication, another method) is dropped and counted, never answered, so the
- * server cannot be used to reflect traffic at a third party with amplification.
+ * Binding requests are answered: RFC 5389 ones with XOR-MAPPED-ADDRESS,
+ * classic RFC 3489 ones (no magic cookie) with MAPPED-ADDRESS (RFC 5389
+ * 12.2). A request with an unknown comprehension-required attribute gets 420
+ * + UNKNOWN-ATTRIBUTES (RFC 5389 7.3.1); so does a CHANGE-REQUEST asking for
+ * another IP or port (RFC 5780 6.1: this server has a single address), except
+ * in a classic RFC 3489 request, which is dropped (stun.c says why).
+ * Anything else (not STUN, malformed or truncated, a bad FINGERPRINT, a
+ * response or an indication) is dropped and counted, never answered; no answer
+ * is more than 36 bytes longer than its request, so the server cannot be used
+ * to reflect traffic at a third party with real amplification. With a TURN
+ * server attached (turn.h), other STUN methods and ChannelData go to it.
  * Both IPv4 and IPv6 work.
  */
 #ifndef P2P_STUN_H
@@ -16,11 +23,14 @@
 #include <ev.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
 
 struct stun_server;
 
 struct stun_stats {
-    uint64_t answered; /* Binding success responses sent */
+    uint64_t answered; /* Binding success responses sent (both kinds) */
+    uint64_t classic;  /* ... of which to RFC 3489 requests */
+    uint64_t errors;   /* 420 error responses sent */
     uint64_t dropped;  /* datagrams ignored (not a valid Binding request) */
 };
 
@@ -33,8 +43,19 @@ struct stun_server *stun_server_start(struct ev_loop *loop, const char *hostport
 /* The bound port. */
 int stun_server_port(const struct stun_server *s);
 void stun_server_stats(const struct stun_server *s, struct stun_stats *out);
-/* Stops and frees. NULL is fine. */
+/* Stops and frees. NULL is fine. Stop an attached TURN server first. */
 void stun_server_stop(struct stun_server *s);
+
+/*
+ * For turn.c: datagrams that are ChannelData (first two bits 01) or STUN
+ * messages of another method than Binding (with the magic cookie) go to fn
+ * instead; fn NULL detaches. stun_server_fd() is the shared socket, which
+ * TURN answers from.
+ */
+typedef void (*stun_demux_fn)(void *ud, const uint8_t *buf, size_t len,
+                              const struct sockaddr_storage *from, socklen_t fromlen);
+void stun_server_set_demux(struct stun_server *s, stun_demux_fn fn, void *ud);
+int stun_server_fd(const struct stun_server *s);
 
 /*
  * Client side, blocking, for tests and the ordinary node's first discovery:

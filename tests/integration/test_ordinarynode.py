@@ -275,8 +275,8 @@ class OrdinaryNode(harness.OverlayScenario, unittest.TestCase):
         """A super node answering LAN multicast on the test's own network (a namespace with
         only a loopback interface, multicast enabled on it): an ordinary node with no cache
         and no reachable bootstrap server attaches through it."""
-        if os.geteuid() != 0 or not shutil.which("ip"):
-            self.skipTest("needs root and iproute2 for a network namespace")
+        harness.require(os.geteuid() == 0 and shutil.which("ip"),
+                        "needs root and iproute2 for a network namespace")
         ns = "p2p-on-%d" % os.getpid()
         subprocess.run(["ip", "netns", "add", ns], check=True)
         self.addCleanup(subprocess.run, ["ip", "netns", "del", ns])

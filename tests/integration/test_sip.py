@@ -57,7 +57,8 @@ class Registrar(harness.OverlayScenario, unittest.TestCase):
         if u in ("alice", "bob"):
             conf["supernodes"] = [cls.addr["sn1"]]
         elif u == "carol":  # reached through the overlay only, and on the other super node
-            conf.update({"supernodes": [cls.addr["sn2"]], "sip_via_overlay": True})
+            conf.update({"supernodes": [cls.addr["sn2"]], "sip_via_overlay": True,
+                         "channels": False})
 
     @classmethod
     def tearDownClass(cls):
@@ -285,6 +286,32 @@ class Registrar(harness.OverlayScenario, unittest.TestCase):
         self.assertGreaterEqual(a, 3)  # INVITE, ACK, BYE
         self.assertGreaterEqual(c, 3)  # 180, 200 (to INVITE), 200 (to BYE)
         self.assertGreaterEqual(self.sn_delivered() - before, 6)
+
+    def test_13_call_on_a_channel_between_the_nodes(self):
+        """alice's node and bob's take channels: the call travels on one (ICE, then DTLS with
+        both nodes' certificates), not through the super nodes, and the channel is reused by
+        the next call."""
+        self.phones()
+        self.register_phone("alice", "alice", self.alice_port)
+        self.register_phone("bob", "bob", self.bob_port)
+        bob_id = self.status("bob")["node_id"]
+        before_a = self.status("alice")["sip"]["proxy"]["through_overlay"]
+        before_sn = self.sn_delivered()
+        for _ in range(2):
+            self.call("uac_call", "uas_answer")
+        st = self.status("alice")
+        chans = [c for c in st.get("channels", []) if c["peer"] == bob_id]
+        say("alice's channel to bob: %s", chans)
+        self.assertEqual(len(chans), 1, st.get("channels"))
+        c = chans[0]
+        self.assertEqual(c["state"], "open")
+        self.assertEqual(c["path"], "direct")
+        self.assertGreaterEqual(c["messages_out"], 6)  # INVITE, ACK, BYE twice
+        self.assertGreaterEqual(c["messages_in"], 6)
+        self.assertEqual(st["sip"]["proxy"]["through_overlay"], before_a)
+        self.assertEqual(st["channel_counters"]["via_overlay"], 0)
+        # no SIP through the super nodes (the ICE offer and answer travel that way once)
+        self.assertLessEqual(self.sn_delivered() - before_sn, 2)
 
     def sn_delivered(self):
         total = 0

@@ -410,19 +410,6 @@ static size_t k_nineteen(int i, uint8_t *b, size_t cap)
     return 19;
 }
 
-static size_t k_bad_cookie(int i, uint8_t *b, size_t cap)
-{
-    make_header(b, 0x0001, 0, STUN_MAGIC_COOKIE + 1);
-    return 20;
-}
-
-/* RFC 3489: the whole 16 bytes are the transaction id, no cookie. */
-static size_t k_rfc3489(int i, uint8_t *b, size_t cap)
-{
-    make_header(b, 0x0001, 0, 0xdeadbeef);
-    return 20;
-}
-
 static size_t k_length_too_big(int i, uint8_t *b, size_t cap)
 {
     make_header(b, 0x0001, i == 0 ? 8 : 100, STUN_MAGIC_COOKIE);
@@ -490,11 +477,14 @@ static size_t k_bad_fingerprint(int i, uint8_t *b, size_t cap)
     return n;
 }
 
-static size_t k_unknown_attribute(int i, uint8_t *b, size_t cap)
+/* RFC 3489 test II / III: a classic request asking for another address or port (stun.c: not
+ * answered, since a classic client takes any answer for a changed address). */
+static size_t k_classic_change(int i, uint8_t *b, size_t cap)
 {
-    make_header(b, 0x0001, 8, STUN_MAGIC_COOKIE);
-    b[20] = 0x00, b[21] = 0x03, b[22] = 0x00, b[23] = 4; /* CHANGE-REQUEST (RFC 5780) */
+    make_header(b, 0x0001, 8, 0xdeadbeef);
+    b[20] = 0x00, b[21] = 0x03, b[22] = 0x00, b[23] = 4; /* CHANGE-REQUEST */
     memset(b + 24, 0, 4);
+    b[27] = i == 0 ? 0x06 : 0x02; /* change IP and port / port only */
     return 28;
 }
 
@@ -603,8 +593,6 @@ static void test_malformed(void **state)
     check_dropped(&e, fd, port, "empty", 1, k_empty);
     check_dropped(&e, fd, port, "1 byte", 1, k_one);
     check_dropped(&e, fd, port, "19 bytes", 1, k_nineteen);
-    check_dropped(&e, fd, port, "bad cookie", 1, k_bad_cookie);
-    check_dropped(&e, fd, port, "RFC 3489", 1, k_rfc3489);
     check_dropped(&e, fd, port, "length beyond datagram", 2, k_length_too_big);
     check_dropped(&e, fd, port, "trailing bytes", 1, k_trailing);
     check_dropped(&e, fd, port, "top bits", 1, k_top_bits);
@@ -613,7 +601,7 @@ static void test_malformed(void **state)
     check_dropped(&e, fd, port, "indications", 2, k_indication);
     check_dropped(&e, fd, port, "other methods", 2, k_other_method);
     check_dropped(&e, fd, port, "bad FINGERPRINT", 2, k_bad_fingerprint);
-    check_dropped(&e, fd, port, "unknown attribute", 1, k_unknown_attribute);
+    check_dropped(&e, fd, port, "RFC 3489 change request", 2, k_classic_change);
     check_dropped(&e, fd, port, "oversized", 1, k_oversized);
     rng_state = 0x5eed1234u;
     check_dropped(&e, fd, port, "random", 400, k_random);
@@ -705,7 +693,7 @@ static void test_bad_addresses(void **state)
     }
     ev_loop_destroy(loop);
     stun_server_stop(NULL);
-    struct stun_stats st = {1, 1};
+    struct stun_stats st = {.answered = 1, .dropped = 1};
     stun_server_stats(NULL, &st);
     assert_int_equal(st.answered + st.dropped, 0);
 }

@@ -36,6 +36,8 @@
 #define UNDER_VALGRIND() 0
 #endif
 
+#include <gnutls/dtls.h>
+
 #include "conn.h"
 #include "log.h"
 #include "msg.h"
@@ -1234,6 +1236,128 @@ static void test_close_with_error_reply(void **state)
 
 /* ---- Context errors ----------------------------------------------------------------------- */
 
+/* ---- DTLS sessions for channels between nodes (tls_ctx_dtls_session) ------------------------ */
+
+/* Datagrams between two sessions in memory: each side's queue holds what the other sent. */
+struct dgq {
+    uint8_t buf[16][2048];
+    size_t len[16];
+    int head, n;
+    gnutls_session_t owner; /* reads from this queue */
+};
+
+static ssize_t dg_push(gnutls_transport_ptr_t p, const void *data, size_t len)
+{
+    struct dgq *to = p; /* the peer's queue */
+    if (to->n == 16 || len > sizeof(to->buf[0]))
+        return (ssize_t)len; /* lost, as on a network */
+    int slot = (to->head + to->n) % 16;
+    memcpy(to->buf[slot], data, len);
+    to->len[slot] = len;
+    to->n++;
+    return (ssize_t)len;
+}
+
+static ssize_t dg_pull(gnutls_transport_ptr_t p, void *data, size_t len)
+{
+    struct dgq *q = p;
+    if (!q->n) {
+        gnutls_transport_set_errno(q->owner, EAGAIN);
+        return -1;
+    }
+    size_t n = q->len[q->head] < len ? q->len[q->head] : len;
+    memcpy(data, q->buf[q->head], n);
+    q->head = (q->head + 1) % 16;
+    q->n--;
+    return (ssize_t)n;
+}
+
+static int dg_pull_timeout(gnutls_transport_ptr_t p, unsigned ms)
+{
+    (void)ms;
+    return ((struct dgq *)p)->n ? 1 : 0;
+}
+
+/* A handshake between client and server credentials; rc of each side. */
+static void dtls_pair(const struct testca_cert *cc, const char *cli_ca,
+                      const struct testca_cert *sc, const char *srv_ca, int *rc_cli, int *rc_srv,
+                      struct peer_identity *cli_sees, struct peer_identity *srv_sees)
+{
+    struct tls_ctx *cctx = make_ctx(cli_ca, cc, 0, 0, 0), *sctx = make_ctx(srv_ca, sc, 0, 0, 0);
+    static struct dgq to_cli, to_srv;
+    memset(&to_cli, 0, sizeof(to_cli));
+    memset(&to_srv, 0, sizeof(to_srv));
+    gnutls_session_t c, s;
+    assert_int_equal(tls_ctx_dtls_session(cctx, true, &c), 0);
+    assert_int_equal(tls_ctx_dtls_session(sctx, false, &s), 0);
+    to_cli.owner = c;
+    to_srv.owner = s;
+    gnutls_transport_set_ptr2(c, &to_cli, &to_srv); /* recv from to_cli, send to to_srv */
+    gnutls_transport_set_ptr2(s, &to_srv, &to_cli);
+    gnutls_transport_set_push_function(c, dg_push);
+    gnutls_transport_set_push_function(s, dg_push);
+    gnutls_transport_set_pull_function(c, dg_pull);
+    gnutls_transport_set_pull_function(s, dg_pull);
+    gnutls_transport_set_pull_timeout_function(c, dg_pull_timeout);
+    gnutls_transport_set_pull_timeout_function(s, dg_pull_timeout);
+    gnutls_dtls_set_mtu(c, 1200);
+    gnutls_dtls_set_mtu(s, 1200);
+    *rc_cli = *rc_srv = GNUTLS_E_AGAIN;
+    for (int i = 0; i < 40 && (*rc_cli || *rc_srv); i++) {
+        if (*rc_cli == GNUTLS_E_AGAIN)
+            *rc_cli = gnutls_handshake(c);
+        if (*rc_srv == GNUTLS_E_AGAIN)
+            *rc_srv = gnutls_handshake(s);
+        if ((*rc_cli < 0 && *rc_cli != GNUTLS_E_AGAIN) ||
+            (*rc_srv < 0 && *rc_srv != GNUTLS_E_AGAIN))
+            break;
+    }
+    char err[300];
+    if (*rc_cli == 0 && cli_sees)
+        assert_int_equal(tls_session_peer(c, cli_sees, err, sizeof(err)), 0);
+    if (*rc_srv == 0 && srv_sees)
+        assert_int_equal(tls_session_peer(s, srv_sees, err, sizeof(err)), 0);
+    if (*rc_cli == 0 && *rc_srv == 0) { /* one record each way */
+        char buf[64];
+        assert_int_equal(gnutls_record_send(c, "ping", 4), 4);
+        assert_int_equal(gnutls_record_recv(s, buf, sizeof(buf)), 4);
+        assert_int_equal(gnutls_record_send(s, "pong", 4), 4);
+        assert_int_equal(gnutls_record_recv(c, buf, sizeof(buf)), 4);
+        assert_memory_equal(buf, "pong", 4);
+    }
+    gnutls_deinit(c);
+    gnutls_deinit(s);
+    tls_ctx_free(cctx);
+    tls_ctx_free(sctx);
+}
+
+/* Ed25519 node certificates both ways over DTLS 1.2 (the client hands its certificate over
+ * although TLS 1.2's certificate types know no EdDSA), and each side reads the other's Node-ID. */
+static void test_dtls_mutual_auth(void **state)
+{
+    struct fixture *fx = *state;
+    int rc, rs;
+    struct peer_identity cs, ss;
+    dtls_pair(&fx->cli, fx->ca.ca_file, &fx->srv, fx->ca.ca_file, &rc, &rs, &cs, &ss);
+    assert_int_equal(rc, 0);
+    assert_int_equal(rs, 0);
+    assert_true(cs.has_node_id && nid_cmp(&cs.node_id, &fx->srv.node_id) == 0);
+    assert_true(ss.has_node_id && nid_cmp(&ss.node_id, &fx->cli.node_id) == 0);
+    assert_string_equal(ss.uri, fx->cli.uri);
+}
+
+static void test_dtls_other_ca_refused(void **state)
+{
+    struct fixture *fx = *state;
+    int rc, rs;
+    dtls_pair(&fx->alien_cli, fx->ca.ca_file, &fx->srv, fx->ca.ca_file, &rc, &rs, NULL, NULL);
+    assert_true(rs < 0 && rs != GNUTLS_E_AGAIN); /* the server refuses the client */
+    dtls_pair(&fx->cli, fx->ca.ca_file, &fx->alien_srv, fx->ca.ca_file, &rc, &rs, NULL, NULL);
+    assert_true(rc < 0 && rc != GNUTLS_E_AGAIN); /* the client refuses the server */
+    dtls_pair(&fx->expired, fx->ca.ca_file, &fx->srv, fx->ca.ca_file, &rc, &rs, NULL, NULL);
+    assert_true(rs < 0 && rs != GNUTLS_E_AGAIN);
+}
+
 static void test_ctx_errors(void **state)
 {
     struct fixture *fx = *state;
@@ -1336,6 +1460,8 @@ int main(void)
         cmocka_unit_test(test_close_inside_on_open),
         cmocka_unit_test(test_close_with_error_reply),
         cmocka_unit_test(test_ctx_errors),
+        cmocka_unit_test(test_dtls_mutual_auth),
+        cmocka_unit_test(test_dtls_other_ca_refused),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -1,0 +1,66 @@
+/*
+ * Channels between ordinary nodes (docs/nat.md, docs/protocol.md 5.9): SIP from one node to
+ * another travels on a channel of its own instead of through two super nodes. A channel is an
+ * ICE session (RFC 8445, libnice's agent on the daemon's loop through glibev.h) whose
+ * credentials and candidates the two nodes exchange through the overlay (`deliver`, payload
+ * {"ice": ...}), and over the pair ICE selects, DTLS 1.2 with both nodes' overlay certificates:
+ * the peer's Node-ID must be the node the channel was opened to (the one its signed location
+ * record names, or the one whose offer the overlay delivered). Candidates: the address of the
+ * node's link to its super node (host), the reflexive address that super node's STUN server
+ * sees on the channel's own socket (server reflexive), and an allocation on its TURN relay
+ * (relayed), whichever the NATs let through.
+ *
+ * One channel per peer node, reused by every call, closed after idle_s without SIP. Messages
+ * sent while a channel opens wait (bounded); when it cannot open within setup_ms they go
+ * through the overlay (`deliver`), which stays the last resort, and that peer is tried again
+ * only after a pause. Each SIP message travels as one or more DTLS records of at most
+ * CHAN_CHUNK bytes of it (a 4-byte header: message number, chunk index, chunk count), put back
+ * together at the other end with a bound.
+ */
+#ifndef P2P_CHAN_H
+#define P2P_CHAN_H
+
+#include <ev.h>
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "on.h"
+
+#define CHAN_CHUNK      1000u /* bytes of a SIP message per DTLS record */
+#define CHAN_MAX_CHUNKS 64u   /* so a message is at most 64000 bytes */
+
+/* A SIP message that arrived on a channel from node `node`, attached to super node `sn`. */
+typedef void (*chan_sip_fn)(void *ud, const char *node, const char *sn, const char *text,
+                            size_t len);
+
+struct chan_params {
+    struct onode *on; /* signalling, credentials, the super node's STUN and TURN */
+    chan_sip_fn on_sip;
+    void *ud;
+    unsigned setup_ms;            /* from the first message to an open channel; 0 = 10000 */
+    unsigned idle_s;              /* closed after this long without SIP; 0 = 300 */
+    unsigned max_channels;        /* open or opening at once; 0 = 64 */
+    unsigned retry_s;             /* after a failure, the overlay for this long; 0 = 60 */
+    const char *const *addresses; /* host candidates' IP addresses; none: our link's address */
+    size_t n_addresses;
+};
+
+struct chans;
+
+struct chans *chans_new(struct ev_loop *loop, const struct chan_params *p, char *err,
+                        size_t errlen);
+/* Sends one SIP message (text, len) to node `node` attached to super node `sn`: on its channel,
+ * opening one when there is none, or through the overlay when no channel can be had. */
+void chans_send(struct chans *cs, const char *node, const char *sn, const char *text, size_t len);
+/* An {"ice": ...} payload the overlay delivered from node `from`. */
+void chans_signal(struct chans *cs, const char *from, json_t *payload);
+/* {"channels": [...], "opened", "failed", "via_overlay", ...} (new reference). */
+json_t *chans_status(struct chans *cs);
+/* Closes the channel to node `peer` (40 hex), or every channel (peer NULL), with close_notify, as
+ * if idle; failed peers may be tried again at once. How many it closed. */
+size_t chans_close(struct chans *cs, const char *peer);
+/* Closes every channel (close_notify) and frees. NULL is fine. */
+void chans_free(struct chans *cs);
+
+#endif
