@@ -981,10 +981,24 @@ static int64_t lifetime_cap(const struct onode *o, int64_t want)
     return want;
 }
 
-/* The user location value (seed 004 section 8, in JSON). */
+/* Whether others can send to our SIP front end at its address: not on loopback or a wildcard
+ * (the default 127.0.0.1:5060 is for the user's phones only). */
+static bool sip_contact_usable(const char *hostport)
+{
+    char host[128];
+    unsigned port;
+    if (!hostport || cfg_parse_hostport(hostport, host, sizeof(host), &port) != 0)
+        return false;
+    return strncmp(host, "127.", 4) != 0 && strcmp(host, "::1") != 0 &&
+           strcmp(host, "0.0.0.0") != 0 && strcmp(host, "::") != 0;
+}
+
+/* The user location value (seed 004 section 8, in JSON). Contacts only where others can use
+ * them; a node whose front end they cannot reach says so (sip_via_overlay). */
 static json_t *user_location_value(struct onode *o)
 {
-    json_t *contacts = sip_contacts_json(o->p.sip_contact);
+    json_t *contacts =
+        sip_contact_usable(o->p.sip_contact) ? sip_contacts_json(o->p.sip_contact) : json_array();
     json_t *v = json_pack("{s:s,s:s,s:o}", "uri", o->p.creds->id.uri, "node_id", o->self_id,
                           "contacts", contacts);
     if (o->sn.addr[0])
@@ -1774,7 +1788,8 @@ const char *onode_id(const struct onode *o)
 
 bool onode_reach_via_overlay(const struct onode *o)
 {
-    return o->p.sip_via_overlay || o->nat;
+    return o->p.sip_via_overlay || o->nat ||
+           (o->p.sip_contact && !sip_contact_usable(o->p.sip_contact));
 }
 
 /* ---- for channels between nodes (chan.c) ---------------------------------------------------- */

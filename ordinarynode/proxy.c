@@ -1090,6 +1090,26 @@ struct proxy *proxy_new(struct ev_loop *loop, struct onode *on, struct sip_endpo
     return px;
 }
 
+void proxy_from_node(struct proxy *px, const char *node, const char *sn, const char *text,
+                     size_t len, bool chan)
+{
+    struct sip_source src;
+    overlay_target(&src, node, sn, chan);
+    osip_message_t *m = NULL;
+    char err[256];
+    if (sip_parse(text, len, NULL, &m, err, sizeof(err)) != 0) {
+        log_warn(LOGM, "SIP from %s: %s: dropped", src.addr, err);
+        return;
+    }
+    if (!MSG_IS_REQUEST(m))
+        proxy_response(px, m, &src);
+    else if (MSG_IS_REGISTER(m)) /* a binding is made by the user's own phone, here only */
+        px_reply(px, m, &src, 403, "Register Locally");
+    else
+        proxy_request_from(px, m, &src, PROXY_OUTSIDE);
+    osip_message_free(m);
+}
+
 void proxy_use_channels(struct proxy *px, struct chans *cs)
 {
     px->chans = cs;

@@ -45,6 +45,12 @@ struct chans;
  * (chan.h), and SIP to any node goes through cs, which falls back to the overlay; NULL: every
  * message to a node goes through the overlay. cs is the caller's and outlives the proxy. */
 void proxy_use_channels(struct proxy *px, struct chans *cs);
+/* A SIP message from node `node` (attached to super node sn), on a channel (chan true) or
+ * through the overlay: parsed and handed to the proxy as from outside (responses along their
+ * transaction, requests to this proxy's own users and dialogs only); a REGISTER is answered
+ * 403, since bindings are made by phones. Garbage is logged and dropped. */
+void proxy_from_node(struct proxy *px, const char *node, const char *sn, const char *text,
+                     size_t len, bool chan);
 /* This proxy is the P2P proxy of `domain`: its users are looked up, never sent to a proxy. */
 void proxy_serve_domain(struct proxy *px, const char *domain);
 

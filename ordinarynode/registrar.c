@@ -454,33 +454,10 @@ static void on_message(void *ud, osip_message_t *m, const struct sip_source *fro
         proxy_request_from(r->px, m, from, own_phone(r, from) ? PROXY_OWN : PROXY_OUTSIDE);
 }
 
-static void from_node(struct registrar *r, const char *from, const char *sn, const char *text,
-                      size_t len, bool chan)
-{
-    struct sip_source src = {.tcp = false, .chan = chan};
-    snprintf(src.node, sizeof(src.node), "%s", from);
-    snprintf(src.sn, sizeof(src.sn), "%s", sn);
-    snprintf(src.addr, sizeof(src.addr), chan ? "node %.8s (channel)" : "node %.8s (overlay)",
-             from);
-    osip_message_t *m = NULL;
-    char err[256];
-    if (sip_parse(text, len, NULL, &m, err, sizeof(err)) != 0) {
-        log_warn(LOGM, "SIP from node %.8s: %s: dropped", from, err);
-        return;
-    }
-    if (!MSG_IS_REQUEST(m))
-        proxy_response(r->px, m, &src);
-    else if (MSG_IS_REGISTER(m)) /* a binding is made by the user's own phone, here only */
-        sip_reply(r->ep, m, &src, 403, "Register Locally");
-    else /* another node: only our user's phones, or a dialog's other party (proxy.h) */
-        proxy_request_from(r->px, m, &src, PROXY_OUTSIDE);
-    osip_message_free(m);
-}
-
 void registrar_from_node(struct registrar *r, const char *from, const char *sn, const char *text,
                          size_t len)
 {
-    from_node(r, from, sn, text, len, true);
+    proxy_from_node(r->px, from, sn, text, len, true);
 }
 
 void registrar_deliver(struct registrar *r, const char *from, json_t *payload)
@@ -491,7 +468,8 @@ void registrar_deliver(struct registrar *r, const char *from, json_t *payload)
         log_info(LOGM, "message through the overlay from %.8s: not SIP for us: dropped", from);
         return;
     }
-    from_node(r, from, sn, text, json_string_length(json_object_get(payload, "sip")), false);
+    proxy_from_node(r->px, from, sn, text, json_string_length(json_object_get(payload, "sip")),
+                    false);
 }
 
 void registrar_use_channels(struct registrar *r, struct chans *cs)

@@ -11,6 +11,8 @@
 #include <sys/resource.h>
 
 #include "announce.h"
+#include "chan.h"
+#include "config.h"
 #include "conn.h"
 #include "ctlsock.h"
 #include "daemon.h"
@@ -331,6 +333,8 @@ struct sn_state {
     /* The public SIP front end and its client of the overlay (sipfront.h). */
     struct onode *on;
     struct sipfront *sip;
+    struct chans *chans; /* its channels to ordinary nodes (ordinarynode/chan.h) */
+    char chan_host[64];  /* the address they gather on */
     struct dns_resolver *dns;
     const char *self_addr;
 };
@@ -354,6 +358,8 @@ static void on_control(struct ctl_req *r, json_t *req, void *ud)
         json_t *s = sn_status(st->sn);
         if (st->sip)
             json_object_set_new(s, "sip", sipfront_status(st->sip));
+        if (st->chans)
+            json_object_set_new(s, "sip_channels", chans_status(st->chans));
         if (st->stun) {
             struct stun_stats ss;
             stun_server_stats(st->stun, &ss);
@@ -587,6 +593,31 @@ static void bs_retry_cb(struct ev_loop *loop, ev_timer *w, int revents)
     bs_round(st);
 }
 
+/* What the overlay delivers to the front end's client: channel signalling, or SIP of the calls
+ * it sent to nodes that take no channels. */
+static void sip_delivered(void *ud, const char *from, json_t *payload)
+{
+    struct sn_state *st = ud;
+    const char *text = json_string_value(json_object_get(payload, "sip"));
+    const char *sn = json_string_value(json_object_get(payload, "sn"));
+    if (json_object_get(payload, "ice") && st->chans)
+        chans_signal(st->chans, from, payload);
+    else if (text && sn && st->sip && strlen(sn) == NID_HEX_LEN)
+        sipfront_from_node(st->sip, from, sn, text,
+                           json_string_length(json_object_get(payload, "sip")), false);
+    else
+        log_info("main", "message through the overlay from %.8s: not for the SIP front end",
+                 from);
+}
+
+static void sip_on_channel(void *ud, const char *node, const char *sn, const char *text,
+                           size_t len)
+{
+    struct sn_state *st = ud;
+    if (st->sip)
+        sipfront_from_node(st->sip, node, sn, text, len, true);
+}
+
 /* The public SIP front end (sipfront.h) and the overlay client it works through, attached to
  * this very node first. */
 static int start_sip(struct sn_state *st, struct ev_loop *loop, const struct overlay_doc *doc,
@@ -613,6 +644,8 @@ static int start_sip(struct sn_state *st, struct ev_loop *loop, const struct ove
         .backoff_base_s = 0.5,
         .backoff_max_s = 10.0,
         .record_lifetime_s = 3600,
+        .on_deliver = sip_delivered,
+        .channels = true, /* asks this node for TURN credentials, for its channels */
         .ud = st,
     };
     if (!(st->on = onode_new(loop, &op, err, sizeof(err)))) {
@@ -640,6 +673,22 @@ static int start_sip(struct sn_state *st, struct ev_loop *loop, const struct ove
         log_error("main", "SIP front end: %s", err);
         return -1;
     }
+    /* Channels to the nodes of the overlay's users, gathering on the address this node is
+     * known at (its link to itself may never touch a socket). */
+    unsigned port;
+    const char *ap = cfg->sip_advertise ? cfg->sip_advertise : st->self_addr;
+    const char *hosts[1] = {st->chan_host};
+    struct chan_params cp = {.on = st->on, .on_sip = sip_on_channel, .ud = st};
+    if (cfg_parse_hostport(ap, st->chan_host, sizeof(st->chan_host), &port) == 0 &&
+        strcmp(st->chan_host, "0.0.0.0") != 0 && strcmp(st->chan_host, "::") != 0) {
+        cp.addresses = hosts;
+        cp.n_addresses = 1;
+    }
+    if (!(st->chans = chans_new(loop, &cp, err, sizeof(err)))) {
+        log_error("main", "SIP front end: channels: %s", err);
+        return -1;
+    }
+    sipfront_use_channels(st->sip, st->chans);
     return 0;
 }
 
@@ -908,6 +957,8 @@ static void sn_stop(struct ev_loop *loop, void *p)
     struct sn_state *st = p;
     sipfront_stop(st->sip);
     st->sip = NULL;
+    chans_free(st->chans);
+    st->chans = NULL;
     dns_free(st->dns);
     st->dns = NULL;
     if (st->on) {
@@ -960,6 +1011,7 @@ static void sn_cleanup(void *p)
     landisc_responder_stop(st->lan);
     bs_found_free(st);
     sipfront_stop(st->sip);
+    chans_free(st->chans);
     dns_free(st->dns);
     onode_free(st->on);
     sn_free(st->sn);

@@ -1068,6 +1068,17 @@ static void on_message(void *ud, osip_message_t *m, const struct sip_source *fro
         on_request(f, m, from);
 }
 
+void sipfront_from_node(struct sipfront *f, const char *node, const char *sn, const char *text,
+                        size_t len, bool chan)
+{
+    proxy_from_node(f->px, node, sn, text, len, chan);
+}
+
+void sipfront_use_channels(struct sipfront *f, struct chans *cs)
+{
+    proxy_use_channels(f->px, cs);
+}
+
 static void expiry_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
     struct sipfront *f = w->data;

@@ -45,6 +45,13 @@ struct sipfront;
 /* NULL with one line in err (users file, listener, ...). `on` must outlive the front end. */
 struct sipfront *sipfront_start(struct ev_loop *loop, struct onode *on,
                                 const struct sipfront_params *p, char *err, size_t errlen);
+/* SIP from another node, on a channel (chan) or through the overlay: answers to the calls this
+ * front end sent there, and in-dialog requests of those calls (proxy_from_node()). */
+void sipfront_from_node(struct sipfront *f, const char *node, const char *sn, const char *text,
+                        size_t len, bool chan);
+struct chans;
+/* Calls to nodes that take channels go on them (proxy_use_channels()). */
+void sipfront_use_channels(struct sipfront *f, struct chans *cs);
 /* {"listen", "domain", "users", "registered", "bindings", "counters", "proxy"} */
 json_t *sipfront_status(struct sipfront *f);
 void sipfront_stop(struct sipfront *f);

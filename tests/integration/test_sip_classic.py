@@ -241,7 +241,8 @@ class ClassicalPhones(harness.OverlayScenario, unittest.TestCase):
     def test_05_classical_phone_calls_overlay_user(self):
         """carol's phone calls sip:bob@<overlay> through sn1, its outbound proxy: the call
         leaves the domain, so sn1 asks for carol's credentials (407) first; the ACK and the BYE
-        of the dialog pass without."""
+        of the dialog pass without. sn1's front end reaches bob's node on a channel (issue
+        16): bob's SIP port is on loopback, for his phones only."""
         self.ports()
         self.classic_register("carol", self.carol_port)
         self.run_sipp("register_200", self.bob_port, target=self.sip["bob"],
@@ -251,6 +252,10 @@ class ClassicalPhones(harness.OverlayScenario, unittest.TestCase):
                   extra=("-au", "carol", "-ap", PASSWORDS["carol"],
                          "-auth_uri", "bob@" + OVERLAY))
         self.sn["sn1"].wait_for("INVITE for bob@%s: found in the overlay" % OVERLAY)
+        chans = self.sn_status("sn1")["sip_channels"]["channels"]
+        say("sn1's front end: channels %s", chans)
+        self.assertEqual([(c["peer"], c["state"]) for c in chans],
+                         [(self.node_id["bob"], "open")])
 
     def test_06_unregistered_classical_user_404(self):
         """dave has an account but no phone registered: alice's call is looked up, sent to the
