@@ -101,6 +101,7 @@ struct chans {
     bool sweeping; /* the sweep timer runs (unref'd) */
     size_t n_dead, cap_dead;
     uint64_t opened, failed, via_overlay, refused, bad_chunks, bad_signals, oversize;
+    uint64_t msgs_out, msgs_in, bytes_out, bytes_in; /* of every channel, closed ones too */
     /* What the last gathering found (status), and what the channels told of our NAT's mapping:
      * a peer that sees us at our reflexive address (endpoint-independent), or at another one
      * (address-dependent: a symmetric NAT). */
@@ -448,8 +449,8 @@ static void chunk_in(struct chan *ch, const uint8_t *p, size_t n)
     }
     ch->last_used = now_s(cs);
     if (count == 1) {
-        ch->msgs_in++;
-        ch->bytes_in += dlen;
+        ch->msgs_in++, cs->msgs_in++;
+        ch->bytes_in += dlen, cs->bytes_in += dlen;
         cs->p.on_sip(cs->p.ud, ch->peer, ch->peer_sn, (const char *)data, dlen);
         return;
     }
@@ -479,8 +480,8 @@ static void chunk_in(struct chan *ch, const uint8_t *p, size_t n)
     uint64_t all = count == 64 ? ~0ull : (1ull << count) - 1;
     if (pt->have != all)
         return;
-    ch->msgs_in++;
-    ch->bytes_in += pt->len;
+    ch->msgs_in++, cs->msgs_in++;
+    ch->bytes_in += pt->len, cs->bytes_in += pt->len;
     char *buf = pt->buf;
     size_t len = pt->len;
     memset(pt, 0, sizeof(*pt));
@@ -530,8 +531,8 @@ static int send_now(struct chan *ch, const char *text, size_t len)
         if (r < 0)
             return (int)r;
     }
-    ch->msgs_out++;
-    ch->bytes_out += len;
+    ch->msgs_out++, ch->cs->msgs_out++;
+    ch->bytes_out += len, ch->cs->bytes_out += len;
     ch->last_used = now_s(ch->cs);
     return 0;
 }
@@ -1177,6 +1178,63 @@ json_t *chans_status(struct chans *cs)
                                     : cs->eim_seen ? "endpoint-independent"
                                                    : "not measured yet"));
     return st;
+}
+
+char *chans_metrics(struct chans *cs)
+{
+    size_t open_direct = 0, open_relayed = 0, opening = 0, failed = 0;
+    for (struct chan *ch = cs->list; ch; ch = ch->next) {
+        if (ch->state == CH_OPEN)
+            ch->relayed ? open_relayed++ : open_direct++;
+        else if (ch->state == CH_FAILED)
+            failed++;
+        else
+            opening++;
+    }
+    size_t host = 0, srflx = 0, relay = 0, i;
+    json_t *c;
+    json_array_foreach(cs->cands, i, c)
+    {
+        const char *t = json_string_value(json_object_get(c, "type"));
+        host += !strcmp(t, "host"), srflx += !strcmp(t, "srflx"), relay += !strcmp(t, "relay");
+    }
+    const char *mapping = cs->sym_seen   ? "address-dependent"
+                          : cs->eim_seen ? "endpoint-independent"
+                                         : "unknown";
+    char *out = NULL;
+    if (asprintf(&out,
+                 "# TYPE p2p_channels gauge\n"
+                 "p2p_channels{state=\"open\",path=\"direct\"} %zu\n"
+                 "p2p_channels{state=\"open\",path=\"relayed\"} %zu\n"
+                 "p2p_channels{state=\"opening\"} %zu\n"
+                 "p2p_channels{state=\"failed\"} %zu\n"
+                 "# TYPE p2p_channels_opened_total counter\np2p_channels_opened_total %llu\n"
+                 "# TYPE p2p_channel_failures_total counter\np2p_channel_failures_total %llu\n"
+                 "# TYPE p2p_channel_overlay_messages_total counter\n"
+                 "p2p_channel_overlay_messages_total %llu\n"
+                 "# TYPE p2p_channel_refused_total counter\np2p_channel_refused_total %llu\n"
+                 "# TYPE p2p_channel_malformed_total counter\n"
+                 "p2p_channel_malformed_total{what=\"signal\"} %llu\n"
+                 "p2p_channel_malformed_total{what=\"chunk\"} %llu\n"
+                 "# TYPE p2p_channel_messages_total counter\n"
+                 "p2p_channel_messages_total{dir=\"out\"} %llu\n"
+                 "p2p_channel_messages_total{dir=\"in\"} %llu\n"
+                 "# TYPE p2p_channel_bytes_total counter\n"
+                 "p2p_channel_bytes_total{dir=\"out\"} %llu\n"
+                 "p2p_channel_bytes_total{dir=\"in\"} %llu\n"
+                 "# TYPE p2p_ice_candidates gauge\n"
+                 "p2p_ice_candidates{type=\"host\"} %zu\n"
+                 "p2p_ice_candidates{type=\"srflx\"} %zu\n"
+                 "p2p_ice_candidates{type=\"relay\"} %zu\n"
+                 "# TYPE p2p_nat_mapping gauge\np2p_nat_mapping{kind=\"%s\"} 1\n",
+                 open_direct, open_relayed, opening, failed, (unsigned long long)cs->opened,
+                 (unsigned long long)cs->failed, (unsigned long long)cs->via_overlay,
+                 (unsigned long long)cs->refused, (unsigned long long)cs->bad_signals,
+                 (unsigned long long)cs->bad_chunks, (unsigned long long)cs->msgs_out,
+                 (unsigned long long)cs->msgs_in, (unsigned long long)cs->bytes_out,
+                 (unsigned long long)cs->bytes_in, host, srflx, relay, mapping) < 0)
+        return NULL;
+    return out;
 }
 
 size_t chans_close(struct chans *cs, const char *peer)

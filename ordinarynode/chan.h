@@ -57,6 +57,9 @@ void chans_send(struct chans *cs, const char *node, const char *sn, const char *
 void chans_signal(struct chans *cs, const char *from, json_t *payload);
 /* {"channels": [...], "opened", "failed", "via_overlay", ...} (new reference). */
 json_t *chans_status(struct chans *cs);
+/* The same figures in Prometheus text (p2p_channels, p2p_channel_*_total, p2p_ice_candidates,
+ * p2p_nat_mapping); malloc'd, NULL when out of memory. */
+char *chans_metrics(struct chans *cs);
 /* Closes the channel to node `peer` (40 hex), or every channel (peer NULL), with close_notify, as
  * if idle; failed peers may be tried again at once. How many it closed. */
 size_t chans_close(struct chans *cs, const char *peer);

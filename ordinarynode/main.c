@@ -16,6 +16,7 @@
 #include "daemon.h"
 #include "enroll.h"
 #include "fsutil.h"
+#include "httpd.h"
 #include "log.h"
 #include "login_client.h"
 #include "nodeid.h"
@@ -58,6 +59,7 @@ struct on_config {
     bool never_promote;
     long long sn_max_attached;
     bool channels;
+    char *metrics_listen;
     long long channel_setup_ms;
     long long channel_idle_s;
     struct cfg_strlist ice_addresses;
@@ -131,6 +133,9 @@ static const struct cfg_field on_fields[] = {
      "carry SIP to and from other nodes on channels of their own (ICE with the super node's "
      "STUN and TURN, then DTLS with the overlay certificates; docs/nat.md), the overlay "
      "(deliver) only when none can be opened"},
+    {"metrics_listen", CFG_HOSTPORT, offsetof(struct on_config, metrics_listen), 0, 0, NULL, NULL,
+     "plain-HTTP address for GET /metrics (Prometheus text: channels, ICE candidates, NAT "
+     "mapping); keep it local (default: off)"},
     {"channel_setup_ms", CFG_INT, offsetof(struct on_config, channel_setup_ms), 500, 120000, NULL,
      "10000",
      "a channel not open this long after its first message is given up: its SIP goes "
@@ -245,6 +250,7 @@ struct on_state {
     struct promo *promo;
     struct registrar *sip;
     struct chans *chans;
+    struct httpd *metrics;
     struct dns_resolver *dns;
     struct ctl_server *ctl;
     const char **bs; /* bootstrap URLs in use */
@@ -261,6 +267,27 @@ static void on_deliver(void *ud, const char *from, json_t *payload)
     } else if (st->sip) {
         registrar_deliver(st->sip, from, payload);
     }
+}
+
+static void on_metrics(struct httpd_req *r, void *ud)
+{
+    struct on_state *st = ud;
+    if (strcmp(httpd_req_path(r), "/metrics") != 0 || strcmp(httpd_req_method(r), "GET") != 0) {
+        httpd_respond_unrouted(r, strcmp(httpd_req_path(r), "/metrics") ? NULL : "GET");
+        return;
+    }
+    char *chans = st->chans ? chans_metrics(st->chans) : NULL;
+    char *text = NULL;
+    if (asprintf(&text, "# TYPE p2p_attached gauge\np2p_attached %d\n%s",
+                 onode_sn_id(st->on) ? 1 : 0, chans ? chans : "") < 0)
+        text = NULL;
+    free(chans);
+    if (!text) {
+        httpd_respond_error(r, 500, "internal", "out of memory");
+        return;
+    }
+    httpd_respond(r, 200, "text/plain; version=0.0.4", text, strlen(text));
+    free(text);
 }
 
 static void on_chan_sip(void *ud, const char *node, const char *sn, const char *text, size_t len)
@@ -476,6 +503,14 @@ static int on_start(struct ev_loop *loop, const void *p, void **state)
         }
         registrar_use_channels(st->sip, st->chans);
     }
+    if (cfg->metrics_listen) {
+        struct httpd_config hc = {.listen = cfg->metrics_listen, .max_connections = 16};
+        if (!(st->metrics = httpd_start(loop, &hc, on_metrics, st, err, sizeof(err)))) {
+            log_error("main", "metrics: %s", err);
+            return -1;
+        }
+        log_info("main", "metrics on http://%s/metrics", cfg->metrics_listen);
+    }
     if (st->sip && cfg->sip_dns) {
         if (!(st->dns = dns_new(loop, cfg->sip_dns_server, err, sizeof(err)))) {
             log_error("main", "sip_dns: %s", err);
@@ -523,6 +558,8 @@ static void on_stop(struct ev_loop *loop, void *p)
     st->sip = NULL;
     chans_free(st->chans);
     st->chans = NULL;
+    httpd_stop(st->metrics);
+    st->metrics = NULL;
     dns_free(st->dns);
     st->dns = NULL;
     if (st->on)
@@ -538,6 +575,7 @@ static void on_cleanup(void *p)
     ctl_server_stop(st->ctl);
     registrar_stop(st->sip);
     chans_free(st->chans);
+    httpd_stop(st->metrics);
     dns_free(st->dns);
     onode_free(st->on);
     promo_free(st->promo);

@@ -434,6 +434,17 @@ static void on_metrics(struct httpd_req *r, void *ud)
         }
         free(t);
     }
+    if (text && st->chans) { /* the front end's channels to ordinary nodes */
+        char *t = chans_metrics(st->chans);
+        char *both = t ? malloc(strlen(text) + strlen(t) + 1) : NULL;
+        if (both) {
+            strcpy(both, text);
+            strcat(both, t);
+            free(text);
+            text = both;
+        }
+        free(t);
+    }
     if (!text) {
         httpd_respond_error(r, 500, "internal", "out of memory");
         return;
@@ -606,12 +617,10 @@ static void sip_delivered(void *ud, const char *from, json_t *payload)
         sipfront_from_node(st->sip, from, sn, text,
                            json_string_length(json_object_get(payload, "sip")), false);
     else
-        log_info("main", "message through the overlay from %.8s: not for the SIP front end",
-                 from);
+        log_info("main", "message through the overlay from %.8s: not for the SIP front end", from);
 }
 
-static void sip_on_channel(void *ud, const char *node, const char *sn, const char *text,
-                           size_t len)
+static void sip_on_channel(void *ud, const char *node, const char *sn, const char *text, size_t len)
 {
     struct sn_state *st = ud;
     if (st->sip)

@@ -72,6 +72,9 @@ class Channels(harness.OverlayScenario, unittest.TestCase):
     def node_conf(cls, u, conf):
         if u in ("alice", "bob"):
             conf["supernodes"] = [cls.addr["sn1"]]
+        if u == "alice":
+            cls.metrics_port = free_port()
+            conf["metrics_listen"] = "127.0.0.1:%d" % cls.metrics_port
         if u == "bob":  # bob's side closes idle channels soon
             conf["channel_idle_s"] = 5
         if u == "dave":  # dave's channels gather on an address this host does not have
@@ -249,6 +252,26 @@ class Channels(harness.OverlayScenario, unittest.TestCase):
         self.assertIsNone(self.channel("alice", "bob")[0])
         rc, out, err = self.cli("alice", "close-channels", "nothex")
         self.assertEqual(rc, 2, out)
+
+    def test_06_metrics(self):
+        """alice's /metrics (metrics_listen) counts what the tests above did."""
+        import urllib.request
+        text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % self.metrics_port,
+                                      timeout=10).read().decode()
+        m = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                k, v = line.rsplit(" ", 1)
+                m[k] = float(v)
+        say("alice's metrics: %s", {k: v for k, v in m.items() if "channel" in k or "ice" in k})
+        self.assertEqual(m["p2p_attached"], 1)
+        self.assertGreaterEqual(m["p2p_channels_opened_total"], 1)
+        self.assertGreaterEqual(m["p2p_channel_failures_total"], 2)  # mallory's and dave's
+        self.assertGreaterEqual(m['p2p_channel_malformed_total{what="signal"}'], 5)
+        self.assertGreaterEqual(m['p2p_channel_overlay_messages_total'], 3)
+        self.assertGreaterEqual(m['p2p_channel_messages_total{dir="out"}'], 6)  # closed ones too
+        self.assertEqual(m['p2p_ice_candidates{type="host"}'], 1)
+        self.assertIn('p2p_nat_mapping{kind="unknown"}', m)
 
     # ---- helpers ----
 
