@@ -203,8 +203,9 @@ static const struct cfg_field sn_fields[] = {
     {"turn_max_allocations", CFG_INT, offsetof(struct sn_config, turn_max_allocations), 1, 1000000,
      NULL, "1000", "most TURN allocations in all (past it: 508 Insufficient Capacity)"},
     {"turn_allocations_per_node", CFG_INT, offsetof(struct sn_config, turn_allocations_per_node), 1,
-     10000, NULL, "4",
-     "most TURN allocations one Node-ID may hold (past it: 486 Allocation Quota Reached)"},
+     10000, NULL, "8",
+     "most TURN allocations one Node-ID may hold (past it: 486 Allocation Quota Reached); an "
+     "ordinary node makes one per channel it opens or takes"},
     {"turn_permissions_per_allocation", CFG_INT,
      offsetof(struct sn_config, turn_permissions_per_allocation), 1, 10000, NULL, "32",
      "most peer addresses with a permission in one allocation"},

@@ -1268,7 +1268,7 @@ struct turn_server *turn_server_start(struct ev_loop *loop, struct stun_server *
     t->port_min = p->port_min;
     t->port_max = p->port_max;
     t->max_alloc = p->max_allocations ? p->max_allocations : 1000;
-    t->per_node = p->allocations_per_node ? p->allocations_per_node : 4;
+    t->per_node = p->allocations_per_node ? p->allocations_per_node : 8;
     t->max_perm = p->permissions_per_alloc ? p->permissions_per_alloc : 32;
     t->max_chan = p->channels_per_alloc ? p->channels_per_alloc : 32;
     t->default_life = p->default_lifetime_s ? p->default_lifetime_s : 600;

@@ -32,7 +32,7 @@ struct turn_params {
     const char *relay_ip;           /* IPv4 address relayed addresses are bound to (required) */
     unsigned port_min, port_max;    /* relay port range; 0-0: any port the kernel picks */
     unsigned max_allocations;       /* in total (0: 1000); past it 508 */
-    unsigned allocations_per_node;  /* per node-id (0: 4); past it 486 */
+    unsigned allocations_per_node;  /* per node-id (0: 8); past it 486 */
     unsigned permissions_per_alloc; /* (0: 32); past it 508 */
     unsigned channels_per_alloc;    /* (0: 32); past it 508 */
     unsigned bandwidth_kbps;        /* per allocation, both ways (0: unlimited) */

@@ -210,7 +210,7 @@ static int request(struct env *e, unsigned type, void (*add)(struct msgbuf *, vo
             msg_auth(e, &m);
         int code = exchange(e, &m, ans, &n);
         if ((code == 401 || code == 438) && round == 0) {
-            size_t l;
+            size_t l = 0;
             const uint8_t *nonce = find(ans, n, 0x0015, &l);
             assert_non_null(nonce);
             assert_true(l < sizeof(e->nonce));
