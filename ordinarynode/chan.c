@@ -69,7 +69,8 @@ struct chan {
     NiceAgent *agent;
     guint stream;
     bool gathered, remote_set, connected;
-    json_t *remote; /* the peer's offer (the callee keeps it until it gathered) */
+    bool peer_gave_up; /* its `close` came: no `close` back */
+    json_t *remote;    /* the peer's offer (the callee keeps it until it gathered) */
     gnutls_session_t tls;
     ev_timer setup_timer, dtls_timer;
     struct outmsg *wq, **wq_tail;
@@ -137,6 +138,8 @@ static void reap_cb(struct ev_loop *loop, ev_idle *w, int revents)
     for (size_t i = 0; i < cs->n_dead; i++) {
         /* Releases its TURN allocation (a Refresh with lifetime 0) on the way out; the task
          * holds the agent until then. */
+        if (cs->dead[i].stream)
+            nice_agent_remove_stream(cs->dead[i].agent, cs->dead[i].stream);
         nice_agent_close_async(cs->dead[i].agent, NULL, NULL);
         g_object_unref(cs->dead[i].agent);
     }
@@ -314,7 +317,8 @@ static void chan_fail(struct chan *ch, const char *fmt, ...)
     if (!was_open) {
         cs->failed++;
         ch->retry_at = now_s(cs) + cs->p.retry_s;
-        signal_peer(ch, "close", json_pack("{s:s}", "reason", ch->why));
+        if (!ch->peer_gave_up)
+            signal_peer(ch, "close", json_pack("{s:s}", "reason", ch->why));
     } else {
         ch->retry_at = 0; /* a channel that worked may be opened again at once */
     }
@@ -1050,6 +1054,7 @@ void chans_signal(struct chans *cs, const char *from, json_t *payload)
         ch->state = CH_CHECKING;
     } else if (!strcmp(op, "close")) {
         const char *reason = json_string_value(json_object_get(ice, "reason"));
+        ch->peer_gave_up = true;
         if (ch->state != CH_FAILED)
             chan_fail(ch, "the peer gave up: %.100s", reason ? reason : "no reason");
     } else {

@@ -252,6 +252,9 @@ class Channels(harness.OverlayScenario, unittest.TestCase):
         self.assertIsNone(self.channel("alice", "bob")[0])
         rc, out, err = self.cli("alice", "close-channels", "nothex")
         self.assertEqual(rc, 2, out)
+        # a closed channel gives its TURN allocation back (RFC 8656 Refresh, lifetime 0)
+        wait_until("sn1 holds no allocation of alice's or bob's",
+                   lambda: self.sn_status("sn1")["turn"]["allocations"] == 0, 10)
 
     def test_06_metrics(self):
         """alice's /metrics (metrics_listen) counts what the tests above did."""
