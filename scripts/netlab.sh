@@ -7,7 +7,7 @@
 #       home-sym1 and home-sym2 (symmetric NATs), office (one NAT, hosts lan1 and lan2),
 #       pubhost (public address); then, unless --no-overlay, starts the overlay in it and
 #       narrates: one ordinary node per host (alice, bob, carol, dave, erin, frank), its NAT,
-#       super node and reflexive address; each host's phone (sipp at <host>:5070) registers at
+#       super node and reflexive address; each host's phone (sipp at 127.0.0.1:5070 on its host) registers at
 #       its node. ^C or a failure takes down what was built.
 #   scripts/netlab.sh status [--state DIR]
 #       namespaces and addresses, NAT types, daemons alive, each node's status

@@ -49,7 +49,11 @@ INET = "203.0.113"  # TEST-NET-3: public (not RFC 1918), never routed on the rea
 SERVERS = {"login": INET + ".10", "bootstrap": INET + ".11",
            "sn1": INET + ".21", "sn2": INET + ".22", "sn3": INET + ".23"}
 LS_PORT, BS_PORT, SN_PORT, STUN_PORT, SIP_PORT = 8440, 8443, 7000, 3478, 5060
-PHONE_PORT = 5070  # each site's phone (sipp) registers from <host>:5070
+PHONE_PORT = 5070  # each site's phone (sipp) registers from 127.0.0.1:5070 on its host
+# Each node's SIP front end is for the phones of its own host, on loopback (the ordinary node's
+# default): nothing at a site, pubhost included, offers an unauthenticated SIP port to the lab's
+# Internet; other nodes reach it on channels.
+PHONE_IP = "127.0.0.1"
 
 # Routers: namespace role, WAN address, LAN prefix, NAT kind.
 ROUTERS = {
@@ -464,7 +468,7 @@ class Overlay:
             enroll(u, site, "ordinarynode")  # through the site's NAT, as a user would
             first = s["sn"]
             order = [first] + [x for x in SNS if x != first]
-            self.sip[site] = "%s:%d" % (s["ip"], SIP_PORT)
+            self.sip[site] = "%s:%d" % (PHONE_IP, SIP_PORT)
             conf = {"overlay": OVERLAY, "state_dir": os.path.join(self.tmp, u),
                     "sip_listen": self.sip[site],
                     "supernodes": ["%s:%d" % (SERVERS[x], SN_PORT) for x in order]}
@@ -487,7 +491,7 @@ class Overlay:
         """sipp running tests/sipp/<scenario>.xml once from site's phone address, inside the
         site's namespace (the argv harness.OverlayScenario.start_sipp builds with ns=)."""
         argv = ["sipp", "-sf", os.path.join(harness.SIPP_SCENARIOS, scenario + ".xml"), "-m",
-                "1", "-i", SITES[site]["ip"], "-p", str(PHONE_PORT), "-t", "u1", "-timeout",
+                "1", "-i", PHONE_IP, "-p", str(PHONE_PORT), "-t", "u1", "-timeout",
                 str(timeout), "-timeout_error", "-nostdin"]
         for k, v in keys:
             argv += ["-key", k, str(v)]
@@ -784,7 +788,7 @@ def cmd_up(args):
                 if not ok:
                     raise RuntimeError("%s's phone could not register:\n%s" % (site, out[-2000:]))
                 say("%s: %s's phone (sipp at %s:%d) registered at %s's node", site,
-                    ov.user[site], SITES[site]["ip"], PHONE_PORT, ov.user[site])
+                    ov.user[site], PHONE_IP, PHONE_PORT, ov.user[site])
             say("a call: scripts/netlab.sh call home-sym1 pubhost")
         _live_labs.remove(lab)  # stays up after we exit
     except TagInUse as e:  # nothing of ours to take down; the namespaces are another run's

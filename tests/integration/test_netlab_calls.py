@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The acceptance test of the NAT lab: a call between every pair of the six host sites of
 tests/integration/netlab.py (home-eim, home-sym1, home-sym2, lan1, lan2, pubhost: 15 pairs).
-Each site's phone (sipp) registers at the site's ordinary node from <host>:5070; for a pair
+Each site's phone (sipp) registers at the site's ordinary node from 127.0.0.1:5070 on its host; for a pair
 (X, Y) X's phone calls Y's user through X's node and Y's phone answers (tests/sipp/uac_call,
 uas_answer). Both sipps must count one successful call and no failed one, and every message
 of the call must have been seen (at least once): INVITE, 100, 180, 200, ACK, BYE, 200.
@@ -106,7 +106,7 @@ class Calls(harness.OverlayScenario, unittest.TestCase):
             raise AssertionError("; ".join(problems))
 
     def phone(self, site):
-        return netlab.SITES[site]["ip"]
+        return netlab.PHONE_IP
 
     def register(self, site):
         u = self.ov.user[site]
