@@ -898,6 +898,33 @@ static bool make_room(struct chans *cs)
 
 /* ---- the API -------------------------------------------------------------------------------- */
 
+/* The channel to node (opening one when there is none), or NULL when none can be had now (a
+ * failed one waits for its retry time, or no room). */
+static struct chan *chan_get(struct chans *cs, const char *node, const char *sn)
+{
+    struct chan *ch = chan_find(cs, node);
+    if (ch && ch->state == CH_FAILED && now_s(cs) >= ch->retry_at) {
+        chan_unlink(ch);
+        chan_free(ch);
+        ch = NULL;
+    }
+    if (ch)
+        return ch->state == CH_FAILED ? NULL : ch;
+    if (!make_room(cs)) {
+        cs->refused++;
+        return NULL;
+    }
+    if (!(ch = chan_new(cs, node, sn, true, NULL)))
+        return NULL;
+    log_info(LOGM, "opening a channel to node %.8s", node);
+    return ch->state == CH_FAILED ? NULL : ch;
+}
+
+bool chans_open(struct chans *cs, const char *node, const char *sn)
+{
+    return chan_get(cs, node, sn) != NULL;
+}
+
 void chans_send(struct chans *cs, const char *node, const char *sn, const char *text, size_t len)
 {
     if (len > (size_t)CHAN_CHUNK * CHAN_MAX_CHUNKS) {
@@ -907,32 +934,10 @@ void chans_send(struct chans *cs, const char *node, const char *sn, const char *
         deliver_text(cs, node, sn, text, len);
         return;
     }
-    struct chan *ch = chan_find(cs, node);
-    if (ch && ch->state == CH_FAILED && now_s(cs) >= ch->retry_at) {
-        chan_unlink(ch);
-        chan_free(ch);
-        ch = NULL;
-    }
-    if (ch && ch->state == CH_FAILED) {
+    struct chan *ch = chan_get(cs, node, sn);
+    if (!ch) {
         deliver_text(cs, node, sn, text, len);
         return;
-    }
-    if (!ch) {
-        if (!make_room(cs)) {
-            cs->refused++;
-            deliver_text(cs, node, sn, text, len);
-            return;
-        }
-        ch = chan_new(cs, node, sn, true, NULL);
-        if (!ch) {
-            deliver_text(cs, node, sn, text, len);
-            return;
-        }
-        log_info(LOGM, "opening a channel to node %.8s", node);
-        if (ch->state == CH_FAILED) {
-            deliver_text(cs, node, sn, text, len);
-            return;
-        }
     }
     if (ch->state == CH_OPEN) {
         int r = send_now(ch, text, len);
@@ -982,11 +987,12 @@ void chans_signal(struct chans *cs, const char *from, json_t *payload)
     if (!strcmp(op, "offer")) {
         if (ch && ch->state != CH_FAILED) {
             if (!strcmp(ch->id, id))
-                return; /* the same offer again */
-            if (ch->controlling && ch->state != CH_OPEN && strcmp(onode_id(cs->p.on), from) < 0)
+                return;                                          /* the same offer again */
+            bool both = ch->controlling && ch->state != CH_OPEN; /* we offered too */
+            if (both && strcmp(onode_id(cs->p.on), from) < 0)
                 return; /* both offered at once: the lower Node-ID's offer stands */
-            if (now_s(cs) - ch->created < OFFER_GAP_S && ch->state != CH_OPEN) {
-                cs->bad_signals++;
+            if (!both && ch->state != CH_OPEN && now_s(cs) - ch->created < OFFER_GAP_S) {
+                cs->bad_signals++; /* a new offer from a peer at most once a second */
                 return;
             }
         }

@@ -53,6 +53,9 @@ struct chans *chans_new(struct ev_loop *loop, const struct chan_params *p, char 
 /* Sends one SIP message (text, len) to node `node` attached to super node `sn`: on its channel,
  * opening one when there is none, or through the overlay when no channel can be had. */
 void chans_send(struct chans *cs, const char *node, const char *sn, const char *text, size_t len);
+/* Opens a channel to node `node` attached to super node `sn`, unless there is one (open or
+ * opening): false when none can be had now (it failed within the last retry_s, or no room). */
+bool chans_open(struct chans *cs, const char *node, const char *sn);
 /* An {"ice": ...} payload the overlay delivered from node `from`. */
 void chans_signal(struct chans *cs, const char *from, json_t *payload);
 /* {"channels": [...], "opened", "failed", "via_overlay", ...} (new reference). */

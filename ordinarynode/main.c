@@ -213,6 +213,10 @@ static const struct cli_command on_commands[] = {
      store_options},
     {"update", "update TYPE NAME JSON: replace this user's record (or create it)", store_options},
     {"remove", "remove TYPE NAME: store a signed removal of this user's record", json_options},
+    {"open-channel",
+     "open-channel USER@DOMAIN: open a channel to the node of that user (its verified location "
+     "record), as a call would; `status` then shows how it went",
+     json_options},
     {"close-channels",
      "close-channels [NODE-ID]: close the running node's channels to other nodes (all, or the "
      "one to that node); the next SIP for a node opens a new one",
@@ -320,6 +324,42 @@ static void ctl_answer(void *ud, const struct on_result *r)
     }
 }
 
+/* open-channel: the user's verified location record names the node and its super node. */
+struct open_req {
+    struct on_state *st;
+    struct ctl_req *r;
+    char user[REC_NAME_MAX + 1];
+};
+
+static void open_looked_up(void *ud, const struct on_result *res)
+{
+    struct open_req *o = ud;
+    if (!res->ok) {
+        ctl_reply(o->r,
+                  json_pack("{s:b,s:s,s:s}", "ok", 0, "code", res->code, "error", res->reason));
+        free(o);
+        return;
+    }
+    size_t i;
+    json_t *rec;
+    json_array_foreach(json_object_get(res->body, "records"), i, rec)
+    {
+        json_t *v = json_object_get(rec, "value");
+        const char *node = json_string_value(json_object_get(v, "node_id"));
+        const char *sn = json_string_value(json_object_get(json_object_get(v, "sn"), "id"));
+        if (!json_is_true(json_object_get(rec, "verified")) || !node || !sn ||
+            strlen(node) != NID_HEX_LEN || strlen(sn) != NID_HEX_LEN ||
+            !json_is_true(json_object_get(v, "channels")) || !strcmp(node, onode_id(o->st->on)))
+            continue;
+        bool ok = o->st->chans && chans_open(o->st->chans, node, sn);
+        ctl_reply(o->r, json_pack("{s:b,s:s,s:b}", "ok", 1, "peer", node, "opening", ok));
+        free(o);
+        return;
+    }
+    ctl_reply_error(o->r, "no node of %s takes channels", o->user);
+    free(o);
+}
+
 static void on_control(struct ctl_req *r, json_t *req, void *ud)
 {
     struct on_state *st = ud;
@@ -385,6 +425,30 @@ static void on_control(struct ctl_req *r, json_t *req, void *ud)
                       json_is_true(json_object_get(req, "no_update")), ctl_answer, r);
         return;
     }
+    if (!strcmp(cmd, "open_channel")) {
+        const char *user = json_string_value(json_object_get(req, "user"));
+        nid_t k;
+        char hex[NID_HEX_LEN + 1];
+        struct open_req *o;
+        if (!st->chans) {
+            ctl_reply_error(r, "channels are off on this node");
+            return;
+        }
+        if (!user || !strchr(user, '@') || strlen(user) > REC_NAME_MAX ||
+            nid_key(&k, REC_TYPE_USER_LOCATION, user) != 0) {
+            ctl_reply_error(r, "open_channel needs a user as user@domain");
+            return;
+        }
+        if (!(o = calloc(1, sizeof(*o)))) {
+            ctl_reply_error(r, "out of memory");
+            return;
+        }
+        o->st = st;
+        o->r = r;
+        snprintf(o->user, sizeof(o->user), "%s", user);
+        onode_lookup(st->on, nid_to_hex(&k, hex), open_looked_up, o);
+        return;
+    }
     if (!strcmp(cmd, "close_channels")) {
         const char *peer = json_string_value(json_object_get(req, "peer"));
         if (!st->chans) {
@@ -395,7 +459,8 @@ static void on_control(struct ctl_req *r, json_t *req, void *ud)
         ctl_reply(r, json_pack("{s:b,s:I}", "ok", 1, "closed", (json_int_t)n));
         return;
     }
-    ctl_reply_error(r, "unknown command \"%s\" (status, get, store, close_channels)", cmd);
+    ctl_reply_error(r, "unknown command \"%s\" (status, get, store, open_channel, close_channels)",
+                    cmd);
 }
 
 static int on_start(struct ev_loop *loop, const void *p, void **state)
@@ -789,6 +854,27 @@ static int cmd_store(const struct cli_opts *o, const struct on_config *cfg)
     return rc;
 }
 
+static int cmd_open_channel(const struct cli_opts *o, const struct on_config *cfg)
+{
+    if (o->argc != 1 || !strchr(o->argv[0], '@')) {
+        cli_error(&on_prog, "open-channel takes one user as USER@DOMAIN");
+        return 2;
+    }
+    json_t *res = NULL;
+    int rc = call_daemon(cfg, "open-channel",
+                         json_pack("{s:s,s:s}", "cmd", "open_channel", "user", o->argv[0]), &res);
+    if (rc == 0 && cli_opt(o, "json"))
+        print_json(res);
+    else if (rc == 0)
+        printf("%s to node %s\n",
+               json_is_true(json_object_get(res, "opening")) ? "channel open or opening"
+                                                             : "no channel now (failed lately, "
+                                                               "or no room): see status",
+               json_string_value(json_object_get(res, "peer")));
+    json_decref(res);
+    return rc;
+}
+
 static int cmd_close_channels(const struct cli_opts *o, const struct on_config *cfg)
 {
     if (o->argc > 1 || (o->argc == 1 && strlen(o->argv[0]) != NID_HEX_LEN)) {
@@ -821,6 +907,8 @@ static int on_command(const struct cli_opts *o, void *p)
         return cmd_get(o, cfg);
     if (strcmp(o->command, "close-channels") == 0)
         return cmd_close_channels(o, cfg);
+    if (strcmp(o->command, "open-channel") == 0)
+        return cmd_open_channel(o, cfg);
     if (!strcmp(o->command, "add") || !strcmp(o->command, "update") ||
         !strcmp(o->command, "remove"))
         return cmd_store(o, cfg);

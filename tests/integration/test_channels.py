@@ -276,6 +276,32 @@ class Channels(harness.OverlayScenario, unittest.TestCase):
         self.assertEqual(m['p2p_ice_candidates{type="host"}'], 1)
         self.assertIn('p2p_nat_mapping{kind="unknown"}', m)
 
+    def test_07_both_nodes_open_at_once(self):
+        """alice's and bob's nodes open a channel to each other at the same moment
+        (`ordinarynode open-channel`): both offers cross, the one of the lower Node-ID stands,
+        and each side ends with the one channel, caller on one side and callee on the other."""
+        import subprocess
+        for u in ("alice", "bob"):
+            self.cli(u, "close-channels")
+        procs = [subprocess.Popen(harness.WRAPPER + [self.bin("ordinarynode"), "-c", self.cfg[a],
+                                                     "open-channel", "%s@%s" % (b, OVERLAY)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for a, b in (("alice", "bob"), ("bob", "alice"))]
+        for p in procs:
+            out, err = p.communicate(timeout=60)
+            self.assertEqual(p.returncode, 0, err)
+            self.assertIn("channel open or opening", out)
+        wait_until("both ends open",
+                   lambda: (self.channel("alice", "bob")[0] or {}).get("state") == "open" and
+                   (self.channel("bob", "alice")[0] or {}).get("state") == "open", WAIT)
+        a, b = self.channel("alice", "bob")[0], self.channel("bob", "alice")[0]
+        say("alice's end: %s; bob's end: %s", a["role"], b["role"])
+        self.assertEqual(sorted((a["role"], b["role"])), ["callee", "caller"])
+        self.call("alice", "bob")  # and it carries the next call
+        self.assertEqual(self.channel("alice", "bob")[0]["state"], "open")
+        rc, out, err = self.cli("alice", "open-channel", "nobody@" + OVERLAY)
+        self.assertNotEqual(rc, 0)
+
     # ---- helpers ----
 
     def state_dir(self, u):
