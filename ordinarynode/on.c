@@ -121,8 +121,9 @@ struct onode {
     char attach_tid[MSG_TID_LEN + 1];
     struct cand sn; /* the super node attached to (addr "" when none) */
     char reflexive[128], mapped[128], stun_addr[128];
-    char local[128]; /* our end of the link to the super node */
-    bool nat;        /* the super node sees another address than ours: we are behind NAT */
+    struct stun_query *stunq; /* asking the super node's STUN server, or NULL */
+    char local[128];          /* our end of the link to the super node */
+    bool nat;                 /* the super node sees another address than ours: we are behind NAT */
     double attached_at, keepalive_s;
     unsigned failed_rounds, attachments;
     uint64_t c_lookup_mismatch; /* records answering a lookup that did not ask for them */
@@ -495,19 +496,31 @@ static void link_open(struct conn *c, void *ud)
 
 static void ka_cb(struct ev_loop *loop, ev_timer *w, int revents);
 
+static void stun_answered(void *ud, const char *mapped, const char *err)
+{
+    struct onode *o = ud;
+    o->stunq = NULL;
+    if (!mapped) {
+        log_info(LOGM, "STUN %s: %s", o->stun_addr, err);
+        return;
+    }
+    snprintf(o->mapped, sizeof(o->mapped), "%s", mapped);
+    log_info(LOGM, "STUN %s says %s", o->stun_addr, mapped);
+}
+
+/* The super node's STUN server's view of us, on the loop (a lost answer costs 2 s of waiting,
+ * not of the loop's time). Channels gather their own reflexive addresses on their sockets. */
 static void stun_discover(struct onode *o)
 {
     o->mapped[0] = '\0';
-    /* Not against our own role's STUN server: it answers from this loop, which the query blocks. */
-    if (!o->p.stun || !o->stun_addr[0] || !strcmp(o->sn.id, o->self_id))
+    stun_query_cancel(o->stunq);
+    o->stunq = NULL;
+    if (!o->p.stun || !o->stun_addr[0])
         return;
     char err[256];
-    /* Blocking, bounded: a lost answer costs at most this much of the loop's time. */
-    if (stun_binding_query(o->stun_addr, NULL, 500, o->mapped, sizeof(o->mapped), err,
-                           sizeof(err)) != 0) {
+    if (!(o->stunq =
+              stun_query_start(o->loop, o->stun_addr, 2000, stun_answered, o, err, sizeof(err))))
         log_info(LOGM, "STUN %s: %s", o->stun_addr, err);
-        o->mapped[0] = '\0';
-    }
 }
 
 static void attached(struct onode *o, const struct msg *m)
@@ -569,9 +582,8 @@ static void attached(struct onode *o, const struct msg *m)
     }
     log_info(LOGM,
              "attached to super node %.8s at %s (found through: %s); %zu alternates; "
-             "reflexive address %s%s%s",
-             o->sn.id, o->sn.addr, o->sn.source, n, o->reflexive[0] ? o->reflexive : "unknown",
-             o->mapped[0] ? ", STUN says " : "", o->mapped);
+             "reflexive address %s",
+             o->sn.id, o->sn.addr, o->sn.source, n, o->reflexive[0] ? o->reflexive : "unknown");
     o->ka_tid[0] = '\0';
     o->ka_sent = now_s(o);
     ev_timer_start(o->loop, &o->ka_timer);
@@ -1619,6 +1631,8 @@ void onode_stop(struct onode *o, void (*done)(void *ud), void *ud)
     ev_timer_stop(o->loop, &o->ka_timer);
     landisc_query_cancel(o->lanq);
     o->lanq = NULL;
+    stun_query_cancel(o->stunq);
+    o->stunq = NULL;
     listener_free(o->lst);
     o->lst = NULL;
     if (o->http) {
@@ -1662,6 +1676,7 @@ void onode_free(struct onode *o)
         pub_free(p);
     }
     landisc_query_cancel(o->lanq);
+    stun_query_cancel(o->stunq);
     listener_free(o->lst);
     if (o->http)
         http_client_free(o->http);

@@ -628,3 +628,149 @@ int stun_binding_query(const char *server, const char *local, int timeout_ms, ch
     close(fd);
     return rc;
 }
+
+/* ---- the same query on a loop (stun.h) ------------------------------------------------------ */
+
+struct stun_query {
+    struct ev_loop *loop;
+    int fd;
+    ev_io io;
+    ev_timer retrans, deadline;
+    StunAgent agent, plain;
+    StunMessage req;
+    uint8_t reqbuf[STUN_SEND_BUF];
+    size_t reqlen;
+    struct sockaddr_storage srv;
+    socklen_t srvlen;
+    int rto;
+    char server[128];
+    stun_query_fn done;
+    void *ud;
+};
+
+static void query_end(struct stun_query *q, const char *mapped, const char *err)
+{
+    stun_query_fn done = q->done;
+    void *ud = q->ud;
+    stun_query_cancel(q);
+    done(ud, mapped, err);
+}
+
+static void query_send(struct stun_query *q)
+{
+    if (sendto(q->fd, q->reqbuf, q->reqlen, MSG_NOSIGNAL, (struct sockaddr *)&q->srv, q->srvlen) <
+            0 &&
+        errno != EAGAIN && errno != EWOULDBLOCK && errno != ENOBUFS && errno != EINTR &&
+        errno != ECONNREFUSED) {
+        char err[200];
+        snprintf(err, sizeof(err), "cannot send to %s: %s", q->server, strerror(errno));
+        query_end(q, NULL, err);
+        return;
+    }
+    ev_timer_set(&q->retrans, q->rto / 1000.0, 0.);
+    ev_timer_start(q->loop, &q->retrans);
+    q->rto = q->rto * 2 > STUN_MAX_RTO ? STUN_MAX_RTO : q->rto * 2;
+}
+
+static void query_retrans_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop, (void)revents;
+    query_send(w->data);
+}
+
+static void query_deadline_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop, (void)revents;
+    struct stun_query *q = w->data;
+    char err[200];
+    snprintf(err, sizeof(err), "no STUN answer from %s", q->server);
+    query_end(q, NULL, err);
+}
+
+static void query_read_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    (void)loop, (void)revents;
+    struct stun_query *q = w->data;
+    uint8_t buf[STUN_RECV_BUF];
+    for (int i = 0; i < STUN_BATCH; i++) { /* bounded: garbage cannot hold the loop */
+        ssize_t n = recv(q->fd, buf, sizeof(buf), MSG_TRUNC);
+        if (n < 0)
+            return; /* EAGAIN, or an ICMP error: retransmissions go on */
+        if (n < STUN_HEADER_SIZE || (size_t)n > sizeof(buf))
+            continue;
+        struct sockaddr_storage addr;
+        socklen_t addrlen = 0;
+        const char *why = NULL;
+        int got =
+            check_answer(&q->agent, &q->plain, &q->req, buf, (size_t)n, &addr, &addrlen, &why);
+        char mapped[INET6_ADDRSTRLEN + 10], err[300];
+        if (got < 0) {
+            snprintf(err, sizeof(err), "malformed answer from %s: %s", q->server, why);
+            query_end(q, NULL, err);
+            return;
+        }
+        if (got > 0) {
+            if (format_addr((struct sockaddr *)&addr, addrlen, mapped, sizeof(mapped)) != 0)
+                query_end(q, NULL, "the mapped address does not fit");
+            else
+                query_end(q, mapped, NULL);
+            return;
+        }
+    }
+}
+
+struct stun_query *stun_query_start(struct ev_loop *loop, const char *server, int timeout_ms,
+                                    stun_query_fn done, void *ud, char *err, size_t errlen)
+{
+    struct stun_query *q = calloc(1, sizeof(*q));
+    if (!q) {
+        errbuf_set(err, errlen, -1, "out of memory");
+        return NULL;
+    }
+    q->fd = -1;
+    if (resolve(server, false, AF_UNSPEC, &q->srv, &q->srvlen, err, errlen) != 0) {
+        free(q);
+        return NULL;
+    }
+    if ((q->fd = socket(q->srv.ss_family, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0)) < 0) {
+        errbuf_set(err, errlen, -1, "cannot create a UDP socket: %s", strerror(errno));
+        free(q);
+        return NULL;
+    }
+    stun_agent_init(&q->agent, client_known_attributes, STUN_COMPATIBILITY_RFC5389,
+                    STUN_AGENT_USAGE_USE_FINGERPRINT);
+    stun_agent_init(&q->plain, client_known_attributes, STUN_COMPATIBILITY_RFC5389, 0);
+    if (!(q->reqlen = stun_usage_bind_create(&q->agent, &q->req, q->reqbuf, sizeof(q->reqbuf)))) {
+        close(q->fd);
+        free(q);
+        errbuf_set(err, errlen, -1, "cannot build a STUN Binding request");
+        return NULL;
+    }
+    q->loop = loop;
+    q->done = done;
+    q->ud = ud;
+    q->rto = STUN_FIRST_RTO;
+    snprintf(q->server, sizeof(q->server), "%s", server);
+    ev_io_init(&q->io, query_read_cb, q->fd, EV_READ);
+    q->io.data = q;
+    ev_io_start(loop, &q->io);
+    ev_init(&q->retrans, query_retrans_cb);
+    q->retrans.data = q;
+    ev_timer_init(&q->deadline, query_deadline_cb, (timeout_ms > 0 ? timeout_ms : 1) / 1000.0, 0.);
+    q->deadline.data = q;
+    ev_timer_start(loop, &q->deadline);
+    query_send(q);
+    return q;
+}
+
+void stun_query_cancel(struct stun_query *q)
+{
+    if (!q)
+        return;
+    ev_io_stop(q->loop, &q->io);
+    ev_timer_stop(q->loop, &q->retrans);
+    ev_timer_stop(q->loop, &q->deadline);
+    if (q->fd >= 0)
+        close(q->fd);
+    free(q);
+}

@@ -67,4 +67,16 @@ int stun_server_fd(const struct stun_server *s);
 int stun_binding_query(const char *server, const char *local, int timeout_ms, char *mapped,
                        size_t mappedlen, char *err, size_t errlen);
 
+/*
+ * The same query on the caller's loop, without blocking it: done(ud, mapped, NULL) with the
+ * XOR-MAPPED-ADDRESS, or done(ud, NULL, why) after timeout_ms or a malformed answer; the query
+ * is gone when done runs. NULL + err when it cannot start.
+ */
+struct stun_query;
+typedef void (*stun_query_fn)(void *ud, const char *mapped, const char *err);
+struct stun_query *stun_query_start(struct ev_loop *loop, const char *server, int timeout_ms,
+                                    stun_query_fn done, void *ud, char *err, size_t errlen);
+/* Stops a query before done; done is not called. NULL is fine. */
+void stun_query_cancel(struct stun_query *q);
+
 #endif

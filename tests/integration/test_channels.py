@@ -118,6 +118,8 @@ class Channels(harness.OverlayScenario, unittest.TestCase):
         self.assertEqual((b["state"], b["role"]), ("open", "callee"))
         # the offer and the answer are all the super nodes carried
         self.assertLessEqual(self.sn_delivered() - delivered0, 2)
+        # the super node's STUN server answered the node's query (on its loop, not blocking it)
+        wait_until("alice's STUN answer", lambda: self.status("alice").get("stun_mapped"), 10)
         # what a person reads: candidates with priorities, the channel and its path
         rc, out, err = self.cli("alice", "status")
         self.assertEqual(rc, 0, err)
