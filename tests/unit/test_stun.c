@@ -815,6 +815,53 @@ static void test_timeout(void **state)
     ev_loop_destroy(e.loop);
 }
 
+/* stun_query_start: the same question on the loop, against a server on the same loop (a
+ * blocking query could not be answered there), and a server that never answers. */
+struct aq {
+    bool done;
+    char mapped[128], err[256];
+};
+
+static void aq_done(void *ud, const char *mapped, const char *err)
+{
+    struct aq *a = ud;
+    a->done = true;
+    snprintf(a->mapped, sizeof(a->mapped), "%s", mapped ? mapped : "");
+    snprintf(a->err, sizeof(a->err), "%s", err ? err : "");
+}
+
+static bool aq_finished(void *arg)
+{
+    return ((struct aq *)arg)->done;
+}
+
+static void test_query_on_the_loop(void **state)
+{
+    (void)state;
+    struct env e;
+    env_init(&e);
+    env_start(&e, "127.0.0.1:0");
+    struct aq a = {0};
+    char err[256];
+    struct stun_query *q = stun_query_start(e.loop, e.srv, 2000, aq_done, &a, err, sizeof(err));
+    assert_non_null(q);
+    run_until(&e, aq_finished, &a);
+    assert_string_equal(a.err, "");
+    assert_true(strncmp(a.mapped, "127.0.0.1:", 10) == 0);
+    /* silence: the deadline says so; a cancelled query calls nothing */
+    struct fake f;
+    fake_start(&e, &f, FAKE_SILENT);
+    struct aq b = {0}, c = {0};
+    assert_non_null(stun_query_start(e.loop, e.srv, 300, aq_done, &b, err, sizeof(err)));
+    stun_query_cancel(stun_query_start(e.loop, e.srv, 300, aq_done, &c, err, sizeof(err)));
+    run_until(&e, aq_finished, &b);
+    assert_true(strstr(b.err, "no STUN answer from") != NULL);
+    assert_false(c.done);
+    assert_null(stun_query_start(e.loop, "not an address", 300, aq_done, &c, err, sizeof(err)));
+    fake_stop(&e, &f);
+    env_done(&e);
+}
+
 static void test_fake_answers(void **state)
 {
     struct env e;
@@ -922,6 +969,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_batch),       cmocka_unit_test(test_stats_answered),
         cmocka_unit_test(test_port_in_use), cmocka_unit_test(test_bad_addresses),
         cmocka_unit_test(test_timeout),     cmocka_unit_test(test_fake_answers),
+        cmocka_unit_test(test_query_on_the_loop),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     log_close();
