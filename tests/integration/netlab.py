@@ -374,8 +374,12 @@ class Overlay:
     detached=None: daemons are harness.Daemon objects (tests); else a state directory for
     DetachedDaemon pid files and logs (netlab.sh)."""
 
-    def __init__(self, lab, bindir, tmp, detached=None, stabilize_s=1):
+    def __init__(self, lab, bindir, tmp, detached=None, stabilize_s=1, sn_extra=None,
+                 on_extra=None):
+        """sn_extra, on_extra: settings added to every super node's / ordinary node's
+        configuration (e.g. {"turn": False})."""
         self.lab, self.bindir, self.tmp, self.detached = lab, bindir, tmp, detached
+        self.sn_extra, self.on_extra = dict(sn_extra or {}), dict(on_extra or {})
         self.stabilize_s = stabilize_s
         self.daemons = []  # in start order
         self.by_name = {}
@@ -457,6 +461,7 @@ class Overlay:
                 conf["seed"] = True
             else:
                 conf["join"] = ["%s:%d" % (SERVERS["sn1"], SN_PORT)]
+            conf.update(self.sn_extra)
             self._write(sn, conf)
         for sn in SNS:
             d = self._start(sn, "pub", [self.bin("supernode"), "-d", "-c", self.cfg[sn]])
@@ -474,6 +479,7 @@ class Overlay:
                     "supernodes": ["%s:%d" % (SERVERS[x], SN_PORT) for x in order]}
             if not s["router"]:  # a phone on a public address may register
                 conf["sip_register_from"] = ["any"]
+            conf.update(self.on_extra)
             self._write(u, conf)
         for site, s in SITES.items():
             self._start(s["user"], site, [self.bin("ordinarynode"), "-d", "-c",

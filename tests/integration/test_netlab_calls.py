@@ -71,6 +71,8 @@ class Calls(harness.OverlayScenario, unittest.TestCase):
     daemons = []
     lab = None
     ov = None
+    sn_extra = on_extra = None
+    logs_suffix = ""
 
     @classmethod
     def setUpClass(cls):
@@ -82,7 +84,8 @@ class Calls(harness.OverlayScenario, unittest.TestCase):
         try:
             t0 = time.monotonic()
             cls.lab.create()
-            cls.ov = netlab.Overlay(cls.lab, BINDIR, os.path.join(cls.tmp, "ov"))
+            cls.ov = netlab.Overlay(cls.lab, BINDIR, os.path.join(cls.tmp, "ov"),
+                                    sn_extra=cls.sn_extra, on_extra=cls.on_extra)
             cls.ov.start()
             cls.daemons = cls.ov.daemons  # for the harness's helpers
             say("lab %s and overlay up in %.1f s", cls.lab.tag, time.monotonic() - t0)
@@ -94,7 +97,7 @@ class Calls(harness.OverlayScenario, unittest.TestCase):
     def tearDownClass(cls):
         problems = []
         if cls.ov:
-            cls.ov.save_logs(os.path.join(BINDIR, "test_netlab_calls-logs"))
+            cls.ov.save_logs(os.path.join(BINDIR, "test_netlab_calls-logs" + cls.logs_suffix))
             problems = cls.ov.stop()
             logs = "\n".join(d.log() for d in cls.ov.daemons)
             if "AddressSanitizer" in logs or "runtime error" in logs:
@@ -216,6 +219,41 @@ class Calls(harness.OverlayScenario, unittest.TestCase):
                 say("%-9s node: %s", site, ", ".join("%s %s" % kv for kv in sorted(px.items())
                                                      if isinstance(kv[1], int)))
         self.assertEqual(failures, [])
+
+
+class CallsWithoutTurn(Calls):
+    """The same lab with super nodes that run no TURN (`"turn": false`, STUN only): channels
+    find server-reflexive candidates through the super nodes' STUN servers and go direct where
+    the NATs allow it; where only a relay would do (a symmetric NAT towards a NAT), the channel
+    fails and the call goes through the overlay instead, completing all the same."""
+    sn_extra = {"turn": False}
+    on_extra = {"channel_setup_ms": 4000}
+    logs_suffix = "-noturn"
+    PAIRS = [("home-eim", "lan1", "direct"), ("home-sym1", "pubhost", "direct"),
+             ("lan1", "lan2", "direct"), ("home-sym1", "home-eim", None)]
+
+    def test_calls_between_every_pair_of_sites(self):
+        pass  # Calls does those, with TURN
+
+    def test_calls_without_a_relay(self):
+        for site in {s for p in self.PAIRS for s in p[:2]}:
+            self.register(site)
+        for x, y, path in self.PAIRS:
+            with self.subTest(pair="%s -> %s" % (x, y)):
+                before = self.ov.status(x)["channel_counters"]["via_overlay"]
+                took = self.call(x, y)
+                st = self.ov.status(x)
+                ch = self.channel(x, y)
+                say("no TURN: %s -> %s: call in %.2f s, channel %s, %d messages through the "
+                    "overlay", x, y, took, ch and (ch.get("state"), ch.get("path"),
+                                                  ch.get("local"), ch.get("remote")),
+                    st["channel_counters"]["via_overlay"] - before)
+                self.assertFalse(any(c["type"] == "relay" for c in st.get("candidates", [])))
+                if path:
+                    self.assertEqual((ch["state"], ch["path"]), ("open", path))
+                else:  # no pair works without a relay: the overlay carried the call
+                    self.assertEqual(ch["state"], "failed", ch)
+                    self.assertGreaterEqual(st["channel_counters"]["via_overlay"] - before, 3)
 
 
 if __name__ == "__main__":
