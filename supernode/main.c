@@ -396,6 +396,24 @@ static void on_control(struct ctl_req *r, json_t *req, void *ud)
     }
 }
 
+/* text + more in one new string; frees both (more may be NULL: text is kept as it is). NULL
+ * when out of memory. */
+static char *metrics_append(char *text, char *more)
+{
+    if (!text || !more) {
+        free(more);
+        return text;
+    }
+    char *both = malloc(strlen(text) + strlen(more) + 1);
+    if (both) {
+        strcpy(both, text);
+        strcat(both, more);
+    }
+    free(text);
+    free(more);
+    return both;
+}
+
 static void on_metrics(struct httpd_req *r, void *ud)
 {
     struct sn_state *st = ud;
@@ -404,7 +422,7 @@ static void on_metrics(struct httpd_req *r, void *ud)
         return;
     }
     char *text = sn_metrics(st->sn);
-    if (text && st->stun) {
+    if (st->stun) {
         struct stun_stats ss;
         stun_server_stats(st->stun, &ss);
         char buf[512];
@@ -416,36 +434,12 @@ static void on_metrics(struct httpd_req *r, void *ud)
                  "# TYPE p2p_stun_dropped_total counter\np2p_stun_dropped_total %llu\n",
                  (unsigned long long)(ss.answered - ss.classic), (unsigned long long)ss.classic,
                  (unsigned long long)ss.errors, (unsigned long long)ss.dropped);
-        char *both = malloc(strlen(text) + strlen(buf) + 1);
-        if (both) {
-            strcpy(both, text);
-            strcat(both, buf);
-            free(text);
-            text = both;
-        }
+        text = metrics_append(text, strdup(buf));
     }
-    if (text && st->turn) {
-        char *t = turn_server_metrics(st->turn);
-        char *both = t ? malloc(strlen(text) + strlen(t) + 1) : NULL;
-        if (both) {
-            strcpy(both, text);
-            strcat(both, t);
-            free(text);
-            text = both;
-        }
-        free(t);
-    }
-    if (text && st->chans) { /* the front end's channels to ordinary nodes */
-        char *t = chans_metrics(st->chans);
-        char *both = t ? malloc(strlen(text) + strlen(t) + 1) : NULL;
-        if (both) {
-            strcpy(both, text);
-            strcat(both, t);
-            free(text);
-            text = both;
-        }
-        free(t);
-    }
+    if (st->turn)
+        text = metrics_append(text, turn_server_metrics(st->turn));
+    if (st->chans) /* the front end's channels to ordinary nodes */
+        text = metrics_append(text, chans_metrics(st->chans));
     if (!text) {
         httpd_respond_error(r, 500, "internal", "out of memory");
         return;
