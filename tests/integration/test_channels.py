@@ -304,6 +304,58 @@ class Channels(harness.OverlayScenario, unittest.TestCase):
         rc, out, err = self.cli("alice", "open-channel", "nobody@" + OVERLAY)
         self.assertNotEqual(rc, 0)
 
+    def test_08_a_large_message_travels_in_chunks(self):
+        """A SIP MESSAGE of about 9 KB from alice's phone to bob's: it crosses the channel as
+        ten DTLS records of at most 1000 bytes of it and reaches bob's phone whole; the 200
+        comes back the same way."""
+        body = "".join("line %04d of a long message to see chunking at work\r\n" % i
+                       for i in range(170))
+        call_id = "big-%d@127.0.0.1" % os.getpid()
+        node = self.sip["alice"]
+        host, port = node.rsplit(":", 1)
+        a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        a.bind(("127.0.0.1", self.port["alice"]))  # the phones' registered addresses
+        b.bind(("127.0.0.1", self.port["bob"]))
+        a.settimeout(10)
+        b.settimeout(10)
+        c0, _ = self.channel("alice", "bob")
+        sent0 = c0["bytes_out"] if c0 and c0["state"] == "open" else 0
+        try:
+            msg = ("MESSAGE sip:bob@%s SIP/2.0\r\n"
+                   "Via: SIP/2.0/UDP 127.0.0.1:%d;branch=z9hG4bK-big-1;rport\r\n"
+                   "Max-Forwards: 70\r\nFrom: <sip:alice@%s>;tag=big1\r\n"
+                   "To: <sip:bob@%s>\r\nCall-ID: %s\r\nCSeq: 1 MESSAGE\r\n"
+                   "Content-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
+                   % (OVERLAY, self.port["alice"], OVERLAY, OVERLAY, call_id, len(body), body))
+            self.assertGreater(len(msg), 9000)
+            a.sendto(msg.encode(), (host, int(port)))
+            got = b''
+            while b"MESSAGE sip:" not in got:
+                got, src = b.recvfrom(65535)
+            text = got.decode()
+            self.assertIn(body, text)  # whole, in order
+            head = text.split("\r\n\r\n", 1)[0]
+            vias = [l for l in head.split("\r\n") if l.lower().startswith("via:")]
+            resp = ("SIP/2.0 200 OK\r\n%s\r\n" % "\r\n".join(vias) +
+                    "\r\n".join(l for l in head.split("\r\n")[1:]
+                                 if l.split(":")[0].lower() in ("from", "to", "call-id", "cseq")) +
+                    "\r\nContent-Length: 0\r\n\r\n")
+            resp = resp.replace("To: <sip:bob@%s>" % OVERLAY, "To: <sip:bob@%s>;tag=b1" % OVERLAY)
+            b.sendto(resp.encode(), src)
+            while True:
+                r = a.recv(65535).decode()
+                if r.startswith("SIP/2.0 200"):
+                    break
+            c, _ = self.channel("alice", "bob")
+            say("a %d-byte MESSAGE crossed the channel (%s) and was answered 200", len(msg),
+                c and c["state"])
+            self.assertEqual(c["state"], "open")
+            self.assertGreater(c["bytes_out"] - sent0, 9000)  # on the channel, not the overlay
+        finally:
+            a.close()
+            b.close()
+
     # ---- helpers ----
 
     def state_dir(self, u):
