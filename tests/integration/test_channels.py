@@ -12,7 +12,10 @@
 4. a node that cannot gather candidates (its ICE address is not on this host) makes the caller
    give the channel up at once: the call completes through the overlay, the last resort;
 5. a channel idle longer than channel_idle_s is closed, and the next call opens a new one;
-   `ordinarynode close-channels` closes them by hand."""
+   `ordinarynode close-channels` closes them by hand, and their TURN allocations go back;
+6. the node's /metrics (metrics_listen) counts all of it;
+7. two nodes that open channels to each other at the same moment end with one channel;
+8. a SIP message of 9 KB crosses a channel in chunks and arrives whole."""
 
 import json
 import os
