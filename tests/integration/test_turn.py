@@ -383,8 +383,11 @@ class Turn(harness.OverlayScenario, unittest.TestCase):
         # 600 s (the default); a retransmitted Allocate is answered with what is left.
         self.assertIn(struct.unpack(">I", get(a, A_LIFETIME))[0], range(590, 601))
         pip, pport = peer.getsockname()
-        # No permission yet: nothing reaches the client.
+        # No permission yet: nothing reaches the client. The relay socket and the client's are
+        # read by the same loop in either order: give the server time to take "too early"
+        # before the permission exists (a CI run once had the permission first).
         peer.sendto(b"too early", (rip, rport))
+        time.sleep(0.3)
         self.assertEqual(tc.permission(pip)[0], 0)
         # Send indication -> peer
         tc.sock.sendto(build(0x006, 1, [attr(A_PEER, xaddr(pip, pport)),
