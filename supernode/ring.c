@@ -1616,6 +1616,11 @@ void sn_free(struct sn *s)
         conn_abort(l->conn); /* the loop has ended: no callback will come */
         free(l);
     }
+    while (s->talkers) { /* the links' shared budgets: on_close never came for those */
+        struct talker *t = s->talkers;
+        s->talkers = t->next;
+        free(t);
+    }
     while (s->peers) {
         struct peer *p = s->peers;
         s->peers = p->next;
