@@ -118,13 +118,26 @@ size_t sip_bindings_expire(struct sip_bindings *bs, int64_t now)
     return gone;
 }
 
-const char *sip_bindings_latest(const struct sip_bindings *bs)
+const struct sip_binding *sip_bindings_latest_binding(const struct sip_bindings *bs)
 {
     const struct sip_binding *best = NULL;
     for (size_t i = 0; i < bs->n; i++)
         if (!best || bs->b[i].order > best->order)
             best = &bs->b[i];
+    return best;
+}
+
+const char *sip_bindings_latest(const struct sip_bindings *bs)
+{
+    const struct sip_binding *best = sip_bindings_latest_binding(bs);
     return best ? best->contact : NULL;
+}
+
+void sip_bindings_note_flow(struct sip_bindings *bs, uint64_t since, const struct sip_source *from)
+{
+    for (size_t i = 0; i < bs->n; i++)
+        if (bs->b[i].order > since)
+            snprintf(bs->b[i].flow, sizeof(bs->b[i].flow), "%s", from->tcp ? "" : from->addr);
 }
 
 json_t *sip_bindings_json(const struct sip_bindings *bs)

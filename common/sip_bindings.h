@@ -24,6 +24,8 @@ struct sip_binding {
     char call_id[128];
     unsigned long cseq;
     uint64_t order; /* when it was registered or refreshed, in registrations counted */
+    char flow[64];  /* "ip:port" the REGISTER came from over UDP, where requests to it go (a
+                       phone behind NAT is reached there, not at its Contact); "" over TCP */
 };
 
 struct sip_bindings {
@@ -45,6 +47,11 @@ int sip_bindings_apply(struct sip_bindings *bs, const osip_message_t *m, int64_t
 size_t sip_bindings_expire(struct sip_bindings *bs, int64_t now);
 /* The Contact of the binding registered (or refreshed) last, or NULL. */
 const char *sip_bindings_latest(const struct sip_bindings *bs);
+/* The binding registered (or refreshed) last, or NULL. */
+const struct sip_binding *sip_bindings_latest_binding(const struct sip_bindings *bs);
+/* After sip_bindings_apply() moved the count from `since`: the bindings it made or refreshed
+ * remember where the REGISTER came from (its UDP source; a TCP one: none). */
+void sip_bindings_note_flow(struct sip_bindings *bs, uint64_t since, const struct sip_source *from);
 /* [{"contact", "expires"}] (epoch seconds), new reference. */
 json_t *sip_bindings_json(const struct sip_bindings *bs);
 /* [{"contact", "expires_in"}], for status. */

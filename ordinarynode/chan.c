@@ -23,8 +23,8 @@
 #define DEF_IDLE_S     300u
 #define DEF_MAX        64u
 #define DEF_RETRY_S    60u
-#define DTLS_MTU       1200u
-#define MAX_WAITING    32u /* SIP messages waiting for a channel to open */
+#define DTLS_MTU       1400u /* a media frame of CHAN_MEDIA_MAX and DTLS's 37 bytes fit */
+#define MAX_WAITING    32u   /* SIP messages waiting for a channel to open */
 #define MAX_WAIT_BYTES (256u * 1024u)
 #define MAX_RX         32u /* datagrams waiting for GnuTLS */
 #define MAX_PARTIAL    4u  /* messages being put together per channel */
@@ -81,9 +81,11 @@ struct chan {
     uint16_t next_msgno;
     /* what status shows */
     bool relayed;
+    char relay_sn[NID_HEX_LEN + 1]; /* whose TURN relays it (ours or the peer's super node) */
     char local[96], remote_addr[96];
     double created, opened_at, last_used, retry_at;
     uint64_t msgs_out, msgs_in, bytes_out, bytes_in;
+    uint64_t frames_out, frames_in;
 };
 
 struct chans {
@@ -103,6 +105,7 @@ struct chans {
     size_t n_dead, cap_dead;
     uint64_t opened, failed, via_overlay, refused, bad_chunks, bad_signals, oversize;
     uint64_t msgs_out, msgs_in, bytes_out, bytes_in; /* of every channel, closed ones too */
+    uint64_t frames_out, frames_in, frames_dropped;  /* media */
     /* What the last gathering found (status), and what the channels told of our NAT's mapping:
      * a peer that sees us at our reflexive address (endpoint-independent), or at another one
      * (address-dependent: a symmetric NAT). */
@@ -436,6 +439,13 @@ static void tls_start(struct chan *ch)
 static void chunk_in(struct chan *ch, const uint8_t *p, size_t n)
 {
     struct chans *cs = ch->cs;
+    if (n > 4 && p[3] == 0) { /* a media frame (media.h) */
+        ch->frames_in++, cs->frames_in++;
+        ch->last_used = now_s(cs); /* a call keeps its channel open */
+        if (cs->p.on_media)
+            cs->p.on_media(cs->p.ud, ch->peer, p, n);
+        return;
+    }
     if (n < 5) {
         cs->bad_chunks++;
         return;
@@ -636,6 +646,11 @@ static void pair_cb(NiceAgent *agent, guint stream, guint comp, NiceCandidate *l
     else if (l->type == NICE_CANDIDATE_TYPE_SERVER_REFLEXIVE)
         ch->cs->eim_seen++;
     ch->relayed = l->type == NICE_CANDIDATE_TYPE_RELAYED || r->type == NICE_CANDIDATE_TYPE_RELAYED;
+    const char *my_sn = onode_sn_id(ch->cs->p.on);
+    snprintf(ch->relay_sn, sizeof(ch->relay_sn), "%s",
+             l->type == NICE_CANDIDATE_TYPE_RELAYED   ? (my_sn ? my_sn : "")
+             : r->type == NICE_CANDIDATE_TYPE_RELAYED ? ch->peer_sn
+                                                      : "");
     describe(ch->local, sizeof(ch->local), l);
     describe(ch->remote_addr, sizeof(ch->remote_addr), r);
 }
@@ -920,6 +935,40 @@ static struct chan *chan_get(struct chans *cs, const char *node, const char *sn)
     return ch->state == CH_FAILED ? NULL : ch;
 }
 
+int chans_send_media(struct chans *cs, const char *node, const void *frame, size_t len)
+{
+    struct chan *ch = chan_find(cs, node);
+    if (!ch || ch->state != CH_OPEN || !ch->tls || len > CHAN_MEDIA_MAX) {
+        cs->frames_dropped++;
+        return -1;
+    }
+    ssize_t r;
+    do
+        r = gnutls_record_send(ch->tls, frame, len);
+    while (r == GNUTLS_E_AGAIN || r == GNUTLS_E_INTERRUPTED);
+    if (r < 0) {
+        cs->frames_dropped++;
+        return -1;
+    }
+    ch->frames_out++, cs->frames_out++;
+    ch->last_used = ev_now(cs->loop);
+    return 0;
+}
+
+bool chans_path(struct chans *cs, const char *node, struct chan_path *p)
+{
+    struct chan *ch = chan_find(cs, node);
+    memset(p, 0, sizeof(*p));
+    if (!ch)
+        return false;
+    p->open = ch->state == CH_OPEN;
+    p->relayed = ch->relayed;
+    snprintf(p->relay_sn, sizeof(p->relay_sn), "%s", ch->relayed ? ch->relay_sn : "");
+    snprintf(p->local, sizeof(p->local), "%s", ch->local);
+    snprintf(p->remote, sizeof(p->remote), "%s", ch->remote_addr);
+    return true;
+}
+
 bool chans_open(struct chans *cs, const char *node, const char *sn)
 {
     return chan_get(cs, node, sn) != NULL;
@@ -1175,6 +1224,10 @@ json_t *chans_status(struct chans *cs)
         json_object_set_new(c, "messages_in", json_integer((json_int_t)ch->msgs_in));
         json_object_set_new(c, "bytes_out", json_integer((json_int_t)ch->bytes_out));
         json_object_set_new(c, "bytes_in", json_integer((json_int_t)ch->bytes_in));
+        json_object_set_new(c, "media_frames_out", json_integer((json_int_t)ch->frames_out));
+        json_object_set_new(c, "media_frames_in", json_integer((json_int_t)ch->frames_in));
+        if (ch->relayed && ch->relay_sn[0])
+            json_object_set_new(c, "relay_sn", json_string(ch->relay_sn));
         json_array_append_new(list, c);
     }
     json_t *st =
@@ -1233,6 +1286,10 @@ char *chans_metrics(struct chans *cs)
                  "# TYPE p2p_channel_bytes_total counter\n"
                  "p2p_channel_bytes_total{dir=\"out\"} %llu\n"
                  "p2p_channel_bytes_total{dir=\"in\"} %llu\n"
+                 "# TYPE p2p_channel_media_frames_total counter\n"
+                 "p2p_channel_media_frames_total{dir=\"out\"} %llu\n"
+                 "p2p_channel_media_frames_total{dir=\"in\"} %llu\n"
+                 "p2p_channel_media_frames_total{dir=\"dropped\"} %llu\n"
                  "# TYPE p2p_ice_candidates gauge\n"
                  "p2p_ice_candidates{type=\"host\"} %zu\n"
                  "p2p_ice_candidates{type=\"srflx\"} %zu\n"
@@ -1243,7 +1300,9 @@ char *chans_metrics(struct chans *cs)
                  (unsigned long long)cs->refused, (unsigned long long)cs->bad_signals,
                  (unsigned long long)cs->bad_chunks, (unsigned long long)cs->msgs_out,
                  (unsigned long long)cs->msgs_in, (unsigned long long)cs->bytes_out,
-                 (unsigned long long)cs->bytes_in, host, srflx, relay, mapping) < 0)
+                 (unsigned long long)cs->bytes_in, (unsigned long long)cs->frames_out,
+                 (unsigned long long)cs->frames_in, (unsigned long long)cs->frames_dropped, host,
+                 srflx, relay, mapping) < 0)
         return NULL;
     return out;
 }

@@ -15,7 +15,9 @@
  * through the overlay (`deliver`), which stays the last resort, and that peer is tried again
  * only after a pause. Each SIP message travels as one or more DTLS records of at most
  * CHAN_CHUNK bytes of it (a 4-byte header: message number, chunk index, chunk count), put back
- * together at the other end with a bound.
+ * together at the other end with a bound. A record whose fourth byte is 0 (a SIP chunk's count
+ * never is) is a media frame instead (media.h): RTP or RTCP of a call the node anchors, handed
+ * to on_media, never queued nor retransmitted.
  */
 #ifndef P2P_CHAN_H
 #define P2P_CHAN_H
@@ -24,6 +26,7 @@
 #include <jansson.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "on.h"
 
@@ -34,9 +37,13 @@
 typedef void (*chan_sip_fn)(void *ud, const char *node, const char *sn, const char *text,
                             size_t len);
 
+/* A media frame (chans_send_media) that arrived on the channel from node `node`. */
+typedef void (*chan_media_fn)(void *ud, const char *node, const uint8_t *frame, size_t len);
+
 struct chan_params {
     struct onode *on; /* signalling, credentials, the super node's STUN and TURN */
     chan_sip_fn on_sip;
+    chan_media_fn on_media; /* NULL: media frames are dropped */
     void *ud;
     unsigned setup_ms;            /* from the first message to an open channel; 0 = 10000 */
     unsigned idle_s;              /* closed after this long without SIP; 0 = 300 */
@@ -53,6 +60,18 @@ struct chans *chans_new(struct ev_loop *loop, const struct chan_params *p, char 
 /* Sends one SIP message (text, len) to node `node` attached to super node `sn`: on its channel,
  * opening one when there is none, or through the overlay when no channel can be had. */
 void chans_send(struct chans *cs, const char *node, const char *sn, const char *text, size_t len);
+#define CHAN_MEDIA_MAX 1360u /* bytes of one media frame (its 4-byte header included) */
+/* Sends one media frame (frame[3] == 0) to node `node` on its open channel: 0, or -1 when there
+ * is none open (nothing queued: media late is media lost) or the frame is too long. */
+int chans_send_media(struct chans *cs, const char *node, const void *frame, size_t len);
+/* The path of the channel to node `node`, for status. */
+struct chan_path {
+    bool open, relayed;
+    char relay_sn[41]; /* whose TURN relays it: our super node's or the peer's ("" direct) */
+    char local[96], remote[96];
+};
+/* Whether there is a channel to `node` (open or not); *p filled when there is. */
+bool chans_path(struct chans *cs, const char *node, struct chan_path *p);
 /* Opens a channel to node `node` attached to super node `sn`, unless there is one (open or
  * opening): false when none can be had now (it failed within the last retry_s, or no room). */
 bool chans_open(struct chans *cs, const char *node, const char *sn);

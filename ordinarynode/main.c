@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "chan.h"
+#include "media.h"
 #include "ctlsock.h"
 #include "daemon.h"
 #include "enroll.h"
@@ -63,6 +64,7 @@ struct on_config {
     long long channel_setup_ms;
     long long channel_idle_s;
     struct cfg_strlist ice_addresses;
+    struct media_settings media;
 };
 
 static const struct cfg_field on_fields[] = {
@@ -145,6 +147,7 @@ static const struct cfg_field on_fields[] = {
     {"ice_addresses", CFG_STRLIST, offsetof(struct on_config, ice_addresses), 0, 0, NULL, NULL,
      "IP addresses of this host that channels gather host candidates on; default: the address "
      "the link to the super node leaves from (never every interface)"},
+    MEDIA_FIELDS(struct on_config, "64"),
 };
 
 static int on_validate(const void *p, char *err, size_t len)
@@ -254,6 +257,7 @@ struct on_state {
     struct promo *promo;
     struct registrar *sip;
     struct chans *chans;
+    struct media *media;
     struct httpd *metrics;
     struct dns_resolver *dns;
     struct ctl_server *ctl;
@@ -281,11 +285,13 @@ static void on_metrics(struct httpd_req *r, void *ud)
         return;
     }
     char *chans = st->chans ? chans_metrics(st->chans) : NULL;
+    char *media = st->media ? media_metrics(st->media) : NULL;
     char *text = NULL;
-    if (asprintf(&text, "# TYPE p2p_attached gauge\np2p_attached %d\n%s",
-                 onode_sn_id(st->on) ? 1 : 0, chans ? chans : "") < 0)
+    if (asprintf(&text, "# TYPE p2p_attached gauge\np2p_attached %d\n%s%s",
+                 onode_sn_id(st->on) ? 1 : 0, chans ? chans : "", media ? media : "") < 0)
         text = NULL;
     free(chans);
+    free(media);
     if (!text) {
         httpd_respond_error(r, 500, "internal", "out of memory");
         return;
@@ -299,6 +305,12 @@ static void on_chan_sip(void *ud, const char *node, const char *sn, const char *
     struct on_state *st = ud;
     if (st->sip)
         registrar_from_node(st->sip, node, sn, text, len);
+}
+
+static void on_chan_media(void *ud, const char *node, const uint8_t *frame, size_t len)
+{
+    struct on_state *st = ud;
+    media_frame(st->media, node, frame, len);
 }
 
 static void on_invite(void *ud, const char *reason)
@@ -383,6 +395,8 @@ static void on_control(struct ctl_req *r, json_t *req, void *ud)
             json_object_del(c, "nat_mapping");
             json_object_set_new(s, "channel_counters", c);
         }
+        if (st->media)
+            json_object_set_new(s, "media", media_status(st->media));
         json_object_set_new(s, "ok", json_true());
         ctl_reply(r, s);
         return;
@@ -556,6 +570,7 @@ static int on_start(struct ev_loop *loop, const void *p, void **state)
         struct chan_params cp = {
             .on = st->on,
             .on_sip = on_chan_sip,
+            .on_media = on_chan_media,
             .ud = st,
             .setup_ms = (unsigned)cfg->channel_setup_ms,
             .idle_s = (unsigned)cfg->channel_idle_s,
@@ -567,6 +582,27 @@ static int on_start(struct ev_loop *loop, const void *p, void **state)
             return -1;
         }
         registrar_use_channels(st->sip, st->chans);
+        if (cfg->media.on) {
+            struct media_params mp;
+            char host[64];
+            unsigned port;
+            cfg_parse_hostport(cfg->sip_listen, host, sizeof(host), &port);
+            if (media_settings_params(&cfg->media, host, &mp, err, sizeof(err)) != 0) {
+                log_error("main", "%s", err);
+                return -1;
+            }
+            mp.chans = st->chans;
+            mp.trust_sdp = true; /* the phones registered here are this node's user's */
+            if (!(st->media = media_new(loop, &mp, err, sizeof(err)))) {
+                log_error("main", "media: %s", err);
+                return -1;
+            }
+            registrar_use_media(st->sip, st->media);
+            log_info("main",
+                     "media of calls with other nodes through %s, ports %u-%u, at most %u "
+                     "calls",
+                     mp.host, mp.port_min, mp.port_max, mp.max_calls);
+        }
     }
     if (cfg->metrics_listen) {
         struct httpd_config hc = {.listen = cfg->metrics_listen, .max_connections = 16};
@@ -621,6 +657,8 @@ static void on_stop(struct ev_loop *loop, void *p)
     st->ctl = NULL;
     registrar_stop(st->sip);
     st->sip = NULL;
+    media_free(st->media);
+    st->media = NULL;
     chans_free(st->chans);
     st->chans = NULL;
     httpd_stop(st->metrics);
@@ -639,6 +677,7 @@ static void on_cleanup(void *p)
     renewer_stop(st->renewer);
     ctl_server_stop(st->ctl);
     registrar_stop(st->sip);
+    media_free(st->media);
     chans_free(st->chans);
     httpd_stop(st->metrics);
     dns_free(st->dns);

@@ -27,6 +27,7 @@
 #include "config.h"
 #include "dns.h"
 #include "log.h"
+#include "media.h"
 #include "nodeid.h"
 #include "record.h"
 
@@ -81,6 +82,7 @@ struct proxy {
     char served[256];         /* a domain this proxy is the P2P proxy of ("" = none) */
     struct dns_resolver *dns; /* RFC 3263 for other domains, or NULL */
     struct chans *chans;      /* channels to other nodes (chan.h), or NULL: the overlay */
+    struct media *media;      /* media anchoring (media.h), or NULL: SDP untouched */
     char self[80];            /* our host:port, as Via sent-by and Record-Route */
     proxy_binding_fn binding;
     void *ud;
@@ -295,6 +297,23 @@ static void retrans_cb(struct ev_loop *loop, ev_timer *w, int revents)
 }
 
 static void send_cancel(struct ptxn *t);
+static struct pdialog *dialog_find(struct proxy *px, const char *call_id);
+
+/* The final answer `code` to t: the media of a call it ends (a BYE answered, an INVITE that
+ * failed without a dialog) is let go. */
+static void media_call_over(struct proxy *px, const struct ptxn *t, int code)
+{
+    if (!px->media || code < 200 || !t->req->call_id)
+        return;
+    const char *cid = t->req->call_id->number;
+    if (!strcmp(t->method, "BYE")) {
+        media_end(px->media, cid);
+    } else if (!strcmp(t->method, "INVITE") && code >= 300) {
+        const struct pdialog *d = dialog_find(px, cid);
+        if (!d || !d->confirmed)
+            media_end(px->media, cid);
+    }
+}
 
 static void timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
@@ -304,6 +323,7 @@ static void timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
         return;
     }
     t->px->timeouts++;
+    media_call_over(t->px, t, 408);
     if (t->provisional) {
         log_info(LOGM, "%s %s rang for %.0f s: cancelled", t->method, t->req->req_uri->host,
                  TIMER_C_S);
@@ -391,6 +411,16 @@ static void forward(struct ptxn *t, const struct sip_source *to, const char *new
         return;
     }
     osip_list_add(&f->vias, v, 0);
+    if (px->media) { /* an SDP between a phone of ours and a node: media through us */
+        const char *why = NULL;
+        int code = media_sip(px->media, f, &t->from, to, &why);
+        if (code) {
+            osip_message_free(f);
+            log_info(LOGM, "%s %s refused: %d %s", t->method, t->req->call_id->number, code, why);
+            answer(t, code, why);
+            return;
+        }
+    }
     t->fwd = f;
     t->to = *to;
     char err[256];
@@ -624,6 +654,7 @@ static void dialogs_sweep(struct proxy *px, ev_tstamp now, bool evict)
             struct pdialog *d = *pp;
             if (d->until <= now) {
                 *pp = d->next;
+                media_end(px->media, d->call_id);
                 free(d);
                 px->n_dlg--;
                 continue;
@@ -781,7 +812,8 @@ static int plan(struct proxy *px, osip_message_t *m, const struct sip_source *fr
     if (ru->username && *ru->username && ru->host)
         snprintf(p->aor, sizeof(p->aor), "%s@%s", ru->username, ru->host);
     bool local = false;
-    const char *b = p->aor[0] ? px->binding(px->ud, p->aor, &local) : NULL;
+    const char *flow = NULL;
+    const char *b = p->aor[0] ? px->binding(px->ud, p->aor, &local, &flow) : NULL;
     if (local) { /* a user registered here: the phone */
         if (!b) {
             p->code = 480;
@@ -798,7 +830,7 @@ static int plan(struct proxy *px, osip_message_t *m, const struct sip_source *fr
             p->reason = "Binding Unusable";
             return -1;
         }
-        direct_target(&p->to, target, tcp);
+        direct_target(&p->to, flow ? flow : target, flow ? false : tcp);
         snprintf(p->new_ruri, sizeof(p->new_ruri), "%s", b);
         return 0;
     }
@@ -818,6 +850,11 @@ static int plan(struct proxy *px, osip_message_t *m, const struct sip_source *fr
     if (!p->aor[0]) {
         p->code = 404;
         p->reason = "No User In The Request-URI";
+        return -1;
+    }
+    if (origin != PROXY_OWN && px->served[0] && !strcasecmp(ru->host, px->served)) {
+        p->code = 404; /* a user of our domain with no phone here: the caller looked it up */
+        p->reason = "Not Found";
         return -1;
     }
     if (origin != PROXY_OWN) /* we are not a stranger's proxy */
@@ -1014,7 +1051,9 @@ void proxy_response(struct proxy *px, osip_message_t *resp, const struct sip_sou
         struct pdialog *d = resp->call_id ? dialog_find(px, resp->call_id->number) : NULL;
         int s = d ? dialog_party(d, from) : -1;
         char err[200];
-        if (resp->status_code >= 200 && resp->status_code < 300 && s >= 0)
+        const char *why;
+        if (resp->status_code >= 200 && resp->status_code < 300 && s >= 0 &&
+            (!px->media || media_sip(px->media, resp, from, &d->side[1 - s], &why) == 0))
             px_send(px, resp, &d->side[1 - s], err, sizeof(err));
         else
             log_debug(LOGM, "%s: response %d matches nothing of ours: dropped", from->addr,
@@ -1056,6 +1095,10 @@ void proxy_response(struct proxy *px, osip_message_t *resp, const struct sip_sou
     }
     if (t->best >= 200 && code >= 300)
         return; /* a retransmitted failure: ACKed again above, passed on once */
+    const char *why = NULL;
+    if (px->media && code > 100 && code < 300 && media_sip(px->media, resp, from, &t->from, &why))
+        log_warn(LOGM, "%d %s: its SDP passes unchanged: %s", code, resp->call_id->number, why);
+    media_call_over(px, t, code);
     char err[256];
     if (px_send(px, resp, &t->from, err, sizeof(err)) != 0)
         log_info(LOGM, "%d to %s not passed on: %s", code, t->from.addr, err);
@@ -1113,6 +1156,11 @@ void proxy_from_node(struct proxy *px, const char *node, const char *sn, const c
 void proxy_use_channels(struct proxy *px, struct chans *cs)
 {
     px->chans = cs;
+}
+
+void proxy_use_media(struct proxy *px, struct media *md)
+{
+    px->media = md;
 }
 
 void proxy_use_dns(struct proxy *px, struct dns_resolver *dns)

@@ -27,9 +27,10 @@
 struct proxy;
 
 /* For address-of-record `aor` ("alice@example.org"): *local = whether its phones register here
- * (then the call goes to the phone returned: the most recent binding, or NULL for none); else
- * the overlay is asked. */
-typedef const char *(*proxy_binding_fn)(void *ud, const char *aor, bool *local);
+ * (then the call goes to the phone returned: the most recent binding's Contact, or NULL for none;
+ * sent to *flow, "ip:port", when not NULL: where the phone registered from, behind its NAT);
+ * else the overlay is asked. */
+typedef const char *(*proxy_binding_fn)(void *ud, const char *aor, bool *local, const char **flow);
 
 /* `domain`: the overlay's own SIP domain; a user of another one is looked up, then that domain's
  * P2P proxy (its "proxy location" record). A node reached through the overlay
@@ -45,6 +46,10 @@ struct chans;
  * (chan.h), and SIP to any node goes through cs, which falls back to the overlay; NULL: every
  * message to a node goes through the overlay. cs is the caller's and outlives the proxy. */
 void proxy_use_channels(struct proxy *px, struct chans *cs);
+struct media;
+/* Calls between this proxy's phones and other nodes have their media anchored here (media.h):
+ * the SDP of what passes between them is rewritten. md is the caller's and outlives the proxy. */
+void proxy_use_media(struct proxy *px, struct media *md);
 /* A SIP message from node `node` (attached to super node sn), on a channel (chan true) or
  * through the overlay: parsed and handed to the proxy as from outside (responses along their
  * transaction, requests to this proxy's own users and dialogs only); a REGISTER is answered

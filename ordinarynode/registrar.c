@@ -428,8 +428,9 @@ static void on_register(struct registrar *r, osip_message_t *m, const struct sip
 }
 
 /* The phone to ring for our user: the binding registered (or refreshed) last. */
-static const char *current_binding(void *ud, const char *aor, bool *local)
+static const char *current_binding(void *ud, const char *aor, bool *local, const char **flow)
 {
+    *flow = NULL; /* phones on this host or LAN: their Contact */
     struct registrar *r = ud;
     *local = !strcasecmp(aor, r->aor); /* user@host: the host is case-insensitive, the user */
     if (*local) {                      /* too here: the login server's names are lowercase */
@@ -475,6 +476,11 @@ void registrar_deliver(struct registrar *r, const char *from, json_t *payload)
 void registrar_use_channels(struct registrar *r, struct chans *cs)
 {
     proxy_use_channels(r->px, cs);
+}
+
+void registrar_use_media(struct registrar *r, struct media *md)
+{
+    proxy_use_media(r->px, md);
 }
 
 static void expiry_cb(struct ev_loop *loop, ev_timer *w, int revents)

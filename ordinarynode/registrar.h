@@ -32,6 +32,9 @@ void registrar_from_node(struct registrar *r, const char *from, const char *sn, 
 struct chans;
 /* SIP to other nodes goes through cs (proxy_use_channels()). */
 void registrar_use_channels(struct registrar *r, struct chans *cs);
+struct media;
+/* Its calls with other nodes have their media anchored here (media.h, proxy_use_media). */
+void registrar_use_media(struct registrar *r, struct media *md);
 /* {"listen", "bindings": [{"contact", "expires_in"}], "counters": {...}} */
 json_t *registrar_status(struct registrar *r);
 struct dns_resolver;

@@ -13,6 +13,9 @@ PACKAGES=(
   # the TURN and STUN tests and bench/turn_bench.py: clients nobody here wrote
   # (turnutils_uclient, turnutils_peer, turnutils_stunclient; stun), coturn as the reference
   coturn stun-client
+  # tests/integration/test_netlab_media.py: real phones (baresip), tones and their analysis
+  # (sox), and where packets were when (tcpdump, for the latency the nodes add)
+  baresip-core sox tcpdump
   # scripts/fuzz.sh: libFuzzer's runtime is in libclang-rt-dev, which clang only recommends
   clang libclang-rt-dev
 )

@@ -12,6 +12,7 @@
 
 #include "announce.h"
 #include "chan.h"
+#include "media.h"
 #include "config.h"
 #include "conn.h"
 #include "ctlsock.h"
@@ -86,6 +87,7 @@ struct sn_config {
     long long sip_rate;
     bool sip_dns;
     char *sip_dns_server;
+    struct media_settings media;
 };
 
 /* The transport settings of this node, from its configuration. */
@@ -251,6 +253,7 @@ static const struct cfg_field sn_fields[] = {
     {"sip_max_expires", CFG_INT, offsetof(struct sn_config, sip_max_expires), 60, 86400, NULL,
      "3600", "longest registration the front end grants, in seconds"},
     SIP_FRONT_FIELDS(struct sn_config),
+    MEDIA_FIELDS(struct sn_config, "500"),
 };
 
 static const struct cfg_schema sn_schema = {sn_fields, sizeof(sn_fields) / sizeof(sn_fields[0]),
@@ -335,6 +338,7 @@ struct sn_state {
     struct onode *on;
     struct sipfront *sip;
     struct chans *chans; /* its channels to ordinary nodes (ordinarynode/chan.h) */
+    struct media *media; /* the media of its phones' calls with nodes (ordinarynode/media.h) */
     char chan_host[64];  /* the address they gather on */
     struct dns_resolver *dns;
     const char *self_addr;
@@ -361,6 +365,8 @@ static void on_control(struct ctl_req *r, json_t *req, void *ud)
             json_object_set_new(s, "sip", sipfront_status(st->sip));
         if (st->chans)
             json_object_set_new(s, "sip_channels", chans_status(st->chans));
+        if (st->media)
+            json_object_set_new(s, "sip_media", media_status(st->media));
         if (st->stun) {
             struct stun_stats ss;
             stun_server_stats(st->stun, &ss);
@@ -440,6 +446,8 @@ static void on_metrics(struct httpd_req *r, void *ud)
         text = metrics_append(text, turn_server_metrics(st->turn));
     if (st->chans) /* the front end's channels to ordinary nodes */
         text = metrics_append(text, chans_metrics(st->chans));
+    if (st->media)
+        text = metrics_append(text, media_metrics(st->media));
     if (!text) {
         httpd_respond_error(r, 500, "internal", "out of memory");
         return;
@@ -622,6 +630,12 @@ static void sip_on_channel(void *ud, const char *node, const char *sn, const cha
         sipfront_from_node(st->sip, node, sn, text, len, true);
 }
 
+static void sip_media_frame(void *ud, const char *node, const uint8_t *frame, size_t len)
+{
+    struct sn_state *st = ud;
+    media_frame(st->media, node, frame, len);
+}
+
 /* The public SIP front end (sipfront.h) and the overlay client it works through, attached to
  * this very node first. */
 static int start_sip(struct sn_state *st, struct ev_loop *loop, const struct overlay_doc *doc,
@@ -667,6 +681,7 @@ static int start_sip(struct sn_state *st, struct ev_loop *loop, const struct ove
         .node_id = hex,
         .max_expires = cfg->sip_max_expires,
         .rate = (double)cfg->sip_rate,
+        .channels = true, /* start_sip() opens them below */
     };
     if (cfg->sip_dns &&
         !(fp.dns = st->dns = dns_new(loop, cfg->sip_dns_server, err, sizeof(err)))) {
@@ -682,7 +697,8 @@ static int start_sip(struct sn_state *st, struct ev_loop *loop, const struct ove
     unsigned port;
     const char *ap = cfg->sip_advertise ? cfg->sip_advertise : st->self_addr;
     const char *hosts[1] = {st->chan_host};
-    struct chan_params cp = {.on = st->on, .on_sip = sip_on_channel, .ud = st};
+    struct chan_params cp = {
+        .on = st->on, .on_sip = sip_on_channel, .on_media = sip_media_frame, .ud = st};
     if (cfg_parse_hostport(ap, st->chan_host, sizeof(st->chan_host), &port) == 0 &&
         strcmp(st->chan_host, "0.0.0.0") != 0 && strcmp(st->chan_host, "::") != 0) {
         cp.addresses = hosts;
@@ -693,6 +709,25 @@ static int start_sip(struct sn_state *st, struct ev_loop *loop, const struct ove
         return -1;
     }
     sipfront_use_channels(st->sip, st->chans);
+    if (cfg->media.on) {
+        struct media_params mp;
+        char host[64];
+        cfg_parse_hostport(cfg->sip_listen, host, sizeof(host), &port);
+        if (media_settings_params(&cfg->media, host, &mp, err, sizeof(err)) != 0) {
+            log_error("main", "%s", err);
+            return -1;
+        }
+        mp.chans = st->chans; /* phones behind NATs: latched to where their packets come from */
+        if (!(st->media = media_new(loop, &mp, err, sizeof(err)))) {
+            log_error("main", "SIP front end: media: %s", err);
+            return -1;
+        }
+        sipfront_use_media(st->sip, st->media);
+        log_info("main",
+                 "media of the front end's calls with nodes through %s, ports %u-%u, at "
+                 "most %u calls",
+                 mp.host, mp.port_min, mp.port_max, mp.max_calls);
+    }
     return 0;
 }
 
@@ -961,6 +996,8 @@ static void sn_stop(struct ev_loop *loop, void *p)
     struct sn_state *st = p;
     sipfront_stop(st->sip);
     st->sip = NULL;
+    media_free(st->media);
+    st->media = NULL;
     chans_free(st->chans);
     st->chans = NULL;
     dns_free(st->dns);
@@ -1015,6 +1052,7 @@ static void sn_cleanup(void *p)
     landisc_responder_stop(st->lan);
     bs_found_free(st);
     sipfront_stop(st->sip);
+    media_free(st->media);
     chans_free(st->chans);
     dns_free(st->dns);
     onode_free(st->on);

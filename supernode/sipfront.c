@@ -109,6 +109,7 @@ struct sipfront {
     struct proxy *px;
     char domain[256], overlay[256], registrar[256], node_id[64], advertise[80];
     int64_t max_expires;
+    bool channels;
     struct user *users[BUCKETS];
     size_t n_users;
     struct aor *aors[BUCKETS];
@@ -133,6 +134,8 @@ struct sipfront {
 
 #define BUSY_RETRY_S 0.05
 #define BUSY_TRIES   40
+
+static void channel_fields(const struct sipfront *f, json_t *v);
 
 static void stored(void *ud, const struct on_result *res);
 
@@ -720,6 +723,8 @@ static void addr_index(struct sipfront *f, const struct aor *a, int delta)
             continue;
         int rc = osip_uri_parse(u, a->bs.b[i].contact) == 0 ? uri_addr(u, hp, sizeof(hp)) : -1;
         osip_uri_free(u);
+        if (a->bs.b[i].flow[0]) /* where its requests come from */
+            rc = snprintf(hp, sizeof(hp), "%s", a->bs.b[i].flow) > 0 ? 0 : -1;
         if (rc != 0 || strlen(hp) >= sizeof(((struct addr_ent *)0)->addr))
             continue;
         struct addr_ent **pp = addr_slot(f, hp), *e = *pp;
@@ -790,9 +795,21 @@ static void publish(struct sipfront *f, struct aor *a, const osip_message_t *req
         g->value = json_pack("{s:s,s:s,s:s,s:o,s:o}", "uri", uri, "registrar", f->registrar,
                              "node_id", f->node_id, "contacts", sip_contacts_json(f->advertise),
                              "bindings", sip_bindings_json(&a->bs));
+        channel_fields(f, g->value);
         g->lifetime_s = last - now + RECORD_SLACK;
     }
     send_store(f, g);
+}
+
+/* A record of ours says that nodes reach this front end on a channel to its own client, attached
+ * to this very super node (docs/protocol.md 5.9). */
+static void channel_fields(const struct sipfront *f, json_t *v)
+{
+    if (!f->channels)
+        return;
+    const char *sn = onode_sn_id(f->on);
+    json_object_set_new(v, "channels", json_true());
+    json_object_set_new(v, "sn", json_pack("{s:s}", "id", sn ? sn : f->node_id));
 }
 
 static void on_register(struct sipfront *f, osip_message_t *m, const struct sip_source *from)
@@ -828,7 +845,10 @@ static void on_register(struct sipfront *f, osip_message_t *m, const struct sip_
     const char *why = NULL;
     int64_t now = (int64_t)time(NULL);
     addr_index(f, a, -1);
+    uint64_t since = f->order;
     int rc = sip_bindings_apply(&a->bs, m, now, f->max_expires, &f->order, &why);
+    if (rc == 0) /* behind a NAT, the phone is reached where its REGISTER came from */
+        sip_bindings_note_flow(&a->bs, since, from);
     addr_index(f, a, 1);
     if (rc == 1)
         sip_bindings_reply(f->ep, &a->bs, m, from, now);
@@ -838,13 +858,15 @@ static void on_register(struct sipfront *f, osip_message_t *m, const struct sip_
         publish(f, a, m, from, &old);
 }
 
-/* The proxy asks: is `aor` a phone registered here? */
-static const char *local_binding(void *ud, const char *aor, bool *local)
+/* The proxy asks: is `aor` a phone registered here? Its Contact, and where it registered from. */
+static const char *local_binding(void *ud, const char *aor, bool *local, const char **flow)
 {
     struct sipfront *f = ud;
     const struct aor *a = aor_find(f, aor);
-    *local = a && a->bs.n > 0;
-    return *local ? sip_bindings_latest(&a->bs) : NULL;
+    const struct sip_binding *b = a ? sip_bindings_latest_binding(&a->bs) : NULL;
+    *local = b != NULL;
+    *flow = b && b->flow[0] ? b->flow : NULL;
+    return b ? b->contact : NULL;
 }
 
 /* ---- what may pass: into the domain for anyone, out of it for its users ---------------------
@@ -945,9 +967,12 @@ static bool goes_in(struct sipfront *f, const osip_message_t *m, char *phone, si
         char aor[USER_MAX + 260];
         snprintf(aor, sizeof(aor), "%s@%s", ru->username, f->domain);
         const struct aor *a = aor_find(f, aor);
-        const char *b = a && a->bs.n ? sip_bindings_latest(&a->bs) : NULL;
+        const struct sip_binding *lb = a ? sip_bindings_latest_binding(&a->bs) : NULL;
+        const char *b = lb ? lb->contact : NULL;
         osip_uri_t *u = NULL;
-        if (b && osip_uri_init(&u) == 0) {
+        if (lb && lb->flow[0]) {
+            snprintf(phone, len, "%s", lb->flow);
+        } else if (b && osip_uri_init(&u) == 0) {
             if (osip_uri_parse(u, b) == 0)
                 uri_addr(u, phone, len);
             osip_uri_free(u);
@@ -1079,6 +1104,11 @@ void sipfront_use_channels(struct sipfront *f, struct chans *cs)
     proxy_use_channels(f->px, cs);
 }
 
+void sipfront_use_media(struct sipfront *f, struct media *md)
+{
+    proxy_use_media(f->px, md);
+}
+
 static void expiry_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
     struct sipfront *f = w->data;
@@ -1125,6 +1155,7 @@ struct sipfront *sipfront_start(struct ev_loop *loop, struct onode *on,
     snprintf(f->registrar, sizeof(f->registrar), "%s", p->registrar);
     snprintf(f->node_id, sizeof(f->node_id), "%s", p->node_id);
     f->max_expires = p->max_expires > SIPB_MIN_EXPIRES ? p->max_expires : SIPB_DEF_EXPIRES;
+    f->channels = p->channels;
     gnutls_rnd(GNUTLS_RND_KEY, f->secret, sizeof(f->secret));
     gnutls_rnd(GNUTLS_RND_KEY, f->dialog_key, sizeof(f->dialog_key));
     for (size_t i = 0; i < NC_BUCKETS; i++)
@@ -1162,6 +1193,7 @@ struct sipfront *sipfront_start(struct ev_loop *loop, struct onode *on,
     ev_timer_start(loop, &f->expiry);
     json_t *v = json_pack("{s:s,s:s,s:s,s:o}", "domain", f->domain, "registrar", f->registrar,
                           "node_id", f->node_id, "contacts", sip_contacts_json(f->advertise));
+    channel_fields(f, v);
     onode_publish(on, "update", REC_TYPE_PROXY_LOCATION, f->domain, v, 0, false, proxy_published,
                   NULL);
     json_decref(v);

@@ -38,6 +38,9 @@ struct sipfront_params {
     int64_t max_expires;      /* longest registration granted */
     double rate;              /* messages per second per source address (0: sip.h's default) */
     struct dns_resolver *dns; /* RFC 3263 for domains the overlay does not know, or NULL */
+    bool
+        channels; /* the records say so: nodes call its phones on a channel (sipfront_use_channels),
+                     which also carries the calls' media when sipfront_use_media anchors it */
 };
 
 struct sipfront;
@@ -52,6 +55,10 @@ void sipfront_from_node(struct sipfront *f, const char *node, const char *sn, co
 struct chans;
 /* Calls to nodes that take channels go on them (proxy_use_channels()). */
 void sipfront_use_channels(struct sipfront *f, struct chans *cs);
+struct media;
+/* Calls between its phones and the overlay's nodes have their media relayed here, latched to
+ * where the phones' packets come from (media.h). */
+void sipfront_use_media(struct sipfront *f, struct media *md);
 /* {"listen", "domain", "users", "registered", "bindings", "counters", "proxy"} */
 json_t *sipfront_status(struct sipfront *f);
 void sipfront_stop(struct sipfront *f);

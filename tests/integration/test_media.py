@@ -1,0 +1,304 @@
+#!/usr/bin/env python3
+"""Media anchoring (docs/sip.md "Media") on loopback, with real daemons and a small SIP phone
+of the test's own (sipua.py) so that every SDP line and every RTP packet can be looked at:
+1. alice's phone (at her node) calls bob's (at his): each phone is handed an SDP naming its own
+   node (address and a port of that node's media_ports), with the other phone's codecs and
+   SDES crypto line as they were, its ICE lines and the overlay's marker taken out; RTP goes both
+   ways through the two nodes and their channel, whole; both nodes' status lists the call with
+   its path and counters;
+2. hold and resume (re-INVITEs) keep the same ports, and audio flows after the resume;
+3. RTP to alice's node from an address that is not her phone is dropped and counted;
+4. the BYE lets the media go (status: no call), and so does a call that fails (486);
+5. carol, a classical phone at sn1's public front end, registered with a Contact and an SDP
+   that name addresses she cannot be reached at (as behind a NAT): she is called at the
+   address she registered from, sn1 sends her media where her packets come from (latching),
+   never to the address her SDP names nor to an address alice's SDP names (a node cannot make a
+   super node send media elsewhere), and a stranger's RTP to sn1's port is dropped;
+6. over the front end's media_max_calls, a call is refused with 503 (not set up silently
+   without media);
+7. /metrics counts the media."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import unittest
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+import sipua  # noqa: E402
+
+BINDIR = None
+OVERLAY = "media-test.p2psip"
+PBX = "pbx.test"
+SLOW = bool(harness.WRAPPER)
+WAIT = 60 if SLOW else 20
+PORTS = {"alice": (42000, 42999), "bob": (43000, 43999), "sn1": (44000, 44999)}
+CAROL_PW = "carol-secret"
+
+free_port = harness.free_port
+wait_until = harness.wait_until
+
+
+def say(fmt, *args):
+    print("  [media] " + (fmt % args if args else fmt), file=sys.stderr, flush=True)
+
+
+class Media(harness.OverlayScenario, unittest.TestCase):
+    daemons = []
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="p2psip-media-")
+        cls.phones = []
+        try:
+            cls._set_up()
+        except BaseException:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def _set_up(cls):
+        import hashlib
+        cls.users_file = os.path.join(cls.tmp, "pbx-users")
+        with open(cls.users_file, "w") as f:
+            f.write("carol:%s\n" % hashlib.md5(("carol:%s:%s" % (PBX, CAROL_PW)).encode())
+                    .hexdigest())
+        cls.sn_sip = {}
+        cls.build_overlay(OVERLAY, ("sn1", "sn2"), ("alice", "bob"), wait=WAIT,
+                          ls_extra={"sip_proxies": [PBX + "=sn1"]})
+        for u in ("alice", "bob"):
+            cls.on[u] = cls.start([cls.bin("ordinarynode"), "-d", "-c", cls.cfg[u]])
+        for u in ("alice", "bob"):
+            cls.on[u].wait_for("published user location", timeout=WAIT)
+        cls.sn["sn1"].wait_for("P2P registrar and proxy of %s" % PBX, timeout=WAIT)
+        cls.ua = {}
+        for u in ("alice", "bob"):
+            host, port = cls.sip[u].rsplit(":", 1)
+            cls.ua[u] = sipua.UA(u, OVERLAY, (host, int(port)))
+            cls.phones.append(cls.ua[u])
+            cls.ua[u].register()
+
+    @classmethod
+    def node_conf(cls, u, conf):
+        if u == "sn1":
+            cls.sn_sip[u] = "127.0.0.1:%d" % free_port()
+            conf.update({"sip_listen": cls.sn_sip[u], "sip_domain": PBX,
+                         "sip_users": cls.users_file, "media_max_calls": 1,
+                         "media_ports": "%d-%d" % PORTS[u]})
+        elif u in ("alice", "bob"):
+            conf["supernodes"] = [cls.addr["sn1"] if u == "alice" else cls.addr["sn2"]]
+            conf["media_ports"] = "%d-%d" % PORTS[u]
+            if u == "alice":
+                cls.metrics_port = free_port()
+                conf["metrics_listen"] = "127.0.0.1:%d" % cls.metrics_port
+
+    @classmethod
+    def tearDownClass(cls):
+        for p in cls.phones:
+            p.close()
+        cls.save_logs("test_media")
+        problems = cls.stop_all()
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+        if problems:
+            raise AssertionError("; ".join(problems))
+
+    def media(self, u):
+        return self.status(u).get("media", {})
+
+    def sn_media(self):
+        return self.sn_status("sn1").get("sip_media", {})
+
+    def assert_flows(self, a, a_dest, b, b_dest, n=100, least=0.98):
+        """a's RTP to a_dest reaches b, and b's to b_dest reaches a (>= least of n packets)."""
+        a.send(a_dest, n)
+        b.send(b_dest, n)
+        wait_until("RTP both ways", lambda: len(b.received_from(a.ssrc)) >= n * least and
+                   len(a.received_from(b.ssrc)) >= n * least, 10)
+        return len(b.received_from(a.ssrc)), len(a.received_from(b.ssrc))
+
+    def test_01_call_with_media_through_both_nodes(self):
+        alice, bob = self.ua["alice"], self.ua["bob"]
+        ra, rb = sipua.RtpPeer(), sipua.RtpPeer()
+        self.addCleanup(ra.close)
+        self.addCleanup(rb.close)
+        crypto = "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:PS1uQCVeeCFCanVmcjkpPywjNWhcYD0mXXtxaVBR"
+        offer = sipua.sdp_body("127.0.0.1", ra.addr[1], extra=(
+            crypto, "a=candidate:1 1 UDP 2130706431 192.168.1.2 4000 typ host", "a=sendrecv"))
+        import threading
+        got = {}
+        t = threading.Thread(target=lambda: got.update(
+            inv=bob.answer(sipua.sdp_body("127.0.0.1", rb.addr[1]))))
+        t.start()
+        final = alice.invite("bob@" + OVERLAY, offer)
+        t.join(30)
+        self.assertEqual(final.code, 200, final.first)
+        inv = got["inv"]
+        addr, media, lines = sipua.sdp_media(inv.body)
+        say("bob's phone got: %s", lines)
+        self.assertEqual(addr, "127.0.0.1")
+        self.assertTrue(PORTS["bob"][0] <= media[0][1] <= PORTS["bob"][1], media)
+        self.assertIn(crypto, lines)
+        self.assertIn("a=rtpmap:0 PCMU/8000", lines)
+        self.assertIn("a=sendrecv", lines)
+        self.assertFalse([x for x in lines if x.startswith(("a=candidate", "a=p2p-media"))], lines)
+        a_addr, a_media, a_lines = sipua.sdp_media(final.body)
+        self.assertTrue(PORTS["alice"][0] <= a_media[0][1] <= PORTS["alice"][1], a_media)
+        self.assertFalse([x for x in a_lines if x.startswith("a=p2p-media")], a_lines)
+        self.call = {"a_port": a_media[0][1], "b_port": media[0][1], "ra": ra, "rb": rb}
+        got_b, got_a = self.assert_flows(ra, ("127.0.0.1", a_media[0][1]), rb,
+                                         ("127.0.0.1", media[0][1]))
+        say("RTP through the nodes: %d of 100 to bob, %d of 100 to alice", got_b, got_a)
+        # what arrives is what was sent
+        self.assertEqual(rb.received_from(ra.ssrc)[0][2], b"\xff" * 160)
+        st = self.media("alice")
+        say("alice's media status: %s", json.dumps(st)[:600])
+        self.assertEqual(st["active"], 1)
+        c = st["calls"][0]
+        self.assertEqual((c["peer"], c["path"]), (self.node_id["bob"], "direct"))
+        s0 = c["streams"][0]
+        self.assertGreaterEqual(s0["from_phone"]["packets"], 100)
+        self.assertGreaterEqual(s0["to_phone"]["packets"], 98)
+        self.assertLessEqual(s0["to_phone"]["loss"], 0.02)
+        # 2. hold and resume: same ports, audio again after the resume
+        t = threading.Thread(target=lambda: got.update(
+            hold=bob.answer_in_dialog("INVITE", sipua.sdp_body("127.0.0.1", rb.addr[1],
+                                                               extra=("a=recvonly",)))))
+        t.start()
+        r = alice.reinvite(sipua.sdp_body("127.0.0.1", ra.addr[1], extra=("a=sendonly",)))
+        t.join(20)
+        self.assertEqual(r.code, 200, r.first)
+        _, hm, hl = sipua.sdp_media(got["hold"].body)
+        self.assertEqual(hm[0][1], media[0][1], "hold moved bob's port")
+        self.assertIn("a=sendonly", hl)
+        self.assertEqual(sipua.sdp_media(r.body)[1][0][1], a_media[0][1])
+        t = threading.Thread(target=lambda: got.update(
+            resume=bob.answer_in_dialog("INVITE", sipua.sdp_body("127.0.0.1", rb.addr[1]))))
+        t.start()
+        r = alice.reinvite(sipua.sdp_body("127.0.0.1", ra.addr[1], extra=("a=sendrecv",)))
+        t.join(20)
+        self.assertEqual(r.code, 200, r.first)
+        before_b, before_a = len(rb.received_from(ra.ssrc)), len(ra.received_from(rb.ssrc))
+        ra.send(("127.0.0.1", a_media[0][1]), 50)
+        rb.send(("127.0.0.1", media[0][1]), 50)
+        wait_until("RTP after the resume",
+                   lambda: len(rb.received_from(ra.ssrc)) - before_b >= 49 and
+                   len(ra.received_from(rb.ssrc)) - before_a >= 49, 10)
+        # 3. a stranger's RTP to alice's node port: dropped
+        dropped0 = st["dropped"]["not_the_phone"]
+        stranger = sipua.RtpPeer(ip="127.0.0.9")
+        self.addCleanup(stranger.close)
+        stranger.send(("127.0.0.1", a_media[0][1]), 20, gap=0.005)
+        time.sleep(0.5)
+        self.assertEqual(rb.received_from(stranger.ssrc), [], "a stranger's RTP reached bob")
+        dropped = self.media("alice")["dropped"]["not_the_phone"]
+        self.assertGreaterEqual(dropped - dropped0, 20)
+        say("a stranger's 20 packets: dropped (%d counted)", dropped - dropped0)
+        # 4. BYE: the media goes
+        t = threading.Thread(target=lambda: bob.answer_in_dialog("BYE"))
+        t.start()
+        r = alice.bye()
+        t.join(20)
+        self.assertEqual(r.code, 200)
+        wait_until("alice's node let the call go", lambda: self.media("alice")["active"] == 0, 5)
+        wait_until("bob's node let the call go", lambda: self.media("bob")["active"] == 0, 5)
+        n = len(rb.received_from(ra.ssrc))
+        ra.send(("127.0.0.1", a_media[0][1]), 10)
+        time.sleep(0.3)
+        self.assertEqual(len(rb.received_from(ra.ssrc)), n, "media went on after the BYE")
+
+    def test_02_failed_call_releases_media(self):
+        alice, bob = self.ua["alice"], self.ua["bob"]
+        import threading
+        t = threading.Thread(target=lambda: bob.answer("", code=486))
+        t.start()
+        final = alice.invite("bob@" + OVERLAY, sipua.sdp_body("127.0.0.1", 40000))
+        t.join(30)
+        self.assertEqual(final.code, 486, final.first)
+        wait_until("no call left at alice's node", lambda: self.media("alice")["active"] == 0, 5)
+        wait_until("no call left at bob's node", lambda: self.media("bob")["active"] == 0, 5)
+        self.assertGreaterEqual(self.media("alice")["calls_total"], 1)
+
+    def test_03_classical_phone_behind_nat_at_the_front_end(self):
+        host, port = self.sn_sip["sn1"].rsplit(":", 1)
+        # carol's Contact and SDP name addresses she is not at, as a phone behind NAT writes
+        dead_sip = sipua.RtpPeer(ip="127.0.0.66")
+        dead_rtp = sipua.RtpPeer(ip="127.0.0.66")
+        victim = sipua.RtpPeer(ip="127.0.0.77")
+        for p in (dead_sip, dead_rtp, victim):
+            self.addCleanup(p.close)
+        carol = sipua.UA("carol", PBX, (host, int(port)),
+                         contact="127.0.0.66:%d" % dead_sip.addr[1])
+        self.phones.append(carol)
+        carol.register(password=CAROL_PW)
+        alice = self.ua["alice"]
+        ra, rc = sipua.RtpPeer(), sipua.RtpPeer()
+        self.addCleanup(ra.close)
+        self.addCleanup(rc.close)
+        import threading
+        got = {}
+        t = threading.Thread(target=lambda: got.update(inv=carol.answer(
+            sipua.sdp_body("127.0.0.66", dead_rtp.addr[1]))))
+        t.start()
+        # alice's phone says its media goes to the victim: her node keeps that to itself
+        final = alice.invite("carol@" + PBX, sipua.sdp_body("127.0.0.77", victim.addr[1]))
+        t.join(30)
+        self.assertEqual(final.code, 200, final.first)
+        addr, media, lines = sipua.sdp_media(got["inv"].body)
+        say("carol's phone got: %s", lines)
+        self.assertEqual(addr, "127.0.0.1")
+        self.assertTrue(PORTS["sn1"][0] <= media[0][1] <= PORTS["sn1"][1], media)
+        a_port = sipua.sdp_media(final.body)[1][0][1]
+        c_dest = ("127.0.0.1", media[0][1])
+        # carol speaks first (her NAT opens), then both
+        rc.send(c_dest, 5)
+        got_c, got_a = self.assert_flows(ra, ("127.0.0.1", a_port), rc, c_dest)
+        say("carol <-> alice through sn1: %d to carol, %d to alice", got_c, got_a)
+        st = self.sn_media()
+        say("sn1's media: %s", json.dumps(st)[:500])
+        self.assertEqual(st["active"], 1)
+        self.assertTrue(st["calls"][0]["streams"][0]["latched"])
+        sn_ports = range(PORTS["sn1"][0], PORTS["sn1"][1] + 1)
+        self.assertFalse([s for s in dead_rtp.sources if s[1] in sn_ports],
+                         "sn1 sent media to the address carol's SDP named")
+        self.assertFalse([s for s in victim.sources if s[1] in sn_ports],
+                         "sn1 sent media to the address alice's SDP named")
+        self.assertEqual(len(dead_sip.got) + len(dead_sip.sources), 0,
+                         "SIP went to carol's Contact instead of where she registered from")
+        # a stranger's RTP to sn1's port for carol: dropped
+        stranger = sipua.RtpPeer(ip="127.0.0.9")
+        self.addCleanup(stranger.close)
+        stranger.send(c_dest, 20, gap=0.005)
+        time.sleep(0.5)
+        self.assertEqual(ra.received_from(stranger.ssrc), [])
+        self.assertGreaterEqual(self.sn_media()["dropped"]["not_the_phone"], 20)
+        # 6. sn1 takes one call with media at a time: bob's call to carol gets 503
+        bob = self.ua["bob"]
+        r = bob.invite("carol@" + PBX, sipua.sdp_body("127.0.0.1", 40002))
+        say("a second call to carol: %s", r.first)
+        self.assertEqual(r.code, 503, r.first)
+        self.assertGreaterEqual(self.sn_media()["refused"], 1)
+        t = threading.Thread(target=lambda: carol.answer_in_dialog("BYE"))
+        t.start()
+        self.assertEqual(alice.bye().code, 200)
+        t.join(20)
+        wait_until("sn1 let the call go", lambda: self.sn_media()["active"] == 0, 5)
+
+    def test_04_metrics(self):
+        text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % self.metrics_port,
+                                      timeout=5).read().decode()
+        for line in ("p2p_media_calls 0", "p2p_media_refused_total 0"):
+            self.assertIn(line, text)
+        m = re.search(r'p2p_media_packets_total\{dir="from_phone"\} (\d+)', text)
+        self.assertTrue(m and int(m.group(1)) >= 100, text)
+        self.assertRegex(text, r'p2p_media_dropped_total\{why="not_the_phone"\} [1-9]')
+        self.assertRegex(text, r'p2p_channel_media_frames_total\{dir="in"\} [1-9]')
+
+
+if __name__ == "__main__":
+    harness.main(sys.modules[__name__])
