@@ -49,6 +49,7 @@ INET = "203.0.113"  # TEST-NET-3: public (not RFC 1918), never routed on the rea
 SERVERS = {"login": INET + ".10", "bootstrap": INET + ".11",
            "sn1": INET + ".21", "sn2": INET + ".22", "sn3": INET + ".23"}
 LS_PORT, BS_PORT, SN_PORT, STUN_PORT, SIP_PORT = 8440, 8443, 7000, 3478, 5060
+FRONT_END_PORT = 5060  # sn1's public SIP front end, when the Overlay runs one
 PHONE_PORT = 5070  # each site's phone (sipp) registers from 127.0.0.1:5070 on its host
 # Each node's SIP front end is for the phones of its own host, on loopback (the ordinary node's
 # default): nothing at a site, pubhost included, offers an unauthenticated SIP port to the lab's
@@ -375,9 +376,12 @@ class Overlay:
     DetachedDaemon pid files and logs (netlab.sh)."""
 
     def __init__(self, lab, bindir, tmp, detached=None, stabilize_s=1, sn_extra=None,
-                 on_extra=None):
+                 on_extra=None, front_end=None):
         """sn_extra, on_extra: settings added to every super node's / ordinary node's
-        configuration (e.g. {"turn": False})."""
+        configuration (e.g. {"turn": False}). front_end: {"domain": D, "users": {name:
+        password}}: sn1 also runs the public SIP front end of domain D (docs/sip.md, "Classical
+        phones at a super node") on FRONT_END_PORT of its public address, for those users."""
+        self.front_end = front_end
         self.lab, self.bindir, self.tmp, self.detached = lab, bindir, tmp, detached
         self.sn_extra, self.on_extra = dict(sn_extra or {}), dict(on_extra or {})
         self.stabilize_s = stabilize_s
@@ -418,10 +422,12 @@ class Overlay:
         os.makedirs(self.tmp, exist_ok=True)
         login_ip, bs_ip = SERVERS["login"], SERVERS["bootstrap"]
         ls_state = os.path.join(self.tmp, "ls")
-        self._write("loginserver", {
-            "overlay": OVERLAY, "listen": "%s:%d" % (login_ip, LS_PORT), "state_dir": ls_state,
-            "pbkdf2_iterations": 1000, "stabilize_s": self.stabilize_s,
-            "bootstrap_urls": ["https://%s:%d" % (bs_ip, BS_PORT)]})
+        lsc = {"overlay": OVERLAY, "listen": "%s:%d" % (login_ip, LS_PORT), "state_dir": ls_state,
+               "pbkdf2_iterations": 1000, "stabilize_s": self.stabilize_s,
+               "bootstrap_urls": ["https://%s:%d" % (bs_ip, BS_PORT)]}
+        if self.front_end:
+            lsc["sip_proxies"] = [self.front_end["domain"] + "=sn1"]
+        self._write("loginserver", lsc)
         ls = [self.bin("loginserver"), "-c", self.cfg["loginserver"]]
         out = _run(ls + ["init"]).stdout
         self.pin = re.search(r"CA pin: (sha256:[0-9a-f]{64})", out).group(1)
@@ -459,6 +465,8 @@ class Overlay:
                     "stun_listen": "%s:%d" % (SERVERS[sn], STUN_PORT)}
             if sn == "sn1":
                 conf["seed"] = True
+                if self.front_end:
+                    conf.update(self._front_end_conf())
             else:
                 conf["join"] = ["%s:%d" % (SERVERS["sn1"], SN_PORT)]
             conf.update(self.sn_extra)
@@ -490,6 +498,18 @@ class Overlay:
             for site in SITES:
                 tell("%s", self.describe(site))
         tell("overlay up in %.1f s", time.monotonic() - t0)
+
+    def _front_end_conf(self):
+        import hashlib
+        fe = self.front_end
+        users = os.path.join(self.tmp, "front-end-users")
+        with open(users, "w") as f:
+            for u, pw in fe["users"].items():
+                f.write("%s:%s\n" % (u, hashlib.md5(("%s:%s:%s" % (u, fe["domain"], pw))
+                                                    .encode()).hexdigest()))
+        self.front_end_addr = "%s:%d" % (SERVERS["sn1"], FRONT_END_PORT)
+        return {"sip_listen": self.front_end_addr, "sip_domain": fe["domain"],
+                "sip_users": users}
 
     # ---- the sites' phones: sipp (Debian's sip-tester) at <host>:PHONE_PORT ----
 

@@ -233,6 +233,12 @@ class UA:
         if code != 200:
             self.reply(inv, code, "Busy Here", to_tag=tag)
             return inv
+        self.accept(inv, tag, body, timeout)
+        return inv
+
+    def accept(self, inv, tag, body, timeout=20.0):
+        """Answers INVITE inv 200 with body (To-tag tag), as the callee of its dialog; waits for
+        the ACK."""
         self.reply(inv, 200, "OK", body=body, to_tag=tag)
         frm = inv.get("From")
         self.dialog = {"call_id": inv.get("Call-ID"), "tag": tag, "role": "callee",
@@ -241,7 +247,6 @@ class UA:
                        "routes": inv.all("Record-Route"),
                        "target": re.search(r"<([^>]+)>", inv.get("Contact")).group(1)}
         self.recv(lambda m: m.is_request and m.method == "ACK", timeout)
-        return inv
 
     def answer_in_dialog(self, method, body="", timeout=10.0):
         req = self.recv(lambda m: m.is_request and m.method == method, timeout)

@@ -16,7 +16,8 @@ of the test's own (sipua.py) so that every SDP line and every RTP packet can be 
    super node send media elsewhere), and a stranger's RTP to sn1's port is dropped;
 6. over the front end's media_max_calls, a call is refused with 503 (not set up silently
    without media);
-7. /metrics counts the media."""
+7. early media: a 183 with SDP sets the media up before the 200;
+8. /metrics counts the media."""
 
 import json
 import os
@@ -289,7 +290,42 @@ class Media(harness.OverlayScenario, unittest.TestCase):
         t.join(20)
         wait_until("sn1 let the call go", lambda: self.sn_media()["active"] == 0, 5)
 
-    def test_04_metrics(self):
+    def test_04_early_media(self):
+        """bob's phone answers 183 with SDP (a ring-back tone): his media reaches alice before
+        the 200, through both nodes; the 200 keeps the ports."""
+        alice, bob = self.ua["alice"], self.ua["bob"]
+        ra, rb = sipua.RtpPeer(), sipua.RtpPeer()
+        self.addCleanup(ra.close)
+        self.addCleanup(rb.close)
+        import threading
+        got = {}
+
+        def callee():
+            inv = bob.recv(lambda m: m.is_request and m.method == "INVITE", 20)
+            tag = sipua._tag()
+            bob.reply(inv, 183, "Session Progress", body=sipua.sdp_body("127.0.0.1", rb.addr[1]),
+                      to_tag=tag)
+            got["inv"] = inv
+            # the tone before the answer, to the port bob's node gave him
+            _, m, _ = sipua.sdp_media(inv.body)
+            rb.send(("127.0.0.1", m[0][1]), 50)
+            got["early"] = len(ra.received_from(rb.ssrc))
+            bob.accept(inv, tag, sipua.sdp_body("127.0.0.1", rb.addr[1]))
+
+        t = threading.Thread(target=callee)
+        t.start()
+        final = alice.invite("bob@" + OVERLAY, sipua.sdp_body("127.0.0.1", ra.addr[1]))
+        t.join(30)
+        self.assertEqual(final.code, 200, final.first)
+        say("early media: %d of 50 packets reached alice before the 200", got["early"])
+        self.assertGreaterEqual(got["early"], 45)
+        t = threading.Thread(target=lambda: bob.answer_in_dialog("BYE"))
+        t.start()
+        self.assertEqual(alice.bye().code, 200)
+        t.join(20)
+        wait_until("no call left", lambda: self.media("alice")["active"] == 0, 5)
+
+    def test_05_metrics(self):
         text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % self.metrics_port,
                                       timeout=5).read().decode()
         for line in ("p2p_media_calls 0", "p2p_media_refused_total 0"):
