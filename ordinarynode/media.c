@@ -382,8 +382,12 @@ static void phone_cb(struct ev_loop *loop, ev_io *w, int revents)
         buf[1] = (uint8_t)s->peer_id;
         buf[2] = (uint8_t)(st->idx << 1 | k);
         buf[3] = 0;
-        if (chans_send_media(md->p.chans, s->peer, buf, 4 + (size_t)n) != 0)
+        if (chans_send_media(md->p.chans, s->peer, buf, 4 + (size_t)n) != 0) {
             md->dropped_nochannel++;
+            struct chan_path cp;
+            if (!chans_path(md->p.chans, s->peer, &cp)) /* it closed or failed: a new one */
+                chans_open(md->p.chans, s->peer, s->peer_sn);
+        }
     }
 }
 

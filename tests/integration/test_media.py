@@ -6,7 +6,8 @@ of the test's own (sipua.py) so that every SDP line and every RTP packet can be 
    SDES crypto line as they were, its ICE lines and the overlay's marker taken out; RTP goes both
    ways through the two nodes and their channel, whole; both nodes' status lists the call with
    its path and counters;
-2. hold and resume (re-INVITEs) keep the same ports, and audio flows after the resume;
+2. hold and resume (re-INVITEs) keep the same ports, and audio flows after the resume; when
+   the channel closes under the call, the media opens a new one;
 3. RTP to alice's node from an address that is not her phone is dropped and counted;
 4. the BYE lets the media go (status: no call), and so does a call that fails (486);
 5. carol, a classical phone at sn1's public front end, registered with a Contact and an SDP
@@ -190,6 +191,15 @@ class Media(harness.OverlayScenario, unittest.TestCase):
         wait_until("RTP after the resume",
                    lambda: len(rb.received_from(ra.ssrc)) - before_b >= 49 and
                    len(ra.received_from(rb.ssrc)) - before_a >= 49, 10)
+        # the channel closes under the call (close-channels): the media opens a new one
+        rc, out, err = self.cli("alice", "close-channels")
+        self.assertEqual(rc, 0, err)
+        before_b = len(rb.received_from(ra.ssrc))
+        ra.send(("127.0.0.1", a_media[0][1]), 100)
+        wait_until("alice's media on a new channel",
+                   lambda: len(rb.received_from(ra.ssrc)) - before_b >= 50, 10)
+        say("after close-channels: %d of 100 packets reached bob on the new channel",
+            len(rb.received_from(ra.ssrc)) - before_b)
         # 3. a stranger's RTP to alice's node port: dropped
         dropped0 = st["dropped"]["not_the_phone"]
         stranger = sipua.RtpPeer(ip="127.0.0.9")
