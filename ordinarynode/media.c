@@ -58,6 +58,7 @@ struct mstream {
     char sdp_ip[64];
     struct flow from_phone, to_phone;
     char type[16];
+    unsigned leg; /* 0, or 1: the second phone of a call between two phones of ours */
 };
 
 struct msession {
@@ -68,6 +69,12 @@ struct msession {
     uint16_t my_id, peer_id; /* frames to us carry my_id; ours to the peer carry peer_id */
     char sig_ip[64];         /* the phone's signalling address */
     struct mstream *st[SDP_MAX_MEDIA];
+    /* A call between two phones of ours (a front end's, both maybe behind NATs): relayed from
+     * one's sockets to the other's; leg 0 is where the INVITE came from. */
+    bool local;
+    char leg_addr[2][64];
+    char sig_ip_b[64];
+    struct mstream *st_b[SDP_MAX_MEDIA];
     double created, last_pkt;
     struct bucket up, down;
 };
@@ -256,9 +263,12 @@ static void session_free(struct msession *s)
         s->all_next->all_pprev = s->all_pprev;
     md->n--;
     for (size_t i = 0; i < SDP_MAX_MEDIA; i++)
-        if (s->st[i]) {
-            md->lost_to_phone += flow_lost(&s->st[i]->to_phone);
-            stream_free(md, s->st[i]);
+        for (int l = 0; l < 2; l++) {
+            struct mstream *st = l ? s->st_b[i] : s->st[i];
+            if (st) {
+                md->lost_to_phone += flow_lost(&st->to_phone);
+                stream_free(md, st);
+            }
         }
     free(s);
 }
@@ -270,10 +280,10 @@ static void session_end(struct msession *s, const char *why)
         if (s->st[i])
             in += s->st[i]->to_phone.packets, out += s->st[i]->from_phone.packets;
     log_info(LOGM,
-             "call %.40s with node %.8s: media released (%s) after %.0f s, %llu packets "
+             "call %.40s with %.8s: media released (%s) after %.0f s, %llu packets "
              "from the phone, %llu to it",
-             s->call_id, s->peer, why, ev_now(s->md->loop) - s->created, (unsigned long long)out,
-             (unsigned long long)in);
+             s->call_id, s->local ? "a phone" : s->peer, why, ev_now(s->md->loop) - s->created,
+             (unsigned long long)out, (unsigned long long)in);
     session_free(s);
 }
 
@@ -318,6 +328,27 @@ static struct msession *session_new(struct media *md, const char *call_id, const
 
 /* ---- packets --------------------------------------------------------------------------------- */
 
+static const char *leg_ip(const struct mstream *st)
+{
+    return st->leg ? st->s->sig_ip_b : st->s->sig_ip;
+}
+
+/* Where packets for st's phone go (component k): where its packets came from, else the address
+ * its SDP names when we may trust it; NULL: nowhere yet. */
+static const struct sockaddr_storage *phone_dest(const struct mstream *st, unsigned k,
+                                                 socklen_t *len)
+{
+    if (st->is_latched[k]) {
+        *len = st->latched_len[k];
+        return &st->latched[k];
+    }
+    if (st->has_sdp && (st->s->md->p.trust_sdp || !strcmp(st->sdp_ip, leg_ip(st)))) {
+        *len = st->sdp_len[k];
+        return &st->sdp[k];
+    }
+    return NULL;
+}
+
 /* Whether a packet from `src` on component k of st is the phone's (and latches it). */
 static bool from_phone_ok(struct mstream *st, unsigned k, const struct sockaddr_storage *src)
 {
@@ -326,7 +357,7 @@ static bool from_phone_ok(struct mstream *st, unsigned k, const struct sockaddr_
         return true;
     char ip[64];
     addr_ip(src, ip, sizeof(ip));
-    bool ok = !strcmp(ip, s->sig_ip) || (st->sdp_ip[0] && !strcmp(ip, st->sdp_ip)) ||
+    bool ok = !strcmp(ip, leg_ip(st)) || (st->sdp_ip[0] && !strcmp(ip, st->sdp_ip)) ||
               (!st->is_latched[k] && s->md->loopback && is_loopback(src));
     if (!ok)
         return false;
@@ -374,6 +405,20 @@ static void phone_cb(struct ev_loop *loop, ev_io *w, int revents)
         s->last_pkt = now;
         count(&st->from_phone, k, buf + 4, (size_t)n);
         md->pkts_from_phone++, md->bytes_from_phone += (uint64_t)n;
+        if (s->local) { /* to the other phone, from its own socket */
+            struct mstream *o = st->leg ? s->st[st->idx] : s->st_b[st->idx];
+            socklen_t tl = 0;
+            const struct sockaddr_storage *to = o && o->fd[k] >= 0 ? phone_dest(o, k, &tl) : NULL;
+            if (!to) {
+                md->dropped_nowhere++;
+                continue;
+            }
+            count(&o->to_phone, k, buf + 4, (size_t)n);
+            md->pkts_to_phone++, md->bytes_to_phone += (uint64_t)n;
+            (void)sendto(o->fd[k], buf + 4, (size_t)n, MSG_DONTWAIT, (const struct sockaddr *)to,
+                         tl);
+            continue;
+        }
         if (!s->peer_id) {
             md->dropped_nowhere++; /* the other node's answer has not come yet */
             continue;
@@ -399,7 +444,7 @@ void media_frame(struct media *md, const char *node, const uint8_t *frame, size_
     unsigned idx = frame[2] >> 1, k = frame[2] & 1;
     struct msession *s = find_id(md, id);
     struct mstream *st = s && idx < SDP_MAX_MEDIA ? s->st[idx] : NULL;
-    if (!s || strcmp(s->peer, node) != 0 || !st || st->fd[k] < 0) {
+    if (!s || s->local || strcmp(s->peer, node) != 0 || !st || st->fd[k] < 0) {
         if (md->dropped_unknown++ % 1000 == 0)
             log_info(LOGM,
                      "a media frame from node %.8s for call %u stream %u that it is not in: "
@@ -407,13 +452,8 @@ void media_frame(struct media *md, const char *node, const uint8_t *frame, size_
                      node, id, idx);
         return;
     }
-    const struct sockaddr_storage *to = NULL;
     socklen_t tl = 0;
-    if (st->is_latched[k]) {
-        to = &st->latched[k], tl = st->latched_len[k];
-    } else if (st->has_sdp && (md->p.trust_sdp || !strcmp(st->sdp_ip, s->sig_ip))) {
-        to = &st->sdp[k], tl = st->sdp_len[k];
-    }
+    const struct sockaddr_storage *to = phone_dest(st, k, &tl);
     if (!to) {
         md->dropped_nowhere++; /* a phone behind NAT that has not sent yet */
         return;
@@ -478,19 +518,21 @@ static int stream_bind(struct media *md, struct mstream *st)
     return -1;
 }
 
-static struct mstream *stream_get(struct msession *s, unsigned idx, const char *type)
+static struct mstream *stream_get(struct msession *s, unsigned leg, unsigned idx, const char *type)
 {
-    if (!s->st[idx]) {
+    struct mstream **slot = leg ? &s->st_b[idx] : &s->st[idx];
+    if (!*slot) {
         struct mstream *st = calloc(1, sizeof(*st));
         if (!st)
             return NULL;
         st->s = s;
         st->idx = idx;
+        st->leg = leg;
         st->fd[0] = st->fd[1] = -1;
-        s->st[idx] = st;
+        *slot = st;
     }
-    snprintf(s->st[idx]->type, sizeof(s->st[idx]->type), "%s", type);
-    return s->st[idx];
+    snprintf((*slot)->type, sizeof((*slot)->type), "%s", type);
+    return *slot;
 }
 
 /* The address the phone at phone_ip reaches us at: ours, or with a wildcard socket the local
@@ -542,6 +584,92 @@ static bool is_sdp(const osip_message_t *m)
            !strcasecmp(ct->subtype, "sdp");
 }
 
+/* Where st's phone receives, as its SDP says (m: its m-line). */
+static void note_sdp(struct mstream *st, const struct sdp_media *m)
+{
+    st->has_sdp = false;
+    if (!m->port || !m->addr[0] || !strcmp(m->addr, "0.0.0.0") || !strcmp(m->addr, "::"))
+        return; /* refused, or on hold the old way: nothing to send to */
+    unsigned rtcp = m->rtcp_port ? m->rtcp_port : m->rtcp_mux ? m->port : m->port + 1;
+    if (make_addr(m->addr, m->port, &st->sdp[0], &st->sdp_len[0]) == 0 &&
+        make_addr(m->addr, rtcp, &st->sdp[1], &st->sdp_len[1]) == 0) {
+        st->has_sdp = true;
+        snprintf(st->sdp_ip, sizeof(st->sdp_ip), "%s", m->addr);
+    }
+}
+
+/* Body b of m replaced by the rewrite e of it: 0, or 503 with *reason. */
+static int rewrite(osip_message_t *m, osip_body_t *b, const struct sdp_edit *e, const char **reason)
+{
+    size_t n;
+    char *text = sdp_rewrite(b->body, b->length, e, &n);
+    int rc = text ? replace_body(m, b, text, n) : -1;
+    free(text);
+    if (rc != 0) {
+        *reason = "Out Of Memory";
+        return 503;
+    }
+    return 0;
+}
+
+/* Whether `from` is the party at `addr` (a phone sends from the port it registered from over
+ * UDP; over TCP from any port of its host). */
+static bool same_phone(const char *addr, const struct sip_source *from)
+{
+    if (!from->tcp)
+        return !strcmp(addr, from->addr);
+    char a[64], b[64];
+    host_of(addr, a, sizeof(a));
+    host_of(from->addr, b, sizeof(b));
+    return a[0] && !strcmp(a, b);
+}
+
+/* An SDP between two phones of ours (a front end's): each is handed the other's media on a port
+ * of the side facing it, and what it sends there goes to the other from the other's side. */
+static int between_phones(struct media *md, osip_message_t *m, osip_body_t *b,
+                          const struct sdp_info *in, const struct sip_source *from,
+                          const struct sip_source *to, const char **reason)
+{
+    const char *cid = m->call_id->number;
+    struct msession *s = find_call(md, cid);
+    if (s && !s->local)
+        return 0; /* a call with a node that uses this Call-ID too: not ours to relay */
+    if (!s) {
+        if (!(s = session_new(md, cid, "", "", reason)))
+            return 503;
+        s->local = true;
+        snprintf(s->leg_addr[0], sizeof(s->leg_addr[0]), "%s", from->addr);
+        snprintf(s->leg_addr[1], sizeof(s->leg_addr[1]), "%s", to->addr);
+        host_of(from->addr, s->sig_ip, sizeof(s->sig_ip));
+        host_of(to->addr, s->sig_ip_b, sizeof(s->sig_ip_b));
+    }
+    unsigned x = same_phone(s->leg_addr[0], from) ? 0 : same_phone(s->leg_addr[1], from) ? 1 : 2;
+    if (x == 2)
+        return 0; /* neither of the call's phones: its SDP passes as it is */
+    struct sdp_edit e = {.drop_rtcp = true, .drop_ice = true, .drop_mark = true};
+    for (size_t i = 0; i < in->n_media; i++) {
+        struct mstream *sx = stream_get(s, x, (unsigned)i, in->m[i].type);
+        struct mstream *sy = stream_get(s, 1 - x, (unsigned)i, in->m[i].type);
+        if (!sx || !sy) {
+            *reason = "Out Of Memory";
+            return 503;
+        }
+        note_sdp(sx, &in->m[i]);
+        if (!in->m[i].port)
+            continue;
+        if (sy->fd[0] < 0 && stream_bind(md, sy) != 0) {
+            *reason = "No Media Ports";
+            md->refused++;
+            return 503;
+        }
+        e.port[i] = sy->port;
+    }
+    char addr[64];
+    advertised(md, x ? s->sig_ip : s->sig_ip_b, addr, sizeof(addr));
+    e.addr = addr;
+    return rewrite(m, b, &e, reason);
+}
+
 /* The phone's SDP, on its way to the node: where the phone receives; our marker added. */
 static int to_node(struct media *md, osip_message_t *m, osip_body_t *b, const struct sdp_info *in,
                    const struct sip_source *from, const struct sip_source *to, const char **reason)
@@ -556,34 +684,24 @@ static int to_node(struct media *md, osip_message_t *m, osip_body_t *b, const st
         return 503;
     host_of(from->addr, s->sig_ip, sizeof(s->sig_ip));
     for (size_t i = 0; i < in->n_media; i++) {
-        struct mstream *st = stream_get(s, (unsigned)i, in->m[i].type);
+        struct mstream *st = stream_get(s, 0, (unsigned)i, in->m[i].type);
         if (!st) {
             *reason = "Out Of Memory";
             return 503;
         }
-        st->has_sdp = false;
-        if (!in->m[i].port || !in->m[i].addr[0] || !strcmp(in->m[i].addr, "0.0.0.0") ||
-            !strcmp(in->m[i].addr, "::"))
-            continue; /* refused, or on hold the old way: nothing to send to */
-        unsigned rtcp = in->m[i].rtcp_port  ? in->m[i].rtcp_port
-                        : in->m[i].rtcp_mux ? in->m[i].port
-                                            : in->m[i].port + 1;
-        if (make_addr(in->m[i].addr, in->m[i].port, &st->sdp[0], &st->sdp_len[0]) == 0 &&
-            make_addr(in->m[i].addr, rtcp, &st->sdp[1], &st->sdp_len[1]) == 0) {
-            st->has_sdp = true;
-            snprintf(st->sdp_ip, sizeof(st->sdp_ip), "%s", in->m[i].addr);
+        note_sdp(st, &in->m[i]);
+        /* Bound now, so that the other phone's first packets, which may overtake the answer
+         * that names these ports to ours, reach it already. */
+        if (in->m[i].port && st->fd[0] < 0 && stream_bind(md, st) != 0) {
+            log_warn(LOGM, "call %.40s: no free pair of media ports in %u-%u on %s", cid,
+                     md->p.port_min, md->p.port_max, md->host);
+            *reason = "No Media Ports";
+            md->refused++;
+            return 503;
         }
     }
     struct sdp_edit e = {.drop_mark = true, .mark = s->my_id};
-    size_t n;
-    char *text = sdp_rewrite(b->body, b->length, &e, &n);
-    int rc = text ? replace_body(m, b, text, n) : -1;
-    free(text);
-    if (rc != 0) {
-        *reason = "Out Of Memory";
-        return 503;
-    }
-    return 0;
+    return rewrite(m, b, &e, reason);
 }
 
 /* The other node's SDP, on its way to our phone: our address and ports instead of its. */
@@ -602,7 +720,7 @@ static int to_phone(struct media *md, osip_message_t *m, osip_body_t *b, const s
     host_of(to->addr, s->sig_ip, sizeof(s->sig_ip));
     struct sdp_edit e = {.drop_rtcp = true, .drop_ice = true, .drop_mark = true};
     for (size_t i = 0; i < in->n_media; i++) {
-        struct mstream *st = stream_get(s, (unsigned)i, in->m[i].type);
+        struct mstream *st = stream_get(s, 0, (unsigned)i, in->m[i].type);
         if (!st) {
             *reason = "Out Of Memory";
             return 503;
@@ -621,14 +739,9 @@ static int to_phone(struct media *md, osip_message_t *m, osip_body_t *b, const s
     char addr[64];
     advertised(md, s->sig_ip, addr, sizeof(addr));
     e.addr = addr;
-    size_t n;
-    char *text = sdp_rewrite(b->body, b->length, &e, &n);
-    int rc = text ? replace_body(m, b, text, n) : -1;
-    free(text);
-    if (rc != 0) {
-        *reason = "Out Of Memory";
-        return 503;
-    }
+    int rc = rewrite(m, b, &e, reason);
+    if (rc != 0)
+        return rc;
     if (md->p.chans && !chans_path(md->p.chans, s->peer, &(struct chan_path){0}))
         chans_open(md->p.chans, s->peer, s->peer_sn); /* its SIP came through the overlay */
     return 0;
@@ -642,7 +755,8 @@ int media_sip(struct media *md, osip_message_t *m, const struct sip_source *from
     /* Towards a node: one on a channel, or one whose offer came with its marker. */
     bool up = !from->node[0] && to->node[0] && (to->chan || find_call(md, m->call_id->number));
     bool down = from->node[0] && !to->node[0];
-    if (!up && !down)
+    bool local = md->p.local && !from->node[0] && !to->node[0];
+    if (!up && !down && !local)
         return 0;
     osip_body_t *b = NULL;
     if (!is_sdp(m) || osip_message_get_body(m, 0, &b) < 0 || !b || !b->body)
@@ -655,6 +769,8 @@ int media_sip(struct media *md, osip_message_t *m, const struct sip_source *from
         *reason = "Unreadable SDP";
         return 488;
     }
+    if (local)
+        return between_phones(md, m, b, &in, from, to, reason);
     if (up)
         return to_node(md, m, b, &in, from, to, reason);
     if (!in.mark)
@@ -739,13 +855,15 @@ json_t *media_status(struct media *md)
     double now = ev_now(md->loop);
     for (struct msession *s = md->all; s; s = s->all_next) {
         struct chan_path cp;
-        bool have = md->p.chans && chans_path(md->p.chans, s->peer, &cp);
-        const char *path = have && cp.open ? (cp.relayed ? "relayed" : "direct") : "none";
+        bool have = !s->local && md->p.chans && chans_path(md->p.chans, s->peer, &cp);
+        const char *path = s->local          ? "local"
+                           : have && cp.open ? (cp.relayed ? "relayed" : "direct")
+                                             : "none";
         char via[64];
         snprintf(via, sizeof(via), "super node %.8s", have ? cp.relay_sn : "");
         json_t *streams = json_array();
-        for (size_t i = 0; i < SDP_MAX_MEDIA; i++) {
-            struct mstream *st = s->st[i];
+        for (size_t i = 0; i < 2 * SDP_MAX_MEDIA; i++) {
+            struct mstream *st = i < SDP_MAX_MEDIA ? s->st[i] : s->st_b[i - SDP_MAX_MEDIA];
             if (!st)
                 continue;
             char phone[80] = "";
@@ -758,14 +876,16 @@ json_t *media_status(struct media *md)
                 snprintf(phone, sizeof(phone), strchr(ip, ':') ? "[%s]:%u" : "%s:%u", ip,
                          addr_port(pa));
             }
-            json_array_append_new(
-                streams, json_pack("{s:i,s:s,s:i,s:s,s:b,s:o,s:o}", "index", (int)i, "media",
-                                   st->type, "port", (int)st->port, "phone", phone, "latched",
-                                   st->is_latched[0], "from_phone", flow_json(&st->from_phone),
-                                   "to_phone", flow_json(&st->to_phone)));
+            json_array_append_new(streams, json_pack("{s:i,s:i,s:s,s:i,s:s,s:b,s:o,s:o}", "index",
+                                                     (int)st->idx, "leg", (int)st->leg, "media",
+                                                     st->type, "port", (int)st->port, "phone",
+                                                     phone, "latched", st->is_latched[0],
+                                                     "from_phone", flow_json(&st->from_phone),
+                                                     "to_phone", flow_json(&st->to_phone)));
         }
-        json_t *c = json_pack("{s:s,s:s,s:s,s:f,s:o}", "call_id", s->call_id, "peer", s->peer,
-                              "path", path, "age_s", now - s->created, "streams", streams);
+        json_t *c = json_pack("{s:s,s:o,s:s,s:f,s:o}", "call_id", s->call_id, "peer",
+                              s->local ? json_null() : json_string(s->peer), "path", path, "age_s",
+                              now - s->created, "streams", streams);
         json_object_set_new(c, "via",
                             have && cp.open && cp.relayed && cp.relay_sn[0] ? json_string(via)
                                                                             : json_null());
@@ -786,9 +906,12 @@ char *media_metrics(struct media *md)
 {
     uint64_t lost = md->lost_to_phone;
     for (struct msession *s = md->all; s; s = s->all_next)
-        for (size_t i = 0; i < SDP_MAX_MEDIA; i++)
+        for (size_t i = 0; i < SDP_MAX_MEDIA; i++) {
             if (s->st[i])
                 lost += flow_lost(&s->st[i]->to_phone);
+            if (s->st_b[i])
+                lost += flow_lost(&s->st_b[i]->to_phone);
+        }
     char *out = NULL;
     if (asprintf(&out,
                  "# TYPE p2p_media_calls gauge\np2p_media_calls %zu\n"

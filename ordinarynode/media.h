@@ -45,6 +45,8 @@ struct media_params {
                        to the address their SDP names; else (a public front end: phones behind
                        NATs) only where their packets come from, or to their SDP's address when it
                        is their signalling address */
+    bool local;     /* calls between two phones of ours are relayed too (a front end's phones,
+                       each maybe behind its own NAT); else their SDP is left alone */
 };
 
 /* The settings of media anchoring, shared by the ordinary node and the super node's front end:

@@ -718,6 +718,7 @@ static int start_sip(struct sn_state *st, struct ev_loop *loop, const struct ove
             return -1;
         }
         mp.chans = st->chans; /* phones behind NATs: latched to where their packets come from */
+        mp.local = true;      /* two of them in one call, too */
         if (!(st->media = media_new(loop, &mp, err, sizeof(err)))) {
             log_error("main", "SIP front end: media: %s", err);
             return -1;

@@ -153,6 +153,23 @@ class UA:
 
     # ---- registration ----------------------------------------------------------------------
 
+    def digest(self, challenge, method, uri, password):
+        """The Authorization value answering the 401/407 `challenge` (RFC 2617, MD5)."""
+        ch = challenge.get("WWW-Authenticate") or challenge.get("Proxy-Authenticate")
+        p = dict(re.findall(r'(\w+)="?([^",]*)"?', ch))
+        ha1 = hashlib.md5(("%s:%s:%s" % (self.user, p["realm"], password)).encode()).hexdigest()
+        ha2 = hashlib.md5(("%s:%s" % (method, uri)).encode()).hexdigest()
+        if "qop" in p:
+            cnonce, nc = _tag(), "00000001"
+            resp = hashlib.md5(("%s:%s:%s:%s:auth:%s" % (ha1, p["nonce"], nc, cnonce, ha2))
+                               .encode()).hexdigest()
+            return ('Digest username="%s", realm="%s", nonce="%s", uri="%s", response="%s", '
+                    'qop=auth, nc=%s, cnonce="%s", algorithm=MD5' % (
+                        self.user, p["realm"], p["nonce"], uri, resp, nc, cnonce))
+        resp = hashlib.md5(("%s:%s:%s" % (ha1, p["nonce"], ha2)).encode()).hexdigest()
+        return ('Digest username="%s", realm="%s", nonce="%s", uri="%s", response="%s", '
+                'algorithm=MD5' % (self.user, p["realm"], p["nonce"], uri, resp))
+
     def register(self, password=None, expires=600):
         call_id, tag = _tag() + "@reg", _tag()
         ruri = "sip:%s" % self.domain
@@ -160,21 +177,7 @@ class UA:
         self.request("REGISTER", ruri, aor, call_id, tag, headers=("Expires: %d" % expires,))
         r = self.recv(lambda m: not m.is_request and m.get("Call-ID") == call_id and m.code >= 200)
         if r.code in (401, 407) and password:
-            ch = r.get("WWW-Authenticate") or r.get("Proxy-Authenticate")
-            p = dict(re.findall(r'(\w+)="?([^",]*)"?', ch))
-            ha1 = hashlib.md5(("%s:%s:%s" % (self.user, p["realm"], password)).encode()).hexdigest()
-            ha2 = hashlib.md5(("REGISTER:%s" % ruri).encode()).hexdigest()
-            cnonce, nc = _tag(), "00000001"
-            if "qop" in p:
-                resp = hashlib.md5(("%s:%s:%s:%s:auth:%s" % (ha1, p["nonce"], nc, cnonce, ha2))
-                                   .encode()).hexdigest()
-                auth = ('Digest username="%s", realm="%s", nonce="%s", uri="%s", response="%s", '
-                        'qop=auth, nc=%s, cnonce="%s", algorithm=MD5' % (
-                            self.user, p["realm"], p["nonce"], ruri, resp, nc, cnonce))
-            else:
-                resp = hashlib.md5(("%s:%s:%s" % (ha1, p["nonce"], ha2)).encode()).hexdigest()
-                auth = ('Digest username="%s", realm="%s", nonce="%s", uri="%s", response="%s", '
-                        'algorithm=MD5' % (self.user, p["realm"], p["nonce"], ruri, resp))
+            auth = self.digest(r, "REGISTER", ruri, password)
             hdr = "Authorization" if r.code == 401 else "Proxy-Authorization"
             self.request("REGISTER", ruri, aor, call_id, tag,
                          headers=("Expires: %d" % expires, "%s: %s" % (hdr, auth)))
@@ -186,13 +189,22 @@ class UA:
 
     # ---- calls -------------------------------------------------------------------------------
 
-    def invite(self, callee, body, timeout=20.0):
-        """Calls callee ("user@domain"); returns the final response (a 2xx is ACKed)."""
+    def invite(self, callee, body, timeout=20.0, password=None):
+        """Calls callee ("user@domain"), with credentials when challenged; returns the final
+        response (a 2xx is ACKed)."""
         call_id, tag = _tag() + "@call", _tag()
         uri = "sip:" + callee
         cseq = self.request("INVITE", uri, uri, call_id, tag, body=body)
         r = self.recv(lambda m: not m.is_request and m.get("Call-ID") == call_id and
                       m.method == "INVITE" and m.code >= 200, timeout)
+        if r.code == 407 and password:
+            self.request("ACK", uri, uri, call_id, tag,
+                         re.search(r"tag=([^;>\s]+)", r.get("To")).group(1), cseq=cseq)
+            auth = self.digest(r, "INVITE", uri, password)
+            cseq = self.request("INVITE", uri, uri, call_id, tag, body=body,
+                                headers=("Proxy-Authorization: " + auth,))
+            r = self.recv(lambda m: not m.is_request and m.get("Call-ID") == call_id and
+                          m.method == "INVITE" and m.code >= 200, timeout)
         self.dialog = {"call_id": call_id, "tag": tag, "to": uri, "role": "caller"}
         if r.code >= 300:
             return r

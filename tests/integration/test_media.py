@@ -18,7 +18,9 @@ of the test's own (sipua.py) so that every SDP line and every RTP packet can be 
 6. over the front end's media_max_calls, a call is refused with 503 (not set up silently
    without media);
 7. early media: a 183 with SDP sets the media up before the 200;
-8. /metrics counts the media."""
+8. two classical phones at the front end, each behind its own NAT, hear each other through
+   sn1 (latching on both sides);
+9. /metrics counts the media."""
 
 import json
 import os
@@ -69,8 +71,9 @@ class Media(harness.OverlayScenario, unittest.TestCase):
         import hashlib
         cls.users_file = os.path.join(cls.tmp, "pbx-users")
         with open(cls.users_file, "w") as f:
-            f.write("carol:%s\n" % hashlib.md5(("carol:%s:%s" % (PBX, CAROL_PW)).encode())
-                    .hexdigest())
+            for u in ("carol", "dave"):
+                f.write("%s:%s\n" % (u, hashlib.md5(("%s:%s:%s" % (u, PBX, CAROL_PW)).encode())
+                                     .hexdigest()))
         cls.sn_sip = {}
         cls.build_overlay(OVERLAY, ("sn1", "sn2"), ("alice", "bob"), wait=WAIT,
                           ls_extra={"sip_proxies": [PBX + "=sn1"]})
@@ -335,7 +338,53 @@ class Media(harness.OverlayScenario, unittest.TestCase):
         t.join(20)
         wait_until("no call left", lambda: self.media("alice")["active"] == 0, 5)
 
-    def test_05_metrics(self):
+    def test_05_two_classical_phones_behind_nats(self):
+        """carol and dave, both at sn1's front end and both writing addresses they cannot be
+        reached at (each behind its own NAT): sn1 relays their media between them, latched to
+        where each one's packets come from."""
+        host, port = self.sn_sip["sn1"].rsplit(":", 1)
+        ua, rtp, dead = {}, {}, {}
+        for i, u in enumerate(("carol", "dave")):
+            dead[u] = sipua.RtpPeer(ip="127.0.0.%d" % (66 + i))
+            self.addCleanup(dead[u].close)
+            ua[u] = sipua.UA(u, PBX, (host, int(port)), ip="127.0.0.%d" % (21 + i),
+                             contact="127.0.0.%d:%d" % (66 + i, dead[u].addr[1]))
+            self.phones.append(ua[u])
+            ua[u].register(password=CAROL_PW)
+            rtp[u] = sipua.RtpPeer(ip="127.0.0.%d" % (21 + i))
+            self.addCleanup(rtp[u].close)
+        import threading
+        got = {}
+        t = threading.Thread(target=lambda: got.update(inv=ua["dave"].answer(
+            sipua.sdp_body("127.0.0.67", dead["dave"].addr[1]))))
+        t.start()
+        final = ua["carol"].invite("dave@" + PBX, sipua.sdp_body("127.0.0.66",
+                                                                 dead["carol"].addr[1]),
+                                   password=CAROL_PW)
+        t.join(30)
+        self.assertEqual(final.code, 200, final.first)
+        _, dm, _ = sipua.sdp_media(got["inv"].body)
+        caddr, cm, _ = sipua.sdp_media(final.body)
+        self.assertEqual(caddr, "127.0.0.1")
+        d_dest, c_dest = ("127.0.0.1", dm[0][1]), ("127.0.0.1", cm[0][1])
+        self.assertNotEqual(dm[0][1], cm[0][1])
+        rtp["dave"].send(d_dest, 3)  # each phone's first packets open its NAT
+        rtp["carol"].send(c_dest, 3)
+        got_d, got_c = self.assert_flows(rtp["carol"], c_dest, rtp["dave"], d_dest)
+        say("carol <-> dave through sn1: %d to dave, %d to carol", got_d, got_c)
+        c = self.sn_media()["calls"][0]
+        self.assertEqual((c["path"], c["peer"]), ("local", None))
+        sn_ports = range(PORTS["sn1"][0], PORTS["sn1"][1] + 1)
+        for u in ("carol", "dave"):
+            self.assertFalse([x for x in dead[u].sources if x[1] in sn_ports],
+                             "sn1 sent media to the address %s's SDP named" % u)
+        t = threading.Thread(target=lambda: ua["dave"].answer_in_dialog("BYE"))
+        t.start()
+        self.assertEqual(ua["carol"].bye().code, 200)
+        t.join(20)
+        wait_until("sn1 let the call go", lambda: self.sn_media()["active"] == 0, 5)
+
+    def test_06_metrics(self):
         text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % self.metrics_port,
                                       timeout=5).read().decode()
         for line in ("p2p_media_calls 0", "p2p_media_refused_total 0"):
