@@ -31,6 +31,12 @@ receive the other's tone for >= 2 s (decoded from the RTP delivered to it, in th
 baresip 1.0.0's recorder stops at a hold, see phone.py) and baresip's own receive counters
 must grow.
 
+A classical baresip (gina, CLASSIC) on the host of home-sym2, behind its symmetric NAT, registers
+with a password at sn1's public SIP front end (domain pbx.lab; its Contact and SDP name its
+private address): overlay phones at home-sym1 (symmetric NAT too) and pubhost call it, and it
+calls one; both sides must hear each other's tone for >= 3 s and sn1 must list the call's media
+latched to where gina's packets come from.
+
 Disjoint pairs are called at the same time (a round-robin schedule: 5 rounds of 3 calls, each
 phone in one call at a time); NETLAB_MEDIA_SERIAL=1 makes one call at a time. A table is
 printed: pair, NAT types, path (X's node; via which super node), set-up time (dial to
@@ -72,6 +78,12 @@ AFTER_RESUME_S = 2.0  # seconds of tone each phone must receive after a resume
 MAX_LOSS = 0.01
 CTRL_PORT = 4444  # baresip's control port, on 127.0.0.1 of each site's host
 RTP_PORTS = (16000, 16999)  # the phones' RTP ports (each host has its own)
+# A classical phone (no overlay node of its own) at sn1's public SIP front end, on the host of a
+# symmetric-NAT site, registered with a password: its Contact and SDP name its private address.
+FRONT_DOMAIN = "pbx.lab"
+CLASSIC = {"site": "home-sym2", "user": "gina", "password": "gina-secret", "freq": 1600,
+           "port": 5072, "ctrl": 4445, "rtp": (17000, 17999)}
+CLASSIC_CALLERS = ("home-sym1", "pubhost")  # overlay phones that call it
 
 
 def say(fmt, *args):
@@ -186,7 +198,8 @@ class Media(unittest.TestCase):
         try:
             t0 = time.monotonic()
             cls.lab.create()
-            cls.ov = netlab.Overlay(cls.lab, BINDIR, os.path.join(cls.tmp, "ov"))
+            cls.ov = netlab.Overlay(cls.lab, BINDIR, os.path.join(cls.tmp, "ov"), front_end={
+                "domain": FRONT_DOMAIN, "users": {CLASSIC["user"]: CLASSIC["password"]}})
             cls.ov.start()
             say("lab %s and overlay up in %.1f s", cls.lab.tag, time.monotonic() - t0)
             for site in netlab.SITES:
@@ -199,10 +212,19 @@ class Media(unittest.TestCase):
                     cls.ov.user[site], netlab.OVERLAY, registrar=cls.ov.sip[site],
                     listen="%s:%d" % (netlab.PHONE_IP, netlab.PHONE_PORT), ctrl_port=CTRL_PORT,
                     rtp_ports=RTP_PORTS, netns=ns, tone_s=120 * cls.slow)
+            cs = CLASSIC["site"]
+            cls.classic = phone.Phone(
+                "classic", os.path.join(cls.tmp, "phone-classic"), CLASSIC["freq"],
+                CLASSIC["user"], FRONT_DOMAIN, registrar=cls.ov.front_end_addr,
+                listen="%s:%d" % (netlab.Lab.host_ip(cs), CLASSIC["port"]),
+                ctrl_port=CLASSIC["ctrl"], rtp_ports=CLASSIC["rtp"],
+                netns=cls.lab.site_ns(cs), tone_s=120 * cls.slow, regint=60,
+                password=CLASSIC["password"])
+            cls.phones["classic"] = cls.classic
             for site, ph in cls.phones.items():
                 ph.start(timeout=15 * cls.slow)
-                say("%s: %s's phone (baresip, %d Hz) registered at its node %s", site,
-                    ph.user, ph.freq, cls.ov.sip[site])
+                say("%s: %s's phone (baresip, %d Hz) registered at %s", site, ph.user, ph.freq,
+                    ph.registrar)
         except BaseException:
             cls.failed = True
             cls.tearDownClass()
@@ -463,6 +485,72 @@ class Media(unittest.TestCase):
                 problems.append("after resume, %s's phone counted %d RTP packets received "
                                 "(want >= %d)" % (who, grown, AFTER_RESUME_S * 50 * 0.9))
         return "resumed: " + " / ".join(words)
+
+    def sn1_media(self):
+        p = self.lab.run("pub", [self.ov.bin("supernode"), "-c", self.ov.cfg["sn1"], "status",
+                                 "--json"])
+        import json
+        return json.loads(p.stdout).get("sip_media", {}) if p.returncode == 0 else {}
+
+    def test_classical_phone_behind_symmetric_nat(self):
+        """gina's classical baresip, behind home-sym2's symmetric NAT, registered at sn1's
+        public front end with her password (Contact and SDP: her private address) is called by
+        overlay phones (home-sym1: symmetric NAT too; pubhost), and calls one herself: both
+        sides hear each other, sn1 latched her media to her NAT's mapping."""
+        g = self.classic
+        problems = []
+        calls = [(x, "in") for x in CLASSIC_CALLERS] + [(CLASSIC_CALLERS[0], "out")]
+        for x, way in calls:
+            px = self.phones[x]
+            caller, callee = (px, g) if way == "in" else (g, px)
+            uri = ("sip:%s@%s" % (g.user, FRONT_DOMAIN) if way == "in"
+                   else "sip:%s@%s" % (px.user, netlab.OVERLAY))
+            hc, hg = Listener(px, g.freq), Listener(g, px.freq)
+            mark = callee.mark()
+            t0 = time.monotonic()
+            try:
+                since = caller.dial(uri)
+                caller.wait_established(20 * self.slow, since)
+                callee.wait_established(10 * self.slow, mark)
+                setup = time.monotonic() - t0
+                deadline = time.monotonic() + 12 * self.slow
+                while time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    if hc.update() >= AIM_S and hg.update() >= AIM_S:
+                        break
+                st = self.sn1_media()
+                mark = callee.mark()
+                caller.hangup(10 * self.slow)
+                callee.wait_closed(10 * self.slow, mark)
+            except AssertionError as e:
+                problems.append("%s %s gina: %s" % (x, "calls" if way == "in" else "called by",
+                                                    str(e).split("\n")[0]))
+                for ph in (caller, callee):
+                    try:
+                        ph.command("hangup")
+                    except AssertionError:
+                        pass
+                continue
+            calls_st = st.get("calls", [])
+            path = calls_st[0]["path"] if calls_st else "none"
+            latched = bool(calls_st) and all(s.get("latched") for s in calls_st[0]["streams"])
+            heard = {}
+            for who, li, other in ((x, hc, "gina"), ("gina", hg, x)):
+                secs, text = li.final()
+                heard[who] = secs
+                if secs < NEED_S:
+                    problems.append("%s's phone heard %s's tone for %.1f s (want >= %.1f): %s"
+                                    % (who, other, secs, NEED_S, text))
+            say("%-9s %s gina (classical, behind home-sym2's symmetric NAT, at sn1's front "
+                "end): set-up %.2f s, sn1's media path %s, latched %s, heard %.1f s / %.1f s",
+                x, "->" if way == "in" else "<-", setup, path, latched, heard[x], heard["gina"])
+            if not calls_st:
+                problems.append("sn1 lists no call with media while %s and gina talked" % x)
+            elif not latched:
+                problems.append("sn1 did not latch gina's media: %s" % calls_st[0])
+        if problems:
+            type(self).failed = True
+        self.assertEqual(problems, [], "\n" + "\n".join(problems))
 
     def test_audio_between_every_pair_of_sites(self):
         t_start = time.monotonic()
