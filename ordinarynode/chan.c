@@ -82,6 +82,8 @@ struct chan {
     /* what status shows */
     bool relayed;
     char relay_sn[NID_HEX_LEN + 1]; /* whose TURN relays it (ours or the peer's super node) */
+    unsigned my_relay_kbps, peer_relay_kbps; /* what our / its relay allocation may carry */
+    bool relay_is_mine, relay_is_peers;
     char local[96], remote_addr[96];
     double created, opened_at, last_used, retry_at;
     uint64_t msgs_out, msgs_in, bytes_out, bytes_in;
@@ -647,6 +649,8 @@ static void pair_cb(NiceAgent *agent, guint stream, guint comp, NiceCandidate *l
         ch->cs->eim_seen++;
     ch->relayed = l->type == NICE_CANDIDATE_TYPE_RELAYED || r->type == NICE_CANDIDATE_TYPE_RELAYED;
     const char *my_sn = onode_sn_id(ch->cs->p.on);
+    ch->relay_is_mine = l->type == NICE_CANDIDATE_TYPE_RELAYED;
+    ch->relay_is_peers = r->type == NICE_CANDIDATE_TYPE_RELAYED;
     snprintf(ch->relay_sn, sizeof(ch->relay_sn), "%s",
              l->type == NICE_CANDIDATE_TYPE_RELAYED   ? (my_sn ? my_sn : "")
              : r->type == NICE_CANDIDATE_TYPE_RELAYED ? ch->peer_sn
@@ -698,6 +702,8 @@ static json_t *local_description(struct chan *ch)
     ch->cs->cands = mine;
     ch->cs->cands_at = now_s(ch->cs);
     json_t *d = json_pack("{s:s,s:s,s:o}", "ufrag", ufrag, "pwd", pwd, "cands", cands);
+    if (ch->my_relay_kbps) /* what our relay allocation may carry: calls are counted against it */
+        json_object_set_new(d, "relay_kbps", json_integer((json_int_t)ch->my_relay_kbps));
     g_free(ufrag);
     g_free(pwd);
     return d;
@@ -740,6 +746,8 @@ static int set_remote(struct chan *ch, json_t *d, char *why, size_t whylen)
         snprintf(why, whylen, "none of the %zu candidates is usable", json_array_size(cands));
         return -1;
     }
+    json_int_t kbps = json_integer_value(json_object_get(d, "relay_kbps"));
+    ch->peer_relay_kbps = kbps > 0 && kbps < 100000000 ? (unsigned)kbps : 0;
     ch->remote_set = true;
     return 0;
 }
@@ -843,6 +851,9 @@ static struct chan *chan_new(struct chans *cs, const char *peer, const char *sn,
      * TURN server's address for a TURN message and waits out the query). */
     struct on_turn t;
     bool relay = onode_turn(cs->p.on, &t);
+    ch->my_relay_kbps = relay ? t.bandwidth_kbps : 0;
+    if (cs->p.force_relay) /* our addresses stay ours: only relayed candidates are used */
+        g_object_set(G_OBJECT(ch->agent), "force-relay", TRUE, NULL);
     const char *stun = onode_stun_addr(cs->p.on);
     if (!relay && stun[0] && split_hostport(stun, host, sizeof(host), &port) == 0)
         g_object_set(G_OBJECT(ch->agent), "stun-server", host, "stun-server-port", port, NULL);
@@ -964,6 +975,10 @@ bool chans_path(struct chans *cs, const char *node, struct chan_path *p)
     p->open = ch->state == CH_OPEN;
     p->relayed = ch->relayed;
     snprintf(p->relay_sn, sizeof(p->relay_sn), "%s", ch->relayed ? ch->relay_sn : "");
+    /* the tighter of the relays on the path (both, when both sides relay) */
+    unsigned a = ch->relay_is_mine ? ch->my_relay_kbps : 0;
+    unsigned b = ch->relay_is_peers ? ch->peer_relay_kbps : 0;
+    p->relay_kbps = a && b ? (a < b ? a : b) : a ? a : b;
     snprintf(p->local, sizeof(p->local), "%s", ch->local);
     snprintf(p->remote, sizeof(p->remote), "%s", ch->remote_addr);
     return true;

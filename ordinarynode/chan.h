@@ -45,10 +45,11 @@ struct chan_params {
     chan_sip_fn on_sip;
     chan_media_fn on_media; /* NULL: media frames are dropped */
     void *ud;
-    unsigned setup_ms;            /* from the first message to an open channel; 0 = 10000 */
-    unsigned idle_s;              /* closed after this long without SIP; 0 = 300 */
-    unsigned max_channels;        /* open or opening at once; 0 = 64 */
-    unsigned retry_s;             /* after a failure, the overlay for this long; 0 = 60 */
+    unsigned setup_ms;     /* from the first message to an open channel; 0 = 10000 */
+    unsigned idle_s;       /* closed after this long without SIP; 0 = 300 */
+    unsigned max_channels; /* open or opening at once; 0 = 64 */
+    unsigned retry_s;      /* after a failure, the overlay for this long; 0 = 60 */
+    bool force_relay;      /* only relayed candidates: peers never learn this node's addresses */
     const char *const *addresses; /* host candidates' IP addresses; none: our link's address */
     size_t n_addresses;
 };
@@ -67,7 +68,8 @@ int chans_send_media(struct chans *cs, const char *node, const void *frame, size
 /* The path of the channel to node `node`, for status. */
 struct chan_path {
     bool open, relayed;
-    char relay_sn[41]; /* whose TURN relays it: our super node's or the peer's ("" direct) */
+    char relay_sn[41];   /* whose TURN relays it: our super node's or the peer's ("" direct) */
+    unsigned relay_kbps; /* what that relay lets the channel carry, both ways (0: not said) */
     char local[96], remote[96];
 };
 /* Whether there is a channel to `node` (open or not); *p filled when there is. */

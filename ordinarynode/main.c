@@ -64,6 +64,7 @@ struct on_config {
     long long channel_setup_ms;
     long long channel_idle_s;
     struct cfg_strlist ice_addresses;
+    bool channel_force_relay;
     struct media_settings media;
 };
 
@@ -147,6 +148,10 @@ static const struct cfg_field on_fields[] = {
     {"ice_addresses", CFG_STRLIST, offsetof(struct on_config, ice_addresses), 0, 0, NULL, NULL,
      "IP addresses of this host that channels gather host candidates on; default: the address "
      "the link to the super node leaves from (never every interface)"},
+    {"channel_force_relay", CFG_BOOL, offsetof(struct on_config, channel_force_relay), 0, 0, NULL,
+     "false",
+     "channels use only relayed candidates (the super node's TURN): the nodes this one talks to "
+     "never learn its addresses, at the cost of a relay on every call"},
     MEDIA_FIELDS(struct on_config, "64"),
 };
 
@@ -576,6 +581,7 @@ static int on_start(struct ev_loop *loop, const void *p, void **state)
             .idle_s = (unsigned)cfg->channel_idle_s,
             .addresses = (const char *const *)cfg->ice_addresses.items,
             .n_addresses = cfg->ice_addresses.n,
+            .force_relay = cfg->channel_force_relay,
         };
         if (!(st->chans = chans_new(loop, &cp, err, sizeof(err)))) {
             log_error("main", "ice_addresses: %s", err);

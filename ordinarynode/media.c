@@ -26,6 +26,7 @@
 #define DEF_MAX_CALLS 64u
 #define DEF_MAX_KBPS  2000u
 #define DEF_IDLE_S    120u
+#define DEF_CALL_KBPS 200u
 #define BUCKETS       1024u
 #define SWEEP_S       5.0
 #define READ_BURST    32 /* datagrams read per wake-up of a socket */
@@ -88,7 +89,7 @@ struct media {
     size_t n;
     uint16_t next_id;
     ev_timer sweep;
-    uint64_t calls, refused, ended_idle, bad_sdp;
+    uint64_t calls, refused, relay_refused, ended_idle, bad_sdp;
     uint64_t dropped_source, dropped_rate, dropped_unknown, dropped_nochannel, dropped_nowhere;
     uint64_t pkts_from_phone, pkts_to_phone, bytes_from_phone, bytes_to_phone, lost_to_phone;
 };
@@ -324,6 +325,28 @@ static struct msession *session_new(struct media *md, const char *call_id, const
     md->n++;
     md->calls++;
     return s;
+}
+
+/* A new call with node `peer`: 0 when the relay its channel goes through (if any) has room for
+ * one more call of call_kbps, else 503 with *reason. */
+static int relay_room(struct media *md, const char *peer, const char *call_id, const char **reason)
+{
+    struct chan_path cp;
+    if (!md->p.chans || !chans_path(md->p.chans, peer, &cp) || !cp.open || !cp.relayed ||
+        !cp.relay_kbps)
+        return 0;
+    unsigned n = 0;
+    for (const struct msession *s = md->all; s; s = s->all_next)
+        n += !s->local && !strcmp(s->peer, peer);
+    if ((uint64_t)(n + 1) * md->p.call_kbps <= cp.relay_kbps)
+        return 0;
+    md->refused++, md->relay_refused++;
+    log_warn(LOGM,
+             "call %.40s refused: the relay between us and node %.8s (super node %.8s, %u kbit/s) "
+             "carries %u calls of %u kbit/s already",
+             call_id, peer, cp.relay_sn, cp.relay_kbps, n, md->p.call_kbps);
+    *reason = "Relay Capacity Exhausted";
+    return 503;
 }
 
 /* ---- packets --------------------------------------------------------------------------------- */
@@ -680,6 +703,9 @@ static int to_node(struct media *md, osip_message_t *m, osip_body_t *b, const st
         session_end(s, "the call went to another node");
         s = NULL;
     }
+    int rc;
+    if (!s && (rc = relay_room(md, to->node, cid, reason)) != 0)
+        return rc;
     if (!s && !(s = session_new(md, cid, to->node, to->sn, reason)))
         return 503;
     host_of(from->addr, s->sig_ip, sizeof(s->sig_ip));
@@ -714,6 +740,9 @@ static int to_phone(struct media *md, osip_message_t *m, osip_body_t *b, const s
         session_end(s, "the call came from another node");
         s = NULL;
     }
+    int rc;
+    if (!s && (rc = relay_room(md, from->node, cid, reason)) != 0)
+        return rc;
     if (!s && !(s = session_new(md, cid, from->node, from->sn, reason)))
         return 503;
     s->peer_id = (uint16_t)in->mark;
@@ -739,7 +768,7 @@ static int to_phone(struct media *md, osip_message_t *m, osip_body_t *b, const s
     char addr[64];
     advertised(md, s->sig_ip, addr, sizeof(addr));
     e.addr = addr;
-    int rc = rewrite(m, b, &e, reason);
+    rc = rewrite(m, b, &e, reason);
     if (rc != 0)
         return rc;
     if (md->p.chans && !chans_path(md->p.chans, s->peer, &(struct chan_path){0}))
@@ -819,6 +848,8 @@ struct media *media_new(struct ev_loop *loop, const struct media_params *p, char
         md->p.max_kbps = DEF_MAX_KBPS;
     if (!md->p.idle_s)
         md->p.idle_s = DEF_IDLE_S;
+    if (!md->p.call_kbps)
+        md->p.call_kbps = DEF_CALL_KBPS;
     snprintf(md->host, sizeof(md->host), "%s", p->host ? p->host : "0.0.0.0");
     struct sockaddr_storage ss;
     socklen_t sl;
@@ -891,15 +922,16 @@ json_t *media_status(struct media *md)
                                                                             : json_null());
         json_array_append_new(calls, c);
     }
-    return json_pack("{s:I,s:I,s:I,s:I,s:I,s:s,s:i,s:i,s:o,s:{s:I,s:I,s:I,s:I,s:I}}", "active",
-                     (json_int_t)md->n, "max_calls", (json_int_t)md->p.max_calls, "calls_total",
-                     (json_int_t)md->calls, "refused", (json_int_t)md->refused, "max_kbps",
-                     (json_int_t)md->p.max_kbps, "address", md->host, "port_min",
-                     (int)md->p.port_min, "port_max", (int)md->p.port_max, "calls", calls,
-                     "dropped", "not_the_phone", (json_int_t)md->dropped_source, "over_rate",
-                     (json_int_t)md->dropped_rate, "unknown_call", (json_int_t)md->dropped_unknown,
-                     "no_channel", (json_int_t)md->dropped_nochannel, "nowhere_yet",
-                     (json_int_t)md->dropped_nowhere);
+    return json_pack(
+        "{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:s,s:i,s:i,s:o,s:{s:I,s:I,s:I,s:I,s:I}}", "active",
+        (json_int_t)md->n, "max_calls", (json_int_t)md->p.max_calls, "calls_total",
+        (json_int_t)md->calls, "refused", (json_int_t)md->refused, "relay_refused",
+        (json_int_t)md->relay_refused, "call_kbps", (json_int_t)md->p.call_kbps, "max_kbps",
+        (json_int_t)md->p.max_kbps, "address", md->host, "port_min", (int)md->p.port_min,
+        "port_max", (int)md->p.port_max, "calls", calls, "dropped", "not_the_phone",
+        (json_int_t)md->dropped_source, "over_rate", (json_int_t)md->dropped_rate, "unknown_call",
+        (json_int_t)md->dropped_unknown, "no_channel", (json_int_t)md->dropped_nochannel,
+        "nowhere_yet", (json_int_t)md->dropped_nowhere);
 }
 
 char *media_metrics(struct media *md)
@@ -917,6 +949,8 @@ char *media_metrics(struct media *md)
                  "# TYPE p2p_media_calls gauge\np2p_media_calls %zu\n"
                  "# TYPE p2p_media_calls_total counter\np2p_media_calls_total %llu\n"
                  "# TYPE p2p_media_refused_total counter\np2p_media_refused_total %llu\n"
+                 "# TYPE p2p_media_relay_refused_total counter\n"
+                 "p2p_media_relay_refused_total %llu\n"
                  "# TYPE p2p_media_packets_total counter\n"
                  "p2p_media_packets_total{dir=\"from_phone\"} %llu\n"
                  "p2p_media_packets_total{dir=\"to_phone\"} %llu\n"
@@ -932,11 +966,11 @@ char *media_metrics(struct media *md)
                  "p2p_media_dropped_total{why=\"no_channel\"} %llu\n"
                  "p2p_media_dropped_total{why=\"nowhere_yet\"} %llu\n",
                  md->n, (unsigned long long)md->calls, (unsigned long long)md->refused,
-                 (unsigned long long)md->pkts_from_phone, (unsigned long long)md->pkts_to_phone,
-                 (unsigned long long)md->bytes_from_phone, (unsigned long long)md->bytes_to_phone,
-                 (unsigned long long)lost, (unsigned long long)md->dropped_source,
-                 (unsigned long long)md->dropped_rate, (unsigned long long)md->dropped_unknown,
-                 (unsigned long long)md->dropped_nochannel,
+                 (unsigned long long)md->relay_refused, (unsigned long long)md->pkts_from_phone,
+                 (unsigned long long)md->pkts_to_phone, (unsigned long long)md->bytes_from_phone,
+                 (unsigned long long)md->bytes_to_phone, (unsigned long long)lost,
+                 (unsigned long long)md->dropped_source, (unsigned long long)md->dropped_rate,
+                 (unsigned long long)md->dropped_unknown, (unsigned long long)md->dropped_nochannel,
                  (unsigned long long)md->dropped_nowhere) < 0)
         return NULL;
     return out;
@@ -960,6 +994,7 @@ int media_settings_params(const struct media_settings *ms, const char *default_h
     out->max_calls = (unsigned)ms->max_calls;
     out->max_kbps = (unsigned)ms->max_kbps;
     out->idle_s = (unsigned)ms->idle_s;
+    out->call_kbps = (unsigned)ms->call_kbps;
     return 0;
 }
 

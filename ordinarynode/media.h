@@ -41,6 +41,7 @@ struct media_params {
     unsigned max_calls;          /* calls anchored at once; 0: 64 */
     unsigned max_kbps;           /* per call and direction, over a second; 0: 2000 */
     unsigned idle_s;             /* a call without packets either way this long is let go; 0: 120 */
+    unsigned call_kbps;          /* counted against a relayed channel's budget per call; 0: 200 */
     bool trust_sdp; /* the phones are ours (an ordinary node's): before their first packet, send
                        to the address their SDP names; else (a public front end: phones behind
                        NATs) only where their packets come from, or to their SDP's address when it
@@ -55,7 +56,7 @@ struct media_settings {
     bool on;
     char *address; /* NULL: the SIP front end's address */
     char *ports;   /* "min-max" */
-    long long max_calls, max_kbps, idle_s;
+    long long max_calls, max_kbps, idle_s, call_kbps;
 };
 
 #define MEDIA_FIELDS(T, DEF_CALLS)                                                                 \
@@ -101,9 +102,18 @@ struct media_settings {
          NULL,                                                                                     \
          "2000",                                                                                   \
          "kbit/s of one call in each direction; what is beyond is dropped"},                       \
+        {"media_idle_s",                                                                           \
+         CFG_INT,                                                                                  \
+         offsetof(T, media.idle_s),                                                                \
+         5,                                                                                        \
+         86400,                                                                                    \
+         NULL,                                                                                     \
+         "120",                                                                                    \
+         "a call without media either way this long is let go (its ports closed)"},                \
     {                                                                                              \
-        "media_idle_s", CFG_INT, offsetof(T, media.idle_s), 5, 86400, NULL, "120",                 \
-            "a call without media either way this long is let go (its ports closed)"               \
+        "media_call_kbps", CFG_INT, offsetof(T, media.call_kbps), 8, 1000000, NULL, "200",         \
+            "what one call needs of a TURN relay, kbit/s both ways: over a relayed channel, a "    \
+            "call the relay's budget (its super node says) has no room for gets 503"               \
     }
 
 /* media_params from settings; default_host: where phones reach the SIP front end. 0, or -1 with

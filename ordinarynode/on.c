@@ -1852,7 +1852,9 @@ static void turn_answered(void *ud, const struct on_result *r)
     const char *pass = json_string_value(json_object_get(r->body, "password"));
     const char *realm = json_string_value(json_object_get(r->body, "realm"));
     json_int_t expires = json_integer_value(json_object_get(r->body, "expires"));
-    struct on_turn t = {.expires = expires};
+    json_int_t kbps = json_integer_value(json_object_get(r->body, "bandwidth_kbps"));
+    struct on_turn t = {.expires = expires,
+                        .bandwidth_kbps = kbps > 0 && kbps < 100000000 ? (unsigned)kbps : 0};
     if (!server || !user || !pass || expires <= (json_int_t)time(NULL) ||
         snprintf(t.server, sizeof(t.server), "%s", server) >= (int)sizeof(t.server) ||
         snprintf(t.username, sizeof(t.username), "%s", user) >= (int)sizeof(t.username) ||

@@ -138,6 +138,7 @@ struct on_turn {
     char server[64]; /* "ip:port" */
     char username[128], password[128], realm[128];
     int64_t expires;
+    unsigned bandwidth_kbps; /* what one allocation may relay, both ways (0: no limit said) */
 };
 /* true and *out when valid credentials are held; asks for new ones when they run out. */
 bool onode_turn(struct onode *o, struct on_turn *out);

@@ -458,8 +458,9 @@ static void on_turn(struct sn *s, struct link *l, const struct msg *m)
         link_send_error(l, m->tid, "internal", "cannot make TURN credentials");
     } else {
         long long expires = strtoll(user, NULL, 10);
-        json_t *b = json_pack("{s:s,s:s,s:s,s:s,s:I}", "server", s->p.stun, "username", user,
-                              "password", pass, "realm", realm, "expires", (json_int_t)expires);
+        json_t *b = json_pack("{s:s,s:s,s:s,s:s,s:I,s:I}", "server", s->p.stun, "username", user,
+                              "password", pass, "realm", realm, "expires", (json_int_t)expires,
+                              "bandwidth_kbps", (json_int_t)turn_bandwidth_kbps(s->p.turn));
         link_send(l, "turn", MSG_RES, m->tid, b);
         json_decref(b);
         log_debug("on", "TURN credentials for %.8s until %lld", hex, expires);

@@ -375,6 +375,11 @@ static bool valid_node_hex(const char *s, size_t n)
     return true;
 }
 
+unsigned turn_bandwidth_kbps(const struct turn_server *t)
+{
+    return t->bytes_per_s > 0 ? (unsigned)(t->bytes_per_s * 8 / 1000 + 0.5) : 0;
+}
+
 int turn_issue(struct turn_server *t, const char *node_id_hex, unsigned ttl_s, char *user,
                size_t ulen, char *pass, size_t plen, char *realm, size_t rlen)
 {

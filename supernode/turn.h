@@ -77,6 +77,8 @@ int turn_issue(struct turn_server *t, const char *node_id_hex, unsigned ttl_s, c
                size_t ulen, char *pass, size_t plen, char *realm, size_t rlen);
 
 void turn_server_stats(const struct turn_server *t, struct turn_stats *out);
+/* What one allocation may relay, kbit/s both ways together (0: unlimited). */
+unsigned turn_bandwidth_kbps(const struct turn_server *t);
 /* {"allocations":..., "created":..., ...} plus the limits (new reference). */
 json_t *turn_server_status(const struct turn_server *t);
 /* Prometheus text lines (p2p_turn_*), malloc'd; NULL when out of memory. */

@@ -20,7 +20,9 @@ of the test's own (sipua.py) so that every SDP line and every RTP packet can be 
 7. early media: a 183 with SDP sets the media up before the 200;
 8. two classical phones at the front end, each behind its own NAT, hear each other through
    sn1 (latching on both sides);
-9. /metrics counts the media."""
+9. a node whose channels use only relayed candidates (channel_force_relay) is called through
+   its super node's TURN relay; a call the relay's announced budget has no room for gets 503;
+10. /metrics counts the media."""
 
 import json
 import os
@@ -42,7 +44,8 @@ OVERLAY = "media-test.p2psip"
 PBX = "pbx.test"
 SLOW = bool(harness.WRAPPER)
 WAIT = 60 if SLOW else 20
-PORTS = {"alice": (42000, 42999), "bob": (43000, 43999), "sn1": (44000, 44999)}
+PORTS = {"alice": (42000, 42999), "bob": (43000, 43999), "sn1": (44000, 44999),
+         "erin": (45000, 45999)}
 CAROL_PW = "carol-secret"
 
 free_port = harness.free_port
@@ -75,15 +78,15 @@ class Media(harness.OverlayScenario, unittest.TestCase):
                 f.write("%s:%s\n" % (u, hashlib.md5(("%s:%s:%s" % (u, PBX, CAROL_PW)).encode())
                                      .hexdigest()))
         cls.sn_sip = {}
-        cls.build_overlay(OVERLAY, ("sn1", "sn2"), ("alice", "bob"), wait=WAIT,
+        cls.build_overlay(OVERLAY, ("sn1", "sn2"), ("alice", "bob", "erin"), wait=WAIT,
                           ls_extra={"sip_proxies": [PBX + "=sn1"]})
-        for u in ("alice", "bob"):
+        for u in ("alice", "bob", "erin"):
             cls.on[u] = cls.start([cls.bin("ordinarynode"), "-d", "-c", cls.cfg[u]])
-        for u in ("alice", "bob"):
+        for u in ("alice", "bob", "erin"):
             cls.on[u].wait_for("published user location", timeout=WAIT)
         cls.sn["sn1"].wait_for("P2P registrar and proxy of %s" % PBX, timeout=WAIT)
         cls.ua = {}
-        for u in ("alice", "bob"):
+        for u in ("alice", "bob", "erin"):
             host, port = cls.sip[u].rsplit(":", 1)
             cls.ua[u] = sipua.UA(u, OVERLAY, (host, int(port)))
             cls.phones.append(cls.ua[u])
@@ -96,9 +99,13 @@ class Media(harness.OverlayScenario, unittest.TestCase):
             conf.update({"sip_listen": cls.sn_sip[u], "sip_domain": PBX,
                          "sip_users": cls.users_file, "media_max_calls": 1,
                          "media_ports": "%d-%d" % PORTS[u]})
-        elif u in ("alice", "bob"):
+        elif u == "sn2":  # its relay: loopback peers (this test's), room for one call
+            conf.update({"turn_allow_peers": ["127.0.0.0/8"], "turn_bandwidth_kbps": 300})
+        elif u in ("alice", "bob", "erin"):
             conf["supernodes"] = [cls.addr["sn1"] if u == "alice" else cls.addr["sn2"]]
             conf["media_ports"] = "%d-%d" % PORTS[u]
+            if u == "erin":  # erin's node hides its addresses: its channels go through sn2
+                conf["channel_force_relay"] = True
             if u == "alice":
                 cls.metrics_port = free_port()
                 conf["metrics_listen"] = "127.0.0.1:%d" % cls.metrics_port
@@ -384,10 +391,47 @@ class Media(harness.OverlayScenario, unittest.TestCase):
         t.join(20)
         wait_until("sn1 let the call go", lambda: self.sn_media()["active"] == 0, 5)
 
-    def test_06_metrics(self):
+    def test_06_relay_capacity(self):
+        """erin's node uses only relayed candidates (channel_force_relay): alice's call to her
+        goes through sn2's TURN relay (status: relayed via sn2), audio both ways. sn2 lets an
+        allocation carry 300 kbit/s (turn_bandwidth_kbps) and says so; at 200 kbit/s a call
+        (media_call_kbps), a second call at the same time over that channel is refused with
+        503 by alice's node, not set up to lose its packets at the relay."""
+        alice, erin = self.ua["alice"], self.ua["erin"]
+        ra, re_ = sipua.RtpPeer(), sipua.RtpPeer()
+        self.addCleanup(ra.close)
+        self.addCleanup(re_.close)
+        import threading
+        t = threading.Thread(target=lambda: erin.answer(sipua.sdp_body("127.0.0.1", re_.addr[1])))
+        t.start()
+        final = alice.invite("erin@" + OVERLAY, sipua.sdp_body("127.0.0.1", ra.addr[1]))
+        t.join(30)
+        self.assertEqual(final.code, 200, final.first)
+        first = dict(alice.dialog)
+        a_port = sipua.sdp_media(final.body)[1][0][1]
+        e_port = [c for c in self.media("erin")["calls"]][0]["streams"][0]["port"]
+        got_e, got_a = self.assert_flows(ra, ("127.0.0.1", a_port), re_, ("127.0.0.1", e_port))
+        c = [c for c in self.media("alice")["calls"] if c["peer"] == self.node_id["erin"]][0]
+        say("alice -> erin: %s, %s; %d to erin, %d to alice", c["path"], c["via"], got_e, got_a)
+        self.assertEqual((c["path"], c["via"]), ("relayed",
+                                                  "super node %s" % self.node_id["sn2"][:8]))
+        refused0 = self.media("alice")["relay_refused"]
+        r = alice.invite("erin@" + OVERLAY, sipua.sdp_body("127.0.0.1", ra.addr[1]))
+        say("a second call over the same relay: %s", r.first)
+        self.assertEqual(r.code, 503, r.first)
+        self.assertIn("Relay Capacity", r.first)
+        self.assertEqual(self.media("alice")["relay_refused"], refused0 + 1)
+        t = threading.Thread(target=lambda: erin.answer_in_dialog("BYE"))
+        t.start()
+        self.assertEqual(alice.bye(dialog=first).code, 200)
+        t.join(20)
+        wait_until("no call left", lambda: self.media("alice")["active"] == 0, 5)
+
+    def test_07_metrics(self):
         text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % self.metrics_port,
                                       timeout=5).read().decode()
-        for line in ("p2p_media_calls 0", "p2p_media_refused_total 0"):
+        for line in ("p2p_media_calls 0", "p2p_media_refused_total 1",
+                     "p2p_media_relay_refused_total 1"):
             self.assertIn(line, text)
         m = re.search(r'p2p_media_packets_total\{dir="from_phone"\} (\d+)', text)
         self.assertTrue(m and int(m.group(1)) >= 100, text)
