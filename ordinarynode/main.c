@@ -778,6 +778,37 @@ static int cmd_status(const struct cli_opts *o, const struct on_config *cfg)
                    json_integer_value(json_object_get(e, "messages_out")),
                    json_integer_value(json_object_get(e, "messages_in")));
         }
+        json_t *md = json_object_get(res, "media");
+        if (md)
+            printf("media        %lld calls (at most %lld), %lld refused\n",
+                   json_integer_value(json_object_get(md, "active")),
+                   json_integer_value(json_object_get(md, "max_calls")),
+                   json_integer_value(json_object_get(md, "refused")));
+        json_array_foreach(json_object_get(md, "calls"), i, e)
+        {
+            const char *peer = json_string_value(json_object_get(e, "peer"));
+            const char *via = json_string_value(json_object_get(e, "via"));
+            printf("call         %.24s with %.8s: %s%s%s\n",
+                   json_string_value(json_object_get(e, "call_id")), peer ? peer : "a phone",
+                   json_string_value(json_object_get(e, "path")), via ? " via " : "",
+                   via ? via : "");
+            size_t k;
+            json_t *st;
+            json_array_foreach(json_object_get(e, "streams"), k, st)
+            {
+                json_t *fp = json_object_get(st, "from_phone"),
+                       *tp = json_object_get(st, "to_phone");
+                printf("  %-10s port %lld, phone %s: %lld/%lld packets from/to it, loss "
+                       "%.1f%%/%.1f%%\n",
+                       json_string_value(json_object_get(st, "media")),
+                       json_integer_value(json_object_get(st, "port")),
+                       json_string_value(json_object_get(st, "phone")),
+                       json_integer_value(json_object_get(fp, "packets")),
+                       json_integer_value(json_object_get(tp, "packets")),
+                       100 * json_real_value(json_object_get(fp, "loss")),
+                       100 * json_real_value(json_object_get(tp, "loss")));
+            }
+        }
         json_array_foreach(json_object_get(res, "published"), i, e)
         {
             printf("published    %s|%s, expires %lld\n",

@@ -134,7 +134,7 @@ struct turn_server {
     int sfd;
     char realm[128];
     struct in_addr relay_ip;
-    unsigned port_min, port_max, next_port;
+    unsigned port_min, port_max;
     unsigned max_alloc, per_node, max_perm, max_chan, default_life, max_life;
     double perm_life, chan_life;
     double bytes_per_s;
@@ -565,9 +565,14 @@ static int bind_relay(struct turn_server *t, bool even, struct sockaddr_in *out)
     bool any = t->port_min == 0 && t->port_max == 0;
     unsigned span = any ? 0 : t->port_max - t->port_min + 1;
     int e = EADDRINUSE;
+    /* Tries spread over the range from a random start (a stride prime to most spans): a run
+     * of ports taken by others, on a host shared with other relays, is stepped over. */
+    uint32_t r = 0;
+    if (!any)
+        gnutls_rnd(GNUTLS_RND_NONCE, &r, sizeof(r));
     for (unsigned i = 0; i < PORT_TRIES && (any || i < span); i++) {
         if (!any) {
-            unsigned port = t->port_min + (t->next_port++ % span);
+            unsigned port = t->port_min + (unsigned)((r + (uint64_t)i * 4099u) % span);
             if (even && port % 2) {
                 if (span == 1)
                     break;
@@ -1297,8 +1302,7 @@ struct turn_server *turn_server_start(struct ev_loop *loop, struct stun_server *
         }
         t->n_allow = p->n_allow_peers;
     }
-    if (gnutls_rnd(GNUTLS_RND_KEY, t->secret, sizeof(t->secret)) != 0 ||
-        gnutls_rnd(GNUTLS_RND_NONCE, &t->next_port, sizeof(t->next_port)) != 0) {
+    if (gnutls_rnd(GNUTLS_RND_KEY, t->secret, sizeof(t->secret)) != 0) {
         errbuf_set(err, errlen, -1, "no randomness for the TURN secret");
         goto fail;
     }

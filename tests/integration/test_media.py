@@ -9,7 +9,8 @@ of the test's own (sipua.py) so that every SDP line and every RTP packet can be 
 2. hold and resume (re-INVITEs) keep the same ports, and audio flows after the resume; when
    the channel closes under the call, the media opens a new one;
 3. RTP to alice's node from an address that is not her phone is dropped and counted;
-4. the BYE lets the media go (status: no call), and so does a call that fails (486);
+4. the BYE lets the media go (status: no call), and so does a call that fails (486) or is
+   cancelled while it rings (487);
 5. carol, a classical phone at sn1's public front end, registered with a Contact and an SDP
    that name addresses she cannot be reached at (as behind a NAT): she is called at the
    address she registered from, sn1 sends her media where her packets come from (latching),
@@ -177,6 +178,13 @@ class Media(harness.OverlayScenario, unittest.TestCase):
         self.assertGreaterEqual(s0["from_phone"]["packets"], 100)
         self.assertGreaterEqual(s0["to_phone"]["packets"], 98)
         self.assertLessEqual(s0["to_phone"]["loss"], 0.02)
+        rc, out, err = self.cli("alice", "status")
+        self.assertEqual(rc, 0, err)
+        say("alice's status, media lines:\n%s", "\n".join(
+            x for x in out.splitlines() if x.startswith(("media", "call", "  audio"))))
+        self.assertRegex(out, r"call +\S+ with %s: direct" % self.node_id["bob"][:8])
+        self.assertRegex(out, r"audio +port %d, phone 127\.0\.0\.1:\d+: 1\d\d/\d+ packets"
+                         % a_media[0][1])
         # 2. hold and resume: same ports, audio again after the resume
         t = threading.Thread(target=lambda: got.update(
             hold=bob.answer_in_dialog("INVITE", sipua.sdp_body("127.0.0.1", rb.addr[1],
@@ -244,6 +252,27 @@ class Media(harness.OverlayScenario, unittest.TestCase):
         wait_until("no call left at alice's node", lambda: self.media("alice")["active"] == 0, 5)
         wait_until("no call left at bob's node", lambda: self.media("bob")["active"] == 0, 5)
         self.assertGreaterEqual(self.media("alice")["calls_total"], 1)
+        # CANCEL while it rings: 487, and the media goes at both nodes
+        total = self.media("alice")["calls_total"]
+        call_id, tag, branch = sipua._tag() + "@cancel", sipua._tag(), "z9hG4bK" + sipua._tag()
+        uri = "sip:bob@" + OVERLAY
+        alice.request("INVITE", uri, uri, call_id, tag, branch=branch, cseq=1,
+                      body=sipua.sdp_body("127.0.0.1", 40004))
+        inv = bob.recv(lambda m: m.is_request and m.method == "INVITE", 20)
+        bob.reply(inv, 180, "Ringing", to_tag="ring")
+        alice.recv(lambda m: not m.is_request and m.code == 180, 10)
+        self.assertEqual(self.media("alice")["calls_total"], total + 1)
+        self.assertEqual(self.media("bob")["active"], 1)
+        alice.request("CANCEL", uri, uri, call_id, tag, branch=branch, cseq=1)
+        cancel = bob.recv(lambda m: m.is_request and m.method == "CANCEL", 10)
+        bob.reply(cancel, 200, "OK")
+        bob.reply(inv, 487, "Request Terminated", to_tag="ring")
+        r = alice.recv(lambda m: not m.is_request and m.method == "INVITE" and m.code >= 200, 10)
+        self.assertEqual(r.code, 487)
+        wait_until("the cancelled call's media gone at alice's node",
+                   lambda: self.media("alice")["active"] == 0, 5)
+        wait_until("the cancelled call's media gone at bob's node",
+                   lambda: self.media("bob")["active"] == 0, 5)
 
     def test_03_classical_phone_behind_nat_at_the_front_end(self):
         host, port = self.sn_sip["sn1"].rsplit(":", 1)
