@@ -90,7 +90,8 @@ struct media {
     uint16_t next_id;
     ev_timer sweep;
     uint64_t calls, refused, relay_refused, ended_idle, bad_sdp;
-    uint64_t dropped_source, dropped_rate, dropped_unknown, dropped_nochannel, dropped_nowhere;
+    uint64_t dropped_source, dropped_rate, dropped_unknown, dropped_nochannel, dropped_nowhere,
+        dropped_oversize;
     uint64_t pkts_from_phone, pkts_to_phone, bytes_from_phone, bytes_to_phone, lost_to_phone;
 };
 
@@ -421,7 +422,7 @@ static void phone_cb(struct ev_loop *loop, ev_io *w, int revents)
             continue;
         }
         double now = ev_now(loop);
-        if (!take(&s->up, now, rate, (size_t)n)) {
+        if (!take(st->leg ? &s->down : &s->up, now, rate, (size_t)n)) {
             md->dropped_rate++;
             continue;
         }
@@ -444,6 +445,10 @@ static void phone_cb(struct ev_loop *loop, ev_io *w, int revents)
         }
         if (!s->peer_id) {
             md->dropped_nowhere++; /* the other node's answer has not come yet */
+            continue;
+        }
+        if (4 + (size_t)n > CHAN_MEDIA_MAX) {
+            md->dropped_oversize++; /* more than a channel's record carries */
             continue;
         }
         buf[0] = (uint8_t)(s->peer_id >> 8);
@@ -923,7 +928,7 @@ json_t *media_status(struct media *md)
         json_array_append_new(calls, c);
     }
     return json_pack(
-        "{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:s,s:i,s:i,s:o,s:{s:I,s:I,s:I,s:I,s:I}}", "active",
+        "{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:s,s:i,s:i,s:o,s:{s:I,s:I,s:I,s:I,s:I,s:I}}", "active",
         (json_int_t)md->n, "max_calls", (json_int_t)md->p.max_calls, "calls_total",
         (json_int_t)md->calls, "refused", (json_int_t)md->refused, "relay_refused",
         (json_int_t)md->relay_refused, "call_kbps", (json_int_t)md->p.call_kbps, "max_kbps",
@@ -931,7 +936,8 @@ json_t *media_status(struct media *md)
         "port_max", (int)md->p.port_max, "calls", calls, "dropped", "not_the_phone",
         (json_int_t)md->dropped_source, "over_rate", (json_int_t)md->dropped_rate, "unknown_call",
         (json_int_t)md->dropped_unknown, "no_channel", (json_int_t)md->dropped_nochannel,
-        "nowhere_yet", (json_int_t)md->dropped_nowhere);
+        "oversize", (json_int_t)md->dropped_oversize, "nowhere_yet",
+        (json_int_t)md->dropped_nowhere);
 }
 
 char *media_metrics(struct media *md)
@@ -964,14 +970,16 @@ char *media_metrics(struct media *md)
                  "p2p_media_dropped_total{why=\"over_rate\"} %llu\n"
                  "p2p_media_dropped_total{why=\"unknown_call\"} %llu\n"
                  "p2p_media_dropped_total{why=\"no_channel\"} %llu\n"
-                 "p2p_media_dropped_total{why=\"nowhere_yet\"} %llu\n",
+                 "p2p_media_dropped_total{why=\"nowhere_yet\"} %llu\n"
+                 "p2p_media_dropped_total{why=\"oversize\"} %llu\n",
                  md->n, (unsigned long long)md->calls, (unsigned long long)md->refused,
                  (unsigned long long)md->relay_refused, (unsigned long long)md->pkts_from_phone,
                  (unsigned long long)md->pkts_to_phone, (unsigned long long)md->bytes_from_phone,
                  (unsigned long long)md->bytes_to_phone, (unsigned long long)lost,
                  (unsigned long long)md->dropped_source, (unsigned long long)md->dropped_rate,
                  (unsigned long long)md->dropped_unknown, (unsigned long long)md->dropped_nochannel,
-                 (unsigned long long)md->dropped_nowhere) < 0)
+                 (unsigned long long)md->dropped_nowhere,
+                 (unsigned long long)md->dropped_oversize) < 0)
         return NULL;
     return out;
 }

@@ -228,6 +228,12 @@ class Media(harness.OverlayScenario, unittest.TestCase):
         dropped = self.media("alice")["dropped"]["not_the_phone"]
         self.assertGreaterEqual(dropped - dropped0, 20)
         say("a stranger's 20 packets: dropped (%d counted)", dropped - dropped0)
+        # a packet too long for a channel's record: dropped and counted, the call goes on
+        n_b = len(rb.received_from(ra.ssrc))
+        ra.send(("127.0.0.1", a_media[0][1]), 3, payload=b"\x00" * 1400)
+        ra.send(("127.0.0.1", a_media[0][1]), 5)
+        wait_until("the call goes on", lambda: len(rb.received_from(ra.ssrc)) >= n_b + 5, 5)
+        self.assertEqual(self.media("alice")["dropped"]["oversize"], 3)
         # 4. BYE: the media goes
         t = threading.Thread(target=lambda: bob.answer_in_dialog("BYE"))
         t.start()
