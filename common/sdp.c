@@ -66,8 +66,16 @@ static int parse_m(const char *line, size_t n, char *type, size_t tlen, unsigned
     if (*ps != ' ')
         return -1;
     p = strtoul(ps + 1, &end, 10);
-    if (end == ps + 1 || p > 65535 || (*end != ' ' && *end != '/'))
+    if (end == ps + 1 || p > 65535)
         return -1;
+    if (*end == '/') { /* a number of ports */
+        char *count = end + 1;
+        strtoul(count, &end, 10);
+        if (end == count)
+            return -1;
+    }
+    if (*end != ' ')
+        return -1; /* the transport follows */
     snprintf(type, tlen, "%s", t);
     *port = (unsigned)p;
     return 0;
@@ -93,6 +101,8 @@ static int parse_mark(const char *line, size_t n, unsigned *mark)
 int sdp_scan(const char *body, size_t len, struct sdp_info *out, char *err, size_t errlen)
 {
     memset(out, 0, sizeof(*out));
+    if (memchr(body, 0, len))
+        return errbuf_set(err, errlen, -1, "a NUL byte in SDP");
     const char *p = body, *end = body + len, *line;
     size_t n;
     char session_addr[64] = "";

@@ -28,7 +28,7 @@ struct sdp_info {
 };
 
 /* Reads body (len bytes, CRLF or LF lines). 0, or -1 with err (no v= line first, a malformed
- * m= or c= line, more than SDP_MAX_MEDIA streams, a bad marker). */
+ * m= or c= line, more than SDP_MAX_MEDIA streams, a bad marker, a NUL byte). */
 int sdp_scan(const char *body, size_t len, struct sdp_info *out, char *err, size_t errlen);
 
 /* What sdp_rewrite changes. */

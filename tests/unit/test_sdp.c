@@ -66,6 +66,9 @@ static void test_malformed(void **state)
         "v=0\r\nm=audio 70000 RTP/AVP 0\r\n",
         "v=0\r\nm=audio RTP/AVP 0\r\n",
         "v=0\r\nm=audio 4000x RTP/AVP 0\r\n",
+        "v=0\r\nm=audio 4000/2RTP/AVP 0\r\n",
+        "v=0\r\nm=audio 4000/ RTP/AVP 0\r\n",
+        "v=0\r\nm=audio 4000\r\n",
         "v=0\r\nc=IN IP4\r\n",
         "v=0\r\nc=XX IP4 1.2.3.4\r\n",
         "v=0\r\nc=IN IP5 1.2.3.4\r\n",
@@ -78,6 +81,9 @@ static void test_malformed(void **state)
         assert_int_equal(sdp_scan(bad[i], strlen(bad[i]), &in, err, sizeof(err)), -1);
         assert_true(err[0] != 0);
     }
+    const char nul[] = "v=0\r\ns=a\0b\r\n";
+    assert_int_equal(sdp_scan(nul, sizeof(nul) - 1, &in, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "NUL"));
     /* more streams than SDP_MAX_MEDIA */
     char big[4096] = "v=0\r\n";
     for (int i = 0; i <= SDP_MAX_MEDIA; i++)
