@@ -22,7 +22,8 @@ of the test's own (sipua.py) so that every SDP line and every RTP packet can be 
 8. two classical phones at the front end, each behind its own NAT, hear each other through
    sn1 (latching on both sides);
 9. a node whose channels use only relayed candidates (channel_force_relay) is called through
-   its super node's TURN relay; a call the relay's announced budget has no room for gets 503;
+   its super node's TURN relay, which carries only ciphertext (a capture of its ports holds none
+   of the audio's bytes); a call the relay's announced budget has no room for gets 503;
 10. /metrics counts the media."""
 
 import json
@@ -38,6 +39,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+import phone  # noqa: E402  (its pcap reader and tcpdump wrapper)
 import sipua  # noqa: E402
 
 BINDIR = None
@@ -431,7 +433,8 @@ class Media(harness.OverlayScenario, unittest.TestCase):
         goes through sn2's TURN relay (status: relayed via sn2), audio both ways. sn2 lets an
         allocation carry 300 kbit/s (turn_bandwidth_kbps) and says so; at 200 kbit/s a call
         (media_call_kbps), a second call at the same time over that channel is refused with
-        503 by alice's node, not set up to lose its packets at the relay."""
+        503 by alice's node, not set up to lose its packets at the relay. The relay sees only
+        ciphertext: a capture of sn2's TURN and relayed ports holds none of the audio's bytes."""
         alice, erin = self.ua["alice"], self.ua["erin"]
         ra, re_ = sipua.RtpPeer(), sipua.RtpPeer()
         self.addCleanup(ra.close)
@@ -445,7 +448,32 @@ class Media(harness.OverlayScenario, unittest.TestCase):
         first = dict(alice.dialog)
         a_port = sipua.sdp_media(final.body)[1][0][1]
         e_port = [c for c in self.media("erin")["calls"]][0]["streams"][0]["port"]
+        # what sn2's relay carries (its TURN port and its relayed ports), captured meanwhile
+        m = re.search(r"TURN on the STUN port (\d+)", self.sn["sn2"].log())
+        self.assertTrue(m, "sn2 runs no TURN")
+        pcap = os.path.join(self.tmp, "relay.pcap")
+        ch = [c for c in self.status("alice")["channels"] if c["peer"] == self.node_id["erin"]]
+        relay = re.match(r"127\.0\.0\.1:(\d+) \(relay\)", ch[0]["remote"]) if ch else None
+        self.assertTrue(relay, "alice's channel to erin: %s" % ch)
+        cap = phone.Capture(pcap, "lo", "udp port %s or udp port %s" % (m.group(1),
+                                                                         relay.group(1)))
+        harness.require(shutil.which("tcpdump"), "needs tcpdump")
+        cap.start()
+        self.addCleanup(cap.stop)
+        secret = b"CLEARTEXT-AUDIO!" * 10
+        ra.send(("127.0.0.1", a_port), 50, payload=secret)
+        re_.send(("127.0.0.1", e_port), 50, payload=secret)
         got_e, got_a = self.assert_flows(ra, ("127.0.0.1", a_port), re_, ("127.0.0.1", e_port))
+        time.sleep(0.3)
+        cap.stop()
+        relayed = [ip for _, ip in phone.read_pcap(pcap)]
+        say("sn2's relay carried %d datagrams in the capture; none holds the audio's bytes",
+            len(relayed))
+        self.assertGreaterEqual(len(relayed), 2 * 150 * 0.9)
+        self.assertEqual([ip for ip in relayed if b"CLEARTEXT-AUDIO" in ip], [],
+                         "the relay saw the media in clear")
+        self.assertTrue(any(r[2] == secret for r in re_.received_from(ra.ssrc)),
+                        "the audio did not arrive whole")
         c = [c for c in self.media("alice")["calls"] if c["peer"] == self.node_id["erin"]][0]
         say("alice -> erin: %s, %s; %d to erin, %d to alice", c["path"], c["via"], got_e, got_a)
         self.assertEqual((c["path"], c["via"]), ("relayed",
