@@ -89,16 +89,21 @@ class Daemon:
         self._reader.join(timeout=5)
         return rc
 
-    def stop(self, sig=signal.SIGTERM, timeout=10.0):
-        """Sends `sig` and returns the exit status; fails if it does not end in time."""
+    def stop(self, sig=signal.SIGTERM, timeout=None):
+        """Sends `sig` and returns the exit status; fails if it does not end in time (10 s, 20 s
+        under a wrapper such as valgrind, which slows everything many times over)."""
+        if timeout is None:
+            timeout = 20.0 if WRAPPER else 10.0
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
             rc = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            raise AssertionError("%s did not exit within %.1fs of signal %d"
-                                 % (self.argv[0], timeout, sig))
+            self._reader.join(timeout=5)
+            raise AssertionError("%s did not exit within %.1fs of signal %d; its last lines:\n%s"
+                                 % (self.argv[0], timeout, sig,
+                                    "\n".join(self.log().splitlines()[-8:])))
         self._reader.join(timeout=5)
         if rc == 99 and WRAPPER:
             raise AssertionError("%s: memory errors reported under %s (see its --log-file)"
