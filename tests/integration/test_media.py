@@ -24,13 +24,14 @@ of the test's own (sipua.py) so that every SDP line and every RTP packet can be 
 9. a node whose channels use only relayed candidates (channel_force_relay) is called through
    its super node's TURN relay, which carries only ciphertext (a capture of its ports holds none
    of the audio's bytes); a call the relay's announced budget has no room for gets 503;
-10. /metrics counts the media."""
+10. /metrics counts the media; media settings a node cannot use stop it with a clear error."""
 
 import json
 import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -489,6 +490,30 @@ class Media(harness.OverlayScenario, unittest.TestCase):
         self.assertEqual(alice.bye(dialog=first).code, 200)
         t.join(20)
         wait_until("no call left", lambda: self.media("alice")["active"] == 0, 5)
+
+    def test_08_bad_media_settings(self):
+        """Media settings a node cannot use stop it at start with a clear error (a copy of
+        alice's state and configuration, so that her running node is not in the way)."""
+        d = os.path.join(self.tmp, "alice-copy")
+        shutil.copytree(os.path.join(self.tmp, "alice"), d,
+                        ignore=shutil.ignore_patterns("*.sock", "*.pid"))
+        with open(self.cfg["alice"]) as f:
+            conf = json.load(f)
+        conf.update({"state_dir": d, "sip_listen": "127.0.0.1:%d" % free_port()})
+        conf.pop("metrics_listen", None)
+        cfg = os.path.join(self.tmp, "alice-copy.json")
+        with open(cfg, "w") as f:
+            json.dump(conf, f)
+        for override, words in (("media_ports=abc", "media_ports"),
+                                ("media_ports=30000-30001", "media_ports"),
+                                ("media_ports=100-2000", "media_ports"),
+                                ("media_address=not-an-address", "media address"),
+                                ("media_max_calls=0", "media_max_calls")):
+            with self.subTest(override):
+                p = subprocess.run([self.bin("ordinarynode"), "-d", "-c", cfg, "-o", override],
+                                   capture_output=True, text=True, timeout=30)
+                self.assertNotEqual(p.returncode, 0, p.stdout + p.stderr)
+                self.assertIn(words, p.stdout + p.stderr)
 
     def test_07_metrics(self):
         text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % self.metrics_port,
