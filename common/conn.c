@@ -1734,6 +1734,19 @@ static void on_deliver(struct ev_loop *loop, ev_timer *w, int revents)
 
 /* ---- Per-source accounting and refusals ------------------------------------------------- */
 
+bool conn_addr_equal(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
+{
+    if (a->ss_family != b->ss_family)
+        return false;
+    if (a->ss_family == AF_INET) {
+        const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
+        return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
+    }
+    const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
+    return a->ss_family == AF_INET6 && x->sin6_port == y->sin6_port &&
+           !memcmp(&x->sin6_addr, &y->sin6_addr, 16);
+}
+
 void conn_src_key(const struct sockaddr *sa, uint8_t key[CONN_SRC_KEY_LEN])
 {
     static const uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};

@@ -216,6 +216,9 @@ struct sockaddr;
 void conn_src_key(const struct sockaddr *sa, uint8_t key[CONN_SRC_KEY_LEN]);
 /* "192.0.2.7" or "2001:db8:1:2::/64". */
 const char *conn_src_key_str(const uint8_t key[CONN_SRC_KEY_LEN], char *buf, size_t len);
+/* Whether two IPv4 or IPv6 socket addresses are the same address and port. */
+struct sockaddr_storage;
+bool conn_addr_equal(const struct sockaddr_storage *a, const struct sockaddr_storage *b);
 
 /*
  * Refused connections, logged without flooding the log: the first one of a

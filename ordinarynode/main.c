@@ -588,27 +588,14 @@ static int on_start(struct ev_loop *loop, const void *p, void **state)
             return -1;
         }
         registrar_use_channels(st->sip, st->chans);
-        if (cfg->media.on) {
-            struct media_params mp;
-            char host[64];
-            unsigned port;
-            cfg_parse_hostport(cfg->sip_listen, host, sizeof(host), &port);
-            if (media_settings_params(&cfg->media, host, &mp, err, sizeof(err)) != 0) {
-                log_error("main", "%s", err);
-                return -1;
-            }
-            mp.chans = st->chans;
-            mp.trust_sdp = true; /* the phones registered here are this node's user's */
-            if (!(st->media = media_new(loop, &mp, err, sizeof(err)))) {
-                log_error("main", "media: %s", err);
-                return -1;
-            }
-            registrar_use_media(st->sip, st->media);
-            log_info("main",
-                     "media of calls with other nodes through %s, ports %u-%u, at most %u "
-                     "calls",
-                     mp.host, mp.port_min, mp.port_max, mp.max_calls);
+        /* the phones registered here are this node's user's: their SDP is trusted */
+        if (cfg->media.on && !(st->media = media_start(loop, &cfg->media, cfg->sip_listen,
+                                                       st->chans, true, false, err, sizeof(err)))) {
+            log_error("main", "%s", err);
+            return -1;
         }
+        if (st->media)
+            registrar_use_media(st->sip, st->media);
     }
     if (cfg->metrics_listen) {
         struct httpd_config hc = {.listen = cfg->metrics_listen, .max_connections = 16};

@@ -15,6 +15,7 @@
 #include <gnutls/crypto.h>
 
 #include "chan.h"
+#include "conn.h"
 #include "config.h"
 #include "log.h"
 #include "nodeid.h"
@@ -146,18 +147,6 @@ static unsigned addr_port(const struct sockaddr_storage *ss)
 {
     return ss->ss_family == AF_INET ? ntohs(((const struct sockaddr_in *)ss)->sin_port)
                                     : ntohs(((const struct sockaddr_in6 *)ss)->sin6_port);
-}
-
-static bool same_addr(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
-{
-    if (a->ss_family != b->ss_family)
-        return false;
-    if (a->ss_family == AF_INET) {
-        const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
-        return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
-    }
-    const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
-    return x->sin6_port == y->sin6_port && !memcmp(&x->sin6_addr, &y->sin6_addr, 16);
 }
 
 static bool is_loopback(const struct sockaddr_storage *ss)
@@ -377,7 +366,7 @@ static const struct sockaddr_storage *phone_dest(const struct mstream *st, unsig
 static bool from_phone_ok(struct mstream *st, unsigned k, const struct sockaddr_storage *src)
 {
     struct msession *s = st->s;
-    if (st->is_latched[k] && same_addr(&st->latched[k], src))
+    if (st->is_latched[k] && conn_addr_equal(&st->latched[k], src))
         return true;
     char ip[64];
     addr_ip(src, ip, sizeof(ip));
@@ -385,7 +374,7 @@ static bool from_phone_ok(struct mstream *st, unsigned k, const struct sockaddr_
               (!st->is_latched[k] && s->md->loopback && is_loopback(src));
     if (!ok)
         return false;
-    if (!st->is_latched[k] || !same_addr(&st->latched[k], src)) {
+    if (!st->is_latched[k] || !conn_addr_equal(&st->latched[k], src)) {
         memcpy(&st->latched[k], src, sizeof(*src));
         st->latched_len[k] =
             src->ss_family == AF_INET ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6);
@@ -1004,6 +993,32 @@ int media_settings_params(const struct media_settings *ms, const char *default_h
     out->idle_s = (unsigned)ms->idle_s;
     out->call_kbps = (unsigned)ms->call_kbps;
     return 0;
+}
+
+struct media *media_start(struct ev_loop *loop, const struct media_settings *ms,
+                          const char *sip_listen, struct chans *cs, bool trust_sdp, bool local,
+                          char *err, size_t errlen)
+{
+    struct media_params mp;
+    char host[64] = "0.0.0.0";
+    unsigned port;
+    if (sip_listen)
+        cfg_parse_hostport(sip_listen, host, sizeof(host), &port);
+    if (media_settings_params(ms, host, &mp, err, errlen) != 0)
+        return NULL;
+    mp.chans = cs;
+    mp.trust_sdp = trust_sdp;
+    mp.local = local;
+    char why[256];
+    struct media *md = media_new(loop, &mp, why, sizeof(why));
+    if (!md) {
+        snprintf(err, errlen, "media: %s", why);
+        return NULL;
+    }
+    log_info(LOGM, "calls with other nodes%s have their media through %s, ports %u-%u, at most %u",
+             local ? " and between two phones here" : "", mp.host, mp.port_min, mp.port_max,
+             mp.max_calls);
+    return md;
 }
 
 void media_free(struct media *md)

@@ -125,6 +125,11 @@ struct media;
 
 struct media *media_new(struct ev_loop *loop, const struct media_params *p, char *err,
                         size_t errlen);
+/* media_new() from a daemon's settings (media_settings_params(), the host of sip_listen as the
+ * default address), logged; NULL with err. */
+struct media *media_start(struct ev_loop *loop, const struct media_settings *ms,
+                          const char *sip_listen, struct chans *cs, bool trust_sdp, bool local,
+                          char *err, size_t errlen);
 /*
  * A SIP message the proxy forwards from `from` to `to` (a phone of ours and a node on a channel,
  * either way round; anything else is left alone): its SDP body is rewritten in place. 0, or a

@@ -709,26 +709,15 @@ static int start_sip(struct sn_state *st, struct ev_loop *loop, const struct ove
         return -1;
     }
     sipfront_use_channels(st->sip, st->chans);
-    if (cfg->media.on) {
-        struct media_params mp;
-        char host[64];
-        cfg_parse_hostport(cfg->sip_listen, host, sizeof(host), &port);
-        if (media_settings_params(&cfg->media, host, &mp, err, sizeof(err)) != 0) {
-            log_error("main", "%s", err);
-            return -1;
-        }
-        mp.chans = st->chans; /* phones behind NATs: latched to where their packets come from */
-        mp.local = true;      /* two of them in one call, too */
-        if (!(st->media = media_new(loop, &mp, err, sizeof(err)))) {
-            log_error("main", "SIP front end: media: %s", err);
-            return -1;
-        }
-        sipfront_use_media(st->sip, st->media);
-        log_info("main",
-                 "media of the front end's calls with nodes through %s, ports %u-%u, at "
-                 "most %u calls",
-                 mp.host, mp.port_min, mp.port_max, mp.max_calls);
+    /* Phones behind NATs: latched to where their packets come from; two of them in one call
+     * relayed too. */
+    if (cfg->media.on && !(st->media = media_start(loop, &cfg->media, cfg->sip_listen, st->chans,
+                                                   false, true, err, sizeof(err)))) {
+        log_error("main", "SIP front end: %s", err);
+        return -1;
     }
+    if (st->media)
+        sipfront_use_media(st->sip, st->media);
     return 0;
 }
 

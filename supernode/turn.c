@@ -46,6 +46,7 @@
 #include <stun/stunagent.h>
 #include <stun/stunmessage.h>
 
+#include "conn.h"
 #include "errbuf.h"
 #include "log.h"
 #include "stun.h"
@@ -249,22 +250,10 @@ static size_t client_hash(const struct sockaddr_storage *ss)
     return h % TURN_BUCKETS;
 }
 
-static bool same_client(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
-{
-    if (a->ss_family != b->ss_family)
-        return false;
-    if (a->ss_family == AF_INET) {
-        const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
-        return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
-    }
-    const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
-    return x->sin6_port == y->sin6_port && !memcmp(&x->sin6_addr, &y->sin6_addr, 16);
-}
-
 static struct alloc *alloc_find(struct turn_server *t, const struct sockaddr_storage *from)
 {
     for (struct alloc *a = t->hash[client_hash(from)]; a; a = a->next)
-        if (same_client(&a->client, from))
+        if (conn_addr_equal(&a->client, from))
             return a;
     return NULL;
 }
