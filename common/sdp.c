@@ -57,26 +57,28 @@ static int parse_m(const char *line, size_t n, char *type, size_t tlen, unsigned
     size_t k = n < sizeof(buf) - 1 ? n : sizeof(buf) - 1;
     memcpy(buf, line, k);
     buf[k] = 0;
-    char t[32];
-    unsigned long p;
-    char *end;
-    if (sscanf(buf, "m=%31s", t) != 1 || strlen(t) >= tlen)
+    /* the type: printable, no blank, right after "m=" */
+    size_t t = 2;
+    while (buf[t] > ' ' && buf[t] < 0x7f)
+        t++;
+    if (t == 2 || t - 2 >= tlen || buf[t] != ' ')
         return -1;
-    const char *ps = buf + 2 + strlen(t);
-    if (*ps != ' ')
+    char *ps = buf + t + 1, *end;
+    if (*ps < '0' || *ps > '9')
         return -1;
-    p = strtoul(ps + 1, &end, 10);
-    if (end == ps + 1 || p > 65535)
+    unsigned long p = strtoul(ps, &end, 10);
+    if (p > 65535)
         return -1;
     if (*end == '/') { /* a number of ports */
         char *count = end + 1;
-        strtoul(count, &end, 10);
-        if (end == count)
+        if (*count < '0' || *count > '9')
             return -1;
+        strtoul(count, &end, 10);
     }
     if (*end != ' ')
         return -1; /* the transport follows */
-    snprintf(type, tlen, "%s", t);
+    memcpy(type, buf + 2, t - 2);
+    type[t - 2] = 0;
     *port = (unsigned)p;
     return 0;
 }
